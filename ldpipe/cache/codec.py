@@ -1,0 +1,74 @@
+"""Value codecs for cached teacher logits.
+
+The cache stores ``log_softmax`` of the teacher's logits (per box edge over the
+reg_max+1 bins; per anchor over the classes).  A temperature KL only sees
+``softmax(x / T)``, which is unchanged by adding a constant to ``x``, so this
+loses nothing the LD losses read, and it bounds the values to ``(-inf, 0]``.
+
+* ``fp32`` - exact.
+* ``fp16`` - half precision (values clipped at -60000).
+* ``int8`` - 8 bits per value plus one float16 scale per row (per box edge;
+  per anchor for classes): ``x ~= -q * scale`` with ``q`` in 0..255 and
+  ``scale = max(-min(row), 1e-6) / 255`` after clipping rows at ``-CLIP``
+  (``exp(-CLIP)`` is far below any probability a KL at T >= 1 can see).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CODECS = ("fp32", "fp16", "int8")
+CLIP = 40.0
+
+
+@dataclass
+class Encoded:
+    values: np.ndarray  # float32 / float16 / uint8, shape [..., K]
+    scale: np.ndarray | None  # float16 [...] for int8, else None
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``log_softmax`` over the last axis in float32."""
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def encode(lp: torch.Tensor | np.ndarray, codec: str) -> Encoded:
+    """Encode log-probabilities ``[..., K]`` (the last axis is one distribution)."""
+    x = torch.as_tensor(lp, dtype=torch.float32)
+    if codec == "fp32":
+        return Encoded(x.numpy().astype(np.float32, copy=False), None)
+    if codec == "fp16":
+        return Encoded(x.clamp(min=-60000.0).numpy().astype(np.float16), None)
+    if codec == "int8":
+        x = x.clamp(min=-CLIP)
+        scale = (-x.min(dim=-1).values).clamp(min=1e-6) / 255.0
+        scale16 = scale.to(torch.float16)
+        # quantise against the scale that will be stored, so decode is consistent
+        s = scale16.float().clamp(min=1e-8)
+        q = torch.round(-x / s[..., None]).clamp(0, 255).to(torch.uint8)
+        return Encoded(q.numpy(), scale16.numpy())
+    raise ValueError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
+
+
+def decode(values: np.ndarray, scale: np.ndarray | None, codec: str) -> torch.Tensor:
+    """Back to float32 log-probabilities (up to a per-row constant for int8)."""
+    v = torch.from_numpy(np.ascontiguousarray(values))
+    if codec in ("fp32", "fp16"):
+        return v.float()
+    if codec == "int8":
+        if scale is None:
+            raise ValueError("int8 values need their scales")
+        s = torch.from_numpy(np.ascontiguousarray(scale)).float()
+        return -v.float() * s[..., None]
+    raise ValueError(f"unknown codec {codec!r}")
+
+
+def dtype_of(codec: str) -> str:
+    return {"fp32": "float32", "fp16": "float16", "int8": "uint8"}[codec]
+
+
+def bytes_per_value(codec: str) -> int:
+    return {"fp32": 4, "fp16": 2, "int8": 1}[codec]

@@ -1,0 +1,62 @@
+"""Region policies: which anchors of a sample the cache keeps.
+
+All four are functions of the ground truth and the anchor grid alone, so the
+dump decides them without the student:
+
+* ``main``    - the ATSS positives (all that LD v1 reads).
+* ``ld``      - ATSS positives and the valuable localization region (LD v2).
+* ``overlap`` - anchors with IoU > 0 with some GT (assigner-agnostic).
+* ``dense``   - every anchor.
+
+``main`` and ``ld`` depend on the assigner; they are computed for every
+assigner setting of the models that will read the cache (union), and the
+manifest records those settings so a student with another one is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..models.assigner import atss_assign, grid_tensors, make_grid, overlap_mask, vlr_weights
+
+POLICIES = ("main", "ld", "overlap", "dense")
+
+# which loss terms each policy can serve
+SERVES = {
+    "main": {"ld", "kd"},
+    "ld": {"ld", "vlr", "kd"},
+    "overlap": {"ld", "vlr", "kd"},
+    "dense": {"ld", "vlr", "kd"},
+}
+
+
+@dataclass(frozen=True)
+class AssignerSpec:
+    topk: int = 9
+    ignore_iof_thr: float = -1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def region_index(policy: str, gt: torch.Tensor, ignore: torch.Tensor | None,
+                 pad_shape: tuple[int, int], strides, anchor_scale: float,
+                 assigners: list[AssignerSpec]) -> torch.Tensor:
+    """Sorted own-grid flat indices (int64) of the anchors to store for one sample."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown region policy {policy!r} (choose from {', '.join(POLICIES)})")
+    grid = make_grid(pad_shape, strides, anchor_scale)
+    anchors, _ = grid_tensors(grid)
+    gt = gt.float().reshape(-1, 4)
+    if policy == "dense":
+        return torch.arange(anchors.shape[0], dtype=torch.long)
+    if policy == "overlap":
+        return torch.nonzero(overlap_mask(anchors, gt)).squeeze(1)
+    keep = torch.zeros(anchors.shape[0], dtype=torch.bool)
+    for spec in assigners or [AssignerSpec()]:
+        res = atss_assign(anchors, grid.num_level_anchors, gt, ignore, spec.topk, spec.ignore_iof_thr)
+        keep |= res.gt_index > 0
+        if policy == "ld":
+            keep |= vlr_weights(anchors, gt, res.thr) > 0
+    return torch.nonzero(keep).squeeze(1)

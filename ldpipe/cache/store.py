@@ -1,0 +1,277 @@
+"""The teacher cache on disk: a Zarr v3 group of sharded, compressed units.
+
+Layout (``docs/cache-format.md`` is the full, versioned spec)::
+
+    CACHE/                     root group; attrs["ldpipe_cache"] = manifest
+    CACHE/units/000042/        one work unit = ``samples_per_shard`` consecutive samples
+        samples   int64  [n, 13]     per-sample table (SAMPLE_FIELDS)
+        scale     float64[n, 2]      resize scale factor (w, h)
+        anchor    int32  [rows]      own-grid flat anchor index, sorted per sample
+        box       [rows, 4, B]       edge log-probabilities (B = reg_max+1, +2 for int8)
+        cls       [rows, C']         class log-probabilities (C' = C, +2 for int8)
+        attrs["commit"]              written last: counts and content sha256 per array
+    CACHE/index/               consolidated table of every sample (written when complete)
+
+Every array of a unit is one shard (zarr's sharding codec) of inner chunks of
+``chunk_rows`` rows, each chunk compressed (Zstd or Blosc) and checksummed
+(crc32c).  A unit is visible to readers only once its ``commit`` attribute
+exists; the commit is written after all of its arrays, and zarr's local store
+writes every object atomically, so a killed writer leaves either a complete,
+committed unit or one that the next run deletes and writes again.  Units are
+assigned to ranks round-robin: no two writers touch the same shard.
+
+With the int8 codec the float16 per-row scale is stored in the two extra
+trailing bytes of each row (little-endian), so a row is self-contained.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from . import codec as C
+
+FORMAT = "ldpipe-teacher-cache"
+FORMAT_VERSION = 1
+SAMPLE_FIELDS = ("sample", "image_index", "image_id", "variant", "row_start", "row_count",
+                 "img_h", "img_w", "pad_h", "pad_w", "flip", "ori_h", "ori_w")
+F = {name: i for i, name in enumerate(SAMPLE_FIELDS)}
+
+
+class CacheError(ValueError):
+    """A cache is missing, corrupt, incomplete or incompatible; the message says which."""
+
+
+def open_root(url: str, mode: str = "r") -> zarr.Group:
+    try:
+        return zarr.open_group(url, mode=mode, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
+        raise CacheError(f"no teacher cache at {url}") from None
+
+
+def unit_name(u: int) -> str:
+    return f"{u:06d}"
+
+
+def _compressors(name: str):
+    if name == "zstd":
+        return [ZstdCodec(level=3), Crc32cCodec()]
+    if name == "blosc":
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()]
+    raise CacheError(f"unknown compressor {name!r} (zstd or blosc)")
+
+
+def content_sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def pack_rows(enc: C.Encoded) -> np.ndarray:
+    """int8: append the float16 scale as two trailing bytes of each row."""
+    if enc.scale is None:
+        return enc.values
+    scale_bytes = np.ascontiguousarray(enc.scale.astype("<f2")).view(np.uint8).reshape(*enc.scale.shape, 2)
+    return np.concatenate([enc.values, scale_bytes], axis=-1)
+
+
+def unpack_rows(raw: np.ndarray, codec: str) -> torch.Tensor:
+    if codec != "int8":
+        return C.decode(raw, None, codec)
+    scale = np.ascontiguousarray(raw[..., -2:]).view("<f2")[..., 0]
+    return C.decode(raw[..., :-2], scale, codec)
+
+
+@dataclass
+class UnitData:
+    """Everything one unit holds, ready to write."""
+
+    samples: np.ndarray  # int64 [n, len(SAMPLE_FIELDS)]
+    scale: np.ndarray  # float64 [n, 2]
+    anchor: np.ndarray  # int32 [rows]
+    box: np.ndarray  # [rows, 4, B']
+    cls: np.ndarray | None  # [rows, C'] or None
+
+
+def write_unit(root: zarr.Group, u: int, data: UnitData, compressor: str, chunk_rows: int) -> None:
+    """Write a unit's arrays, then its commit (the unit becomes visible last)."""
+    path = f"units/{unit_name(u)}"
+    if path in root:
+        del root[path]
+    g = root.create_group(path)
+    comp = _compressors(compressor)
+    arrays = {"samples": data.samples, "scale": data.scale, "anchor": data.anchor, "box": data.box}
+    if data.cls is not None:
+        arrays["cls"] = data.cls
+    shas = {}
+    for name, arr in arrays.items():
+        rows = arr.shape[0]
+        inner = max(1, min(chunk_rows, rows))
+        shard_rows = max(inner, -(-rows // inner) * inner)
+        z = g.create_array(name, shape=arr.shape, dtype=arr.dtype,
+                           chunks=(inner, *arr.shape[1:]), shards=(shard_rows, *arr.shape[1:]),
+                           compressors=comp, fill_value=0)
+        if rows:
+            z[...] = arr
+        shas[name] = content_sha(arr)
+    g.attrs["commit"] = {"samples": int(data.samples.shape[0]), "rows": int(data.anchor.shape[0]),
+                         "sha256": shas}
+
+
+def committed_units(root: zarr.Group) -> dict[int, dict]:
+    """Unit number -> commit record, for every committed unit."""
+    if "units" not in root:
+        return {}
+    out = {}
+    for name, g in root["units"].groups():
+        try:
+            commit = g.attrs.get("commit")
+        except Exception:  # a torn or unreadable group: not committed
+            commit = None
+        if isinstance(commit, dict):
+            out[int(name)] = commit
+    return out
+
+
+class CacheReader:
+    """Random access to committed samples; safe to pickle into DataLoader workers.
+
+    Opens lazily in each process; keeps a small LRU of open unit arrays.
+    """
+
+    def __init__(self, url: str, max_open_units: int = 64) -> None:
+        self.url = url
+        self.max_open_units = max_open_units
+        self._state = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"url": self.url, "max_open_units": self.max_open_units}
+
+    def __setstate__(self, state):
+        self.__init__(state["url"], state["max_open_units"])
+
+    # -------------------------------------------------------------- opening
+    def _open(self):
+        if self._state is None:
+            root = open_root(self.url, "r")
+            manifest = root.attrs.get("ldpipe_cache")
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+                raise CacheError(f"{self.url} is not an ldpipe teacher cache (no manifest)")
+            if manifest.get("format_version") != FORMAT_VERSION:
+                raise CacheError(f"{self.url}: cache format version {manifest.get('format_version')} "
+                                 f"is not supported by this ldpipe (reads version {FORMAT_VERSION})")
+            table, scale, unit_of = load_index(root)
+            lookup = {int(s): i for i, s in enumerate(table[:, F["sample"]])}
+            self._state = {"root": root, "manifest": manifest, "table": table, "scale": scale,
+                           "unit_of": unit_of, "lookup": lookup, "units": OrderedDict()}
+        return self._state
+
+    @property
+    def manifest(self) -> dict:
+        return self._open()["manifest"]
+
+    @property
+    def table(self) -> np.ndarray:
+        return self._open()["table"]
+
+    @property
+    def scale(self) -> np.ndarray:
+        return self._open()["scale"]
+
+    @property
+    def num_variants(self) -> int:
+        return len(self.manifest["variants"])
+
+    def sample_number(self, image_index: int, variant: int) -> int:
+        return image_index * self.num_variants + variant
+
+    def has(self, image_index: int, variant: int) -> bool:
+        return self.sample_number(image_index, variant) in self._open()["lookup"]
+
+    def _unit(self, u: int) -> dict:
+        st = self._open()
+        units = st["units"]
+        if u in units:
+            units.move_to_end(u)
+            return units[u]
+        g = st["root"][f"units/{unit_name(u)}"]
+        arrays = {name: g[name] for name in ("anchor", "box", "cls") if name in g}
+        units[u] = arrays
+        while len(units) > self.max_open_units:
+            units.popitem(last=False)
+        return arrays
+
+    # -------------------------------------------------------------- reading
+    def row(self, image_index: int, variant: int) -> tuple[np.ndarray, np.ndarray]:
+        st = self._open()
+        s = self.sample_number(image_index, variant)
+        if s not in st["lookup"]:
+            raise CacheError(f"{self.url}: sample (image {image_index}, variant {variant}) "
+                             "is not in the cache (incomplete dump, or another data set?)")
+        i = st["lookup"][s]
+        return st["table"][i], st["scale"][i]
+
+    def read(self, image_index: int, variant: int, with_cls: bool = True) -> dict:
+        """Decoded targets of one sample: anchor index, box and class log-probs, geometry."""
+        rec, scale = self.row(image_index, variant)
+        u = int(self._open()["unit_of"][self._open()["lookup"][self.sample_number(image_index, variant)]])
+        codec = self.manifest["codec"]
+        start, count = int(rec[F["row_start"]]), int(rec[F["row_count"]])
+        with self._lock:
+            arrays = self._unit(u)
+        sl = slice(start, start + count)
+        out = {
+            "anchor": torch.from_numpy(arrays["anchor"][sl].astype(np.int64)),
+            "box": unpack_rows(arrays["box"][sl], codec),
+            "cls": unpack_rows(arrays["cls"][sl], codec) if with_cls and "cls" in arrays else None,
+            "geometry": geometry_of(rec, scale),
+        }
+        return out
+
+
+def geometry_of(rec: np.ndarray, scale: np.ndarray) -> dict:
+    return {"img_shape": (int(rec[F["img_h"]]), int(rec[F["img_w"]])),
+            "pad_shape": (int(rec[F["pad_h"]]), int(rec[F["pad_w"]])),
+            "ori_shape": (int(rec[F["ori_h"]]), int(rec[F["ori_w"]])),
+            "flip": bool(rec[F["flip"]]),
+            "scale_factor": (float(scale[0]), float(scale[1]))}
+
+
+def load_index(root: zarr.Group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-sample table of the whole cache: consolidated if complete, else from committed units."""
+    if "index" in root and root["index"].attrs.get("complete"):
+        g = root["index"]
+        return g["samples"][...], g["scale"][...], g["unit"][...]
+    tables, scales, units = [], [], []
+    for u in sorted(committed_units(root)):
+        g = root[f"units/{unit_name(u)}"]
+        t = g["samples"][...]
+        tables.append(t)
+        scales.append(g["scale"][...])
+        units.append(np.full(t.shape[0], u, dtype=np.int64))
+    if not tables:
+        return (np.zeros((0, len(SAMPLE_FIELDS)), np.int64), np.zeros((0, 2)), np.zeros(0, np.int64))
+    return np.concatenate(tables), np.concatenate(scales), np.concatenate(units)
+
+
+def write_index(root: zarr.Group, compressor: str) -> int:
+    """Consolidate the per-unit tables into ``index/`` (after every unit is committed)."""
+    if "index" in root:
+        del root["index"]
+    table, scale, unit = load_index(root)
+    order = np.argsort(table[:, F["sample"]], kind="stable") if len(table) else np.zeros(0, np.int64)
+    g = root.create_group("index")
+    comp = _compressors(compressor)
+    for name, arr in (("samples", table[order]), ("scale", scale[order]), ("unit", unit[order])):
+        rows = max(1, arr.shape[0])
+        z = g.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(rows, *arr.shape[1:]),
+                           compressors=comp, fill_value=0)
+        if arr.shape[0]:
+            z[...] = arr
+    g.attrs["complete"] = True
+    return int(table.shape[0])

@@ -1,0 +1,144 @@
+"""The ``ldpipe`` command line (click)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from .config import ConfigError, load_pipeline
+
+
+def _setup_logging(verbose: bool) -> None:
+    rank = os.environ.get("RANK", "0")
+    level = logging.DEBUG if verbose else (logging.INFO if rank == "0" else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+override_option = click.option(
+    "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a pipeline value by dotted path (repeatable), e.g. -o train.epochs=1.")
+pipeline_arg = click.argument("pipeline", type=click.Path(dir_okay=False))
+device_option = click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+
+
+def _pipe(pipeline: str, overrides: tuple[str, ...]):
+    try:
+        return load_pipeline(pipeline, overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class _Group(click.Group):
+    """Turns expected errors (bad input) into one clear line and exit code 1."""
+
+    def invoke(self, ctx):
+        from .data import DataError
+        from .models.checkpoint import CheckpointError
+        expected = (ConfigError, DataError, CheckpointError, FileNotFoundError)
+        try:
+            from .cache import CacheError
+            expected = expected + (CacheError,)
+        except ImportError:
+            pass
+        try:
+            return super().invoke(ctx)
+        except expected as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="ldpipe")
+def main(verbose: bool) -> None:
+    """Offline teacher cache and localization distillation for dense detectors."""
+    _setup_logging(verbose)
+
+
+# ---------------------------------------------------------------- data
+@main.group()
+def data() -> None:
+    """Data-set utilities."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--train", "n_train", default=240, show_default=True, help="Training images.")
+@click.option("--val", "n_val", default=60, show_default=True, help="Validation images.")
+@click.option("--seed", default=0, show_default=True)
+def data_synth(out: str, n_train: int, n_val: int, seed: int) -> None:
+    """Write the embedded synthetic COCO-format data set to OUT."""
+    from .data.synth import synthesize
+    summary = synthesize(out, n_train=n_train, n_val=n_val, seed=seed)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- train / eval
+@main.command("train")
+@pipeline_arg
+@click.option("--model", "model_name", required=True, help="Model name in the pipeline file.")
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--resume", is_flag=True, help="Continue from WORK_DIR/latest.pth.")
+@click.option("--init", "init_from", default=None, help="Initialise weights from a checkpoint.")
+@device_option
+@override_option
+def train_cmd(pipeline, model_name, work_dir, resume, init_from, device, overrides):
+    """Train a detector without distillation (teachers, baselines)."""
+    from .engine.train import train
+    pipe = _pipe(pipeline, overrides)
+    path = train(pipe, model_name, work_dir, resume=resume, device=device, init_from=init_from)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"checkpoint: {path}")
+
+
+@main.command("eval")
+@pipeline_arg
+@click.option("--model", "model_name", required=True)
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--split", "split_name", default="val", show_default=True)
+@click.option("--out", default=None, help="Write metrics JSON here.")
+@click.option("--results", default=None, help="Write detections in COCO results format here.")
+@click.option("--batch-size", default=4, show_default=True)
+@device_option
+@override_option
+def eval_cmd(pipeline, model_name, checkpoint, split_name, out, results, batch_size, device, overrides):
+    """Evaluate a checkpoint (COCO AP via pycocotools; VOC mAP@0.5 for VOC data)."""
+    from .engine.evaluate import format_table
+    from .engine.infer import evaluate_checkpoint
+    pipe = _pipe(pipeline, overrides)
+    metrics = evaluate_checkpoint(pipe, model_name, checkpoint, split_name, out=out,
+                                  results=results, device=device, batch_size=batch_size)
+    click.echo(format_table(metrics))
+    click.echo(f"bbox_mAP: {metrics['bbox_mAP']:.4f}")
+
+
+# ---------------------------------------------------------------- teacher cache
+@main.command("dump-teacher")
+@pipeline_arg
+@click.option("--model", "model_name", default="teacher", show_default=True,
+              help="Model to dump (a teacher or a TA).")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="ldpipe or mmdetection checkpoint of that model.")
+@click.option("--out", required=True, help="Cache path or fsspec URL (e.g. memory://c, s3://b/c).")
+@click.option("--split", "split_name", default="train", show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Default: cache.batch_size.")
+@click.option("--workers", type=int, default=None, help="Loader workers (default: train.workers).")
+@click.option("--amp/--no-amp", default=None, help="fp16 autocast on CUDA (default on).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache made differently.")
+@device_option
+@override_option
+def dump_teacher_cmd(pipeline, model_name, checkpoint, out, split_name, batch_size, workers, amp,
+                     overwrite, device, overrides):
+    """Run the teacher once over the data and cache its bbox-edge distributions."""
+    from .cache.dump import dump_teacher
+    pipe = _pipe(pipeline, overrides)
+    summary = dump_teacher(pipe, model_name, checkpoint, out, split_name, device=device,
+                           batch_size=batch_size, workers=workers, amp=amp, overwrite=overwrite)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(json.dumps(summary))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

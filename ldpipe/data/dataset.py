@@ -1,0 +1,142 @@
+"""A map-style data set indexed by (image index, variant index), its samplers, collate.
+
+The sampler, not the data set, decides which variant an image gets, so every
+(image, variant) pair is addressable: the cache writer dumps all of them with a
+:class:`FixedSampler`, and training draws one per image per epoch with a
+:class:`VariantSampler`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ldpipe.config import Pipeline
+from ldpipe.data.records import Split
+from ldpipe.data.transforms import Variant, load_image, make_sample
+
+Pair = tuple[int, int]
+
+
+class DetectionDataset(Dataset):
+    """``dataset[(image_index, variant_index)]`` -> :func:`make_sample` output.
+
+    ``extra(meta)`` may add keys to each sample (e.g. cached teacher targets).
+    A plain ``int`` key means variant 0.
+    """
+
+    def __init__(self, split: Split, pipe: Pipeline, variants: list[Variant],
+                 extra: Callable[[dict], dict] | None = None) -> None:
+        if not variants:
+            raise ValueError("DetectionDataset needs at least one variant")
+        self.split = split
+        self.pipe = pipe
+        self.variants = list(variants)
+        self.extra = extra
+
+    def __len__(self) -> int:
+        return len(self.split.records)
+
+    def __getitem__(self, key: Pair | int) -> dict:
+        index, vidx = (key, 0) if isinstance(key, int) else key
+        record = self.split.records[index]
+        sample = make_sample(record, load_image(record.file_name), self.variants[vidx], self.pipe)
+        sample["meta"]["index"] = int(index)
+        sample["meta"]["variant_index"] = int(vidx)
+        if self.extra is not None:
+            sample.update(self.extra(sample["meta"]))
+        return sample
+
+
+class VariantSampler(Sampler):
+    """Each epoch: every image once, a variant drawn uniformly, shuffled.
+
+    Fully determined by ``(seed, epoch)`` and independent of the world size;
+    rank ``r`` takes items ``r::world_size`` of the list padded (by repeating its
+    start) to a multiple of ``world_size``, as :class:`DistributedSampler` does.
+    """
+
+    def __init__(self, num_images: int, num_variants: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if num_variants < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sampler arguments: variants={num_variants} "
+                             f"rank={rank} world_size={world_size}")
+        self.num_images = num_images
+        self.num_variants = num_variants
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.num_samples = math.ceil(num_images / world_size) if num_images else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def pairs(self) -> list[Pair]:
+        """This epoch's (image, variant) list for all ranks, before sharding."""
+        gen = torch.Generator()
+        gen.manual_seed(self.seed + self.epoch)
+        if self.shuffle:
+            order = torch.randperm(self.num_images, generator=gen).tolist()
+        else:
+            order = list(range(self.num_images))
+        # The variant is drawn per image (by image index), not per position.
+        drawn = torch.randint(self.num_variants, (self.num_images,), generator=gen).tolist()
+        return [(i, drawn[i]) for i in order]
+
+    def __iter__(self) -> Iterator[Pair]:
+        items = self.pairs()
+        total = self.num_samples * self.world_size
+        while items and len(items) < total:
+            items += items[: total - len(items)]
+        return iter(items[self.rank:total:self.world_size])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class FixedSampler(Sampler):
+    """Yields given (image, variant) pairs in order; rank ``r`` takes ``r::world_size``
+    (no padding, so ranks may differ by one item)."""
+
+    def __init__(self, pairs: Sequence[Pair], rank: int = 0, world_size: int = 1) -> None:
+        self.items = [(int(i), int(v)) for i, v in pairs][rank::world_size]
+
+    def __iter__(self) -> Iterator[Pair]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def every_pair(num_images: int, num_variants: int) -> list[Pair]:
+    """All (image, variant) pairs, image-major."""
+    return [(i, v) for i in range(num_images) for v in range(num_variants)]
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack images (zero-padded bottom/right to the batch maximum); lists for the rest.
+
+    Returns ``img`` ``[B, 3, H, W]``, ``gt_boxes`` / ``gt_labels`` / ``ignore_boxes``
+    lists, ``metas`` (list of meta dicts) and every other sample key as a list.
+    """
+    if not batch:
+        raise ValueError("collate got an empty batch")
+    height = max(s["img"].shape[1] for s in batch)
+    width = max(s["img"].shape[2] for s in batch)
+    first = batch[0]["img"]
+    img = first.new_zeros((len(batch), first.shape[0], height, width))
+    for i, s in enumerate(batch):
+        _, h, w = s["img"].shape
+        img[i, :, :h, :w] = s["img"]
+    out: dict = {"img": img, "metas": [s["meta"] for s in batch]}
+    for key in batch[0]:
+        if key not in ("img", "meta"):
+            out[key] = [s[key] for s in batch]
+    return out
+
+
+__all__ = ["DetectionDataset", "FixedSampler", "VariantSampler", "collate", "every_pair"]

@@ -1,0 +1,153 @@
+"""Input geometry, equal to mmdetection 2.x train/test pipelines.
+
+``LoadImageFromFile -> Resize(keep_ratio) -> RandomFlip -> Normalize -> Pad ->
+DefaultFormatBundle``, except that the flip and the scale are not random: a
+:class:`Variant` names them, so an offline teacher cache can hold one entry per
+(image, variant) and the student sees exactly the same pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mmcv
+import numpy as np
+import torch
+
+from ldpipe.config import Pipeline
+from ldpipe.data.records import DataError, Record
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A deterministic augmentation: a scale index and a horizontal flip."""
+
+    scale_idx: int  # index into data.train_scales; -1 = data.test_scale
+    flip: bool
+
+    @property
+    def key(self) -> str:
+        """``'s0n'``, ``'s0f'``, ``'s1n'``, ... or ``'test'``."""
+        if self.scale_idx < 0:
+            return "test" if not self.flip else "testf"
+        return f"s{self.scale_idx}{'f' if self.flip else 'n'}"
+
+
+TEST_VARIANT = Variant(scale_idx=-1, flip=False)
+
+
+def train_variants(pipe: Pipeline) -> list[Variant]:
+    """Every (scale, flip) combination, scale-major, no-flip first."""
+    flips = (False, True) if pipe.data.flip else (False,)
+    return [Variant(i, f) for i in range(len(pipe.data.train_scales)) for f in flips]
+
+
+def variant_scale(variant: Variant, pipe: Pipeline) -> tuple[int, int]:
+    """The ``(long, short)`` target scale of a variant."""
+    d = pipe.data
+    scale = d.test_scale if variant.scale_idx < 0 else d.train_scales[variant.scale_idx]
+    return int(scale[0]), int(scale[1])
+
+
+def load_image(path: str) -> np.ndarray:
+    """BGR uint8 ``[H, W, 3]`` via :func:`mmcv.imread`; :class:`DataError` naming a bad file."""
+    try:
+        img = mmcv.imread(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"image not found or unreadable: {path} ({exc})") from None
+    if img is None:
+        raise DataError(f"image not found or unreadable: {path} (cannot decode)")
+    return img
+
+
+def _scale_boxes(boxes: np.ndarray, factor: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    out = boxes.reshape(-1, 4) * factor
+    out[:, 0::2] = np.clip(out[:, 0::2], 0, shape[1])
+    out[:, 1::2] = np.clip(out[:, 1::2], 0, shape[0])
+    return out
+
+
+def _flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    out = boxes.copy()
+    out[:, 0] = width - boxes[:, 2]
+    out[:, 2] = width - boxes[:, 0]
+    return out
+
+
+def _valid(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def make_sample(record: Record, image: np.ndarray, variant: Variant, pipe: Pipeline) -> dict:
+    """The network input and targets of one (image, variant).
+
+    ``img`` is a float32 tensor ``[3, Hp, Wp]``; ``gt_boxes`` / ``ignore_boxes`` are
+    float32 tensors in the resized (and flipped) frame, ``gt_labels`` int64.
+    ``meta['index']`` is left at -1 (the dataset sets it).
+    """
+    d = pipe.data
+    h, w = image.shape[:2]
+    img = mmcv.imrescale(image, variant_scale(variant, pipe), return_scale=False,
+                         interpolation="bilinear")
+    new_h, new_w = img.shape[:2]
+    w_scale, h_scale = new_w / w, new_h / h
+    factor = np.array([w_scale, h_scale, w_scale, h_scale], dtype=np.float32)
+    boxes = _scale_boxes(record.boxes, factor, (new_h, new_w))
+    ignore = _scale_boxes(record.ignore, factor, (new_h, new_w))
+    if variant.flip:
+        img = mmcv.imflip(img, direction="horizontal")
+        boxes, ignore = _flip_boxes(boxes, new_w), _flip_boxes(ignore, new_w)
+    keep = _valid(boxes)
+    boxes, labels = boxes[keep], record.labels.reshape(-1)[keep]
+    ignore = ignore[_valid(ignore)]
+    img = mmcv.imnormalize(img, np.asarray(d.mean, dtype=np.float32),
+                           np.asarray(d.std, dtype=np.float32), d.to_rgb)
+    img = mmcv.impad_to_multiple(img, d.pad_divisor, pad_val=0)
+    tensor = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
+    meta = {
+        "image_id": int(record.image_id),
+        "index": -1,
+        "variant": variant.key,
+        "file_name": record.file_name,
+        "ori_shape": (h, w),
+        "img_shape": (new_h, new_w),
+        "pad_shape": (int(img.shape[0]), int(img.shape[1])),
+        "scale_factor": (w_scale, h_scale),
+        "flip": bool(variant.flip),
+    }
+    return {
+        "img": tensor,
+        "gt_boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+        "gt_labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+        "ignore_boxes": torch.from_numpy(np.ascontiguousarray(ignore, dtype=np.float32)),
+        "meta": meta,
+    }
+
+
+def boxes_to_original(boxes, meta: dict):
+    """Map ``[..., 4]`` xyxy boxes from the network frame back to the original image.
+
+    Undoes the flip (about the resized width), then the scale; clips to
+    ``meta['ori_shape']``.  Accepts a tensor or an ndarray and returns the same kind.
+    """
+    is_tensor = isinstance(boxes, torch.Tensor)
+    out = boxes.clone() if is_tensor else np.array(boxes, dtype=np.float32, copy=True)
+    if meta["flip"]:
+        width = meta["img_shape"][1]
+        x1 = out[..., 0].clone() if is_tensor else out[..., 0].copy()
+        out[..., 0] = width - out[..., 2]
+        out[..., 2] = width - x1
+    w_scale, h_scale = meta["scale_factor"]
+    out[..., 0::2] = out[..., 0::2] / w_scale
+    out[..., 1::2] = out[..., 1::2] / h_scale
+    h, w = meta["ori_shape"]
+    if is_tensor:
+        out[..., 0::2] = out[..., 0::2].clamp(0, w)
+        out[..., 1::2] = out[..., 1::2].clamp(0, h)
+    else:
+        out[..., 0::2] = np.clip(out[..., 0::2], 0, w)
+        out[..., 1::2] = np.clip(out[..., 1::2], 0, h)
+    return out
+
+
+__all__ = ["TEST_VARIANT", "Variant", "boxes_to_original", "load_image", "make_sample",
+           "train_variants", "variant_scale"]

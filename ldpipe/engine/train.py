@@ -1,0 +1,272 @@
+"""The training loop shared by ``ldpipe train`` and ``ldpipe train-student``.
+
+mmdetection's schedule: SGD (momentum 0.9, weight decay 1e-4), linear warm-up
+over ``warmup_iters`` iterations from ``warmup_ratio``, step decay at the given
+epochs, lr = 0.01 x total batch / 16 unless set.  AMP on CUDA, DDP through
+torchrun (gloo on the CPU), a checkpoint each epoch, ``DIR/latest.pth`` always
+pointing at the newest one, ``--resume`` continuing the same run, tqdm progress
+and JSON-lines metrics (``DIR/metrics.jsonl``).
+
+Distillation plugs in through a :class:`Hook` (see ``ldpipe.distill``): it adds
+per-sample data to the loader (the cached teacher targets), checks
+compatibility before the first step, and adds loss terms.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import Pipeline, to_dict
+from ..data import DetectionDataset, VariantSampler, collate, load_split, train_variants
+from ..models import BatchTargets, GFL, batch_targets, build_model
+from ..models.assigner import image_targets
+from ..models.checkpoint import CheckpointError, load_file, load_weights, save_checkpoint
+from . import dist
+
+log = logging.getLogger("ldpipe.train")
+
+
+class Hook:
+    """Distillation extension points (no-ops for plain training)."""
+
+    with_vlr: bool = False
+
+    def sample_extra(self):  # -> Callable[[dict], dict] | None, picklable
+        return None
+
+    def variants(self, pipe: Pipeline):
+        return train_variants(pipe)
+
+    def check(self, pipe: Pipeline, model_name: str, split) -> None:
+        pass
+
+    def losses(self, model: GFL, batch: dict, cls_flat: torch.Tensor, reg_flat: torch.Tensor,
+               bt: BatchTargets, extras: dict) -> dict[str, torch.Tensor]:
+        return {}
+
+    def lineage(self) -> dict:
+        return {}
+
+
+class TrainCollate:
+    """Collate plus per-image ATSS targets on the image's own grid (runs in loader workers)."""
+
+    def __init__(self, strides: list[int], anchor_scale: float, num_classes: int, topk: int,
+                 ignore_iof_thr: float, with_vlr: bool) -> None:
+        self.strides, self.anchor_scale, self.num_classes = list(strides), anchor_scale, num_classes
+        self.topk, self.ignore_iof_thr, self.with_vlr = topk, ignore_iof_thr, with_vlr
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate(samples)
+        batch["targets"] = [
+            image_targets(g, lb, ig, m["pad_shape"], self.strides, self.anchor_scale,
+                          self.num_classes, self.topk, self.ignore_iof_thr, self.with_vlr)
+            for g, lb, ig, m in zip(batch["gt_boxes"], batch["gt_labels"],
+                                    batch["ignore_boxes"], batch["metas"])]
+        return batch
+
+
+@dataclass
+class Schedule:
+    base_lr: float
+    warmup_iters: int
+    warmup_ratio: float
+    steps: list[int]
+    gamma: float
+
+    def lr(self, epoch: int, it: int) -> float:
+        regular = self.base_lr * self.gamma ** sum(epoch >= s for s in self.steps)
+        if it < self.warmup_iters:
+            k = (1 - it / self.warmup_iters) * (1 - self.warmup_ratio)
+            return regular * (1 - k)
+        return regular
+
+
+def link_latest(work_dir: str, name: str) -> None:
+    """Point ``latest.pth`` at ``name`` atomically (symlink; copy where links fail)."""
+    dst = os.path.join(work_dir, "latest.pth")
+    tmp = os.path.join(work_dir, f".latest.{os.getpid()}")
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.symlink(name, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(os.path.join(work_dir, name), tmp)
+    os.replace(tmp, dst)
+
+
+def worker_init(worker_id: int) -> None:
+    """Loader workers use one thread each: the main process owns the cores."""
+    torch.set_num_threads(1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
+          hook: Hook | None = None, device: str | None = None, init_from: str | None = None,
+          progress: bool = True) -> str:
+    """Train one model of the pipeline; returns the path of the final checkpoint."""
+    hook = hook or Hook()
+    info = dist.init(device)
+    cfg = pipe.model(model_name)
+    sched_cfg = pipe.train_for(model_name)
+    seed_everything(sched_cfg.seed + info.rank)
+    os.makedirs(work_dir, exist_ok=True)
+
+    split = load_split(pipe, "train")
+    classes = split.classes
+    hook.check(pipe, model_name, split)
+    variants = hook.variants(pipe)
+    dataset = DetectionDataset(split, pipe, variants, extra=hook.sample_extra())
+    sampler = VariantSampler(len(dataset), len(variants), shuffle=True, seed=sched_cfg.seed,
+                             rank=info.rank, world_size=info.world_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=sched_cfg.batch_size, sampler=sampler, drop_last=False,
+        num_workers=sched_cfg.workers, pin_memory=info.device.type == "cuda",
+        persistent_workers=sched_cfg.workers > 0, worker_init_fn=worker_init,
+        collate_fn=TrainCollate(cfg.strides, cfg.anchor_scale, len(classes), cfg.assigner.topk,
+                                cfg.assigner.ignore_iof_thr, hook.with_vlr))
+
+    model = build_model(cfg, len(classes)).to(info.device)
+    if init_from:
+        load_weights(model, init_from)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_batch = sched_cfg.batch_size * info.world_size
+    base_lr = sched_cfg.lr or 0.01 * total_batch / 16
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=sched_cfg.momentum,
+                                weight_decay=sched_cfg.weight_decay)
+    schedule = Schedule(base_lr, sched_cfg.warmup_iters, sched_cfg.warmup_ratio,
+                        sched_cfg.steps, sched_cfg.gamma)
+    use_amp = sched_cfg.amp and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch, global_it = 0, 0
+    latest = os.path.join(work_dir, "latest.pth")
+    if resume and os.path.exists(latest):
+        state = load_file(latest)
+        load_weights(model, latest)
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        loop = state.get("loop", {})
+        start_epoch, global_it = int(loop.get("epoch", 0)), int(loop.get("iter", 0))
+        if info.is_main:
+            log.info("resuming %s from epoch %d (iteration %d)", latest, start_epoch, global_it)
+    elif resume and info.is_main:
+        log.info("--resume: no %s yet, starting from scratch", latest)
+
+    ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda"
+                                  else None) if info.enabled else model
+    head = model.bbox_head
+    metrics_path = os.path.join(work_dir, "metrics.jsonl")
+    iters_per_epoch = len(loader)
+    if sched_cfg.max_iters_per_epoch > 0:
+        iters_per_epoch = min(iters_per_epoch, sched_cfg.max_iters_per_epoch)
+
+    meta = {"ldpipe": {
+        "model": model_name, "config": to_dict(cfg), "classes": classes,
+        "pipeline": pipe.source, "pipeline_name": pipe.name,
+        "data_fingerprint": split.fingerprint, "lineage": hook.lineage(),
+    }}
+    for epoch in range(start_epoch, sched_cfg.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        bar = tqdm(total=iters_per_epoch, desc=f"{model_name} epoch {epoch + 1}/{sched_cfg.epochs}",
+                   disable=not (progress and info.is_main), dynamic_ncols=True, leave=False)
+        t_epoch = time.time()
+        running: dict[str, float] = {}
+        for i, batch in enumerate(loader):
+            if i >= iters_per_epoch:
+                break
+            lr = schedule.lr(epoch, global_it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = step_losses(ddp, head, model, batch, info.device, use_amp, hook, cfg)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {float(loss)} at epoch {epoch + 1} iteration {i} "
+                    f"(images {[m['image_id'] for m in batch['metas']]}); {_fmt(losses)}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if sched_cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, sched_cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            global_it += 1
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            values["loss"] = float(loss.detach())
+            for k, v in values.items():
+                running[k] = running.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if info.is_main and (global_it % sched_cfg.log_interval == 0):
+                _append_json(metrics_path, {"type": "train", "model": model_name, "epoch": epoch + 1,
+                                            "iter": global_it, "lr": lr, **values})
+        bar.close()
+        n = max(min(iters_per_epoch, i + 1), 1)
+        summary = {k: v / n for k, v in running.items()}
+        if info.is_main:
+            elapsed = time.time() - t_epoch
+            _append_json(metrics_path, {"type": "epoch", "model": model_name, "epoch": epoch + 1,
+                                        "iter": global_it, "time_s": round(elapsed, 3),
+                                        "it_per_s": round(n / max(elapsed, 1e-9), 3), **summary})
+            log.info("%s epoch %d/%d: %s (%.1fs)", model_name, epoch + 1, sched_cfg.epochs,
+                     _fmt(summary), elapsed)
+            meta["ldpipe"].update(epoch=epoch + 1, iter=global_it)
+            name = f"epoch_{epoch + 1}.pth"
+            save_checkpoint(os.path.join(work_dir, name), model, meta,
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            loop={"epoch": epoch + 1, "iter": global_it})
+            link_latest(work_dir, name)
+        dist.barrier()
+    if not os.path.exists(latest):
+        raise CheckpointError(f"{work_dir}: training ended without a checkpoint")
+    return latest
+
+
+def step_losses(ddp, head, model: GFL, batch: dict, device: torch.device, use_amp: bool,
+                hook: Hook, cfg) -> dict[str, torch.Tensor]:
+    """Forward one batch and return every loss term (GFL + the hook's)."""
+    img = batch["img"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        cls_maps, reg_maps = ddp(img)
+    sizes = [tuple(m.shape[-2:]) for m in cls_maps]
+    bt = batch_targets(batch["targets"], sizes, cfg.strides, cfg.anchor_scale,
+                       model.num_classes, device)
+    cls_flat = head.flatten(cls_maps).reshape(-1, model.num_classes).float()
+    reg_flat = head.flatten(reg_maps).reshape(-1, 4 * (cfg.reg_max + 1)).float()
+    losses, extras = head.loss(cls_flat, reg_flat, bt.anchors, bt.strides, bt.labels,
+                               bt.label_weights, bt.bbox_targets, bt.num_pos_images, cfg.loss,
+                               reduce=dist.mean_over_ranks)
+    losses.update(hook.losses(model, batch, cls_flat, reg_flat, bt, extras))
+    return losses
+
+
+def _append_json(path: str, record: dict[str, Any]) -> None:
+    record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+              for k, v in record.items()}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _fmt(values: dict) -> str:
+    return " ".join(f"{k}={float(v):.4f}" for k, v in values.items())

@@ -1,0 +1,162 @@
+"""ATSS assignment and the LD regions, per image, on the image's own anchor grid.
+
+Everything here is a pure function of the ground-truth boxes and the anchor
+grid, so the teacher dump and the student compute the same sets.  Ties in the
+centre-distance ranking are broken by anchor index (a stable sort), so the
+result does not depend on the device or on the batch an image is in.
+
+* ``atss_assign`` - Adaptive Training Sample Selection (Zhang et al. 2020), as
+  mmdetection's ``ATSSAssigner``: per level the ``topk`` anchors closest to the
+  GT centre are candidates; IoU threshold = mean + std of their IoUs; positives
+  are candidates at or above it whose centre lies inside the GT; an anchor
+  claimed by several GTs takes the one of highest IoU.
+* ``vlr_weights`` - the valuable localization region of LD v2: per GT the
+  anchors with ``0.25 thr <= DIoU < thr`` (``thr`` is that GT's ATSS
+  threshold), weighted by IoU; an anchor in several GTs' regions takes the
+  highest IoU among them (the LD reference implementation's rule).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .boxes import anchor_centers, box_iou, distance_box_iou, grid_anchors, iof, level_sizes
+
+INF = 1e8
+
+
+@dataclass
+class Assignment:
+    gt_index: torch.Tensor  # [N] long: -1 ignored, 0 negative, k+1 positive for GT k
+    max_iou: torch.Tensor  # [N] IoU with the assigned GT (0 elsewhere)
+    thr: torch.Tensor  # [G] ATSS IoU threshold per GT
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The anchor grid of one padded input."""
+
+    sizes: tuple[tuple[int, int], ...]
+    strides: tuple[int, ...]
+    anchor_scale: float
+
+    @property
+    def num_level_anchors(self) -> list[int]:
+        return [h * w for h, w in self.sizes]
+
+    @property
+    def num_anchors(self) -> int:
+        return sum(self.num_level_anchors)
+
+
+def make_grid(pad_shape: tuple[int, int], strides, anchor_scale: float) -> Grid:
+    sizes = tuple(level_sizes(tuple(pad_shape), list(strides)))
+    return Grid(sizes, tuple(int(s) for s in strides), float(anchor_scale))
+
+
+@lru_cache(maxsize=64)
+def grid_tensors(grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchors ``[N,4]`` and per-anchor stride ``[N]`` (CPU, cached)."""
+    return grid_anchors(list(grid.sizes), list(grid.strides), grid.anchor_scale)
+
+
+def _candidates(distances: torch.Tensor, num_level: list[int], topk: int) -> torch.Tensor:
+    idx, start = [], 0
+    for n in num_level:
+        k = min(topk, n)
+        order = torch.sort(distances[start:start + n], dim=0, stable=True).indices[:k]
+        idx.append(order + start)
+        start += n
+    return torch.cat(idx, dim=0)  # [K, G]
+
+
+def atss_assign(anchors: torch.Tensor, num_level: list[int], gt: torch.Tensor,
+                ignore: torch.Tensor | None = None, topk: int = 9,
+                ignore_iof_thr: float = -1.0) -> Assignment:
+    n, g = anchors.shape[0], gt.shape[0]
+    gt_index = torch.zeros(n, dtype=torch.long)
+    if g == 0 or n == 0:
+        return Assignment(gt_index, anchors.new_zeros(n), anchors.new_zeros(g))
+    overlaps = box_iou(anchors, gt)
+    centers = anchor_centers(anchors)
+    gt_centers = (gt[:, :2] + gt[:, 2:]) / 2
+    distances = torch.cdist(centers, gt_centers)
+    if ignore_iof_thr > 0 and ignore is not None and ignore.numel():
+        ignored = iof(anchors, ignore).max(dim=1).values > ignore_iof_thr
+        distances[ignored] = INF
+        gt_index[ignored] = -1
+    cand = _candidates(distances, num_level, topk)
+    cols = torch.arange(g)
+    cand_iou = overlaps[cand, cols]
+    thr = cand_iou.mean(0) + cand_iou.std(0)
+    cx, cy = centers[cand, 0], centers[cand, 1]
+    inside = torch.stack([cx - gt[:, 0], cy - gt[:, 1], gt[:, 2] - cx, gt[:, 3] - cy],
+                         dim=0).min(dim=0).values > 0.01
+    is_pos = (cand_iou >= thr[None]) & inside
+    masked = torch.full_like(overlaps, -INF)
+    pos_rows, pos_cols = cand[is_pos], cols.expand_as(cand)[is_pos]
+    masked[pos_rows, pos_cols] = overlaps[pos_rows, pos_cols]
+    best, arg = masked.max(dim=1)
+    pos = best != -INF
+    gt_index[pos] = arg[pos] + 1
+    max_iou = torch.where(pos, best, torch.zeros_like(best))
+    return Assignment(gt_index, max_iou, thr)
+
+
+def vlr_weights(anchors: torch.Tensor, gt: torch.Tensor, thr: torch.Tensor,
+                low: float = 0.25) -> torch.Tensor:
+    """IoU weight of each anchor in the valuable localization region (0 outside)."""
+    n = anchors.shape[0]
+    if gt.shape[0] == 0 or n == 0:
+        return anchors.new_zeros(n)
+    overlaps = box_iou(anchors, gt)
+    diou = distance_box_iou(anchors, gt)
+    inside = (diou < thr[None]) & (diou >= low * thr[None])
+    best = torch.where(inside, overlaps, torch.full_like(overlaps, -INF)).max(dim=1).values
+    return torch.where(best != -INF, best, torch.zeros_like(best))
+
+
+def overlap_mask(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Anchors with IoU > 0 with any GT (the assigner-agnostic region)."""
+    if gt.shape[0] == 0:
+        return torch.zeros(anchors.shape[0], dtype=torch.bool)
+    return (box_iou(anchors, gt) > 0).any(dim=1)
+
+
+@dataclass
+class ImageTargets:
+    """Training targets of one image on its own anchor grid (CPU tensors)."""
+
+    grid: Grid
+    labels: torch.Tensor  # [N] long, num_classes = background
+    label_weights: torch.Tensor  # [N] float, 0 for ignored anchors
+    bbox_targets: torch.Tensor  # [N,4] assigned GT box (zeros for non-positives)
+    vlr: torch.Tensor | None  # [N] VLR IoU weights, or None
+    num_classes: int
+
+    @property
+    def pos_index(self) -> torch.Tensor:
+        return torch.nonzero(self.labels < self.num_classes).squeeze(1)
+
+
+def image_targets(gt: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor | None,
+                  pad_shape: tuple[int, int], strides, anchor_scale: float, num_classes: int,
+                  topk: int = 9, ignore_iof_thr: float = -1.0, with_vlr: bool = False) -> ImageTargets:
+    """Assign one image's anchors; everything on the CPU in float32."""
+    grid = make_grid(pad_shape, strides, anchor_scale)
+    anchors, _ = grid_tensors(grid)
+    gt = gt.float().cpu().reshape(-1, 4)
+    res = atss_assign(anchors, grid.num_level_anchors, gt, ignore, topk, ignore_iof_thr)
+    n = anchors.shape[0]
+    out_labels = torch.full((n,), num_classes, dtype=torch.long)
+    weights = (res.gt_index >= 0).float()
+    targets = torch.zeros(n, 4)
+    pos = res.gt_index > 0
+    if pos.any():
+        k = res.gt_index[pos] - 1
+        out_labels[pos] = labels.long().cpu()[k]
+        targets[pos] = gt[k]
+    vlr = vlr_weights(anchors, gt, res.thr) if with_vlr else None
+    return ImageTargets(grid, out_labels, weights, targets, vlr, num_classes)

@@ -1,0 +1,91 @@
+"""Checkpoints: ldpipe's own and mmdetection's, loaded without executing code.
+
+Both formats are ``{'meta': {...}, 'state_dict': {...}, ...}``; ldpipe adds the
+optimizer, scheduler and loop state for ``--resume`` and an ``ldpipe`` entry
+in ``meta`` (model config, classes, lineage).  Files are read with
+``torch.load(weights_only=True)``: a file that needs arbitrary objects
+(mmengine's message hub, for example) is refused with a message that says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_file(path: str) -> dict:
+    """The checkpoint's top-level dict, loaded with ``weights_only=True`` on the CPU."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: cannot be loaded safely with weights_only=True ({first}). "
+            "ldpipe never executes code from checkpoint files; save only the tensors, e.g. "
+            "torch.save({'state_dict': ckpt['state_dict']}, 'clean.pth') in a trusted environment."
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    obj = load_file(path)
+    state = obj.get("state_dict", obj.get("model", obj))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: no state_dict of tensors found")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, path: str) -> dict:
+    """Load a checkpoint's weights strictly; returns its ``meta`` dict.
+
+    Differences in names or shapes are reported with the first few offending
+    keys so that a wrong depth, width, reg_max or class count is obvious.
+    """
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+        raise CheckpointError(f"{path} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    meta = load_file(path).get("meta", {})
+    return meta if isinstance(meta, dict) else {}
+
+
+def save_checkpoint(path: str, model: nn.Module, meta: dict[str, Any], **extra: Any) -> None:
+    """Write atomically (temp file + rename) so a kill never leaves a torn file."""
+    module = model.module if hasattr(model, "module") else model
+    obj = {"meta": meta, "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
+    obj.update(extra)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,172 @@
+"""GFL head (Li et al., Generalized Focal Loss, NeurIPS 2020) with mmdetection's names.
+
+Shared across levels: ``stacked_convs`` 3x3 conv + GroupNorm + ReLU towers for
+classification (``cls_convs``) and regression (``reg_convs``), then ``gfl_cls``
+(class logits, sigmoid) and ``gfl_reg`` (4 x (reg_max+1) edge-distribution
+logits).  Each level has a learnable ``Scale`` on the regression output.
+``integral.project`` holds ``0..reg_max``; the expected bin of each edge
+distribution, times the stride, is the edge distance.
+
+Training losses are computed over the whole batch at once, on anchors flattened
+level by level (this equals mmdetection's per-level loops, whose sums share the
+same normalisers):
+
+* QFL summed over all valid anchors / ``max(mean_over_ranks(sum_img max(n_pos,1)), 1)``
+* GIoU (x2) and DFL (x0.25, per edge, / 4) on positives weighted by the
+  student's detached max class score, each / ``max(mean_over_ranks(sum of those weights), 1)``
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from mmcv.cnn import ConvModule, Scale
+from torch import nn
+from torchvision.ops import batched_nms
+
+from ..config import LossConfig, TestConfig
+from .boxes import aligned_iou, anchor_centers, bbox2distance, distance2bbox
+from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
+
+
+class Integral(nn.Module):
+    """Expected value of each edge distribution (in bins)."""
+
+    def __init__(self, reg_max: int = 16) -> None:
+        super().__init__()
+        self.reg_max = reg_max
+        self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prob = F.softmax(x.reshape(-1, self.reg_max + 1).float(), dim=1)
+        return (prob @ self.project.float()).reshape(-1, 4)
+
+
+class GFLHead(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 256, feat_channels: int = 256,
+                 stacked_convs: int = 4, reg_max: int = 16, num_levels: int = 5,
+                 norm_groups: int = 32, prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.reg_max = reg_max
+        groups = min(norm_groups, feat_channels)
+        norm = dict(type="GN", num_groups=groups, requires_grad=True)
+        self.cls_convs = nn.ModuleList()
+        self.reg_convs = nn.ModuleList()
+        for i in range(stacked_convs):
+            c = in_channels if i == 0 else feat_channels
+            self.cls_convs.append(ConvModule(c, feat_channels, 3, padding=1, norm_cfg=norm))
+            self.reg_convs.append(ConvModule(c, feat_channels, 3, padding=1, norm_cfg=norm))
+        last = feat_channels if stacked_convs else in_channels
+        self.gfl_cls = nn.Conv2d(last, num_classes, 3, padding=1)
+        self.gfl_reg = nn.Conv2d(last, 4 * (reg_max + 1), 3, padding=1)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
+        self.integral = Integral(reg_max)
+        for m in list(self.cls_convs.modules()) + list(self.reg_convs.modules()):
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+        nn.init.normal_(self.gfl_cls.weight, std=0.01)
+        nn.init.constant_(self.gfl_cls.bias, -float(torch.log(torch.tensor((1 - prior_prob) / prior_prob))))
+        nn.init.normal_(self.gfl_reg.weight, std=0.01)
+        nn.init.zeros_(self.gfl_reg.bias)
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cls_scores, bbox_preds = [], []
+        for x, scale in zip(feats, self.scales):
+            c, r = x, x
+            for conv in self.cls_convs:
+                c = conv(c)
+            for conv in self.reg_convs:
+                r = conv(r)
+            cls_scores.append(self.gfl_cls(c))
+            bbox_preds.append(scale(self.gfl_reg(r)).float())
+        return cls_scores, bbox_preds
+
+    # ------------------------------------------------------------------ layout
+    @staticmethod
+    def flatten(maps: list[torch.Tensor]) -> torch.Tensor:
+        """``[B, C, H, W]`` per level to ``[B, sum(H*W), C]`` (mmdetection's order)."""
+        return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], 1)
+
+    # ------------------------------------------------------------------ losses
+    def loss(self, cls_flat: torch.Tensor, reg_flat: torch.Tensor, anchors: torch.Tensor,
+             strides: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor,
+             bbox_targets: torch.Tensor, num_pos_images: float, cfg: LossConfig,
+             reduce=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """GFL losses on batch-flattened tensors.
+
+        Args:
+            cls_flat: ``[M, C]`` class logits of all anchors of the batch.
+            reg_flat: ``[M, 4*(reg_max+1)]`` distribution logits.
+            anchors, strides: ``[M, 4]`` and ``[M]``.
+            labels, label_weights, bbox_targets: ``[M]``, ``[M]``, ``[M, 4]``.
+            num_pos_images: ``sum over images of max(n_pos, 1)`` on this rank.
+            reduce: callable averaging a scalar tensor over DDP ranks (or None).
+
+        Returns:
+            ``(losses, extras)`` where extras holds what distillation reuses:
+            ``pos`` (indices), ``pos_weight`` (detached max class score).
+        """
+        reduce = reduce or (lambda t: t)
+        device = cls_flat.device
+        cls_flat = cls_flat.float()
+        reg_flat = reg_flat.float()
+        pos = torch.nonzero((labels >= 0) & (labels < self.num_classes)).squeeze(1)
+        score = cls_flat.new_zeros(labels.shape[0])
+        num_total = max(float(reduce(torch.tensor(float(num_pos_images), device=device))), 1.0)
+        if pos.numel():
+            s = strides[pos][:, None]
+            centers = anchor_centers(anchors[pos]) / s
+            pos_reg = reg_flat[pos]
+            pred_box = distance2bbox(centers, self.integral(pos_reg))
+            target_box = bbox_targets[pos] / s
+            weight = cls_flat.detach().sigmoid().max(dim=1).values[pos]
+            score[pos] = aligned_iou(pred_box.detach(), target_box)
+            corners = pos_reg.reshape(-1, self.reg_max + 1)
+            target_corners = bbox2distance(centers, target_box, self.reg_max).reshape(-1)
+            loss_bbox = (giou_loss(pred_box, target_box) * weight).sum()
+            loss_dfl = (distribution_focal_loss(corners, target_corners)
+                        * weight[:, None].expand(-1, 4).reshape(-1)).sum() / 4.0
+            avg = max(float(reduce(weight.sum().detach())), 1.0)
+            loss_bbox = cfg.giou_weight * loss_bbox / avg
+            loss_dfl = cfg.dfl_weight * loss_dfl / avg
+        else:
+            weight = reg_flat.new_zeros(0)
+            loss_bbox = reg_flat.sum() * 0
+            loss_dfl = reg_flat.sum() * 0
+            reduce(torch.zeros((), device=device))  # keep collective calls in step
+        qfl = quality_focal_loss(cls_flat, labels, score, cfg.qfl_beta)
+        loss_cls = cfg.qfl_weight * (qfl * label_weights).sum() / num_total
+        losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_dfl": loss_dfl}
+        return losses, {"pos": pos, "pos_weight": weight}
+
+    # --------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(self, cls_scores: list[torch.Tensor], bbox_preds: list[torch.Tensor],
+                anchors_per_level: list[torch.Tensor], strides: list[int], metas: list[dict],
+                cfg: TestConfig) -> list[dict]:
+        """Boxes in input coordinates per image: ``{'boxes','scores','labels'}``.
+
+        As mmdetection's GFL test path: per level keep the ``nms_pre`` anchors
+        of highest max score, decode, clip to the image, then class-wise NMS
+        over scores above ``score_thr`` and keep ``max_per_img``.
+        """
+        results = []
+        for b, meta in enumerate(metas):
+            boxes_all, scores_all = [], []
+            h_img, w_img = meta["img_shape"]
+            for cls_map, reg_map, anchors, s in zip(cls_scores, bbox_preds, anchors_per_level, strides):
+                scores = cls_map[b].permute(1, 2, 0).reshape(-1, self.num_classes).float().sigmoid()
+                reg = reg_map[b].permute(1, 2, 0).reshape(-1, 4 * (self.reg_max + 1))
+                if 0 < cfg.nms_pre < scores.shape[0]:
+                    keep = scores.max(dim=1).values.topk(cfg.nms_pre).indices
+                    scores, reg, anchors = scores[keep], reg[keep], anchors[keep]
+                dist = self.integral(reg) * s
+                boxes_all.append(distance2bbox(anchor_centers(anchors), dist, (h_img, w_img)))
+                scores_all.append(scores)
+            boxes = torch.cat(boxes_all)
+            scores = torch.cat(scores_all)
+            idx, cls = torch.nonzero(scores > cfg.score_thr, as_tuple=True)
+            boxes, sc = boxes[idx], scores[idx, cls]
+            keep = batched_nms(boxes, sc, cls, cfg.nms_iou)[: cfg.max_per_img]
+            results.append({"boxes": boxes[keep], "scores": sc[keep], "labels": cls[keep]})
+        return results
