@@ -114,6 +114,31 @@ def eval_cmd(pipeline, model_name, checkpoint, split_name, out, results, batch_s
     click.echo(f"bbox_mAP: {metrics['bbox_mAP']:.4f}")
 
 
+@main.command("train-student")
+@pipeline_arg
+@click.option("--model", "model_name", default="student", show_default=True)
+@click.option("--cache", default=None, help="Teacher cache made by dump-teacher (path or URL).")
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--online-teacher", default=None, type=click.Path(dir_okay=False),
+              help="Instead of a cache: run this teacher checkpoint every step (for comparison).")
+@click.option("--teacher-model", default="teacher", show_default=True,
+              help="Pipeline model of the online teacher.")
+@click.option("--resume", is_flag=True, help="Continue from WORK_DIR/latest.pth.")
+@device_option
+@override_option
+def train_student_cmd(pipeline, model_name, cache, work_dir, online_teacher, teacher_model, resume,
+                      device, overrides):
+    """Train a student with localization distillation from a teacher cache."""
+    from .distill import train_student
+    if (cache is None) == (online_teacher is None):
+        raise click.UsageError("give --cache CACHE, or --online-teacher CKPT for the online mode")
+    pipe = _pipe(pipeline, overrides)
+    path = train_student(pipe, model_name, work_dir, cache=cache, online_teacher=online_teacher,
+                         teacher_model=teacher_model, resume=resume, device=device)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"checkpoint: {path}")
+
+
 # ---------------------------------------------------------------- teacher cache
 @main.command("dump-teacher")
 @pipeline_arg

@@ -76,13 +76,14 @@ def _boxes(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=np.float64).reshape(-1, 4)
 
 
-def _ignore_labels(rec: Record, num_classes: int) -> list[np.ndarray]:
-    """Per ignore box, the label indices it applies to (all if unlabelled)."""
-    ign = _boxes(rec.ignore)
+def _ignore_mask(rec: Record, num_classes: int) -> np.ndarray:
+    """``[m, C]`` bool: ignore box ``i`` applies to class ``c`` (all if unlabelled)."""
+    m = len(_boxes(rec.ignore))
     lab = getattr(rec, "ignore_labels", None)
-    if lab is not None and len(lab) == len(ign):
-        return [np.array([int(x)]) for x in np.asarray(lab).reshape(-1)]
-    return [np.arange(num_classes)] * len(ign)
+    if lab is not None and len(lab) == m:
+        lab = np.asarray(lab).reshape(-1).astype(np.int64)
+        return np.arange(num_classes)[None, :] == lab[:, None]
+    return np.ones((m, num_classes), bool)
 
 
 def _group_detections(
@@ -123,8 +124,11 @@ def build_coco_gt(
 ) -> tuple[COCO, list[int]]:
     """Build the ground-truth ``COCO`` object and ``cat_ids[label]``.
 
-    With ``coco_json`` the original annotation file is used as is (its
-    categories sorted by id give label order and must match ``classes``);
+    With ``coco_json`` the original annotation file is used as is; its
+    category names must be exactly the names in ``classes`` and are mapped by
+    name (``cat_ids[label]`` is the id named ``classes[label]``, which is the
+    sorted-by-id order when ``classes`` lists them in that order, as
+    :mod:`ldpipe.data` does by default);
     annotation dicts are shallow-copied because ``COCOeval`` writes an
     ``'ignore'`` key into them.  Otherwise the ground truth is built from
     ``records``: category ids ``1..C``, ``bbox = [x1, y1, x2-x1, y2-y1]``,
@@ -134,15 +138,16 @@ def build_coco_gt(
     """
     if coco_json is not None:
         cats = sorted(coco_json["categories"], key=lambda c: c["id"])
-        names = [c["name"] for c in cats]
-        if names != list(classes):
+        name_to_id = {c["name"]: int(c["id"]) for c in cats}
+        names = list(name_to_id)
+        if len(names) != len(cats) or sorted(names) != sorted(classes):
             raise ValueError(
-                f"coco_json categories (sorted by id) {names[:5]}... do not match "
-                f"classes {list(classes)[:5]}... ({len(names)} vs {len(classes)})"
+                f"coco_json categories {names[:5]}... do not match classes "
+                f"{list(classes)[:5]}... ({len(cats)} vs {len(classes)})"
             )
+        cat_ids = [name_to_id[n] for n in classes]
         dataset = dict(coco_json)
         dataset["annotations"] = [dict(a) for a in coco_json.get("annotations", [])]
-        cat_ids = [int(c["id"]) for c in cats]
     else:
         cat_ids = list(range(1, len(classes) + 1))
         images, anns = [], []
@@ -161,8 +166,8 @@ def build_coco_gt(
                            "width": int(rec.width), "height": int(rec.height)})
             for box, lab in zip(_boxes(rec.boxes), np.asarray(rec.labels).reshape(-1)):
                 add(img_id, box, cat_ids[int(lab)], 0)
-            for box, labs in zip(_boxes(rec.ignore), _ignore_labels(rec, len(classes))):
-                for lab in labs:
+            for box, mask in zip(_boxes(rec.ignore), _ignore_mask(rec, len(classes))):
+                for lab in np.flatnonzero(mask):
                     add(img_id, box, cat_ids[int(lab)], 1)
         dataset = {
             "images": images,
@@ -319,7 +324,8 @@ def voc_map(
     positives.  IoU uses continuous coordinates (no ``+1``; see the module
     docstring).  ``mode``: ``'area'`` (VOC2010+) or ``'11points'`` (VOC2007).
 
-    Returns ``{'mAP': float, 'per_class': {name: {'AP', 'num_gts', 'num_dets'}}}``;
+    Returns ``{'mAP': float, 'per_class': {name: {'AP', 'num_gts', 'num_dets'}}}``
+    (``num_dets`` excludes detections discarded on difficult GTs);
     classes without GT get ``AP = -1.0`` and are left out of the mean (``-1.0``
     if no class has GT).
     """
@@ -327,48 +333,49 @@ def voc_map(
         raise ValueError(f"mode must be 'area' or '11points', got {mode!r}")
     num_classes = len(classes)
     dets = _group_detections(detections, {int(r.image_id) for r in records}, num_classes)
-    empty = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
 
-    scores: list[list[np.ndarray]] = [[] for _ in classes]
-    is_tp: list[list[np.ndarray]] = [[] for _ in classes]
+    all_labels, all_scores, all_tp = [], [], []
     num_gts = np.zeros(num_classes, np.int64)
     for rec in records:
-        d_boxes, d_scores, d_labels = dets.get(int(rec.image_id), empty)
-        g_boxes = _boxes(rec.boxes)
         g_labels = np.asarray(rec.labels).reshape(-1).astype(np.int64)
-        i_boxes = _boxes(rec.ignore)
-        i_labels = _ignore_labels(rec, num_classes)
         num_gts += np.bincount(g_labels, minlength=num_classes)[:num_classes]
-        for c in np.unique(d_labels):
-            sel = np.flatnonzero(d_labels == c)
-            sel = sel[np.argsort(-d_scores[sel], kind="stable")]
-            normal = g_boxes[g_labels == c]
-            ign = i_boxes[[bool((labs == c).any()) for labs in i_labels]] if len(i_boxes) else i_boxes
-            cand = np.concatenate([normal, ign])
-            tp = np.zeros(len(sel), bool)
-            keep = np.ones(len(sel), bool)
-            if len(cand):
-                ious = _iou(d_boxes[sel], cand)
-                best, best_iou = ious.argmax(1), ious.max(1)
-                covered = np.zeros(len(normal), bool)
-                for i, (j, o) in enumerate(zip(best.tolist(), best_iou.tolist())):
-                    if o < iou_thr:
-                        continue  # FP
-                    if j >= len(normal):
-                        keep[i] = False  # matched a difficult GT: ignored
-                    elif not covered[j]:
-                        covered[j] = tp[i] = True
-            scores[c].append(d_scores[sel][keep])
-            is_tp[c].append(tp[keep])
+        if int(rec.image_id) not in dets:
+            continue
+        d_boxes, d_scores, d_labels = dets[int(rec.image_id)]
+        g_boxes, i_boxes = _boxes(rec.boxes), _boxes(rec.ignore)
+        n_gt = len(g_boxes)
+        cand = np.concatenate([g_boxes, i_boxes])
+        # allowed[d, j]: candidate GT j may match detection d (same class)
+        allowed = np.concatenate([d_labels[:, None] == g_labels[None, :],
+                                  _ignore_mask(rec, num_classes)[:, d_labels].T], axis=1)
+        ious = np.where(allowed, _iou(d_boxes, cand), -1.0)
+        best = ious.argmax(1) if len(cand) else np.zeros(len(d_boxes), np.int64)
+        best_iou = ious.max(1) if len(cand) else np.full(len(d_boxes), -1.0)
+        tp = np.zeros(len(d_boxes), bool)
+        keep = np.ones(len(d_boxes), bool)
+        covered = np.zeros(n_gt, bool)
+        for i in np.argsort(-d_scores, kind="stable").tolist():
+            j, o = int(best[i]), float(best_iou[i])
+            if o < iou_thr:
+                continue  # FP
+            if j >= n_gt:
+                keep[i] = False  # matched a difficult GT: ignored
+            elif not covered[j]:
+                covered[j] = tp[i] = True
+        all_labels.append(d_labels[keep])
+        all_scores.append(d_scores[keep])
+        all_tp.append(tp[keep])
 
+    labels = np.concatenate(all_labels) if all_labels else np.zeros(0, np.int64)
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    is_tp = np.concatenate(all_tp) if all_tp else np.zeros(0, bool)
     per_class: dict[str, dict[str, Any]] = {}
     aps = []
     for c, name in enumerate(classes):
-        s = np.concatenate(scores[c]) if scores[c] else np.zeros(0)
-        t = np.concatenate(is_tp[c]) if is_tp[c] else np.zeros(0, bool)
-        order = np.argsort(-s, kind="stable")
-        tp_cum = np.cumsum(t[order])
-        fp_cum = np.cumsum(~t[order])
+        sel = np.flatnonzero(labels == c)
+        sel = sel[np.argsort(-scores[sel], kind="stable")]
+        tp_cum = np.cumsum(is_tp[sel])
+        fp_cum = np.cumsum(~is_tp[sel])
         if num_gts[c] > 0:
             recall = tp_cum / num_gts[c]
             precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
@@ -376,7 +383,7 @@ def voc_map(
             aps.append(ap)
         else:
             ap = -1.0
-        per_class[name] = {"AP": ap, "num_gts": int(num_gts[c]), "num_dets": int(len(s))}
+        per_class[name] = {"AP": ap, "num_gts": int(num_gts[c]), "num_dets": int(len(sel))}
     return {"mAP": float(np.mean(aps)) if aps else -1.0, "per_class": per_class}
 
 

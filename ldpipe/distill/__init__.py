@@ -1,0 +1,21 @@
+"""Distillation from the cache: loader -> loss (``ldpipe train-student``)."""
+from __future__ import annotations
+
+from ..config import Pipeline
+from ..engine.train import train
+from .hook import CachedTeacher, OnlineTeacher, check_compatible
+
+
+def train_student(pipe: Pipeline, model_name: str, work_dir: str, cache: str | None = None,
+                  online_teacher: str | None = None, teacher_model: str = "teacher",
+                  resume: bool = False, device: str | None = None, progress: bool = True) -> str:
+    """Train ``model_name`` with LD from a cache (or, for comparison, an online teacher)."""
+    if (cache is None) == (online_teacher is None):
+        raise ValueError("give exactly one of a cache or an online teacher checkpoint")
+    hook = (CachedTeacher(pipe, cache) if cache is not None
+            else OnlineTeacher(pipe, teacher_model, online_teacher))
+    return train(pipe, model_name, work_dir, resume=resume, hook=hook, device=device,
+                 progress=progress)
+
+
+__all__ = ["CachedTeacher", "OnlineTeacher", "check_compatible", "train_student"]
