@@ -1,0 +1,192 @@
+"""Cached LD equals online LD; incompatible caches are refused before training."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ldpipe.cache.dump import dump_teacher
+from ldpipe.cache.store import CacheError
+from ldpipe.config import load_pipeline
+from ldpipe.data import DetectionDataset, load_split, synthesize
+from ldpipe.distill import CachedTeacher, OnlineTeacher
+from ldpipe.distill.loader import CacheTargets
+from ldpipe.engine.train import TrainCollate, seed_everything, step_losses
+from ldpipe.models import build_model
+from ldpipe.models.checkpoint import save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["depth=18", "base_width=8", "channels=16", "stacked_convs=1"]
+
+
+def tiny_pipe(data_root: str, *extra: str):
+    over = [f"data.root={data_root}", "train.workers=0", "cache.samples_per_shard=4",
+            "cache.batch_size=1", "data.train_scales=[[160, 160]]", "data.test_scale=[160, 160]"]
+    for model in ("teacher", "student"):
+        over += [f"models.{model}.{kv}" for kv in TINY]
+    over.append("models.teacher.channels=24")
+    return load_pipeline(os.path.join(ROOT, "pipelines", "demo.toml"), over + list(extra))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(str(root), n_train=8, n_val=2, seed=3)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(synth, tmp_path_factory):
+    pipe = tiny_pipe(synth)
+    torch.manual_seed(0)
+    model = build_model(pipe.model("teacher"), 4)
+    # give the random teacher non-trivial distributions
+    with torch.no_grad():
+        model.bbox_head.gfl_reg.weight.normal_(0, 0.3)
+        model.bbox_head.gfl_cls.weight.normal_(0, 0.3)
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pth")
+    save_checkpoint(path, model, {"ldpipe": {"model": "teacher"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def caches(synth, teacher_ckpt, tmp_path_factory):
+    out = {}
+    base = tmp_path_factory.mktemp("caches")
+    for codec in ("fp32", "fp16", "int8"):
+        pipe = tiny_pipe(synth, f"cache.codec={codec}")
+        path = str(base / f"{codec}.zarr")
+        dump_teacher(pipe, "teacher", teacher_ckpt, path, progress=False)
+        out[codec] = path
+    return out
+
+
+def _same_shape_batch(pipe, split, extra):
+    """Two training samples with the same padded shape (so a batch adds no padding)."""
+    ds = DetectionDataset(split, pipe, [v for v in _variants(pipe)], extra=extra)
+    by_shape: dict = {}
+    for i in range(len(ds)):
+        for v in range(len(ds.variants)):
+            s = ds[(i, v)]
+            by_shape.setdefault(tuple(s["meta"]["pad_shape"]), []).append(s)
+    group = max(by_shape.values(), key=len)
+    assert len(group) >= 2
+    with_gt = [s for s in group if len(s["gt_boxes"])]
+    return (with_gt + group)[:2]
+
+
+def _variants(pipe):
+    from ldpipe.data import train_variants
+    return train_variants(pipe)
+
+
+def _step(pipe, hook, samples, split):
+    cfg = pipe.model("student")
+    seed_everything(0)
+    model = build_model(cfg, len(split.classes))
+    collate = TrainCollate(cfg.strides, cfg.anchor_scale, len(split.classes), cfg.assigner.topk,
+                           cfg.assigner.ignore_iof_thr, with_vlr=True)
+    batch = collate(samples)
+    hook.check(pipe, "student", split)
+    losses = step_losses(model, model.bbox_head, model, batch, torch.device("cpu"), False, hook, cfg)
+    distill = {k: v for k, v in losses.items() if k in ("loss_ld", "loss_ld_vlr", "loss_kd")}
+    total = sum(distill.values())
+    model.zero_grad()
+    total.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    return {k: float(v.detach()) for k, v in losses.items()}, grads
+
+
+@pytest.fixture(scope="module")
+def online_result(synth, teacher_ckpt, caches):
+    pipe = tiny_pipe(synth)
+    split = load_split(pipe, "train")
+    samples = _same_shape_batch(pipe, split, CacheTargets(caches["fp32"]))
+    hook = OnlineTeacher(pipe, "teacher", teacher_ckpt)
+    return samples, _step(pipe, hook, samples, split)
+
+
+@pytest.mark.parametrize("codec,tol", [("fp32", 1e-5), ("fp16", 1e-3)])
+def test_cached_equals_online(synth, caches, online_result, codec, tol):
+    pipe = tiny_pipe(synth)
+    split = load_split(pipe, "train")
+    ref_samples, (ref_losses, ref_grads) = online_result
+    keys = [(s["meta"]["index"], s["meta"]["variant_index"]) for s in ref_samples]
+    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches[codec]))
+    samples = [ds[k] for k in keys]
+    losses, grads = _step(pipe, CachedTeacher(pipe, caches[codec]), samples, split)
+    for name in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_cls", "loss_bbox", "loss_dfl"):
+        assert ref_losses[name] > 0 or name == "loss_kd", name
+        assert losses[name] == pytest.approx(ref_losses[name], rel=tol, abs=1e-7), name
+    rel = float((grads - ref_grads).norm() / ref_grads.norm())
+    assert rel <= tol, rel
+
+
+def test_int8_ld_loss_within_one_percent(synth, caches, online_result):
+    pipe = tiny_pipe(synth)
+    split = load_split(pipe, "train")
+    ref_samples, (ref_losses, _) = online_result
+    keys = [(s["meta"]["index"], s["meta"]["variant_index"]) for s in ref_samples]
+    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["int8"]))
+    losses, _ = _step(pipe, CachedTeacher(pipe, caches["int8"]), [ds[k] for k in keys], split)
+    for name in ("loss_ld", "loss_ld_vlr"):
+        assert losses[name] == pytest.approx(ref_losses[name], rel=0.01), name
+
+
+def test_refuses_other_reg_max(synth, caches):
+    pipe = tiny_pipe(synth, "models.student.reg_max=8")
+    split = load_split(pipe, "train")
+    with pytest.raises(CacheError) as err:
+        CachedTeacher(pipe, caches["int8"]).check(pipe, "student", split)
+    msg = str(err.value)
+    assert "reg_max" in msg and "16" in msg and "8" in msg
+
+
+def test_refuses_other_data_set(synth, caches, tmp_path):
+    other = tmp_path / "other"
+    synthesize(str(other), n_train=8, n_val=2, seed=99)
+    pipe = tiny_pipe(str(other))
+    split = load_split(pipe, "train")
+    with pytest.raises(CacheError) as err:
+        CachedTeacher(pipe, caches["int8"]).check(pipe, "student", split)
+    msg = str(err.value)
+    data_fp = CacheTargets(caches["int8"]).reader.manifest["data"]["fingerprint"]
+    assert "data set" in msg and data_fp[:16] in msg and split.fingerprint[:16] in msg
+
+
+def test_region_policy_must_serve_losses(synth, teacher_ckpt, tmp_path):
+    pipe = tiny_pipe(synth, "cache.region=main")
+    path = str(tmp_path / "main.zarr")
+    dump_teacher(pipe, "teacher", teacher_ckpt, path, progress=False)
+    split = load_split(pipe, "train")
+    with pytest.raises(CacheError, match="cannot serve"):
+        CachedTeacher(pipe, path).check(pipe, "student", split)
+    # with VLR off, the main region serves LD and KD
+    pipe_ok = tiny_pipe(synth, "cache.region=main", "distill.vlr=false")
+    CachedTeacher(pipe_ok, path).check(pipe_ok, "student", split)
+
+
+def test_missing_anchor_is_an_error(synth, caches):
+    pipe = tiny_pipe(synth)
+    split = load_split(pipe, "train")
+    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+    idx = next(i for i, r in enumerate(split.records) if len(r.boxes))
+    sample = ds[(idx, 0)]
+    sample["teacher"] = {k: (v[:0] if torch.is_tensor(v) else v) for k, v in sample["teacher"].items()}
+    cfg = pipe.model("student")
+    batch = TrainCollate(cfg.strides, cfg.anchor_scale, len(split.classes), 9, -1.0, True)([sample])
+    model = build_model(cfg, len(split.classes))
+    hook = CachedTeacher(pipe, caches["fp32"])
+    with pytest.raises(CacheError, match=f"image_id={sample['meta']['image_id']}"):
+        step_losses(model, model.bbox_head, model, batch, torch.device("cpu"), False, hook, cfg)
+
+
+def test_geometry_mismatch_is_an_error(synth, caches):
+    pipe = tiny_pipe(synth, "data.train_scales=[[192, 192]]")
+    split = load_split(pipe, "train")
+    with pytest.raises(CacheError, match="input scales"):
+        CachedTeacher(pipe, caches["fp32"]).check(pipe, "student", split)
+    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+    with pytest.raises(CacheError, match="shape"):
+        ds[(0, 0)]
