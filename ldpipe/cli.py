@@ -139,6 +139,22 @@ def train_student_cmd(pipeline, model_name, cache, work_dir, online_teacher, tea
         click.echo(f"checkpoint: {path}")
 
 
+@main.command("chain")
+@pipeline_arg
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False))
+@device_option
+@override_option
+def chain_cmd(pipeline, work_dir, device, overrides):
+    """Run teacher -> (TA) -> student (+ baseline) and summarise, skipping unchanged stages."""
+    from .chain import Chain
+    pipe = _pipe(pipeline, overrides)
+    chain = Chain(pipeline, overrides, pipe, work_dir, device=device, echo=click.echo)
+    summary = chain.run()
+    click.echo(f"[chain] ran {len(chain.ran)} stage(s), skipped {len(chain.skipped)}")
+    click.echo(summary["table"])
+    click.echo(f"[chain] summary: {os.path.join(work_dir, 'summary.md')} (.json, .png)")
+
+
 # ---------------------------------------------------------------- teacher cache
 @main.command("dump-teacher")
 @pipeline_arg
@@ -163,6 +179,51 @@ def dump_teacher_cmd(pipeline, model_name, checkpoint, out, split_name, batch_si
                            batch_size=batch_size, workers=workers, amp=amp, overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":
         click.echo(json.dumps(summary))
+
+
+# ---------------------------------------------------------------- cache inspection
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect teacher caches (CACHE is a path or an fsspec URL such as memory://c)."""
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+@cache_group.command("info")
+@click.argument("cache")
+@json_option
+def cache_info_cmd(cache, as_json):
+    """Counts, sizes and compression, regions, teacher entropy and lineage of CACHE."""
+    from .cache.tools import format_info, info
+    result = info(cache)
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else format_info(result))
+
+
+@cache_group.command("verify")
+@click.argument("cache")
+@json_option
+@click.pass_context
+def cache_verify_cmd(ctx, cache, as_json):
+    """Decode every array, check checksums, commits and the index; exit 1 on any problem."""
+    from .cache.tools import format_verify, verify
+    result = verify(cache)
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else format_verify(result))
+    if not result["ok"]:
+        ctx.exit(1)
+
+
+@cache_group.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--T", "-T", "--temperature", "temperature", default=10.0, show_default=True,
+              type=float, help="Temperature of the edge-distribution KL.")
+@json_option
+def cache_diff_cmd(a, b, temperature, as_json):
+    """Compare two caches over the samples they share (a report; exit 0)."""
+    from .cache.tools import diff, format_diff
+    result = diff(a, b, temperature)
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else format_diff(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -229,7 +229,7 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where} must be a table, got {value!r}")
         return _build(tp, value, where, source)
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where} must be a table, got {value!r}")
         args = typing.get_args(tp)

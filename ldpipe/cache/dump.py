@@ -19,12 +19,11 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..config import Pipeline
 from ..data import DetectionDataset, collate, load_split, train_variants
 from ..engine import dist
-from ..engine.train import worker_init
+from ..engine.train import progress_bar, worker_init
 from ..models import build_model
 from ..models.assigner import make_grid
 from ..models.boxes import grid_to_batch_index
@@ -124,8 +123,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     pending: dict[int, list] = {}
     n_images = 0
     t0 = time.time()
-    bar = tqdm(total=sum(len(b) for b in batches), desc=f"dump {model_name}", unit="img",
-               disable=not (progress and info.is_main), dynamic_ncols=True)
+    bar = progress_bar(total=sum(len(b) for b in batches), desc=f"dump {model_name}", unit="img",
+                       disable=not (progress and info.is_main))
     try:
         with torch.no_grad():
             for batch in loader:
@@ -153,8 +152,11 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
         missing = [u for u in range(num_units) if u not in committed]
         if missing:
             raise CacheError(f"{out}: units {missing[:10]} are not committed after the dump")
-        write_index(root, cache_cfg.compressor)
-        log.info("%s complete: %d samples", out, total)
+        if len(done) == num_units and _index_complete(root, total):
+            log.info("%s was already complete: nothing rewritten", out)  # a rerun is a no-op
+        else:
+            write_index(root, cache_cfg.compressor)
+            log.info("%s complete: %d samples", out, total)
     return summary
 
 
@@ -245,13 +247,38 @@ def assemble(items: list, codec: str, num_variants: int) -> UnitData:
     return UnitData(table, scale, anchor, box, cls)
 
 
+def _index_complete(root, total: int) -> bool:
+    try:
+        g = root["index"] if "index" in root else None
+        return bool(g is not None and g.attrs.get("complete") and g["samples"].shape[0] == total)
+    except Exception:
+        return False
+
+
+def _has_content(url: str) -> bool:
+    """Whether ``url`` holds anything (a file, or a non-empty directory / prefix)."""
+    import fsspec
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            return False
+        return fs.isfile(path) or bool(fs.ls(path, detail=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def _prepare_root(out: str, manifest: dict, overwrite: bool) -> None:
     import zarr
     try:
         root = open_root(out, "r")
         existing = root.attrs.get("ldpipe_cache")
-    except CacheError:
+    except (CacheError, zarr.errors.ContainsArrayError):
         root, existing = None, None
+        # zarr's mode "w" below deletes whatever is there: never do that to a location
+        # that holds something other than a zarr group unless asked to
+        if not overwrite and _has_content(out):
+            raise CacheError(f"{out} exists, is not empty and is not an ldpipe cache; refusing to "
+                             "write into it (use another --out, or --overwrite to delete its contents)")
     if existing is not None and not overwrite:
         diff = M.identity_diff(existing, manifest)
         if diff:

@@ -7,13 +7,13 @@ import os
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..config import Pipeline
 from ..data import TEST_VARIANT, DetectionDataset, FixedSampler, boxes_to_original, collate, load_split
 from ..models import GFL, build_model
 from ..models.checkpoint import load_weights
 from . import evaluate as ev
+from .train import progress_bar
 
 log = logging.getLogger("ldpipe.eval")
 
@@ -28,7 +28,7 @@ def predict_split(model: GFL, pipe: Pipeline, split, device: torch.device, batch
         num_workers=workers, collate_fn=collate)
     model.eval()
     out = []
-    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+    for batch in progress_bar(iterable=loader, desc="eval", disable=not progress, leave=False):
         img = batch["img"].to(device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             dets = model.predict(img, batch["metas"])

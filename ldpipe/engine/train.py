@@ -107,6 +107,14 @@ def link_latest(work_dir: str, name: str) -> None:
     os.replace(tmp, dst)
 
 
+def progress_bar(**kwargs) -> tqdm:
+    """tqdm that refreshes rarely when stderr is not a terminal (CI logs stay readable)."""
+    import sys
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 15.0)
+    return tqdm(dynamic_ncols=True, **kwargs)
+
+
 def worker_init(worker_id: int) -> None:
     """Loader workers use one thread each: the main process owns the cores."""
     torch.set_num_threads(1)
@@ -188,8 +196,8 @@ def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
     for epoch in range(start_epoch, sched_cfg.epochs):
         sampler.set_epoch(epoch)
         model.train()
-        bar = tqdm(total=iters_per_epoch, desc=f"{model_name} epoch {epoch + 1}/{sched_cfg.epochs}",
-                   disable=not (progress and info.is_main), dynamic_ncols=True, leave=False)
+        bar = progress_bar(total=iters_per_epoch, desc=f"{model_name} epoch {epoch + 1}/{sched_cfg.epochs}",
+                           disable=not (progress and info.is_main), leave=False)
         t_epoch = time.time()
         running: dict[str, float] = {}
         for i, batch in enumerate(loader):

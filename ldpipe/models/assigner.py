@@ -82,7 +82,7 @@ def atss_assign(anchors: torch.Tensor, num_level: list[int], gt: torch.Tensor,
     overlaps = box_iou(anchors, gt)
     centers = anchor_centers(anchors)
     gt_centers = (gt[:, :2] + gt[:, 2:]) / 2
-    distances = torch.cdist(centers, gt_centers)
+    distances = torch.cdist(centers, gt_centers, compute_mode="donot_use_mm_for_euclid_dist")
     if ignore_iof_thr > 0 and ignore is not None and ignore.numel():
         ignored = iof(anchors, ignore).max(dim=1).values > ignore_iof_thr
         distances[ignored] = INF

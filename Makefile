@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine:
+#   make demo  - install into .venv, synthesise the embedded data, run the demo chain
+#   make test  - install into .venv (with test extras) and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pair that imports together on this project's machines (a CUDA build
+# that also runs on the CPU); override e.g. TORCH_SPEC="torch torchvision" elsewhere.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DATA ?= data/synth
+DEMO_DIR ?= work_dirs/demo
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DEMO_DATA)/annotations/val.json: | $(VENV)/.installed
+	$(VENV)/bin/ldpipe data synth $(DEMO_DATA)
+
+demo: $(VENV)/.installed $(DEMO_DATA)/annotations/val.json
+	$(VENV)/bin/ldpipe chain pipelines/demo.toml --work-dir $(DEMO_DIR) -o data.root=$(DEMO_DATA)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(DEMO_DIR) $(DEMO_DATA)

@@ -1,0 +1,456 @@
+"""Benchmark ``dump-teacher``: overhead over pure inference, bytes per sample, read latency.
+
+    python -m benchmarks.dump_bench PIPELINE (--checkpoint CKPT | --random) [--model teacher]
+        [-o key=value ...] [--device cpu|cuda] [--images N] [--synth N] [--reps 3]
+        [--quick | --policies main,ld --codecs fp16,int8] [--read-samples 300] [--json OUT]
+
+1. *Pure inference vs dump.*  The same teacher, images, (image, variant) pairs, batches,
+   batch size, loader workers and AMP setting; inference runs the forward only, the dump is
+   ``ldpipe.cache.dump.dump_teacher`` into a fresh store (the pipeline's ``cache.region`` /
+   ``cache.codec``).  Runs alternate (infer, dump, dump, infer, ...) after an untimed
+   warm-up; medians.  Two times each: *total* (model build + weights + loader + loop, and for
+   the dump also checksum, manifest, commit and index) and *loop* (the batches only; the
+   dump's own ``summary["seconds"]``, which ends when the writer has committed everything).
+2. *Bytes per sample* for each region policy x codec: every file of the store on disk
+   (metadata and index included) / samples, against the dense fp16 size of the sample
+   (own-grid anchors x (4 (reg_max+1) + num_classes) x 2 bytes).
+3. *Random-access reads*: ``CacheReader(path).read(image, variant)`` for random samples in a
+   fresh process and reader; the first read (which opens the store and loads the index) is
+   reported apart; p50 / p99 of the rest.  The store was just written, so it is in the OS
+   page cache: these are warm-cache latencies.
+
+``--images N`` keeps the first N images of the split (the benchmark swaps ``load_split`` in
+``ldpipe.cache.dump`` for the truncated split; nothing else changes).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from unittest import mock
+
+from .common import (command_line, fmt, machine_info, md_table, median, now, percentile,
+                     quiet_logs, ratio, resolve_device, run_child, sync, write_json)
+
+POLICIES = ("main", "ld", "overlap", "dense")
+CODECS = ("fp32", "fp16", "int8")
+QUICK = (("ld", "fp16"), ("ld", "int8"), ("dense", "fp16"), ("dense", "int8"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.dump_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pipeline", help="pipeline TOML (e.g. pipelines/demo.toml)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="teacher checkpoint")
+    src.add_argument("--random", action="store_true",
+                     help="randomly initialised teacher (saved to a temporary checkpoint)")
+    p.add_argument("--model", default="teacher", help="model of the pipeline to dump")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="pipeline override, repeatable (e.g. -o data.root=data/synth)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--split", default="train")
+    p.add_argument("--images", type=int, default=0, help="first N images of the split (0 = all)")
+    p.add_argument("--synth", type=int, default=0, metavar="N",
+                   help="synthesise N training images into the work dir and use them "
+                        "(sets data.root; for COCO-format pipelines such as demo.toml)")
+    p.add_argument("--synth-size", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=0, help="default: cache.batch_size")
+    p.add_argument("--workers", type=int, default=-1, help="loader workers (default: train.workers)")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="auto = as dump-teacher (AMP on CUDA only)")
+    p.add_argument("--reps", type=int, default=3, help="timed inference/dump pairs")
+    p.add_argument("--no-timing", action="store_true", help="skip the inference-vs-dump timing")
+    p.add_argument("--quick", action="store_true",
+                   help="size table for " + ", ".join(f"{a}/{b}" for a, b in QUICK) + " only")
+    p.add_argument("--policies", default="", help="comma list (default: all four)")
+    p.add_argument("--codecs", default="", help="comma list (default: all three)")
+    p.add_argument("--no-sizes", action="store_true", help="skip the bytes-per-sample table")
+    p.add_argument("--read-samples", type=int, default=300, help="random reads per store (0 = skip)")
+    p.add_argument("--random-spread", type=float, default=3.0,
+                   help="--random: std of the head's output logits relative to its input RMS "
+                        "(weights ~ N(0, spread^2 / fan_in)); 0 keeps the GFL init, whose "
+                        "near-uniform outputs compress unrealistically well")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="", help="where stores go (default: a temp dir, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir")
+    p.add_argument("--json", default="", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------ set-up helpers
+def load_pipe(args, *extra: str):
+    from ldpipe.config import load_pipeline
+    return load_pipeline(args.pipeline, list(args.override) + list(extra))
+
+
+def truncated_split(pipe, split_name: str, n: int):
+    from ldpipe.data import load_split
+    split = load_split(pipe, split_name)
+    if n <= 0 or n >= len(split.records):
+        return split
+    fp = hashlib.sha256(f"{split.fingerprint}:first{n}".encode()).hexdigest()
+    return dataclasses.replace(split, records=split.records[:n], image_ids=split.image_ids[:n],
+                               fingerprint=fp)
+
+
+@contextlib.contextmanager
+def use_split(split):
+    """Make ``dump_teacher`` use ``split`` (it calls ``load_split`` itself)."""
+    import ldpipe.cache.dump as dump_mod
+    with mock.patch.object(dump_mod, "load_split", lambda pipe, name: split):
+        yield
+
+
+def random_checkpoint(pipe, model_name: str, num_classes: int, path: str, spread: float, seed: int):
+    import torch
+    from ldpipe.models import build_model
+    from ldpipe.models.checkpoint import save_checkpoint
+    torch.manual_seed(seed)
+    model = build_model(pipe.model(model_name), num_classes)
+    if spread > 0:
+        with torch.no_grad():
+            for conv in (model.bbox_head.gfl_reg, model.bbox_head.gfl_cls):
+                fan_in = conv.weight[0].numel()
+                conv.weight.normal_(0.0, spread / fan_in ** 0.5)
+    save_checkpoint(path, model, {"ldpipe": {"model": model_name, "random": True}})
+
+
+def amp_arg(args):
+    return {"auto": None, "on": True, "off": False}[args.amp]
+
+
+# ------------------------------------------------------------------ the two timed runs
+def run_inference(pipe, model_name: str, ckpt: str, split, device, batch_size: int, workers: int,
+                  amp, max_batches: int = 0) -> dict:
+    """Forward passes only, over exactly the batches ``dump_teacher`` would make."""
+    import torch
+    from ldpipe.cache.dump import _unit_batches
+    from ldpipe.data import DetectionDataset, collate, train_variants
+    from ldpipe.engine.train import worker_init
+    from ldpipe.models import build_model
+    from ldpipe.models.checkpoint import load_weights
+
+    t0 = now()
+    cfg = pipe.model(model_name)
+    variants = train_variants(pipe)
+    nv = len(variants)
+    total = len(split.records) * nv
+    per_unit = pipe.cache.samples_per_shard
+    num_units = -(-total // per_unit)
+    batches = _unit_batches(list(range(num_units)), per_unit, total, nv, batch_size)
+    if max_batches:
+        batches = batches[:max_batches]
+    model = build_model(cfg, len(split.classes))
+    load_weights(model, ckpt)
+    model.to(device).eval()
+    loader = torch.utils.data.DataLoader(
+        DetectionDataset(split, pipe, variants), batch_sampler=batches, num_workers=workers,
+        collate_fn=collate, pin_memory=device.type == "cuda", worker_init_fn=worker_init)
+    use_amp = (device.type == "cuda") if amp is None else (amp and device.type == "cuda")
+    n = 0
+    t_loop = now()
+    with torch.no_grad():
+        for batch in loader:
+            img = batch["img"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                model(img)
+            n += img.shape[0]
+    sync(device)
+    t1 = now()
+    return {"total_s": t1 - t0, "loop_s": t1 - t_loop, "samples": n}
+
+
+def run_dump(pipe, model_name: str, ckpt: str, split, out: str, device, batch_size: int,
+             workers: int, amp, split_name: str = "train") -> dict:
+    from ldpipe.cache.dump import dump_teacher
+    with use_split(split):
+        t0 = now()
+        summary = dump_teacher(pipe, model_name, ckpt, out, split_name, device=device.type,
+                               batch_size=batch_size, workers=workers, amp=amp, progress=False)
+        t1 = now()
+    return {"total_s": t1 - t0, "loop_s": float(summary["seconds"]), "samples": summary["samples"]}
+
+
+# ------------------------------------------------------------------ sizes
+def store_bytes(path: str) -> dict:
+    """Bytes of every file under ``path``, total and by array (units/*/NAME, index, metadata)."""
+    parts: dict[str, int] = {}
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            size = os.path.getsize(full)
+            total += size
+            rel = os.path.relpath(full, path).split(os.sep)
+            if rel[0] == "units" and len(rel) >= 4:
+                key = rel[2]
+            elif rel[0] == "index":
+                key = "index"
+            else:
+                key = "metadata"
+            if rel[-1] == "zarr.json" and key != "index":
+                key = "metadata"
+            parts[key] = parts.get(key, 0) + size
+    return {"total": total, "parts": parts}
+
+
+def cache_stats(path: str) -> dict:
+    """Samples, stored rows and the dense fp16 size of each sample's own grid."""
+    import numpy as np
+    from ldpipe.cache.store import F, CacheReader
+    from ldpipe.models.assigner import make_grid
+    reader = CacheReader(path)
+    m = reader.manifest
+    geo = m["geometry"]
+    table = reader.table
+    per_anchor = 4 * (geo["reg_max"] + 1) + geo["num_classes"]
+    dense = []
+    grids: dict = {}
+    for rec in table:
+        pad = (int(rec[F["pad_h"]]), int(rec[F["pad_w"]]))
+        if pad not in grids:
+            grids[pad] = make_grid(pad, geo["strides"], geo["anchor_scale"]).num_anchors
+        dense.append(grids[pad] * per_anchor * 2)
+    rows = table[:, F["row_count"]].astype(np.float64)
+    anchors = np.array([grids[(int(r[F["pad_h"]]), int(r[F["pad_w"]]))] for r in table], np.float64)
+    return {"samples": int(table.shape[0]), "rows_per_sample": float(rows.mean()),
+            "anchors_per_sample": float(anchors.mean()),
+            "region_fraction": float((rows / anchors).mean()),
+            "dense_fp16_bytes_per_sample": float(np.mean(dense)),
+            "policy": m["region"]["policy"], "codec": m["codec"], "store_cls": m["store_cls"]}
+
+
+# ------------------------------------------------------------------ read latency (child)
+def read_latency_main(argv: list[str]) -> None:
+    """Child process: ``_read_latency JSON`` with {"stores": [...], "n": N, "seed": S}."""
+    import random
+    cfg = json.loads(argv[0])
+    quiet_logs()
+    from ldpipe.cache.store import F, CacheReader
+    out = {}
+    for path in cfg["stores"]:
+        reader = CacheReader(path)
+        rng = random.Random(cfg["seed"])
+        t0 = now()
+        table = reader.table  # opens the store, loads the index
+        t_open = now() - t0
+        keys = [(int(r[F["image_index"]]), int(r[F["variant"]])) for r in table]
+        picks = [rng.choice(keys) for _ in range(cfg["n"])]
+        t0 = now()
+        reader.read(*picks[0])
+        first = now() - t0
+        times = []
+        for key in picks[1:]:
+            t0 = now()
+            reader.read(*key)
+            times.append((now() - t0) * 1e3)
+        out[path] = {"open_ms": t_open * 1e3, "first_read_ms": first * 1e3, "n": len(times),
+                     "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99),
+                     "mean_ms": sum(times) / max(len(times), 1)}
+    print(json.dumps(out))
+
+
+def read_latency(stores: list[str], n: int, seed: int) -> dict:
+    if n <= 1 or not stores:
+        return {}
+    return run_child("benchmarks.dump_bench",
+                     ["_read_latency", json.dumps({"stores": stores, "n": n, "seed": seed})])
+
+
+# ------------------------------------------------------------------ main
+def combos(args, configured: tuple[str, str]) -> list[tuple[str, str]]:
+    if args.policies or args.codecs:
+        pols = [p for p in args.policies.split(",") if p] or list(POLICIES)
+        cods = [c for c in args.codecs.split(",") if c] or list(CODECS)
+        bad = [x for x in pols if x not in POLICIES] + [x for x in cods if x not in CODECS]
+        if bad:
+            sys.exit(f"unknown policy/codec: {bad}")
+        return [(p, c) for p in pols for c in cods]
+    if args.quick:
+        return list(QUICK)
+    return [(p, c) for p in POLICIES for c in CODECS]
+
+
+def main(argv=None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "_read_latency":
+        return read_latency_main(argv[1:])
+    args = parse_args(argv)
+    quiet_logs()
+    import torch
+    device = resolve_device(args.device)
+    args.pipeline = os.path.abspath(args.pipeline)
+
+    own_tmp = not args.workdir
+    work = tempfile.mkdtemp(prefix="ldpipe-dump-bench-") if own_tmp else os.path.abspath(args.workdir)
+    os.makedirs(work, exist_ok=True)
+    notes: list[str] = []
+    try:
+        if args.synth:
+            from ldpipe.data import synthesize
+            root = os.path.join(work, "synth")
+            synthesize(root, n_train=args.synth, n_val=1, seed=args.seed, size=args.synth_size)
+            args.override.append(f"data.root={root}")
+        pipe = load_pipe(args)
+        split = truncated_split(pipe, args.split, args.images)
+        cfg = pipe.model(args.model)
+        bs = args.batch_size or pipe.cache.batch_size
+        workers = pipe.train.workers if args.workers < 0 else args.workers
+        amp = amp_arg(args)
+        if args.random:
+            ckpt = os.path.join(work, f"random_{args.model}.pth")
+            random_checkpoint(pipe, args.model, len(split.classes), ckpt, args.random_spread, args.seed)
+            notes.append("random teacher (--random): rows per sample (region sizes) do not depend on "
+                         "the weights, but compressed bytes do; a trained teacher's distributions are "
+                         "peakier, so treat the bytes of fp16/int8/fp32 stores as indicative only")
+        else:
+            ckpt = os.path.abspath(args.checkpoint)
+        from ldpipe.data import train_variants
+        nv = len(train_variants(pipe))
+        configured = (pipe.cache.region, pipe.cache.codec)
+        print(f"# dump benchmark: {args.pipeline} model {args.model!r} (ResNet-{cfg.depth}, "
+              f"width {cfg.base_width}, {cfg.channels} ch, {cfg.stacked_convs} convs), "
+              f"{len(split.records)} images x {nv} variants, batch {bs}, workers {workers}, "
+              f"device {device}", flush=True)
+
+        result: dict = {"command": command_line(), "machine": machine_info(device),
+                        "settings": {"pipeline": args.pipeline, "overrides": args.override,
+                                     "model": args.model, "random_teacher": bool(args.random),
+                                     "random_spread": args.random_spread if args.random else None,
+                                     "images": len(split.records), "variants": nv,
+                                     "samples": len(split.records) * nv, "batch_size": bs,
+                                     "workers": workers, "amp": args.amp,
+                                     "samples_per_shard": pipe.cache.samples_per_shard,
+                                     "compressor": pipe.cache.compressor,
+                                     "store_cls": pipe.cache.store_cls,
+                                     "configured": {"region": configured[0], "codec": configured[1]},
+                                     "teacher": {"depth": cfg.depth, "base_width": cfg.base_width,
+                                                 "channels": cfg.channels,
+                                                 "stacked_convs": cfg.stacked_convs,
+                                                 "reg_max": cfg.reg_max}},
+                        "notes": notes}
+
+        kept: dict[tuple[str, str], tuple[str, float]] = {}
+        # ---------------------------------------------------------- 1. timing
+        if not args.no_timing and args.reps > 0:
+            run_inference(pipe, args.model, ckpt, split, device, bs, workers, amp, max_batches=2)
+            infer, dump = [], []
+            for r in range(args.reps):
+                order = ("infer", "dump") if r % 2 == 0 else ("dump", "infer")
+                for kind in order:
+                    gc.collect()
+                    if kind == "infer":
+                        res = run_inference(pipe, args.model, ckpt, split, device, bs, workers, amp)
+                        infer.append(res)
+                    else:
+                        out = os.path.join(work, f"timed_{r}.zarr")
+                        res = run_dump(pipe, args.model, ckpt, split, out, device, bs, workers, amp, args.split)
+                        dump.append(res)
+                        if r == args.reps - 1:
+                            kept[configured] = (out, res["total_s"])
+                        else:
+                            shutil.rmtree(out, ignore_errors=True)
+                    print(f"  rep {r} {kind:5s} total {res['total_s']:.2f}s loop {res['loop_s']:.2f}s",
+                          flush=True)
+            timing = {}
+            for what in ("total_s", "loop_s"):
+                mi, md = median([x[what] for x in infer]), median([x[what] for x in dump])
+                timing[what] = {"inference": mi, "dump": md, "ratio": ratio(md, mi),
+                                "paired_ratio_median": median([d[what] / i[what]
+                                                               for i, d in zip(infer, dump)]),
+                                "inference_runs": [x[what] for x in infer],
+                                "dump_runs": [x[what] for x in dump]}
+            samples = infer[0]["samples"]
+            timing["samples"] = samples
+            timing["inference_samples_per_s"] = samples / timing["loop_s"]["inference"]
+            timing["dump_samples_per_s"] = samples / timing["loop_s"]["dump"]
+            timing["goal_ratio_max"] = 1.10
+            result["timing"] = timing
+            print()
+            print(f"## Dump vs pure inference ({configured[0]}/{configured[1]}, {samples} samples, "
+                  f"{args.reps} alternating runs each, medians)")
+            print()
+            rows = []
+            for what, label in (("loop_s", "loop (batches only)"), ("total_s", "total (incl. set-up)")):
+                t = timing[what]
+                rows.append([label, fmt(t["inference"], ".2f"), fmt(t["dump"], ".2f"),
+                             fmt(t["ratio"], ".3f"), fmt(t["paired_ratio_median"], ".3f")])
+            print(md_table(["time", "inference s", "dump s", "dump/inference",
+                            "median of paired ratios"], rows))
+            print(f"\nthroughput (loop): inference {timing['inference_samples_per_s']:.2f} samples/s, "
+                  f"dump {timing['dump_samples_per_s']:.2f} samples/s; goal dump/inference <= 1.10",
+                  flush=True)
+
+        # ---------------------------------------------------------- 2. sizes
+        sizes = []
+        if not args.no_sizes:
+            todo = combos(args, configured)
+            for pol, cod in todo:
+                if (pol, cod) in kept:
+                    continue
+                pipe_pc = load_pipe(args, f"cache.region={pol}", f"cache.codec={cod}")
+                out = os.path.join(work, f"size_{pol}_{cod}.zarr")
+                gc.collect()
+                res = run_dump(pipe_pc, args.model, ckpt, split, out, device, bs, workers, amp, args.split)
+                kept[(pol, cod)] = (out, res["total_s"])
+                print(f"  dumped {pol}/{cod} in {res['total_s']:.2f}s", flush=True)
+            stores = [kept[pc][0] for pc in todo]
+            lat = read_latency(stores, args.read_samples, args.seed)
+            for pol, cod in todo:
+                path, secs = kept[(pol, cod)]
+                st = cache_stats(path)
+                b = store_bytes(path)
+                n = st["samples"]
+                payload = b["parts"].get("box", 0) + b["parts"].get("cls", 0)
+                row = {"policy": pol, "codec": cod, **st, "bytes_total": b["total"],
+                       "bytes_per_sample": b["total"] / n, "bytes_parts": b["parts"],
+                       "payload_bytes_per_sample": payload / n,
+                       "anchor_bytes_per_sample": b["parts"].get("anchor", 0) / n,
+                       "vs_dense_fp16": b["total"] / n / st["dense_fp16_bytes_per_sample"],
+                       "dump_total_s_single_run": secs, "read": lat.get(path)}
+                sizes.append(row)
+            result["sizes"] = sizes
+            dense_ref = sizes[0]["dense_fp16_bytes_per_sample"] if sizes else None
+            print()
+            print(f"## Bytes per sample (store on disk / samples; dense fp16 reference = "
+                  f"{fmt(dense_ref, ',.0f')} B/sample = own-grid anchors x "
+                  f"(4*{cfg.reg_max + 1} + {len(split.classes)}) x 2 B)")
+            print()
+            rows = []
+            for s in sizes:
+                rd = s["read"] or {}
+                rows.append([s["policy"], s["codec"], fmt(s["rows_per_sample"], ".1f"),
+                             fmt(100 * s["region_fraction"], ".2f") + "%",
+                             fmt(s["bytes_per_sample"], ",.0f"), fmt(s["payload_bytes_per_sample"], ",.0f"),
+                             fmt(s["vs_dense_fp16"], ".4f"), fmt(s["dump_total_s_single_run"], ".2f"),
+                             fmt(rd.get("p50_ms"), ".2f"), fmt(rd.get("p99_ms"), ".2f"),
+                             fmt(rd.get("first_read_ms"), ".1f")])
+            print(md_table(["policy", "codec", "rows/sample", "of anchors", "bytes/sample",
+                            "box+cls B/sample", "x dense fp16", "dump s (1 run)",
+                            "read p50 ms", "read p99 ms", "first read ms"], rows))
+            if args.read_samples > 1:
+                print(f"\nreads: {args.read_samples - 1} random samples per store after a first read, "
+                      "fresh process and CacheReader, warm OS page cache")
+        for n_ in notes:
+            print(f"\nnote: {n_}")
+        if args.json:
+            write_json(args.json, result)
+            print(f"\nwrote {args.json}")
+    finally:
+        if own_tmp and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        elif args.keep or not own_tmp:
+            print(f"work dir: {work}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Shared session fixtures: a tiny synthetic data set, a CPU-sized pipeline, a random teacher."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
+
+# a teacher small enough to run in well under a second per batch on two CPU cores
+TINY_TEACHER = ("models.teacher.depth=18", "models.teacher.base_width=8",
+                "models.teacher.channels=16", "models.teacher.stacked_convs=1")
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> str:
+    """12 train / 4 val images of the embedded synthetic set."""
+    from ldpipe.data import synthesize
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(str(root), n_train=12, n_val=4, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(synth_root) -> tuple[str, ...]:
+    """Overrides of ``pipelines/demo.toml`` for the tiny set and teacher (no loader workers)."""
+    return (f"data.root={synth_root}", *TINY_TEACHER, "cache.samples_per_shard=4", "train.workers=0")
+
+
+@pytest.fixture(scope="session")
+def make_tiny_pipe(tiny_overrides):
+    """``make_tiny_pipe("cache.codec=fp32", ...)`` -> the demo pipeline with the tiny overrides."""
+    from ldpipe.config import load_pipeline
+
+    def make(*extra: str):
+        return load_pipeline(DEMO_PIPELINE, [*tiny_overrides, *extra])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_ckpt(make_tiny_pipe, tmp_path_factory) -> str:
+    """A randomly initialised (seed 0) tiny teacher saved as an ldpipe checkpoint."""
+    import torch
+
+    from ldpipe.models import build_model
+    from ldpipe.models.checkpoint import save_checkpoint
+    pipe = make_tiny_pipe()
+    torch.manual_seed(0)
+    model = build_model(pipe.model("teacher"), 4)  # the synthetic set has 4 classes
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pth")
+    save_checkpoint(path, model, {})
+    return path

@@ -1,0 +1,376 @@
+"""The teacher cache: dump, regions, codecs, crash safety, corruption, and ``ldpipe cache``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as Fn
+from click.testing import CliRunner
+
+from ldpipe.cache import codec as C
+from ldpipe.cache import tools
+from ldpipe.cache.dump import dump_teacher
+from ldpipe.cache.store import F, CacheError, CacheReader, committed_units, open_root
+from ldpipe.cli import main as cli
+from ldpipe.data import DetectionDataset, collate, load_split, train_variants
+from ldpipe.models import build_model
+from ldpipe.models.assigner import image_targets, make_grid
+from ldpipe.models.boxes import grid_to_batch_index
+from ldpipe.models.checkpoint import load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
+NUM_SAMPLES = 24  # 12 images x 2 variants (no flip, flip)
+
+
+@pytest.fixture(scope="module")
+def cache_at(make_tiny_pipe, tiny_teacher_ckpt, tmp_path_factory):
+    """``cache_at(region, codec)`` -> path of a finished dump (made once per module)."""
+    made: dict[tuple[str, str], str] = {}
+
+    def get(region: str = "ld", codec: str = "int8") -> str:
+        if (region, codec) not in made:
+            out = str(tmp_path_factory.mktemp(f"cache-{region}-{codec}") / "c")
+            pipe = make_tiny_pipe(f"cache.region={region}", f"cache.codec={codec}")
+            dump_teacher(pipe, "teacher", tiny_teacher_ckpt, out, device="cpu", progress=False)
+            made[region, codec] = out
+        return made[region, codec]
+
+    return get
+
+
+def _samples(path: str):
+    """(image_index, variant, decoded sample) for every sample of a cache."""
+    r = CacheReader(path)
+    for rec in r.table:
+        i, v = int(rec[F["image_index"]]), int(rec[F["variant"]])
+        yield i, v, r.read(i, v)
+
+
+def _teacher_unit(pipe, ckpt: str, unit: int) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """Run the teacher on one unit's samples as the dump batches them (one batch per unit:
+    zero padding to the batch's largest image changes GroupNorm statistics, so only the
+    same batch reproduces the cached values bit for bit); own-grid log-probs per sample."""
+    cfg = pipe.model("teacher")
+    split = load_split(pipe, "train")
+    variants = train_variants(pipe)
+    nv, per = len(variants), pipe.cache.samples_per_shard
+    assert pipe.cache.batch_size >= per
+    ds = DetectionDataset(split, pipe, variants)
+    model = build_model(cfg, len(split.classes))
+    load_weights(model, ckpt)
+    model.eval()
+    numbers = range(unit * per, min((unit + 1) * per, len(split.records) * nv))
+    items = [ds[(s // nv, s % nv)] for s in numbers]
+    batch = collate(items)
+    with torch.no_grad():
+        cls_maps, reg_maps = model(batch["img"])
+    sizes = [tuple(m.shape[-2:]) for m in cls_maps]
+    cls_flat, reg_flat = model.bbox_head.flatten(cls_maps), model.bbox_head.flatten(reg_maps)
+    out = {}
+    for b, s in enumerate(numbers):
+        own = make_grid(items[b]["meta"]["pad_shape"], cfg.strides, cfg.anchor_scale)
+        to_batch = grid_to_batch_index(list(own.sizes), sizes)
+        box = Fn.log_softmax(reg_flat[b, to_batch].float().reshape(-1, 4, cfg.reg_max + 1), dim=-1)
+        cls = Fn.log_softmax(cls_flat[b, to_batch].float(), dim=-1)
+        out[s // nv, s % nv] = (box, cls)
+    return out
+
+
+def _mtimes(path: str) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in Path(path).rglob("*") if p.is_file()}
+
+
+def _ld_loss(t: torch.Tensor, s: torch.Tensor, T: float = 10.0) -> float:
+    """LD-style loss: mean over edge rows of KL(softmax(t/T) || softmax(s/T))."""
+    lt, ls = Fn.log_softmax(t.double() / T, -1), Fn.log_softmax(s.double() / T, -1)
+    return float((lt.exp() * (lt - ls)).sum(-1).mean())
+
+
+# ------------------------------------------------------------------ dump / verify / info
+def test_dump_verifies_and_info_reports_sizes(cache_at):
+    path = cache_at("ld", "int8")
+    report = tools.verify(path)
+    assert report["ok"], report["errors"]
+    assert report["checked"]["complete"] and report["checked"]["samples"] == NUM_SAMPLES
+    d = tools.info(path)
+    json.dumps(d)
+    assert d["complete"] and d["samples_committed"] == d["samples_planned"] == NUM_SAMPLES
+    assert d["variants"] == ["s0n", "s0f"] and d["codec"] == "int8" and d["region"]["policy"] == "ld"
+    assert d["stored_bytes"] > 0 and d["bytes_per_sample"] > 0
+    assert 0 < d["ratio_to_dense_fp16"] < 1 and d["compression_factor"] > 1
+    assert d["ratio_to_dense_fp16"] == pytest.approx(d["bytes_per_sample"] / d["dense_fp16_bytes_per_sample"])
+    assert len(d["anchors_per_sample_per_level"]) == 5
+    assert sum(d["anchors_per_sample_per_level"]) == pytest.approx(d["anchors_per_sample"])
+    assert 0 < d["teacher_entropy_nats"] <= d["max_entropy_nats"] + 1e-6
+    assert d["lineage"] and d["cache_id"] in d["lineage"][0]
+    assert "ratio" in tools.format_info(d)
+
+
+# ----------------------------------------------------------------------------- regions
+def test_regions_main_is_atss_positives_ld_contains_it_dense_is_everything(cache_at, make_tiny_pipe):
+    pipe = make_tiny_pipe()
+    cfg, reader_cfg = pipe.model("teacher"), pipe.model("student")
+    split = load_split(pipe, "train")
+    ds = DetectionDataset(split, pipe, train_variants(pipe))
+    main = {(i, v): d for i, v, d in _samples(cache_at("main", "fp32"))}
+    ld = {(i, v): d for i, v, d in _samples(cache_at("ld", "int8"))}
+    dense = {(i, v): d for i, v, d in _samples(cache_at("dense", "fp16"))}
+    assert len(main) == len(ld) == len(dense) == NUM_SAMPLES
+    n_pos = 0
+    for (i, v), d in main.items():
+        s = ds[(i, v)]
+        pad = s["meta"]["pad_shape"]
+        assert d["geometry"]["pad_shape"] == pad
+        t = image_targets(s["gt_boxes"], s["gt_labels"], s["ignore_boxes"], pad, cfg.strides,
+                          cfg.anchor_scale, len(split.classes), topk=reader_cfg.assigner.topk,
+                          ignore_iof_thr=reader_cfg.assigner.ignore_iof_thr)
+        assert torch.equal(d["anchor"], t.pos_index), (i, v)
+        n_pos += t.pos_index.numel()
+        assert np.isin(d["anchor"].numpy(), ld[i, v]["anchor"].numpy()).all(), (i, v)
+        grid = make_grid(pad, cfg.strides, cfg.anchor_scale)
+        assert torch.equal(dense[i, v]["anchor"], torch.arange(grid.num_anchors)), (i, v)
+    assert n_pos > 0
+    assert sum(d["anchor"].numel() for d in ld.values()) > n_pos  # the VLR adds anchors
+
+
+# ------------------------------------------------------------------------------ codecs
+def test_fp32_is_exactly_the_teachers_log_softmax(cache_at, make_tiny_pipe, tiny_teacher_ckpt):
+    pipe = make_tiny_pipe("cache.codec=fp32", "cache.region=main")
+    reader = CacheReader(cache_at("main", "fp32"))
+    for unit in (0, 3):
+        for (i, v), (box, cls) in _teacher_unit(pipe, tiny_teacher_ckpt, unit).items():
+            d = reader.read(i, v)
+            assert d["anchor"].numel() > 0
+            assert torch.equal(d["box"], box[d["anchor"]]), (i, v)
+            assert torch.equal(d["cls"], cls[d["anchor"]]), (i, v)
+
+
+def test_fp16_close_and_int8_keeps_the_ld_loss(cache_at):
+    fp32, fp16, int8 = cache_at("main", "fp32"), cache_at("dense", "fp16"), cache_at("ld", "int8")
+    # same batches -> same teacher outputs; regions differ, compare on common anchors
+    d16 = tools.diff(fp32, fp16)
+    assert d16["common"] == NUM_SAMPLES and d16["common_anchors"] > 0
+    assert d16["max_abs_box"] <= 1e-3 and d16["max_abs_cls"] <= 1e-3
+    d8 = tools.diff(fp32, int8)
+    assert d8["common"] == NUM_SAMPLES and d8["anchor_set_mismatches"] == NUM_SAMPLES  # ld ⊋ main
+    assert d8["mean_kl"] < 1e-5
+
+    r32, r8 = CacheReader(fp32), CacheReader(int8)
+    t32, t8 = [], []
+    for rec in r32.table:
+        i, v = int(rec[F["image_index"]]), int(rec[F["variant"]])
+        a, b = r32.read(i, v), r8.read(i, v)
+        _, ia, ib = np.intersect1d(a["anchor"].numpy(), b["anchor"].numpy(), return_indices=True)
+        assert len(ia) == a["anchor"].numel()
+        t32.append(a["box"][torch.from_numpy(ia)].reshape(-1, a["box"].shape[-1]))
+        t8.append(b["box"][torch.from_numpy(ib)].reshape(-1, a["box"].shape[-1]))
+    t32, t8 = torch.cat(t32), torch.cat(t8)
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(t32.shape, generator=gen) * 3.0
+    ref, got = _ld_loss(t32, student), _ld_loss(t8, student)
+    assert ref > 0 and abs(got - ref) / ref <= 0.01, (ref, got)
+
+
+def test_codecs_on_sharp_distributions():
+    """The codec bounds hold beyond a near-uniform random teacher."""
+    gen = torch.Generator().manual_seed(1)
+    lp = C.log_probs(torch.randn(2000, 4, 17, generator=gen) * 8.0)
+    assert torch.equal(C.decode(*_enc(lp, "fp32"), "fp32"), lp)
+    fp16 = C.decode(*_enc(lp, "fp16"), "fp16")
+    assert ((fp16 - lp).abs() <= lp.abs().clamp(min=1.0) * 2 ** -11).all()
+    int8 = C.decode(*_enc(lp, "int8"), "int8")
+    student = torch.randn(lp.shape, generator=gen) * 3.0
+    ref, got = _ld_loss(lp.reshape(-1, 17), student.reshape(-1, 17)), _ld_loss(int8.reshape(-1, 17),
+                                                                            student.reshape(-1, 17))
+    assert abs(got - ref) / ref <= 0.01, (ref, got)
+
+
+def _enc(lp, codec):
+    e = C.encode(lp, codec)
+    return e.values, e.scale
+
+
+# ---------------------------------------------------------------------- crash safety
+def _dump_cmd(tiny_overrides, ckpt: str, out: str) -> list[str]:
+    cmd = [sys.executable, "-m", "ldpipe", "dump-teacher", DEMO_PIPELINE, "--checkpoint", ckpt,
+           "--out", out, "--device", "cpu"]
+    for o in (*tiny_overrides, "cache.samples_per_shard=2", "cache.batch_size=2"):
+        cmd += ["-o", o]
+    return cmd
+
+
+def _committed_on_disk(out: str) -> int:
+    n = 0
+    for meta in Path(out).glob("units/*/zarr.json"):
+        try:
+            n += '"commit"' in meta.read_text()
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.slow
+def test_killed_dump_resumes_to_the_same_bits(tiny_overrides, tiny_teacher_ckpt, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    crashed, reference = str(tmp_path / "crashed"), str(tmp_path / "reference")
+    # the uninterrupted reference runs alongside (two cores; the result does not depend on timing)
+    ref_proc = subprocess.Popen(_dump_cmd(tiny_overrides, tiny_teacher_ckpt, reference), cwd=REPO,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_dump_cmd(tiny_overrides, tiny_teacher_ckpt, crashed), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while _committed_on_disk(crashed) == 0:
+            assert proc.poll() is None, "the dump ended before committing a unit"
+            assert time.time() < deadline, "no unit committed in time"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    root = open_root(crashed)
+    done = committed_units(root)
+    planned = root.attrs["ldpipe_cache"]["num_units"]
+    assert 1 <= len(done) < planned, "the kill came too late to test anything"
+    interrupted = tools.verify(crashed)
+    assert not interrupted["ok"] and any("no commit" in e for e in interrupted["errors"])
+    # also leave a torn unit behind, as a writer killed halfway through one would
+    torn = min(u for u in range(planned) if u not in done)
+    root = open_root(crashed, "a")
+    g = root.require_group(f"units/{torn:06d}")
+    g.create_array("box", shape=(3,), dtype="uint8", fill_value=0, overwrite=True)[...] = 7
+
+    rerun = subprocess.run(_dump_cmd(tiny_overrides, tiny_teacher_ckpt, crashed), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout.strip().splitlines()[-1])["rank_images"] == NUM_SAMPLES - 2 * len(done)
+    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-2000:]
+    ref_proc.stderr.close()
+
+    report = tools.verify(crashed)
+    assert report["ok"], report["errors"]
+    d = tools.diff(crashed, reference)
+    assert d["common"] == d["samples_a"] == d["samples_b"] == NUM_SAMPLES
+    assert d["only_a"] == d["only_b"] == 0 and d["anchor_set_mismatches"] == 0
+    assert d["max_abs_box"] == 0 and d["max_abs_cls"] == 0 and d["mean_kl"] == 0
+
+
+# ------------------------------------------------------------------------- corruption
+def test_flipped_byte_in_a_shard_is_reported(cache_at, tmp_path):
+    path = str(tmp_path / "c")
+    shutil.copytree(cache_at("ld", "int8"), path)
+    shard = sorted(p for p in Path(path).glob("units/*/box/c/**/*") if p.is_file())[0]
+    unit = shard.relative_to(path).parts[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    report = tools.verify(path)
+    assert not report["ok"]
+    assert any(f"units/{unit}/box" in e for e in report["errors"]), report["errors"]
+    assert any(str(shard) in e for e in report["errors"]), report["errors"]
+
+    res = CliRunner().invoke(cli, ["cache", "verify", path])
+    assert res.exit_code != 0 and f"units/{unit}/box" in res.output, res.output
+    res = CliRunner().invoke(cli, ["cache", "verify", path, "--json"])
+    assert res.exit_code != 0
+    parsed = json.loads(res.output)
+    assert parsed["ok"] is False and parsed["errors"]
+
+
+def test_edited_array_fails_its_commit_checksum(cache_at, tmp_path):
+    """A shard rewritten validly (crc32c fine) but with other content is caught by the sha256."""
+    path = str(tmp_path / "c")
+    shutil.copytree(cache_at("ld", "int8"), path)
+    z = open_root(path, "a")["units/000001/anchor"]
+    z[0] = z[0] + 1
+    report = tools.verify(path)
+    assert not report["ok"]
+    assert any("units/000001/anchor" in e and "sha256" in e for e in report["errors"]), report["errors"]
+
+
+# ------------------------------------------------------------------ reruns and refusals
+def test_rerun_is_a_noop_and_other_codec_is_refused(cache_at, make_tiny_pipe, tiny_teacher_ckpt,
+                                                    tmp_path):
+    path = str(tmp_path / "c")
+    shutil.copytree(cache_at("ld", "int8"), path)
+    before = _mtimes(path)
+    summary = dump_teacher(make_tiny_pipe(), "teacher", tiny_teacher_ckpt, path, device="cpu",
+                           progress=False)
+    assert summary["rank_images"] == 0
+    assert _mtimes(path) == before
+    with pytest.raises(CacheError) as err:
+        dump_teacher(make_tiny_pipe("cache.codec=fp16"), "teacher", tiny_teacher_ckpt, path,
+                     device="cpu", progress=False)
+    msg = str(err.value)
+    assert "codec" in msg and '"int8"' in msg and '"fp16"' in msg, msg
+    assert _mtimes(path) == before
+
+
+def test_dump_refuses_to_wipe_a_directory_that_is_not_a_cache(make_tiny_pipe, tiny_teacher_ckpt,
+                                                              tmp_path):
+    keep = tmp_path / "precious.txt"
+    keep.write_text("data")
+    with pytest.raises(CacheError, match="not an ldpipe cache"):
+        dump_teacher(make_tiny_pipe(), "teacher", tiny_teacher_ckpt, str(tmp_path), device="cpu",
+                     progress=False)
+    assert keep.read_text() == "data"
+
+
+# ------------------------------------------------------------------------------ fsspec
+def test_memory_cache_info_verify_and_diff(make_tiny_pipe, tiny_teacher_ckpt, cache_at):
+    import fsspec
+    url = f"memory://ldpipe-test-{uuid.uuid4().hex}"
+    try:
+        dump_teacher(make_tiny_pipe(), "teacher", tiny_teacher_ckpt, url, device="cpu", progress=False)
+        report = tools.verify(url)
+        assert report["ok"], report["errors"]
+        d = tools.info(url)
+        assert d["complete"] and d["samples_committed"] == NUM_SAMPLES and d["bytes_per_sample"] > 0
+        local = tools.info(cache_at("ld", "int8"))
+        assert d["stored_bytes_by_part"]["box"] == local["stored_bytes_by_part"]["box"]
+        same = tools.diff(url, cache_at("ld", "int8"))
+        assert same["common"] == NUM_SAMPLES and same["max_abs_box"] == 0 and same["max_abs_cls"] == 0
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(url.removeprefix("memory:/")):
+            fs.rm(url.removeprefix("memory:/"), recursive=True)
+
+
+# --------------------------------------------------------------------------------- CLI
+def test_cli_json_outputs_and_bad_input(cache_at, synth_root):
+    path = cache_at("ld", "int8")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["cache", "info", path, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["samples_committed"] == NUM_SAMPLES
+    res = runner.invoke(cli, ["cache", "verify", path, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["ok"] is True
+    res = runner.invoke(cli, ["cache", "diff", path, cache_at("main", "fp32"), "--T", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["T"] == 5.0
+    res = runner.invoke(cli, ["cache", "info", path])
+    assert res.exit_code == 0 and "per sample" in res.output and "lineage" in res.output
+
+    for bad in (synth_root, str(Path(synth_root) / "annotations" / "train.json"),
+                str(Path(synth_root) / "nothing-here")):
+        res = runner.invoke(cli, ["cache", "info", bad])
+        assert res.exit_code == 1
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error:") and bad in lines[0], res.output
+    with pytest.raises(CacheError, match="nothing-here"):
+        tools.verify(str(Path(synth_root) / "nothing-here"))

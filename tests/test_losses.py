@@ -1,0 +1,337 @@
+"""GFL and LD losses against values worked out by hand (plain ``math``) on tiny inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ldpipe.config import LossConfig
+from ldpipe.distill.losses import cls_kd_loss, kd_kl, ld_loss, vlr_loss
+from ldpipe.models.gfl_head import GFLHead
+from ldpipe.models.losses import distribution_focal_loss, giou_loss, quality_focal_loss
+
+
+# ------------------------------------------------------------ plain-math helpers
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def bce_logit(x: float, y: float) -> float:
+    """Binary cross entropy of logit ``x`` against the soft target ``y``."""
+    p = sigmoid(x)
+    return -(y * math.log(p) + (1.0 - y) * math.log(1.0 - p))
+
+
+def softmax(xs: list[float]) -> list[float]:
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    z = sum(e)
+    return [v / z for v in e]
+
+
+def cross_entropy(logits: list[float], k: int) -> float:
+    return -math.log(softmax(logits)[k])
+
+
+def kd_row(student: list[float], teacher: list[float], T: float) -> float:
+    """KL(softmax(t/T) || softmax(s/T)) averaged over the bins, times T^2."""
+    p = softmax([t / T for t in teacher])
+    q = softmax([s / T for s in student])
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q)) / len(p) * T * T
+
+
+def box_area(b):
+    return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+
+
+def iou_giou(a, b) -> tuple[float, float]:
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = iw * ih
+    union = box_area(a) + box_area(b) - inter
+    enclose = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    iou = inter / union
+    return iou, iou - (enclose - union) / enclose
+
+
+def t(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------- QFL
+def test_qfl_two_anchors_two_classes():
+    logits = [[0.5, -1.0], [2.0, 0.3]]
+    labels = torch.tensor([0, 2])  # anchor 0: class 0 (IoU 0.6); anchor 1: background (C=2)
+    score = t([0.6, 0.9])  # the background anchor's score must be ignored
+    got = quality_focal_loss(t(logits), labels, score, beta=2.0)
+
+    a0 = (bce_logit(0.5, 0.6) * abs(0.6 - sigmoid(0.5)) ** 2
+          + bce_logit(-1.0, 0.0) * sigmoid(-1.0) ** 2)
+    a1 = bce_logit(2.0, 0.0) * sigmoid(2.0) ** 2 + bce_logit(0.3, 0.0) * sigmoid(0.3) ** 2
+    assert got.shape == (2,)
+    assert got[0].item() == pytest.approx(a0, rel=1e-5)
+    assert got[1].item() == pytest.approx(a1, rel=1e-5)
+
+
+def test_qfl_beta_and_ignored_label():
+    logits = [[-0.7, 1.2, 0.1]]
+    # beta = 1; label -1 (ignored in mmdetection's convention) is not a positive
+    got = quality_focal_loss(t(logits), torch.tensor([-1]), t([0.5]), beta=1.0)
+    want = sum(bce_logit(x, 0.0) * sigmoid(x) for x in logits[0])
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    got = quality_focal_loss(t(logits), torch.tensor([1]), t([0.25]), beta=1.0)
+    want = (bce_logit(-0.7, 0.0) * sigmoid(-0.7) + bce_logit(0.1, 0.0) * sigmoid(0.1)
+            + bce_logit(1.2, 0.25) * abs(0.25 - sigmoid(1.2)))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_qfl_perfect_positive_is_zero_at_its_class():
+    # sigmoid(x) == score -> the positive term vanishes; a very negative other logit ~ 0
+    x = math.log(0.3 / 0.7)
+    got = quality_focal_loss(t([[x, -30.0]]), torch.tensor([0]), t([0.3]))
+    assert got.item() == pytest.approx(0.0, abs=1e-9)
+
+
+# ------------------------------------------------------------------------- DFL
+def test_dfl_fractional_target():
+    logits = [0.2, 1.0, -0.5, 0.3]
+    got = distribution_focal_loss(t([logits]), t([2.3]))
+    want = 0.7 * cross_entropy(logits, 2) + 0.3 * cross_entropy(logits, 3)
+    assert got.shape == (1,)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_dfl_rows_and_integer_target():
+    rows = [[0.2, 1.0, -0.5, 0.3], [1.5, -1.0, 0.0, 0.7]]
+    got = distribution_focal_loss(t(rows), t([1.0, 0.25]))
+    want0 = cross_entropy(rows[0], 1)  # integer target: all weight on the left bin
+    want1 = 0.75 * cross_entropy(rows[1], 0) + 0.25 * cross_entropy(rows[1], 1)
+    assert got.tolist() == pytest.approx([want0, want1], rel=1e-5)
+
+
+# ------------------------------------------------------------------------ GIoU
+def test_giou_loss_hand_values():
+    pred = t([[0, 0, 2, 2], [0, 0, 1, 1], [1, 2, 5, 4]])
+    target = t([[1, 1, 3, 3], [2, 2, 3, 3], [1, 2, 5, 4]])
+    got = giou_loss(pred, target)
+    # overlapping: IoU 1/7, enclosing 9, union 7
+    assert got[0].item() == pytest.approx(1 - (1 / 7 - 2 / 9), rel=1e-5)
+    # disjoint: IoU 0, enclosing 9, union 2 -> GIoU = -7/9
+    assert got[1].item() == pytest.approx(1 + 7 / 9, rel=1e-5)
+    assert got[2].item() == pytest.approx(0.0, abs=1e-6)
+    assert iou_giou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx((1 / 7, 1 / 7 - 2 / 9))
+
+
+# ----------------------------------------------------------------------- KD/LD
+def test_kd_kl_three_bins_T2():
+    s, tt = [1.0, 2.0, 3.0], [3.0, 0.0, 1.0]
+    got = kd_kl(t([s]), t([tt]), T=2.0)
+    p = softmax([3 / 2, 0, 1 / 2])
+    q = softmax([1 / 2, 1, 3 / 2])
+    want = 4.0 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) / 3
+    assert got.shape == (1,)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    assert want == pytest.approx(kd_row(s, tt, 2.0))
+
+
+def test_kd_kl_zero_for_equal_and_invariances():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 5, generator=g) * 3
+    tch = torch.randn(6, 5, generator=g) * 3
+    assert torch.allclose(kd_kl(s, s.clone(), 4.0), torch.zeros(6), atol=1e-6)
+    base = kd_kl(s, tch, 4.0)
+    assert (base > 0).all()
+    # a per-row constant on the teacher changes nothing
+    shifted = tch + torch.tensor([[5.0], [-3.0], [100.0], [0.0], [0.5], [-40.0]])
+    assert torch.allclose(kd_kl(s, shifted, 4.0), base, rtol=1e-5, atol=1e-6)
+    # teacher stored as log-probabilities (log_softmax of its logits) == raw logits
+    assert torch.allclose(kd_kl(s, torch.log_softmax(tch, dim=1), 4.0), base, rtol=1e-5, atol=1e-6)
+    # teacher is detached, student gets the gradient
+    s.requires_grad_(True)
+    tch.requires_grad_(True)
+    kd_kl(s, tch, 4.0).sum().backward()
+    assert s.grad is not None and tch.grad is None
+
+
+# two positives, reg_max = 2 -> 3 bins, 4 edges each
+STU = [[0.1, 0.5, -0.2], [1.0, 0.0, 0.3], [0.0, 0.0, 0.0], [2.0, -1.0, 0.5],
+       [-0.3, 0.8, 0.1], [0.4, 0.4, 1.2], [1.1, -0.6, 0.0], [0.2, 0.9, 0.7]]
+TEA = [[0.3, 0.2, 0.1], [0.0, 1.5, 0.3], [2.0, 0.0, -1.0], [0.5, 0.5, 0.5],
+       [1.0, 0.1, -0.4], [0.0, 0.3, 0.9], [0.6, 0.6, -2.0], [-0.5, 1.4, 0.2]]
+
+
+@pytest.mark.parametrize("T", [10.0, 1.0])
+def test_ld_loss_reduction(T):
+    w = [0.8, 0.3]
+    got = ld_loss(t(STU), t(TEA), t(w), T=T)
+    want = sum(kd_row(STU[i], TEA[i], T) * w[i // 4] for i in range(8)) / 4
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_vlr_loss_reduction():
+    iou = [0.45, 0.2]
+    got = vlr_loss(t(STU), t(TEA), t(iou), T=10.0)
+    want = sum(kd_row(STU[i], TEA[i], 10.0) * iou[i // 4] for i in range(8)) / 16
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_cls_kd_loss_per_level_average():
+    s = [[0.2, -1.0, 0.5], [1.5, 0.3, -0.2], [0.0, 2.0, 1.0]]
+    tt = [[1.0, 0.0, -0.5], [0.1, 0.1, 0.9], [-1.0, 0.5, 2.5]]
+    w = [1.0, 0.5, 1.0]
+    got = cls_kd_loss(t(s), t(tt), t(w), torch.tensor([0, 0, 3]), T=2.0)
+    k = [kd_row(s[i], tt[i], 2.0) for i in range(3)]
+    want = (k[0] * w[0] + k[1] * w[1]) / 2 + k[2] * w[2] / 1
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_distill_losses_empty_are_zero_with_grad():
+    for fn, extra in ((ld_loss, (torch.zeros(0),)), (vlr_loss, (torch.zeros(0),)),
+                      (cls_kd_loss, (torch.zeros(0), torch.zeros(0, dtype=torch.long)))):
+        s = torch.zeros(0, 3, requires_grad=True)
+        out = fn(s, torch.zeros(0, 3), *extra)
+        assert out.item() == 0.0
+        out.backward()
+
+
+# -------------------------------------------------------------------- GFLHead.loss
+REG_MAX = 4
+
+
+def _head(num_classes: int = 2) -> GFLHead:
+    return GFLHead(num_classes, in_channels=8, feat_channels=8, stacked_convs=0, reg_max=REG_MAX,
+                   num_levels=1, norm_groups=4)
+
+
+def test_gfl_head_loss_one_positive_by_hand():
+    head = _head()
+    cls = [[0.4, -0.3], [-1.0, 0.2], [2.0, 1.0]]
+    g = torch.Generator().manual_seed(1)
+    reg = (torch.randn(3, 4 * (REG_MAX + 1), generator=g)).tolist()
+    # anchor 0 (stride 8, centre (16, 16) -> (2, 2) in stride units) is positive for class 1
+    anchors = t([[-16, -16, 48, 48], [0, 0, 64, 64], [8, 8, 72, 72]])
+    strides = t([8, 8, 8])
+    labels = torch.tensor([1, 2, 2])
+    label_weights = t([1, 1, 0])  # anchor 2 ignored
+    gt = [4.0, 6.0, 36.0, 30.0]
+    bbox_targets = t([gt, [0] * 4, [0] * 4])
+    cfg = LossConfig()
+    losses, extras = head.loss(t(cls), t(reg), anchors, strides, labels, label_weights,
+                               bbox_targets, 1.0, cfg)
+
+    # ---- by hand
+    w = max(sigmoid(x) for x in cls[0])
+    bins = list(range(REG_MAX + 1))
+    edges = [reg[0][e * (REG_MAX + 1):(e + 1) * (REG_MAX + 1)] for e in range(4)]
+    dist = [sum(p * b for p, b in zip(softmax(row), bins)) for row in edges]
+    cx = cy = 2.0
+    pred = [cx - dist[0], cy - dist[1], cx + dist[2], cy + dist[3]]
+    target = [v / 8 for v in gt]  # [0.5, 0.75, 4.5, 3.75]
+    iou, giou = iou_giou(pred, target)
+    tdist = [cx - target[0], cy - target[1], target[2] - cx, target[3] - cy]  # 1.5 1.25 2.5 1.75
+    dfl = 0.0
+    for row, d in zip(edges, tdist):
+        lo = math.floor(d)
+        dfl += (lo + 1 - d) * cross_entropy(row, lo) + (d - lo) * cross_entropy(row, lo + 1)
+    want_bbox = cfg.giou_weight * (1 - giou) * w / max(w, 1.0)
+    want_dfl = cfg.dfl_weight * dfl * w / 4 / max(w, 1.0)
+    q0 = bce_logit(0.4, 0.0) * sigmoid(0.4) ** 2 + bce_logit(-0.3, iou) * abs(iou - sigmoid(-0.3)) ** 2
+    q1 = bce_logit(-1.0, 0.0) * sigmoid(-1.0) ** 2 + bce_logit(0.2, 0.0) * sigmoid(0.2) ** 2
+    want_cls = cfg.qfl_weight * (q0 + q1) / 1.0
+
+    assert losses["loss_bbox"].item() == pytest.approx(want_bbox, rel=1e-4)
+    assert losses["loss_dfl"].item() == pytest.approx(want_dfl, rel=1e-4)
+    assert losses["loss_cls"].item() == pytest.approx(want_cls, rel=1e-4)
+    assert extras["pos"].tolist() == [0]
+    assert extras["pos_weight"].tolist() == pytest.approx([w], rel=1e-6)
+
+
+def _random_case(n: int, pos: list[int], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.randn(n, 2, generator=g) * 2
+    reg = torch.randn(n, 4 * (REG_MAX + 1), generator=g)
+    xy = torch.rand(n, 2, generator=g) * 64
+    anchors = torch.cat([xy - 32, xy + 32], 1)
+    strides = torch.full((n,), 8.0)
+    labels = torch.full((n,), 2, dtype=torch.long)
+    labels[pos] = torch.tensor([i % 2 for i in range(len(pos))], dtype=torch.long)
+    centers = xy
+    d = torch.rand(n, 4, generator=g) * 24 + 2
+    boxes = torch.cat([centers - d[:, :2], centers + d[:, 2:]], 1)
+    label_weights = torch.ones(n)
+    return cls, reg, anchors, strides, labels, label_weights, boxes
+
+
+@pytest.mark.parametrize("num_pos_images", [3.5, 0.5])
+def test_gfl_head_loss_avg_factors(num_pos_images):
+    head = _head()
+    pos = [0, 2, 3, 5, 6]
+    cls, reg, anchors, strides, labels, lw, boxes = _random_case(8, pos, seed=2)
+    cfg = LossConfig(qfl_weight=1.5, dfl_weight=0.25, giou_weight=2.0)
+    losses, extras = head.loss(cls, reg, anchors, strides, labels, lw, boxes, num_pos_images, cfg)
+
+    w = cls.sigmoid().max(1).values[pos]
+    assert w.sum() > 1  # the divisor is the sum of weights, not 1
+    s = strides[pos][:, None]
+    centers = (anchors[pos, :2] + anchors[pos, 2:]) / 2 / s
+    prob = torch.softmax(reg[pos].reshape(-1, REG_MAX + 1), 1)
+    dist = (prob * torch.arange(REG_MAX + 1.0)).sum(1).reshape(-1, 4)
+    pred = torch.cat([centers - dist[:, :2], centers + dist[:, 2:]], 1)
+    target = boxes[pos] / s
+    tdist = torch.cat([centers - target[:, :2], target[:, 2:] - centers], 1).clamp(0, REG_MAX - 0.1)
+    bbox_sum = (giou_loss(pred, target) * w).sum()
+    dfl_sum = (distribution_focal_loss(reg[pos].reshape(-1, REG_MAX + 1), tdist.reshape(-1))
+               * w.repeat_interleave(4)).sum() / 4
+    assert losses["loss_bbox"].item() == pytest.approx(2.0 * bbox_sum.item() / w.sum().item(), rel=1e-4)
+    assert losses["loss_dfl"].item() == pytest.approx(0.25 * dfl_sum.item() / w.sum().item(), rel=1e-4)
+
+    score = torch.zeros(8)
+    lt = torch.max(pred[:, :2], target[:, :2])
+    rb = torch.min(pred[:, 2:], target[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    area = lambda b: (b[:, 2:] - b[:, :2]).prod(1)  # noqa: E731
+    score[pos] = inter / (area(pred) + area(target) - inter)
+    qfl_sum = quality_focal_loss(cls, labels, score).sum()
+    assert losses["loss_cls"].item() == pytest.approx(
+        1.5 * qfl_sum.item() / max(num_pos_images, 1.0), rel=1e-4)
+
+    # a "mean over ranks" reduce is applied to both normalisers
+    doubled, _ = head.loss(cls, reg, anchors, strides, labels, lw, boxes, num_pos_images, cfg,
+                           reduce=lambda x: x * 2)
+    assert doubled["loss_bbox"].item() == pytest.approx(losses["loss_bbox"].item() / 2, rel=1e-5)
+    assert doubled["loss_dfl"].item() == pytest.approx(losses["loss_dfl"].item() / 2, rel=1e-5)
+    assert doubled["loss_cls"].item() == pytest.approx(
+        1.5 * qfl_sum.item() / max(2 * num_pos_images, 1.0), rel=1e-4)
+
+
+def test_gfl_head_loss_small_weight_sum_divides_by_one():
+    head = _head()
+    pos = [1]
+    cls, reg, anchors, strides, labels, lw, boxes = _random_case(4, pos, seed=5)
+    cls[1] = torch.tensor([-3.0, -4.0])  # max sigmoid ~ 0.047: sum of weights < 1
+    cfg = LossConfig()
+    base, _ = head.loss(cls, reg, anchors, strides, labels, lw, boxes, 1.0, cfg)
+    w = torch.sigmoid(torch.tensor(-3.0)).item()
+    # doubling the only weight source's value doubles the loss (divisor stays 1)
+    cls2 = cls.clone()
+    cls2[1] = torch.tensor([math.log(2 * w / (1 - 2 * w)), -4.0])
+    other, _ = head.loss(cls2, reg, anchors, strides, labels, lw, boxes, 1.0, cfg)
+    assert other["loss_bbox"].item() == pytest.approx(2 * base["loss_bbox"].item(), rel=1e-4)
+    assert other["loss_dfl"].item() == pytest.approx(2 * base["loss_dfl"].item(), rel=1e-4)
+
+
+def test_gfl_head_loss_no_positives():
+    head = _head()
+    cls, reg, anchors, strides, _, lw, boxes = _random_case(5, [], seed=3)
+    labels = torch.full((5,), 2, dtype=torch.long)
+    lw[4] = 0
+    cls.requires_grad_(True)
+    reg.requires_grad_(True)
+    losses, extras = head.loss(cls, reg, anchors, strides, labels, lw, boxes, 0.0, LossConfig())
+    assert losses["loss_bbox"].item() == 0.0 and losses["loss_dfl"].item() == 0.0
+    want = (quality_focal_loss(cls.detach(), labels, torch.zeros(5)) * lw).sum() / 1.0
+    assert losses["loss_cls"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert extras["pos"].numel() == 0
+    sum(losses.values()).backward()
+    assert reg.grad is not None and torch.count_nonzero(reg.grad) == 0
