@@ -15,8 +15,8 @@
    (metadata and index included) / samples, against the dense fp16 size of the sample
    (own-grid anchors x (4 (reg_max+1) + num_classes) x 2 bytes).
 3. *Random-access reads*: ``CacheReader(path).read(image, variant)`` for random samples in a
-   fresh process and reader; the first read (which opens the store and loads the index) is
-   reported apart; p50 / p99 of the rest.  The store was just written, so it is in the OS
+   fresh process and reader, one torch thread as in loader workers; the first read (which
+   opens the store and loads the index) is reported apart; p50 / p99 of the rest.  The store was just written, so it is in the OS
    page cache: these are warm-cache latencies.
 
 ``--images N`` keeps the first N images of the split (the benchmark swaps ``load_split`` in
@@ -78,6 +78,9 @@ def parse_args(argv=None):
                    help="--random: std of the head's output logits relative to its input RMS "
                         "(weights ~ N(0, spread^2 / fan_in)); 0 keeps the GFL init, whose "
                         "near-uniform outputs compress unrealistically well")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the main process (0 = torch's default); 1 is far less "
+                        "noisy on a shared CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="", help="where stores go (default: a temp dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the work dir")
@@ -234,6 +237,8 @@ def read_latency_main(argv: list[str]) -> None:
     import random
     cfg = json.loads(argv[0])
     quiet_logs()
+    import torch
+    torch.set_num_threads(1)  # as in loader workers (ldpipe.engine.train.worker_init)
     from ldpipe.cache.store import F, CacheReader
     out = {}
     for path in cfg["stores"]:
@@ -286,7 +291,9 @@ def main(argv=None) -> None:
         return read_latency_main(argv[1:])
     args = parse_args(argv)
     quiet_logs()
-    import torch
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     args.pipeline = os.path.abspath(args.pipeline)
 
@@ -328,7 +335,7 @@ def main(argv=None) -> None:
                                      "random_spread": args.random_spread if args.random else None,
                                      "images": len(split.records), "variants": nv,
                                      "samples": len(split.records) * nv, "batch_size": bs,
-                                     "workers": workers, "amp": args.amp,
+                                     "workers": workers, "amp": args.amp, "threads": args.threads,
                                      "samples_per_shard": pipe.cache.samples_per_shard,
                                      "compressor": pipe.cache.compressor,
                                      "store_cls": pipe.cache.store_cls,
@@ -439,7 +446,7 @@ def main(argv=None) -> None:
                             "read p50 ms", "read p99 ms", "first read ms"], rows))
             if args.read_samples > 1:
                 print(f"\nreads: {args.read_samples - 1} random samples per store after a first read, "
-                      "fresh process and CacheReader, warm OS page cache")
+                      "fresh process and CacheReader, 1 torch thread (as loader workers), warm OS page cache")
         for n_ in notes:
             print(f"\nnote: {n_}")
         if args.json:

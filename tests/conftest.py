@@ -24,8 +24,10 @@ def synth_root(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_overrides(synth_root) -> tuple[str, ...]:
-    """Overrides of ``pipelines/demo.toml`` for the tiny set and teacher (no loader workers)."""
-    return (f"data.root={synth_root}", *TINY_TEACHER, "cache.samples_per_shard=4", "train.workers=0")
+    """Overrides of ``pipelines/demo.toml`` for the tiny set and teacher: 160 px inputs,
+    4 samples per cache unit, no loader workers."""
+    return (f"data.root={synth_root}", "data.train_scales=[[160,160]]", "data.test_scale=[160,160]",
+            *TINY_TEACHER, "cache.samples_per_shard=4", "train.workers=0")
 
 
 @pytest.fixture(scope="session")

@@ -190,3 +190,18 @@ def test_geometry_mismatch_is_an_error(synth, caches):
     ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["fp32"]))
     with pytest.raises(CacheError, match="shape"):
         ds[(0, 0)]
+
+
+def test_each_step_reads_its_own_batch(synth, caches, online_result):
+    """A hook reused across steps gives each batch its own teacher rows."""
+    pipe = tiny_pipe(synth)
+    split = load_split(pipe, "train")
+    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+    a = [ds[(i, 0)] for i in range(2)]
+    b = [ds[(i, 1)] for i in range(2, 4)]
+    fresh, _ = _step(pipe, CachedTeacher(pipe, caches["fp32"]), b, split)
+    hook = CachedTeacher(pipe, caches["fp32"])
+    _step(pipe, hook, a, split)
+    again, _ = _step(pipe, hook, b, split)
+    for name in ("loss_ld", "loss_ld_vlr", "loss_kd"):
+        assert again[name] == fresh[name]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import Pipeline
-from ..data import DetectionDataset, collate, load_split, train_variants
+from ..data import DetectionDataset, collate, load_split, train_variants, variant_scale
 from ..engine import dist
 from ..engine.train import progress_bar, worker_init
 from ..models import build_model
@@ -68,13 +68,30 @@ def reader_assigners(pipe: Pipeline, model_name: str) -> list[dict]:
     return out
 
 
-def _unit_batches(units: list[int], per_unit: int, total: int, num_variants: int,
-                  batch_size: int) -> list[list[tuple[int, int]]]:
+def padded_shape(record, variant, pipe: Pipeline) -> tuple[int, int]:
+    """The padded input shape of a sample, from its annotation alone (no image decode)."""
+    import mmcv
+    w, h = mmcv.rescale_size((record.width, record.height), tuple(variant_scale(variant, pipe)))
+    d = pipe.data.pad_divisor
+    return (-(-h // d) * d, -(-w // d) * d)
+
+
+def _unit_batches(units: list[int], per_unit: int, total: int, shapes: list[tuple[int, int]],
+                  num_variants: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """Batches of each unit, grouping samples of one padded shape only.
+
+    A batch then adds no padding, so what the teacher outputs for a sample does not
+    depend on its batch-mates (GroupNorm and the P6/P7 convs see the padding).
+    """
     batches = []
     for u in units:
-        samples = list(range(u * per_unit, min((u + 1) * per_unit, total)))
-        for i in range(0, len(samples), batch_size):
-            batches.append([(s // num_variants, s % num_variants) for s in samples[i:i + batch_size]])
+        groups: dict[tuple[int, int], list[int]] = {}
+        for s in range(u * per_unit, min((u + 1) * per_unit, total)):
+            groups.setdefault(shapes[s], []).append(s)
+        for shape in sorted(groups):
+            samples = groups[shape]
+            for i in range(0, len(samples), batch_size):
+                batches.append([(s // num_variants, s % num_variants) for s in samples[i:i + batch_size]])
     return batches
 
 
@@ -112,7 +129,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     bs = batch_size or cache_cfg.batch_size
     specs = [AssignerSpec(a["topk"], a["ignore_iof_thr"]) for a in assigners]
     dataset = DetectionDataset(split, pipe, variants)
-    batches = _unit_batches(mine, per_unit, total, nv, bs)
+    shapes = [padded_shape(r, v, pipe) for r in split.records for v in variants]
+    batches = _unit_batches(mine, per_unit, total, shapes, nv, bs)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=pipe.train.workers if workers is None else workers,
         collate_fn=DumpCollate(cache_cfg.region, cfg.strides, cfg.anchor_scale, specs),

@@ -87,6 +87,14 @@ def _index_complete(root: zarr.Group) -> bool:
         return False
 
 
+def _load_index(root: zarr.Group, url: str):
+    try:
+        return load_index(root)
+    except Exception as exc:
+        raise CacheError(f"{url}: the sample table cannot be read ({_first_line(exc)}); "
+                         f"run `ldpipe cache verify {url}`") from None
+
+
 def _variant_keys(manifest: dict) -> list[str]:
     return list(manifest.get("variants") or [])
 
@@ -101,18 +109,26 @@ def _label(manifest: dict, rec: np.ndarray) -> str:
 class _Units:
     """Decoded arrays of a cache's units, a few at a time (LRU)."""
 
-    def __init__(self, root: zarr.Group, manifest: dict, keep: int = 4) -> None:
-        self.root, self.codec, self.keep = root, manifest["codec"], keep
+    def __init__(self, root: zarr.Group, manifest: dict, url: str, keep: int = 4) -> None:
+        self.root, self.codec, self.url, self.keep = root, manifest["codec"], url, keep
         self.cache: OrderedDict[int, dict] = OrderedDict()
 
     def get(self, u: int) -> dict:
         if u in self.cache:
             self.cache.move_to_end(u)
             return self.cache[u]
-        g = self.root[f"units/{unit_name(u)}"]
-        out = {"anchor": g["anchor"][...].astype(np.int64),
-               "box": unpack_rows(g["box"][...], self.codec),
-               "cls": unpack_rows(g["cls"][...], self.codec) if "cls" in g else None}
+        where = f"units/{unit_name(u)}"
+        name = "anchor"
+        try:
+            g = self.root[where]
+            out = {"anchor": g["anchor"][...].astype(np.int64)}
+            name = "box"
+            out["box"] = unpack_rows(g["box"][...], self.codec)
+            name = "cls"
+            out["cls"] = unpack_rows(g["cls"][...], self.codec) if "cls" in g else None
+        except Exception as exc:
+            raise CacheError(f"{self.url}: {where}/{name} cannot be read ({_first_line(exc)}); "
+                             f"run `ldpipe cache verify {self.url}`") from None
         self.cache[u] = out
         while len(self.cache) > self.keep:
             self.cache.popitem(last=False)
@@ -138,7 +154,7 @@ def info(url: str, max_samples: int = 200) -> dict:
     """Summary of a cache: counts, sizes, compression, regions, teacher entropy, lineage."""
     root, m = open_cache(url)
     geo = m["geometry"]
-    table, scale, unit_of = load_index(root)
+    table, scale, unit_of = _load_index(root, url)
     committed = committed_units(root)
     n = int(table.shape[0])
     num_units = int(m.get("num_units", 0))
@@ -167,7 +183,7 @@ def info(url: str, max_samples: int = 200) -> dict:
     level_sum = np.zeros(levels)
     ent_sum, ent_count = 0.0, 0
     picked = _stats_rows(n, max_samples)
-    units = _Units(root, m)
+    units = _Units(root, m, url)
     for i in sorted(picked, key=lambda j: (int(unit_of[j]), j)):
         rec = table[i]
         grid = _grid((rec[F["pad_h"]], rec[F["pad_w"]]), geo, memo)
@@ -425,6 +441,10 @@ def _verify(root, m: dict, url: str, rep: _Report, checked: dict) -> None:
     elif not missing:
         rep.error(f"{url}: every unit is committed but the consolidated index/ is missing "
                   "(the dump was interrupted at the end; rerun it)")
+    partial = sorted(k for k in stored_objects(root) if k.endswith(".partial"))
+    if partial:
+        rep.warnings.append(f"{url}: {len(partial)} temporary file(s) of writes cut short by a kill "
+                            f"(harmless, ignored by readers): {', '.join(partial[:5])}")
     leftovers = sorted(set(present) - set(committed))
     if leftovers and not missing:
         rep.warnings.append(f"{url}: uncommitted leftover groups " +
@@ -587,8 +607,8 @@ def diff(a: str, b: str, T: float = 10.0) -> dict:
     if bins_a != bins_b:
         raise CacheError(f"cannot compare {a} (reg_max {bins_a}) with {b} (reg_max {bins_b})")
     same_classes = ma["geometry"]["num_classes"] == mb["geometry"]["num_classes"]
-    ta, _, ua = load_index(ra)
-    tb, _, ub = load_index(rb)
+    ta, _, ua = _load_index(ra, a)
+    tb, _, ub = _load_index(rb, b)
     ka, kb = _variant_keys(ma), _variant_keys(mb)
 
     def keys(table, vkeys):
@@ -599,7 +619,7 @@ def diff(a: str, b: str, T: float = 10.0) -> dict:
     common = [k for k in index_a if k in index_b]
     only_a = [k for k in index_a if k not in index_b]
     only_b = [k for k in index_b if k not in index_a]
-    units_a, units_b = _Units(ra, ma), _Units(rb, mb)
+    units_a, units_b = _Units(ra, ma, a), _Units(rb, mb, b)
     mismatches, mismatch_examples, geometry_mismatches = 0, [], 0
     max_box, max_cls = 0.0, 0.0
     have_cls = same_classes and bool(ma.get("store_cls")) and bool(mb.get("store_cls"))

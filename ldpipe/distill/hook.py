@@ -36,7 +36,11 @@ class _DistillBase(Hook):
         self.terms = enabled_terms(pipe)
         self.with_vlr = "vlr" in self.terms
 
-    def teacher_at(self, batch: dict, bt: BatchTargets, flat: torch.Tensor, device: torch.device,
+    def prepare(self, batch: dict, bt: BatchTargets, device: torch.device):
+        """The teacher's side of this batch (computed once per step)."""
+        raise NotImplementedError
+
+    def teacher_at(self, src, batch: dict, flat: torch.Tensor,
                    need_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher log-probs (or logits) at batch-flat anchors: box ``[k,4,B]``, cls ``[k,C]``."""
         raise NotImplementedError
@@ -46,9 +50,9 @@ class _DistillBase(Hook):
         out: dict[str, torch.Tensor] = {}
         rb = model.cfg.reg_max + 1
         pos = extras["pos"]
-        device = reg_flat.device
+        src = self.prepare(batch, bt, reg_flat.device)
         if "ld" in self.terms or "kd" in self.terms:
-            t_box, t_cls = self.teacher_at(batch, bt, pos, device)
+            t_box, t_cls = self.teacher_at(src, batch, pos)
             if "ld" in self.terms:
                 out["loss_ld"] = self.cfg.ld_weight * ld_loss(
                     reg_flat[pos].reshape(-1, rb), t_box.reshape(-1, rb), extras["pos_weight"],
@@ -58,7 +62,7 @@ class _DistillBase(Hook):
                     cls_flat[pos], t_cls, bt.label_weights[pos], bt.strides[pos], self.cfg.kd_T)
         if "vlr" in self.terms:
             vidx = torch.nonzero(bt.vlr > 0).squeeze(1)
-            t_box, _ = self.teacher_at(batch, bt, vidx, device, need_cls=False)
+            t_box, _ = self.teacher_at(src, batch, vidx, need_cls=False)
             out["loss_ld_vlr"] = self.cfg.vlr_weight * vlr_loss(
                 reg_flat[vidx].reshape(-1, rb), t_box.reshape(-1, rb), bt.vlr[vidx], self.cfg.vlr_T)
         return out
@@ -90,9 +94,9 @@ class CachedTeacher(_DistillBase):
                           "region": m["region"]["policy"], "codec": m["codec"],
                           "lineage": m.get("lineage") or {}}}
 
-    def teacher_at(self, batch, bt, flat, device, need_cls=True):
+    def teacher_at(self, src, batch, flat, need_cls=True):
         """Rows of the cached teacher at batch-flat anchor indices ``flat``."""
-        rows, boxes, classes = self._rows(batch, bt, device)
+        rows, boxes, classes = src
         r = rows[flat]
         if (r < 0).any():
             bad = flat[r < 0][0]
@@ -106,10 +110,8 @@ class CachedTeacher(_DistillBase):
         t_cls = classes[r] if (need_cls and classes is not None) else None
         return t_box, t_cls
 
-    def _rows(self, batch, bt, device):
-        key = id(batch)
-        if getattr(self, "_rows_key", None) == key:
-            return self._rows_val
+    def prepare(self, batch, bt, device):
+        """Row of the batch's cached teacher targets for each batch-flat anchor (-1: not cached)."""
         n_total = bt.labels.shape[0]
         rows = torch.full((n_total,), -1, dtype=torch.long, device=device)
         boxes, classes, offset = [], [], 0
@@ -123,8 +125,7 @@ class CachedTeacher(_DistillBase):
             offset += n
         box = torch.cat(boxes) if boxes else torch.zeros(0, 4, 1, device=device)
         cls = torch.cat(classes) if classes else None
-        self._rows_key, self._rows_val = key, (rows, box, cls)
-        return self._rows_val
+        return rows, box, cls
 
 
 class OnlineTeacher(_DistillBase):
@@ -135,7 +136,6 @@ class OnlineTeacher(_DistillBase):
         self.model_name = teacher_model
         self.checkpoint = checkpoint
         self.net: GFL | None = None
-        self._key = None
 
     def check(self, pipe: Pipeline, model_name: str, split) -> None:
         student, teacher = pipe.model(model_name), pipe.model(self.model_name)
@@ -153,19 +153,15 @@ class OnlineTeacher(_DistillBase):
                                    "sha256": file_sha256(self.checkpoint)}}
 
     @torch.no_grad()
-    def _outputs(self, batch, device):
-        if self._key != id(batch):
-            img = batch["img"].to(device)
-            cls_maps, reg_maps = self.net(img)
-            head = self.net.bbox_head
-            rb = self.net.cfg.reg_max + 1
-            self._box = head.flatten(reg_maps).float().reshape(-1, 4, rb)
-            self._cls = head.flatten(cls_maps).float().reshape(-1, self.net.num_classes)
-            self._key = id(batch)
-        return self._box, self._cls
+    def prepare(self, batch, bt, device):
+        """Run the teacher on the student's batch (same input, same anchor layout)."""
+        cls_maps, reg_maps = self.net(batch["img"].to(device))
+        head = self.net.bbox_head
+        box = head.flatten(reg_maps).float().reshape(-1, 4, self.net.cfg.reg_max + 1)
+        return box, head.flatten(cls_maps).float().reshape(-1, self.net.num_classes)
 
-    def teacher_at(self, batch, bt, flat, device, need_cls=True):
-        box, cls = self._outputs(batch, device)
+    def teacher_at(self, src, batch, flat, need_cls=True):
+        box, cls = src
         return box[flat], (cls[flat] if need_cls else None)
 
 

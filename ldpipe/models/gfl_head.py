@@ -17,6 +17,8 @@ same normalisers):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule, Scale
@@ -48,7 +50,7 @@ class GFLHead(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.reg_max = reg_max
-        groups = min(norm_groups, feat_channels)
+        groups = math.gcd(norm_groups, feat_channels)  # GroupNorm needs a divisor
         norm = dict(type="GN", num_groups=groups, requires_grad=True)
         self.cls_convs = nn.ModuleList()
         self.reg_convs = nn.ModuleList()
