@@ -7,8 +7,9 @@
 1. *Pure inference vs dump.*  The same teacher, images, (image, variant) pairs, batches,
    batch size, loader workers and AMP setting; inference runs the forward only, the dump is
    ``ldpipe.cache.dump.dump_teacher`` into a fresh store (the pipeline's ``cache.region`` /
-   ``cache.codec``).  Runs alternate (infer, dump, dump, infer, ...) after an untimed
-   warm-up; medians.  Two times each: *total* (model build + weights + loader + loop, and for
+   ``cache.codec``); the inference runs iterate over the very batch list the dump built
+   (recorded from its ``_unit_batches``).  Runs alternate (dump, infer, infer, dump, ...)
+   after an untimed warm-up; medians.  Two times each: *total* (model build + weights + loader + loop, and for
    the dump also checksum, manifest, commit and index) and *loop* (the batches only; the
    dump's own ``summary["seconds"]``, which ends when the writer has committed everything).
 2. *Bytes per sample* for each region policy x codec: every file of the store on disk
@@ -131,11 +132,10 @@ def amp_arg(args):
 
 
 # ------------------------------------------------------------------ the two timed runs
-def run_inference(pipe, model_name: str, ckpt: str, split, device, batch_size: int, workers: int,
-                  amp, max_batches: int = 0) -> dict:
-    """Forward passes only, over exactly the batches ``dump_teacher`` would make."""
+def run_inference(pipe, model_name: str, ckpt: str, split, device, batches: list, workers: int,
+                  amp) -> dict:
+    """Forward passes only, over ``batches`` (the (image, variant) batches the dump made)."""
     import torch
-    from ldpipe.cache.dump import _unit_batches
     from ldpipe.data import DetectionDataset, collate, train_variants
     from ldpipe.engine.train import worker_init
     from ldpipe.models import build_model
@@ -144,13 +144,6 @@ def run_inference(pipe, model_name: str, ckpt: str, split, device, batch_size: i
     t0 = now()
     cfg = pipe.model(model_name)
     variants = train_variants(pipe)
-    nv = len(variants)
-    total = len(split.records) * nv
-    per_unit = pipe.cache.samples_per_shard
-    num_units = -(-total // per_unit)
-    batches = _unit_batches(list(range(num_units)), per_unit, total, nv, batch_size)
-    if max_batches:
-        batches = batches[:max_batches]
     model = build_model(cfg, len(split.classes))
     load_weights(model, ckpt)
     model.to(device).eval()
@@ -171,15 +164,36 @@ def run_inference(pipe, model_name: str, ckpt: str, split, device, batch_size: i
     return {"total_s": t1 - t0, "loop_s": t1 - t_loop, "samples": n}
 
 
+@contextlib.contextmanager
+def recording_batches(sink: list):
+    """Record the batch list ``dump_teacher`` builds (its ``_unit_batches``), so the
+    inference runs see exactly the dump's batches whatever its batching rule is."""
+    import ldpipe.cache.dump as dump_mod
+    orig = getattr(dump_mod, "_unit_batches", None)
+    if orig is None:
+        raise RuntimeError("ldpipe.cache.dump._unit_batches no longer exists: update "
+                           "benchmarks/dump_bench.py, which copies the dump's batches from it")
+
+    def wrapper(*a, **k):
+        out = orig(*a, **k)
+        sink[:] = [[tuple(p) for p in b] for b in out]
+        return out
+
+    with mock.patch.object(dump_mod, "_unit_batches", wrapper):
+        yield
+
+
 def run_dump(pipe, model_name: str, ckpt: str, split, out: str, device, batch_size: int,
              workers: int, amp, split_name: str = "train") -> dict:
     from ldpipe.cache.dump import dump_teacher
-    with use_split(split):
+    sink: list = []
+    with use_split(split), recording_batches(sink):
         t0 = now()
         summary = dump_teacher(pipe, model_name, ckpt, out, split_name, device=device.type,
                                batch_size=batch_size, workers=workers, amp=amp, progress=False)
         t1 = now()
-    return {"total_s": t1 - t0, "loop_s": float(summary["seconds"]), "samples": summary["samples"]}
+    return {"total_s": t1 - t0, "loop_s": float(summary["seconds"]), "samples": summary["samples"],
+            "batches": sink}
 
 
 # ------------------------------------------------------------------ sizes
@@ -349,18 +363,28 @@ def main(argv=None) -> None:
         kept: dict[tuple[str, str], tuple[str, float]] = {}
         # ---------------------------------------------------------- 1. timing
         if not args.no_timing and args.reps > 0:
-            run_inference(pipe, args.model, ckpt, split, device, bs, workers, amp, max_batches=2)
+            # untimed warm-up: two batches of inference (any pairs)
+            warm = [[(i, 0) for i in range(j, min(j + bs, len(split.records)))] for j in (0, bs)]
+            run_inference(pipe, args.model, ckpt, split, device, [b for b in warm if b], workers, amp)
             infer, dump = [], []
+            batches = None
             for r in range(args.reps):
-                order = ("infer", "dump") if r % 2 == 0 else ("dump", "infer")
+                # dump first in even reps: the first dump tells the batches the inference uses
+                order = ("dump", "infer") if r % 2 == 0 else ("infer", "dump")
                 for kind in order:
                     gc.collect()
                     if kind == "infer":
-                        res = run_inference(pipe, args.model, ckpt, split, device, bs, workers, amp)
+                        res = run_inference(pipe, args.model, ckpt, split, device, batches, workers, amp)
                         infer.append(res)
                     else:
                         out = os.path.join(work, f"timed_{r}.zarr")
-                        res = run_dump(pipe, args.model, ckpt, split, out, device, bs, workers, amp, args.split)
+                        res = run_dump(pipe, args.model, ckpt, split, out, device, bs, workers, amp,
+                                       args.split)
+                        if batches is None:
+                            batches = res["batches"]
+                        elif res["batches"] != batches:
+                            raise RuntimeError("dump_teacher made different batches in two runs")
+                        res.pop("batches")
                         dump.append(res)
                         if r == args.reps - 1:
                             kept[configured] = (out, res["total_s"])
@@ -378,13 +402,15 @@ def main(argv=None) -> None:
                                 "dump_runs": [x[what] for x in dump]}
             samples = infer[0]["samples"]
             timing["samples"] = samples
+            timing["batches"] = len(batches)
+            timing["batch_sizes"] = sorted({len(b) for b in batches})
             timing["inference_samples_per_s"] = samples / timing["loop_s"]["inference"]
             timing["dump_samples_per_s"] = samples / timing["loop_s"]["dump"]
             timing["goal_ratio_max"] = 1.10
             result["timing"] = timing
             print()
-            print(f"## Dump vs pure inference ({configured[0]}/{configured[1]}, {samples} samples, "
-                  f"{args.reps} alternating runs each, medians)")
+            print(f"## Dump vs pure inference ({configured[0]}/{configured[1]}, {samples} samples in "
+                  f"{len(batches)} batches, {args.reps} alternating runs each, medians)")
             print()
             rows = []
             for what, label in (("loop_s", "loop (batches only)"), ("total_s", "total (incl. set-up)")):
@@ -408,6 +434,7 @@ def main(argv=None) -> None:
                 out = os.path.join(work, f"size_{pol}_{cod}.zarr")
                 gc.collect()
                 res = run_dump(pipe_pc, args.model, ckpt, split, out, device, bs, workers, amp, args.split)
+                res.pop("batches")
                 kept[(pol, cod)] = (out, res["total_s"])
                 print(f"  dumped {pol}/{cod} in {res['total_s']:.2f}s", flush=True)
             stores = [kept[pc][0] for pc in todo]

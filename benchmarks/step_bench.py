@@ -202,7 +202,6 @@ class Bench:
         self.schedule = Schedule(base_lr, sched.warmup_iters, sched.warmup_ratio, sched.steps, sched.gamma)
         self.use_amp = sched.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self._keep = None
 
     def _hook(self, mode: str, split):
         from ldpipe.distill import CachedTeacher, OnlineTeacher
@@ -233,8 +232,6 @@ class Bench:
             for s, e in zip(samples, extras):
                 s.update(e)
         out = {vlr: fn(samples) for vlr, fn in self.collate.items()}
-        # the previous step's batches stay alive until here: the hooks memoise by id(batch)
-        self._keep = out
         return out, t_fetch
 
     def step(self, mode: str, batch: dict, it: int) -> tuple[float, dict]:
