@@ -46,7 +46,16 @@ def resolve_device(name: str):
     import torch
     if name == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available on this machine")
-    return torch.device("cuda" if name == "cuda" else "cpu")
+    return as_device(name)
+
+
+def as_device(name: str):
+    """``torch.device`` with an explicit CUDA index (``torch.cuda.set_device`` needs one)."""
+    import torch
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def sync(device) -> None:

@@ -25,8 +25,11 @@ Every process builds the same student (same seed), sees the same batches (the sa
 them (lr schedule, finiteness check, GradScaler with AMP on CUDA, per-loss ``float()``).
 Loading images and computing ATSS targets (``TrainCollate``) are done before each step and
 not timed: in training, loader workers overlap them.  Times are per-step medians after
-``--warmup`` steps, then the median over reps.  Memory: CPU - the process's peak RSS
-(``VmHWM``) and its increase over the RSS after imports; CUDA - ``max_memory_allocated``.
+``--warmup`` steps, then the median over reps; ``hook.losses`` (teacher targets or the online
+teacher's forward, plus the LD terms' forward) is also timed on its own.  Memory: CPU - the
+process's peak RSS (``VmHWM``) and its increase over the RSS after imports (torch, ldpipe,
+zarr); CUDA - ``max_memory_allocated``.  An extra process alternates all modes step by step
+on one student (``--no-interleaved`` skips it): its per-round ratios resist load drift.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import shutil
 import sys
 import tempfile
 
-from .common import (command_line, fmt, machine_info, md_table, median, now, peak_rss_mb,
+from .common import (as_device, command_line, fmt, machine_info, md_table, median, now, peak_rss_mb,
                      quiet_logs, ratio, resolve_device, rss_mb, run_child, sync, write_json)
 
 MODES = ("plain", "cached", "online")
@@ -164,9 +167,10 @@ class Bench:
         from ldpipe.data import DetectionDataset, VariantSampler, load_split
         from ldpipe.engine.train import Schedule, TrainCollate, seed_everything
         from ldpipe.models import build_model
+        import ldpipe.distill  # noqa: F401  (zarr & co. before the RSS baseline, in every mode)
 
         self.setup = setup
-        self.device = device = torch.device(setup["device"])
+        self.device = device = as_device(setup["device"])
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.cuda.init()
@@ -182,8 +186,8 @@ class Bench:
         first = self.hooks[modes[0]]
         variants = first.variants(pipe)
         self.dataset = DetectionDataset(split, pipe, variants)
-        self.extra = next((h.sample_extra() for h in self.hooks.values()
-                           if h.sample_extra() is not None), None)
+        extras = [h.sample_extra() for h in self.hooks.values()]
+        self.extra = next((e for e in extras if e is not None), None)
         self.collate = {vlr: TrainCollate(cfg.strides, cfg.anchor_scale, len(split.classes),
                                           cfg.assigner.topk, cfg.assigner.ignore_iof_thr, vlr)
                         for vlr in {h.with_vlr for h in self.hooks.values()}}
@@ -202,6 +206,7 @@ class Bench:
         self.schedule = Schedule(base_lr, sched.warmup_iters, sched.warmup_ratio, sched.steps, sched.gamma)
         self.use_amp = sched.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.hook_s = 0.0
 
     def _hook(self, mode: str, split):
         from ldpipe.distill import CachedTeacher, OnlineTeacher
@@ -215,6 +220,17 @@ class Bench:
         else:
             raise SystemExit(f"unknown mode {mode!r}")
         hook.check(self.pipe, "student", split)
+        orig = hook.losses
+
+        def timed_losses(*a, **k):  # the hook's forward part: teacher targets + LD loss terms
+            sync(self.device)
+            t0 = now()
+            out = orig(*a, **k)
+            sync(self.device)
+            self.hook_s = now() - t0
+            return out
+
+        hook.losses = timed_losses
         if mode == "online":
             # OnlineTeacher.check() puts the teacher on dist.init()'s default device (CUDA when
             # available), not on the training device: follow --device explicitly
@@ -232,6 +248,9 @@ class Bench:
             for s, e in zip(samples, extras):
                 s.update(e)
         out = {vlr: fn(samples) for vlr, fn in self.collate.items()}
+        if self.device.type == "cuda":  # as the training DataLoader (pin_memory=True) hands them over
+            from torch.utils.data._utils.pin_memory import pin_memory
+            out = {vlr: pin_memory(b) for vlr, b in out.items()}
         return out, t_fetch
 
     def step(self, mode: str, batch: dict, it: int) -> tuple[float, dict]:
@@ -272,7 +291,7 @@ def worker_main(argv: list[str]) -> None:
     mode, setup = argv[0], json.loads(argv[1])
     quiet_logs()
     b = Bench(setup, [mode])
-    step_s, fetch_s, first_losses = [], [], None
+    step_s, fetch_s, hook_s, first_losses = [], [], [], None
     for it in range(setup["warmup"] + setup["steps"]):
         batches, t_fetch = b.batches_for(it)
         dt, values = b.step(mode, batches[b.hooks[mode].with_vlr], it)
@@ -281,8 +300,10 @@ def worker_main(argv: list[str]) -> None:
         if it >= setup["warmup"]:
             step_s.append(dt)
             fetch_s.append(t_fetch)
-    print(json.dumps({"mode": mode, "step_s": step_s, "fetch_s": fetch_s,
+            hook_s.append(b.hook_s)
+    print(json.dumps({"mode": mode, "step_s": step_s, "fetch_s": fetch_s, "hook_s": hook_s,
                       "step_median_s": median(step_s), "fetch_median_s": median(fetch_s),
+                      "hook_median_s": median(hook_s),
                       "first_losses": first_losses, **b.memory()}))
 
 
@@ -296,11 +317,12 @@ def interleaved_main(argv: list[str]) -> None:
     for it in range(setup["warmup"] + setup["steps"]):
         batches, t_fetch = b.batches_for(it)
         k = it % len(modes)
-        times = {}
+        times, hook = {}, {}
         for m in modes[k:] + modes[:k]:
             times[m], _ = b.step(m, batches[b.hooks[m].with_vlr], it)
+            hook[m] = b.hook_s
         if it >= setup["warmup"]:
-            rounds.append({"times": times, "fetch": t_fetch})
+            rounds.append({"times": times, "hook": hook, "fetch": t_fetch})
     print(json.dumps({"modes": modes, "rounds": rounds}))
 
 
@@ -314,6 +336,9 @@ def main(argv=None) -> None:
         return interleaved_main(argv[1:])
     args = parse_args(argv)
     quiet_logs()
+    if args.threads:  # the set-up dump runs here
+        import torch
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
@@ -349,6 +374,7 @@ def main(argv=None) -> None:
             s = {"step_ms": median([x["step_median_s"] for x in rs]) * 1e3,
                  "step_ms_runs": [x["step_median_s"] * 1e3 for x in rs],
                  "fetch_ms": median([x["fetch_median_s"] for x in rs]) * 1e3,
+                 "hook_ms": median([x["hook_median_s"] for x in rs]) * 1e3,
                  "peak_rss_mb": median([x["peak_rss_mb"] for x in rs]),
                  "peak_rss_delta_mb": median([x["peak_rss_delta_mb"] for x in rs]),
                  "first_losses": rs[0]["first_losses"]}
@@ -383,7 +409,8 @@ def main(argv=None) -> None:
             inter = {"rounds": rounds, "modes": {}}
             for m in modes:
                 t = [r["times"][m] for r in rounds]
-                inter["modes"][m] = {"step_ms": median(t) * 1e3}
+                inter["modes"][m] = {"step_ms": median(t) * 1e3,
+                                     "hook_ms": median([r["hook"][m] for r in rounds]) * 1e3}
                 if "plain" in modes and m != "plain":
                     inter["modes"][m]["paired_ratio_median"] = median(
                         [r["times"][m] / r["times"]["plain"] for r in rounds])
@@ -403,12 +430,12 @@ def main(argv=None) -> None:
             mem = (fmt(s.get("cuda_max_allocated_mb"), ".0f") if device.type == "cuda"
                    else f"{s['peak_rss_mb']:.0f} (+{s['peak_rss_delta_mb']:.0f})")
             r_ = ratios.get(f"{m}/plain", {})
-            rows.append([m, fmt(s["step_ms"], ".1f"),
+            rows.append([m, fmt(s["step_ms"], ".1f"), fmt(s["hook_ms"], ".1f"),
                          fmt(s["fetch_ms"], ".1f") if m == "cached" else "-",
                          fmt(r_.get("time"), ".3f") if m != "plain" else "1.000",
                          fmt(r_.get("time_with_fetch"), ".3f") if m == "cached" else "-",
                          mem, fmt(r_.get("memory"), ".3f") if m != "plain" else "1.000"])
-        print(md_table(["mode", "step ms", "cache fetch ms/batch", "time / plain",
+        print(md_table(["mode", "step ms", "of which hook.losses ms", "cache fetch ms/batch", "time / plain",
                         "(step+fetch) / plain", mem_label, "memory / plain"], rows))
         if inter:
             print()
@@ -418,19 +445,23 @@ def main(argv=None) -> None:
             rows = []
             for m in modes:
                 v = inter["modes"][m]
-                rows.append([m, fmt(v["step_ms"], ".1f"),
+                rows.append([m, fmt(v["step_ms"], ".1f"), fmt(v["hook_ms"], ".1f"),
                              "1.000" if m == "plain" else fmt(v.get("paired_ratio_median"), ".3f"),
                              fmt(v.get("fetch_ms"), ".1f") if m == "cached" else "-"])
-            print(md_table(["mode", "step ms", "median of per-round ratios to plain",
+            print(md_table(["mode", "step ms", "of which hook.losses ms", "median of per-round ratios to plain",
                             "cache fetch ms/batch"], rows))
-        print("\nmemory ratio: " + ("max_memory_allocated" if device.type == "cuda"
+        print("\nhook.losses = the hook's forward part inside the step (teacher targets, or the online "
+              "teacher's forward, and the LD/VLR/KD terms); their backward is in the step only")
+        print("memory ratio: " + ("max_memory_allocated" if device.type == "cuda"
                                     else "peak RSS increase over the RSS after imports"))
         print("goals: cached/plain <= 1.05 (time, loading excluded) and memory within 5%")
         if "cached" in summary and "online" in summary:
             a, b = summary["cached"]["first_losses"], summary["online"]["first_losses"]
             diffs = {k: (a[k], b[k]) for k in ("loss_ld", "loss_ld_vlr", "loss_kd") if k in a and k in b}
             print("first-step distillation losses, cached vs online (same student, same batch): "
-                  + ", ".join(f"{k} {x:.5f} vs {y:.5f}" for k, (x, y) in diffs.items()))
+                  + ", ".join(f"{k} {x:.5f} vs {y:.5f}" for k, (x, y) in diffs.items())
+                  + f" (they differ by the {args.codec} codec and, when a batch mixes padded shapes, "
+                  "by padding: the online teacher sees the padded batch, the dump same-shape batches)")
 
         result = {"command": command_line(), "machine": machine_info(device),
                   "settings": {k: v for k, v in vars(args).items() if k not in ("json", "workdir", "keep")},

@@ -15,7 +15,6 @@ from ..cache.region import SERVES
 from ..cache.store import CacheError, CacheReader
 from ..config import Pipeline
 from ..data import Variant
-from ..engine import dist
 from ..engine.train import Hook
 from ..models import BatchTargets, GFL, build_model
 from ..models.checkpoint import file_sha256, load_weights
@@ -144,7 +143,7 @@ class OnlineTeacher(_DistillBase):
                              f"student {model_name!r} has {student.reg_max}")
         self.net = build_model(teacher, len(split.classes))
         load_weights(self.net, self.checkpoint)
-        self.net.to(dist.init().device).eval()
+        self.net.to(self.device).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
 
@@ -155,7 +154,8 @@ class OnlineTeacher(_DistillBase):
     @torch.no_grad()
     def prepare(self, batch, bt, device):
         """Run the teacher on the student's batch (same input, same anchor layout)."""
-        cls_maps, reg_maps = self.net(batch["img"].to(device))
+        with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
+            cls_maps, reg_maps = self.net(batch["img"].to(device))
         head = self.net.bbox_head
         box = head.flatten(reg_maps).float().reshape(-1, 4, self.net.cfg.reg_max + 1)
         return box, head.flatten(cls_maps).float().reshape(-1, self.net.num_classes)

@@ -41,6 +41,12 @@ class Hook:
     """Distillation extension points (no-ops for plain training)."""
 
     with_vlr: bool = False
+    device: torch.device = torch.device("cpu")
+    use_amp: bool = False
+
+    def setup(self, device: torch.device, use_amp: bool) -> None:
+        """Called once before :meth:`check` with the training device and AMP setting."""
+        self.device, self.use_amp = device, use_amp
 
     def sample_extra(self):  # -> Callable[[dict], dict] | None, picklable
         return None
@@ -139,6 +145,8 @@ def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
 
     split = load_split(pipe, "train")
     classes = split.classes
+    use_amp = sched_cfg.amp and info.device.type == "cuda"
+    hook.setup(info.device, use_amp)
     hook.check(pipe, model_name, split)
     variants = hook.variants(pipe)
     dataset = DetectionDataset(split, pipe, variants, extra=hook.sample_extra())
@@ -161,7 +169,6 @@ def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
                                 weight_decay=sched_cfg.weight_decay)
     schedule = Schedule(base_lr, sched_cfg.warmup_iters, sched_cfg.warmup_ratio,
                         sched_cfg.steps, sched_cfg.gamma)
-    use_amp = sched_cfg.amp and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch, global_it = 0, 0
