@@ -45,12 +45,12 @@ def test_train_loss_falls_and_ap_positive(data, tmp_path):
     wd = tmp_path / "w"
     train_on_train = ["data.val=annotations/train.json", "data.val_images=images/train"]
     ldpipe("train", DEMO, "--model", "student", "--work-dir", str(wd),
-           *overrides(data, "train.epochs=12", "train.lr=0.02", "train.steps=[10]",
+           *overrides(data, "train.epochs=24", "train.lr=0.02", "train.steps=[20]",
                       "models.student.train={}", *train_on_train))
     epochs = [json.loads(x) for x in open(wd / "metrics.jsonl") if '"epoch"' in x and '"type": "epoch"' in x]
-    assert len(epochs) == 12
+    assert len(epochs) == 24
     assert epochs[-1]["loss"] < 0.7 * epochs[0]["loss"], [e["loss"] for e in epochs]
-    assert os.path.realpath(wd / "latest.pth").endswith("epoch_12.pth")
+    assert os.path.realpath(wd / "latest.pth").endswith("epoch_24.pth")
     out = tmp_path / "m.json"
     ldpipe("eval", DEMO, "--model", "student", "--checkpoint", str(wd / "latest.pth"),
            "--out", str(out), *overrides(data, *train_on_train))
