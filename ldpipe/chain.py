@@ -220,7 +220,9 @@ def write_summary(work_dir: str, rows: list[tuple[str, str, str]], pipe: Pipelin
         with open(metrics_path) as fh:
             m = json.load(fh)
         cfg = pipe.model(model)
-        entries.append({"role": role, "model": model, "backbone": f"ResNet-{cfg.depth}",
+        width = "" if cfg.base_width == 64 else f" w{cfg.base_width}"
+        entries.append({"role": role, "model": model,
+                        "backbone": f"ResNet-{cfg.depth}{width}, {cfg.channels} ch",
                         "AP": m["bbox_mAP"], "AP50": m["bbox_mAP_50"], "AP75": m["bbox_mAP_75"]})
     lines = [f"| role | model | backbone | AP | AP50 | AP75 |", "|---|---|---|---|---|---|"]
     for e in entries:

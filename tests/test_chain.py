@@ -1,0 +1,92 @@
+"""ldpipe chain: all stages run, a rerun skips them, edits rerun what depends on them, kills resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
+
+
+def _args(data: str, *extra: str) -> list[str]:
+    kv = [f"data.root={data}", "train.workers=0", "data.train_scales=[[128, 128]]",
+          "data.test_scale=[128, 128]", "train.epochs=2", "train.max_iters_per_epoch=2",
+          "train.batch_size=4", "models.teacher.train={}", "cache.samples_per_shard=8"]
+    for m in ("teacher", "ta", "student"):
+        kv += [f"models.{m}.depth=18", f"models.{m}.base_width=8", f"models.{m}.channels=16",
+               f"models.{m}.stacked_convs=1"]
+    return [a for x in [*kv, *extra] for a in ("-o", x)]
+
+
+def _chain(wd, data, *extra, **kw):
+    cmd = [sys.executable, "-m", "ldpipe", "chain", DEMO, "--work-dir", str(wd), *_args(data, *extra)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def _ran(out: str) -> list[str]:
+    return [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("[chain] run ")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from ldpipe.data import synthesize
+    root = tmp_path_factory.mktemp("chain") / "synth"
+    synthesize(str(root), n_train=8, n_val=4, seed=2)
+    return str(root)
+
+
+def test_chain_runs_skips_and_reruns_only_what_changed(data, tmp_path):
+    wd = tmp_path / "w"
+    first = _chain(wd, data)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert _ran(first.stdout) == ["train-teacher", "eval-teacher", "dump-teacher", "train-ta", "eval-ta",
+                                  "dump-ta", "train-student-baseline", "eval-student-baseline",
+                                  "train-student-ld", "eval-student-ld"]
+    summary = json.load(open(wd / "summary.json"))
+    assert [r["role"] for r in summary["rows"]] == ["teacher", "TA", "baseline student", "LD student"]
+    assert (wd / "summary.md").read_text().count("|") > 20 and (wd / "summary.png").stat().st_size > 1000
+    assert "| LD student |" in first.stdout
+
+    t0 = time.time()
+    again = _chain(wd, data)
+    assert again.returncode == 0 and _ran(again.stdout) == []
+    assert "skipped 10" in again.stdout and time.time() - t0 < 60
+
+    edited = _chain(wd, data, "models.student.stacked_convs=2")
+    assert edited.returncode == 0, edited.stderr[-2000:]
+    assert _ran(edited.stdout) == ["train-student-baseline", "eval-student-baseline",
+                                   "train-student-ld", "eval-student-ld"]
+
+    # the TA cache's lineage names the teacher's cache
+    info = subprocess.run([sys.executable, "-m", "ldpipe", "cache", "info", str(wd / "caches" / "ta.zarr")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert "trained from cache" in info.stdout
+
+
+def test_killed_chain_resumes_without_redoing_the_teacher(data, tmp_path):
+    wd = tmp_path / "w"
+    cmd = [sys.executable, "-m", "ldpipe", "chain", DEMO, "--work-dir", str(wd),
+           *_args(data, "models.ta.train={epochs = 12, max_iters_per_epoch = 2}")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt = wd / "ta" / "epoch_1.pth"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "chain ended before the TA's first epoch"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (wd / ".chain" / "train-ta.done.json").exists()
+    rerun = _chain(wd, data, "models.ta.train={epochs = 12, max_iters_per_epoch = 2}")
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    ran = _ran(rerun.stdout)
+    assert ran[0] == "train-ta" and "train-teacher" not in ran and "dump-teacher" not in ran
+    metrics = [json.loads(x) for x in open(wd / "ta" / "metrics.jsonl") if '"type": "epoch"' in x]
+    epochs = [m["epoch"] for m in metrics]
+    assert sorted(set(epochs)) == list(range(1, 13)) and len(epochs) <= 13  # resumed, not restarted
