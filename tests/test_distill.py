@@ -205,3 +205,24 @@ def test_each_step_reads_its_own_batch(synth, caches, online_result):
     again, _ = _step(pipe, hook, b, split)
     for name in ("loss_ld", "loss_ld_vlr", "loss_kd"):
         assert again[name] == fresh[name]
+
+
+def test_self_ld_teacher_of_the_students_own_architecture(synth, tmp_path):
+    """Self-LD: the cache comes from a checkpoint of the student's architecture and size."""
+    pipe = tiny_pipe(synth)
+    split = load_split(pipe, "train")
+    torch.manual_seed(1)
+    own = build_model(pipe.model("student"), len(split.classes))
+    ckpt = str(tmp_path / "self.pth")
+    save_checkpoint(ckpt, own, {"ldpipe": {"model": "student"}})
+    cache = str(tmp_path / "self.zarr")
+    dump_teacher(pipe, "student", ckpt, cache, progress=False)
+    manifest = CacheTargets(cache).reader.manifest
+    assert manifest["teacher"]["model"] == "student"
+    student = pipe.model("student")
+    assert manifest["teacher"]["architecture"]["depth"] == student.depth
+    assert manifest["teacher"]["architecture"]["channels"] == student.channels
+    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(cache))
+    idx = [i for i, r in enumerate(split.records) if len(r.boxes)][:2]
+    losses, _ = _step(pipe, CachedTeacher(pipe, cache), [ds[(i, 0)] for i in idx], split)
+    assert losses["loss_ld"] > 0 and losses["loss_ld_vlr"] > 0
