@@ -90,3 +90,20 @@ def test_killed_chain_resumes_without_redoing_the_teacher(data, tmp_path):
     metrics = [json.loads(x) for x in open(wd / "ta" / "metrics.jsonl") if '"type": "epoch"' in x]
     epochs = [m["epoch"] for m in metrics]
     assert sorted(set(epochs)) == list(range(1, 13)) and len(epochs) <= 13  # resumed, not restarted
+
+
+def test_given_teacher_checkpoint_is_used_not_trained(data, tmp_path):
+    """models.teacher.checkpoint (ldpipe or mmdetection format) replaces the teacher's training."""
+    import torch
+
+    from ldpipe.config import load_pipeline
+    from ldpipe.models import build_model
+    pipe = load_pipeline(DEMO, [_args(data)[i + 1] for i in range(0, len(_args(data)), 2)])
+    model = build_model(pipe.model("teacher"), 4)
+    ckpt = tmp_path / "given.pth"
+    torch.save({"meta": {"CLASSES": ("a", "b", "c", "d")}, "state_dict": model.state_dict()}, ckpt)
+    out = _chain(tmp_path / "w", data, f"models.teacher.checkpoint={ckpt}", "chain.tas=[]",
+                 "chain.baseline=false")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert _ran(out.stdout) == ["eval-teacher", "dump-teacher", "train-student-ld", "eval-student-ld"]
+    assert f"given checkpoint {ckpt}" in out.stdout

@@ -226,3 +226,24 @@ def test_self_ld_teacher_of_the_students_own_architecture(synth, tmp_path):
     idx = [i for i, r in enumerate(split.records) if len(r.boxes)][:2]
     losses, _ = _step(pipe, CachedTeacher(pipe, cache), [ds[(i, 0)] for i in idx], split)
     assert losses["loss_ld"] > 0 and losses["loss_ld_vlr"] > 0
+
+
+def test_multi_scale_variants_round_trip(synth, teacher_ckpt, tmp_path):
+    """Two input scales x flip = four variants; each cached sample matches its own geometry."""
+    pipe = tiny_pipe(synth, "data.train_scales=[[160, 160], [128, 128]]")
+    cache = str(tmp_path / "ms.zarr")
+    dump_teacher(pipe, "teacher", teacher_ckpt, cache, progress=False)
+    reader = CacheTargets(cache).reader
+    assert [v["key"] for v in reader.manifest["geometry"]["variants"]] == ["s0n", "s0f", "s1n", "s1f"]
+    split = load_split(pipe, "train")
+    hook = CachedTeacher(pipe, cache)
+    hook.check(pipe, "student", split)
+    variants = hook.variants(pipe)
+    assert [(v.scale_idx, v.flip) for v in variants] == [(0, False), (0, True), (1, False), (1, True)]
+    ds = DetectionDataset(split, pipe, variants, extra=CacheTargets(cache))
+    for v in range(4):
+        s = ds[(1, v)]
+        assert max(s["meta"]["img_shape"]) == (160 if v < 2 else 128)
+        assert s["teacher"]["anchor"].numel() > 0 or len(s["gt_boxes"]) == 0
+    losses, _ = _step(pipe, hook, [ds[(i, 3)] for i in range(2)], split)
+    assert losses["loss_ld"] >= 0
