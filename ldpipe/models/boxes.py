@@ -8,6 +8,7 @@ offset 0), flattened level by level, row-major (``y * W + x``).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torchvision.ops import box_iou, distance_box_iou
@@ -42,12 +43,18 @@ def anchor_centers(anchors: torch.Tensor) -> torch.Tensor:
     return (anchors[:, :2] + anchors[:, 2:]) / 2
 
 
-def grid_to_batch_index(own: list[tuple[int, int]], batch: list[tuple[int, int]]) -> torch.Tensor:
+def grid_to_batch_index(own, batch) -> torch.Tensor:
     """Map each flat index of an image's own grid to the flat index in a batch grid.
 
     The batch grid is at least as large per level (the batch pads to its largest
-    image); positions ``(y, x)`` keep their meaning.
+    image); positions ``(y, x)`` keep their meaning.  Cached per pair of grids (the
+    result is shared: do not modify it in place).
     """
+    return _grid_to_batch_index(tuple(map(tuple, own)), tuple(map(tuple, batch)))
+
+
+@lru_cache(maxsize=256)
+def _grid_to_batch_index(own: tuple, batch: tuple) -> torch.Tensor:
     out, own_off, batch_off = [], 0, 0
     for (h, w), (bh, bw) in zip(own, batch):
         if h > bh or w > bw:
