@@ -140,20 +140,25 @@ def committed_units(root: zarr.Group) -> dict[int, dict]:
 class CacheReader:
     """Random access to committed samples; safe to pickle into DataLoader workers.
 
-    Opens lazily in each process; keeps a small LRU of open unit arrays.
+    Opens lazily in each process and keeps a small LRU of open unit arrays.  A cache
+    whose stored rows fit in ``preload_bytes`` (per process) is read a whole unit at a
+    time and kept decoded in memory, so later reads are array slices; larger caches
+    read each sample's rows from the shards (no read amplification).
     """
 
-    def __init__(self, url: str, max_open_units: int = 64) -> None:
+    def __init__(self, url: str, max_open_units: int = 64, preload_bytes: int = 128 << 20) -> None:
         self.url = url
         self.max_open_units = max_open_units
+        self.preload_bytes = preload_bytes
         self._state = None
         self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"url": self.url, "max_open_units": self.max_open_units}
+        return {"url": self.url, "max_open_units": self.max_open_units,
+                "preload_bytes": self.preload_bytes}
 
     def __setstate__(self, state):
-        self.__init__(state["url"], state["max_open_units"])
+        self.__init__(state["url"], state["max_open_units"], state.get("preload_bytes", 128 << 20))
 
     # -------------------------------------------------------------- opening
     def _open(self):
@@ -168,7 +173,9 @@ class CacheReader:
             table, scale, unit_of = load_index(root)
             lookup = {int(s): i for i, s in enumerate(table[:, F["sample"]])}
             self._state = {"root": root, "manifest": manifest, "table": table, "scale": scale,
-                           "unit_of": unit_of, "lookup": lookup, "units": OrderedDict()}
+                           "unit_of": unit_of, "lookup": lookup, "units": OrderedDict(),
+                           "preload": _row_bytes(manifest) * int(table[:, F["row_count"]].sum())
+                           <= self.preload_bytes}
         return self._state
 
     @property
@@ -201,8 +208,10 @@ class CacheReader:
             return units[u]
         g = st["root"][f"units/{unit_name(u)}"]
         arrays = {name: g[name] for name in ("anchor", "box", "cls") if name in g}
+        if st["preload"]:  # small cache: decode the unit once, keep it (no eviction)
+            arrays = {name: a[...] for name, a in arrays.items()}
         units[u] = arrays
-        while len(units) > self.max_open_units:
+        while not st["preload"] and len(units) > self.max_open_units:
             units.popitem(last=False)
         return arrays
 
@@ -232,6 +241,15 @@ class CacheReader:
             "geometry": geometry_of(rec, scale),
         }
         return out
+
+
+def _row_bytes(manifest: dict) -> int:
+    """Decoded bytes of one stored row (anchor index + box + class values)."""
+    geo, codec = manifest["geometry"], manifest["codec"]
+    extra = 2 if codec == "int8" else 0
+    item = C.bytes_per_value(codec)
+    cls = (geo["num_classes"] + extra) * item if manifest.get("store_cls") else 0
+    return 4 + 4 * (geo["reg_max"] + 1 + extra) * item + cls
 
 
 def geometry_of(rec: np.ndarray, scale: np.ndarray) -> dict:
