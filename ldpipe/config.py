@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 import tomllib
 import typing
@@ -171,12 +169,6 @@ class Pipeline:
             merged[key] = value
         return _build(TrainConfig, merged, f"models.{name}.train", self.source)
 
-    def section_hash(self, *paths: str) -> str:
-        """A stable hash of some sections of the merged file (for chain skipping)."""
-        picked = {p: _get_path(self.raw, p) for p in paths}
-        blob = json.dumps(picked, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
     def resolve(self, path: str) -> str:
         """A data path relative to ``data.root`` (absolute paths and URLs kept)."""
         if not path or "://" in path or os.path.isabs(path):
@@ -185,15 +177,6 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------- parsing
-def _get_path(d: dict, dotted: str) -> Any:
-    cur: Any = d
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
 def parse_value(text: str) -> Any:
     """Read an override value as a TOML literal, else as a string."""
     try:

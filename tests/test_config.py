@@ -172,13 +172,6 @@ def test_validation_errors(tmp_path):
         load_pipeline(bad)
 
 
-def test_section_hash_tracks_sections():
-    a = load_pipeline(DEMO)
-    b = load_pipeline(DEMO, ["train.epochs=1"])
-    assert a.section_hash("data", "models.teacher") == b.section_hash("data", "models.teacher")
-    assert a.section_hash("train") != b.section_hash("train")
-
-
 def test_bccd_parses():
     if not os.path.exists(BCCD):
         pytest.skip("no pipelines/bccd.toml")

@@ -217,18 +217,22 @@ class CacheReader:
 
     # -------------------------------------------------------------- reading
     def row(self, image_index: int, variant: int) -> tuple[np.ndarray, np.ndarray]:
+        rec, scale, _ = self._locate(image_index, variant)
+        return rec, scale
+
+    def _locate(self, image_index: int, variant: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Index row, scale factor and unit of one sample."""
         st = self._open()
         s = self.sample_number(image_index, variant)
         if s not in st["lookup"]:
             raise CacheError(f"{self.url}: sample (image {image_index}, variant {variant}) "
                              "is not in the cache (incomplete dump, or another data set?)")
         i = st["lookup"][s]
-        return st["table"][i], st["scale"][i]
+        return st["table"][i], st["scale"][i], int(st["unit_of"][i])
 
     def read(self, image_index: int, variant: int, with_cls: bool = True) -> dict:
         """Decoded targets of one sample: anchor index, box and class log-probs, geometry."""
-        rec, scale = self.row(image_index, variant)
-        u = int(self._open()["unit_of"][self._open()["lookup"][self.sample_number(image_index, variant)]])
+        rec, scale, u = self._locate(image_index, variant)
         codec = self.manifest["codec"]
         start, count = int(rec[F["row_start"]]), int(rec[F["row_count"]])
         with self._lock:

@@ -208,9 +208,9 @@ def check_compatible(manifest: dict, url: str, pipe: Pipeline, model_name: str, 
                             f"{(a.topk, a.ignore_iof_thr)}; dump with this model in cache.readers")
     if problems:
         raise CacheError(f"cache {url} cannot train model {model_name!r}:\n  - " + "\n  - ".join(problems))
-    index_complete = CacheReader(url).table.shape[0] == manifest["num_samples"]
-    if not index_complete:
-        raise CacheError(f"cache {url} is incomplete ({CacheReader(url).table.shape[0]} of "
+    stored = CacheReader(url).table.shape[0]
+    if stored != manifest["num_samples"]:
+        raise CacheError(f"cache {url} is incomplete ({stored} of "
                          f"{manifest['num_samples']} samples); rerun the dump-teacher command to finish it")
     log.info("cache %s (%s, %s, teacher %s) is compatible with %s", url, policy, manifest["codec"],
              manifest["teacher"]["model"], model_name)

@@ -28,22 +28,25 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tenso
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).mean(dim=1) * (T * T)
 
 
-def ld_loss(student_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: torch.Tensor,
-            T: float = 10.0) -> torch.Tensor:
-    """LD on the main region. corners: ``[4P, reg_max+1]``; weight: ``[P]`` per box."""
+def _edge_kd(student_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: torch.Tensor,
+             T: float, divisor: float) -> torch.Tensor:
+    """``sum(kd_kl * w) / divisor`` over edges; ``weight`` ``[A]`` per anchor, repeated for its 4 edges."""
     if student_corners.numel() == 0:
         return student_corners.sum() * 0
     w = weight[:, None].expand(-1, 4).reshape(-1)
-    return (kd_kl(student_corners, teacher_corners, T) * w).sum() / 4.0
+    return (kd_kl(student_corners, teacher_corners, T) * w).sum() / divisor
+
+
+def ld_loss(student_corners: torch.Tensor, teacher_corners: torch.Tensor, weight: torch.Tensor,
+            T: float = 10.0) -> torch.Tensor:
+    """LD on the main region. corners: ``[4P, reg_max+1]``; weight: ``[P]`` per box."""
+    return _edge_kd(student_corners, teacher_corners, weight, T, 4.0)
 
 
 def vlr_loss(student_corners: torch.Tensor, teacher_corners: torch.Tensor, iou: torch.Tensor,
              T: float = 10.0) -> torch.Tensor:
     """LD on the valuable localization region; ``iou`` ``[V]`` weights each anchor."""
-    if student_corners.numel() == 0:
-        return student_corners.sum() * 0
-    w = iou[:, None].expand(-1, 4).reshape(-1)
-    return (kd_kl(student_corners, teacher_corners, T) * w).sum() / 16.0
+    return _edge_kd(student_corners, teacher_corners, iou, T, 16.0)
 
 
 def cls_kd_loss(student_cls: torch.Tensor, teacher_cls: torch.Tensor, weight: torch.Tensor,
