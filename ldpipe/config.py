@@ -66,6 +66,7 @@ class TrainConfig:
     amp: bool = True  # used on CUDA only
     log_interval: int = 10
     max_iters_per_epoch: int = 0  # 0 = whole epoch; >0 truncates (smoke runs)
+    keep_checkpoints: int = 0  # keep the newest N epoch_*.pth (with optimizer state); 0 = all
 
 
 @dataclass

@@ -118,6 +118,32 @@ def test_dump_verifies_and_info_reports_sizes(cache_at):
     assert "ratio" in tools.format_info(d)
 
 
+def test_format_v2_layout_rows_last_and_delta_filtered(cache_at):
+    """docs/cache-format.md v2: box/cls stored [4, B', rows] / [C', rows]; 8-bit values and
+    anchor indices delta-filtered; the reader returns the rows-first view of exactly that."""
+    path = cache_at("ld", "int8")
+    root = open_root(path)
+    g = root["units/000000"]
+    reader = CacheReader(path)
+    rec = reader.table[0]
+    start, count = int(rec[F["row_start"]]), int(rec[F["row_count"]])
+    rows = int(g.attrs["commit"]["rows"])
+    box, cls = g["box"][...], g["cls"][...]
+    assert box.shape == (4, 17 + 2, rows) and box.dtype == np.uint8
+    assert cls.shape == (4 + 2, rows)  # 4 synthetic classes
+    for name in ("anchor", "box", "cls"):
+        inner = g[name].metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
+        assert inner[0]["name"] == "numcodecs.delta", (name, inner)
+    for name in ("samples", "scale"):
+        inner = g[name].metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
+        assert inner[0]["name"] == "bytes", (name, inner)
+    d = reader.read(int(rec[F["image_index"]]), int(rec[F["variant"]]))
+    raw = np.moveaxis(box[..., start:start + count], -1, 0)
+    assert torch.equal(d["box"], C.decode(raw[..., :17], raw[..., 17:].copy().view("<f2")[..., 0], "int8"))
+    assert torch.equal(d["anchor"], torch.from_numpy(g["anchor"][start:start + count].astype(np.int64)))
+    assert root.attrs["ldpipe_cache"]["format_version"] == 2
+
+
 # ----------------------------------------------------------------------------- regions
 def test_regions_main_is_atss_positives_ld_contains_it_dense_is_everything(cache_at, make_tiny_pipe):
     pipe = make_tiny_pipe()
@@ -157,30 +183,55 @@ def test_fp32_is_exactly_the_teachers_log_softmax(cache_at, make_tiny_pipe, tiny
             assert torch.equal(d["cls"], cls[d["anchor"]]), (i, v)
 
 
-def test_fp16_close_and_int8_keeps_the_ld_loss(cache_at):
-    fp32, fp16, int8 = cache_at("main", "fp32"), cache_at("dense", "fp16"), cache_at("ld", "int8")
+@pytest.fixture(scope="module")
+def trained_caches(make_tiny_pipe, trained_tiny_teacher, tmp_path_factory):
+    """main/fp32, dense/fp16 and ld/int8 dumps of the trained tiny teacher."""
+    out = {}
+    for region, codec in (("main", "fp32"), ("dense", "fp16"), ("ld", "int8")):
+        path = str(tmp_path_factory.mktemp(f"trained-{region}-{codec}") / "c")
+        pipe = make_tiny_pipe(f"cache.region={region}", f"cache.codec={codec}")
+        dump_teacher(pipe, "teacher", trained_tiny_teacher["checkpoint"], path, device="cpu",
+                     progress=False)
+        out[codec] = path
+    return out
+
+
+def test_codecs_keep_the_ld_loss_of_a_trained_teacher(trained_tiny_teacher, trained_caches, cache_at):
+    # training sharpened its edge distributions (what the codecs must survive) away from the
+    # random teacher's near-uniform ones
+    trained = tools.info(trained_caches["fp32"])["teacher_entropy_nats"]
+    random_ = tools.info(cache_at("main", "fp32"))["teacher_entropy_nats"]
+    print(f"edge entropy: trained {trained:.3f}, random {random_:.3f} nats")
+    assert trained < random_ - 0.1, (trained, random_)
+    fp32, fp16, int8 = trained_caches["fp32"], trained_caches["fp16"], trained_caches["int8"]
     # same batches -> same teacher outputs; regions differ, compare on common anchors
     d16 = tools.diff(fp32, fp16)
     assert d16["common"] == NUM_SAMPLES and d16["common_anchors"] > 0
-    assert d16["max_abs_box"] <= 1e-3 and d16["max_abs_cls"] <= 1e-3
+    assert d16["max_abs_box"] <= 1e-2 and d16["max_abs_cls"] <= 1e-2
     d8 = tools.diff(fp32, int8)
     assert d8["common"] == NUM_SAMPLES and d8["anchor_set_mismatches"] == NUM_SAMPLES  # ld ⊋ main
-    assert d8["mean_kl"] < 1e-5
+    assert d8["mean_kl"] < 1e-4
 
-    r32, r8 = CacheReader(fp32), CacheReader(int8)
-    t32, t8 = [], []
-    for rec in r32.table:
+    readers = {c: CacheReader(p) for c, p in trained_caches.items()}
+    rows = {c: [] for c in readers}
+    for rec in readers["fp32"].table:
         i, v = int(rec[F["image_index"]]), int(rec[F["variant"]])
-        a, b = r32.read(i, v), r8.read(i, v)
-        _, ia, ib = np.intersect1d(a["anchor"].numpy(), b["anchor"].numpy(), return_indices=True)
-        assert len(ia) == a["anchor"].numel()
-        t32.append(a["box"][torch.from_numpy(ia)].reshape(-1, a["box"].shape[-1]))
-        t8.append(b["box"][torch.from_numpy(ib)].reshape(-1, a["box"].shape[-1]))
-    t32, t8 = torch.cat(t32), torch.cat(t8)
+        ref = readers["fp32"].read(i, v)
+        for c, r in readers.items():
+            d = r.read(i, v)
+            _, ia, ib = np.intersect1d(ref["anchor"].numpy(), d["anchor"].numpy(), return_indices=True)
+            assert len(ia) == ref["anchor"].numel()
+            rows[c].append(d["box"][torch.from_numpy(ib)].reshape(-1, d["box"].shape[-1]))
+    t = {c: torch.cat(v) for c, v in rows.items()}
     gen = torch.Generator().manual_seed(0)
-    student = torch.randn(t32.shape, generator=gen) * 3.0
-    ref, got = _ld_loss(t32, student), _ld_loss(t8, student)
-    assert ref > 0 and abs(got - ref) / ref <= 0.01, (ref, got)
+    # a student far from the teacher, and one that has nearly learned it (small losses, where
+    # a codec's error weighs most)
+    for student in (torch.randn(t["fp32"].shape, generator=gen) * 3.0,
+                    t["fp32"] + torch.randn(t["fp32"].shape, generator=gen)):
+        ref = _ld_loss(t["fp32"], student)
+        assert ref > 0
+        assert abs(_ld_loss(t["fp16"], student) - ref) / ref <= 1e-3
+        assert abs(_ld_loss(t["int8"], student) - ref) / ref <= 0.01
 
 
 def test_codecs_on_sharp_distributions():

@@ -168,6 +168,7 @@ def test_voc_cleaning_difficult_and_ids(tmp_path):
     np.testing.assert_array_equal(r.boxes, [[10, 5, 64, 40], [3, 4, 20, 30]])
     assert r.labels.tolist() == [0, 1] and r.labels.dtype == np.int64
     np.testing.assert_array_equal(r.ignore, [[1, 1, 10, 10]])
+    assert r.ignore_labels.tolist() == [1]  # a difficult dog ignores dog detections only
     assert split.stats == {"images": 2, "boxes_kept": 3, "ignore_kept": 1, "boxes_clipped": 1,
                            "boxes_dropped_degenerate": 1}
     assert split.coco_json is None and len(split.fingerprint) == 64
@@ -239,6 +240,7 @@ def test_coco_classes_mismatch_names_both(tmp_path):
     np.testing.assert_array_equal(r.boxes, [[40, 30, 50, 40]])  # clipped
     assert r.labels.tolist() == [1]
     np.testing.assert_array_equal(r.ignore, [[1, 1, 6, 6]])
+    assert r.ignore_labels.tolist() == [0]  # the crowd box is of category 2 = class "a"
     assert r.file_name == str(tmp_path / "images/train/a.jpg")
     assert split.stats["boxes_clipped"] == 1 and split.coco_json["images"][0]["id"] == 3
     reordered = load_split(_pipe(root=str(tmp_path), classes=["b", "a"]), "train")

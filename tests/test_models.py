@@ -160,6 +160,21 @@ def test_atss_ties_broken_by_index():
     assert (res.gt_index > 0).nonzero().squeeze(1).tolist() == [5, 6, 9]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_atss_candidates_equal_a_full_stable_sort(seed):
+    from ldpipe.models.assigner import _candidates
+    gen = torch.Generator().manual_seed(seed)
+    levels = [60, 17, 5]
+    d = torch.randint(0, 6, (sum(levels), 4), generator=gen).float()  # many ties
+    d[torch.rand(d.shape, generator=gen) < 0.1] = float("inf")  # ignored anchors
+    want, start = [], 0
+    for n in levels:
+        k = min(9, n)
+        want.append(torch.sort(d[start:start + n], dim=0, stable=True).indices[:k] + start)
+        start += n
+    assert torch.equal(_candidates(d, levels, 9), torch.cat(want))
+
+
 def test_atss_no_gt():
     grid, anchors = grid_320()
     res = atss_assign(anchors, grid.num_level_anchors, torch.zeros(0, 4))

@@ -58,5 +58,5 @@ def region_index(policy: str, gt: torch.Tensor, ignore: torch.Tensor | None,
         res = atss_assign(anchors, grid.num_level_anchors, gt, ignore, spec.topk, spec.ignore_iof_thr)
         keep |= res.gt_index > 0
         if policy == "ld":
-            keep |= vlr_weights(anchors, gt, res.thr) > 0
+            keep |= vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps) > 0
     return torch.nonzero(keep).squeeze(1)

@@ -18,7 +18,7 @@ import zarr
 from ..models.assigner import make_grid
 from . import manifest as M
 from .store import (FORMAT, FORMAT_VERSION, SAMPLE_FIELDS, CacheError, F, committed_units,
-                    content_sha, load_index, open_root, unit_name, unpack_rows)
+                    content_sha, from_disk, load_index, open_root, unit_name, unpack_rows)
 
 UNIT_ARRAYS = ("samples", "scale", "anchor", "box", "cls")
 MAX_ERRORS = 200
@@ -123,9 +123,9 @@ class _Units:
             g = self.root[where]
             out = {"anchor": g["anchor"][...].astype(np.int64)}
             name = "box"
-            out["box"] = unpack_rows(g["box"][...], self.codec)
+            out["box"] = unpack_rows(from_disk("box", g["box"][...]), self.codec)
             name = "cls"
-            out["cls"] = unpack_rows(g["cls"][...], self.codec) if "cls" in g else None
+            out["cls"] = unpack_rows(from_disk("cls", g["cls"][...]), self.codec) if "cls" in g else None
         except Exception as exc:
             raise CacheError(f"{self.url}: {where}/{name} cannot be read ({_first_line(exc)}); "
                              f"run `ldpipe cache verify {self.url}`") from None
@@ -542,7 +542,7 @@ def _verify_unit(root, u, g, commit, m, url, rep, checked, expected_arrays, want
                     rep.error(f"{un}/anchor: {_label(m, rec)}: dense policy but {a.size} of "
                               f"{grid.num_anchors} anchors stored")
 
-    for name, want_shape in (("box", (rows, 4, reg_bins + extra)), ("cls", (rows, num_classes + extra))):
+    for name, want_shape in (("box", (4, reg_bins + extra, rows)), ("cls", (num_classes + extra, rows))):
         arr = data.get(name)
         if arr is None:
             continue
@@ -552,7 +552,7 @@ def _verify_unit(root, u, g, commit, m, url, rep, checked, expected_arrays, want
             continue
         if not rows:
             continue
-        dec = unpack_rows(arr, codec)
+        dec = unpack_rows(from_disk(name, arr), codec)
         finite = torch.isfinite(dec).reshape(dec.shape[0], -1).all(dim=1)
         lse = torch.logsumexp(dec.double(), dim=-1).abs().reshape(dec.shape[0], -1).amax(dim=1)
         bad_rows = torch.nonzero(~finite | (lse > NORM_TOL[codec])).squeeze(1)

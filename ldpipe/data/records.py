@@ -43,7 +43,10 @@ class Record:
     height: int
     boxes: np.ndarray  # [n, 4] float32
     labels: np.ndarray  # [n] int64 in 0..C-1
-    ignore: np.ndarray  # [m, 4] float32 ignore regions
+    ignore: np.ndarray  # [m, 4] float32 ignore regions (COCO crowd, VOC difficult)
+    # [m] int64 label of each ignore region (the class it ignores detections of in
+    # evaluation, as VOC's difficult flag and COCO's crowd boxes work); None = every class.
+    ignore_labels: np.ndarray | None = None
 
 
 @dataclass
@@ -168,7 +171,7 @@ def _load_coco(pipe: Pipeline, split: str) -> Split:
     unknown_cat = 0
     for img in coco["images"]:
         iid, w, h = int(img["id"]), int(img["width"]), int(img["height"])
-        boxes, labels, ignore = [], [], []
+        boxes, labels, ignore, ignore_labels = [], [], [], []
         for a in per_image.get(iid, []):
             if a["category_id"] not in cat2label:
                 unknown_cat += 1
@@ -177,14 +180,16 @@ def _load_coco(pipe: Pipeline, split: str) -> Split:
             box = [x, y, x + bw, y + bh]
             if a.get("iscrowd", 0):
                 ignore.append(box)
+                ignore_labels.append(cat2label[a["category_id"]])
             else:
                 boxes.append(box)
                 labels.append(cat2label[a["category_id"]])
         kept, keep = clean.clean(_as_boxes(boxes), w, h)
+        ign, ign_keep = clean.clean(_as_boxes(ignore), w, h)
         records.append(Record(
             image_id=iid, file_name=os.path.join(img_root, img["file_name"]), width=w, height=h,
             boxes=kept, labels=np.asarray(labels, dtype=np.int64).reshape(-1)[keep],
-            ignore=clean(_as_boxes(ignore), w, h)))
+            ignore=ign, ignore_labels=np.asarray(ignore_labels, dtype=np.int64).reshape(-1)[ign_keep]))
     if unknown_cat:
         raise DataError(f"{ann_path}: {unknown_cat} annotations use category ids not in 'categories'")
     return _finish(split, classes, records, [blob], clean, ann_path, coco, cat_ids)
@@ -240,21 +245,23 @@ def _load_voc(pipe: Pipeline, split: str) -> Split:
         h = int(float(size.findtext("height") or 0)) if size is not None else 0
         if w <= 0 or h <= 0:
             w, h = _image_size(img_path)
-        boxes, labels, ignore = [], [], []
+        boxes, labels, ignore, ignore_labels = [], [], [], []
         for obj in tree.findall("object"):
             cls, box, difficult = _voc_object(obj, xml_path)
             if cls not in label_of:
                 raise DataError(f"{xml_path}: class {cls!r} is not in data.classes {classes}")
             if difficult:
                 ignore.append(box)
+                ignore_labels.append(label_of[cls])
             else:
                 boxes.append(box)
                 labels.append(label_of[cls])
         kept, keep = clean.clean(_as_boxes(boxes), w, h)
+        ign, ign_keep = clean.clean(_as_boxes(ignore), w, h)
         records.append(Record(
             image_id=index, file_name=img_path, width=w, height=h, boxes=kept,
             labels=np.asarray(labels, dtype=np.int64).reshape(-1)[keep],
-            ignore=clean(_as_boxes(ignore), w, h)))
+            ignore=ign, ignore_labels=np.asarray(ignore_labels, dtype=np.int64).reshape(-1)[ign_keep]))
     cat_ids = list(range(1, len(classes) + 1))
     return _finish(split, classes, records, blobs, clean, root, None, cat_ids)
 

@@ -77,12 +77,12 @@ def _boxes(a: Any) -> np.ndarray:
 
 
 def _ignore_mask(rec: Record, num_classes: int) -> np.ndarray:
-    """``[m, C]`` bool: ignore box ``i`` applies to class ``c`` (all if unlabelled)."""
+    """``[m, C]`` bool: ignore box ``i`` applies to class ``c`` (all if unlabelled or -1)."""
     m = len(_boxes(rec.ignore))
     lab = getattr(rec, "ignore_labels", None)
     if lab is not None and len(lab) == m:
         lab = np.asarray(lab).reshape(-1).astype(np.int64)
-        return np.arange(num_classes)[None, :] == lab[:, None]
+        return (np.arange(num_classes)[None, :] == lab[:, None]) | (lab[:, None] < 0)
     return np.ones((m, num_classes), bool)
 
 

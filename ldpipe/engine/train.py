@@ -252,6 +252,10 @@ def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                             loop={"epoch": epoch + 1, "iter": global_it})
             link_latest(work_dir, name)
+            if sched_cfg.keep_checkpoints > 0:
+                old = os.path.join(work_dir, f"epoch_{epoch + 1 - sched_cfg.keep_checkpoints}.pth")
+                if os.path.exists(old):
+                    os.remove(old)
         dist.barrier()
     if not os.path.exists(latest):
         raise CheckpointError(f"{work_dir}: training ended without a checkpoint")

@@ -32,6 +32,7 @@ class Assignment:
     gt_index: torch.Tensor  # [N] long: -1 ignored, 0 negative, k+1 positive for GT k
     max_iou: torch.Tensor  # [N] IoU with the assigned GT (0 elsewhere)
     thr: torch.Tensor  # [G] ATSS IoU threshold per GT
+    overlaps: torch.Tensor | None = None  # [N, G] anchor-GT IoU (reused by vlr_weights)
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,24 @@ def grid_tensors(grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _candidates(distances: torch.Tensor, num_level: list[int], topk: int) -> torch.Tensor:
+    """Per level and GT, the ``topk`` anchors nearest the GT centre: ``[K, G]`` rows, nearest
+    first, ties broken by the lower anchor index (the first ``topk`` of a stable sort).
+
+    ``topk`` finds the k-th smallest distance; the anchors below it and the lowest-index ones
+    equal to it make the set, which is then stably sorted - the same result as stably sorting
+    the whole level, at a fraction of its cost on large grids.
+    """
     idx, start = [], 0
+    g = distances.shape[1]
     for n in num_level:
         k = min(topk, n)
-        order = torch.sort(distances[start:start + n], dim=0, stable=True).indices[:k]
-        idx.append(order + start)
+        d = distances[start:start + n]
+        kth = d.topk(k, dim=0, largest=False).values[-1]  # [G]
+        below, ties = d < kth, d == kth
+        take = below | (ties & (ties.cumsum(0) <= k - below.sum(0)))
+        rows = torch.nonzero(take.T)[:, 1].reshape(g, k).T  # [k, G], ascending index
+        order = torch.sort(d.gather(0, rows), dim=0, stable=True).indices
+        idx.append(rows.gather(0, order) + start)
         start += n
     return torch.cat(idx, dim=0)  # [K, G]
 
@@ -102,16 +116,18 @@ def atss_assign(anchors: torch.Tensor, num_level: list[int], gt: torch.Tensor,
     pos = best != -INF
     gt_index[pos] = arg[pos] + 1
     max_iou = torch.where(pos, best, torch.zeros_like(best))
-    return Assignment(gt_index, max_iou, thr)
+    return Assignment(gt_index, max_iou, thr, overlaps)
 
 
 def vlr_weights(anchors: torch.Tensor, gt: torch.Tensor, thr: torch.Tensor,
-                low: float = 0.25) -> torch.Tensor:
-    """IoU weight of each anchor in the valuable localization region (0 outside)."""
+                low: float = 0.25, overlaps: torch.Tensor | None = None) -> torch.Tensor:
+    """IoU weight of each anchor in the valuable localization region (0 outside).
+    ``overlaps``: the anchor-GT IoU if already computed (``Assignment.overlaps``)."""
     n = anchors.shape[0]
     if gt.shape[0] == 0 or n == 0:
         return anchors.new_zeros(n)
-    overlaps = box_iou(anchors, gt)
+    if overlaps is None:
+        overlaps = box_iou(anchors, gt)
     diou = distance_box_iou(anchors, gt)
     inside = (diou < thr[None]) & (diou >= low * thr[None])
     best = torch.where(inside, overlaps, torch.full_like(overlaps, -INF)).max(dim=1).values
@@ -158,5 +174,5 @@ def image_targets(gt: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor |
         k = res.gt_index[pos] - 1
         out_labels[pos] = labels.long().cpu()[k]
         targets[pos] = gt[k]
-    vlr = vlr_weights(anchors, gt, res.thr) if with_vlr else None
+    vlr = vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps) if with_vlr else None
     return ImageTargets(grid, out_labels, weights, targets, vlr, num_classes)
