@@ -118,6 +118,17 @@ def test_dump_verifies_and_info_reports_sizes(cache_at):
     assert "ratio" in tools.format_info(d)
 
 
+def test_one_unit_cache_verifies(make_tiny_pipe, tiny_teacher_ckpt, tmp_path):
+    """All samples in unit 0: ``index/unit`` is all zeros (the fill value) and must still be
+    written, or verify would find its chunk missing."""
+    out = str(tmp_path / "one")
+    pipe = make_tiny_pipe("cache.samples_per_shard=64", "cache.region=main")
+    dump_teacher(pipe, "teacher", tiny_teacher_ckpt, out, device="cpu", progress=False)
+    assert len(committed_units(open_root(out))) == 1
+    report = tools.verify(out)
+    assert report["ok"], report["errors"]
+
+
 def test_format_v2_layout_rows_last_and_delta_filtered(cache_at):
     """docs/cache-format.md v2: box/cls stored [4, B', rows] / [C', rows]; 8-bit values and
     anchor indices delta-filtered; the reader returns the rows-first view of exactly that."""
