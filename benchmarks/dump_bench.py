@@ -450,7 +450,8 @@ def main(argv=None) -> None:
                        "payload_bytes_per_sample": payload / n,
                        "anchor_bytes_per_sample": b["parts"].get("anchor", 0) / n,
                        "vs_dense_fp16": b["total"] / n / st["dense_fp16_bytes_per_sample"],
-                       "dump_total_s_single_run": secs, "read": lat.get(path)}
+                       "dump_total_s_single_run": secs, "read": lat.get(path),
+                       "store": path if args.keep else None}
                 sizes.append(row)
             result["sizes"] = sizes
             dense_ref = sizes[0]["dense_fp16_bytes_per_sample"] if sizes else None
