@@ -75,6 +75,9 @@ def _candidates(distances: torch.Tensor, num_level: list[int], topk: int) -> tor
     g = distances.shape[1]
     for n in num_level:
         k = min(topk, n)
+        if k == 0:  # an empty level (or topk 0) contributes no candidates
+            start += n
+            continue
         d = distances[start:start + n]
         kth = d.topk(k, dim=0, largest=False).values[-1]  # [G]
         below, ties = d < kth, d == kth
@@ -83,6 +86,8 @@ def _candidates(distances: torch.Tensor, num_level: list[int], topk: int) -> tor
         order = torch.sort(d.gather(0, rows), dim=0, stable=True).indices
         idx.append(rows.gather(0, order) + start)
         start += n
+    if not idx:
+        return torch.zeros((0, g), dtype=torch.long)
     return torch.cat(idx, dim=0)  # [K, G]
 
 
