@@ -133,10 +133,16 @@ def vlr_weights(anchors: torch.Tensor, gt: torch.Tensor, thr: torch.Tensor,
         return anchors.new_zeros(n)
     if overlaps is None:
         overlaps = box_iou(anchors, gt)
-    diou = distance_box_iou(anchors, gt)
+    # DIoU <= IoU, so with low > 0 (DIoU >= low * thr > 0) only anchors that overlap some GT
+    # can qualify: compute DIoU for those rows alone (most of a sparse image's anchors).
+    rows = torch.nonzero((overlaps > 0).any(dim=1)).squeeze(1) if low > 0 else torch.arange(n)
+    diou = distance_box_iou(anchors[rows], gt)
     inside = (diou < thr[None]) & (diou >= low * thr[None])
-    best = torch.where(inside, overlaps, torch.full_like(overlaps, -INF)).max(dim=1).values
-    return torch.where(best != -INF, best, torch.zeros_like(best))
+    ov = overlaps[rows]
+    best = torch.where(inside, ov, torch.full_like(ov, -INF)).max(dim=1).values
+    out = anchors.new_zeros(n)
+    out[rows] = torch.where(best != -INF, best, torch.zeros_like(best))
+    return out
 
 
 def overlap_mask(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
