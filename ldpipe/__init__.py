@@ -1,2 +1,2 @@
 """ldpipe: offline teacher cache and localization distillation for dense detectors."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
