@@ -19,8 +19,18 @@ import json
 
 import torch
 
-from ldpipe.cache.store import F, CacheReader
+from ldpipe.cache.store import F, CacheError, CacheReader
 from ldpipe.distill.losses import kd_kl
+
+
+def edge_losses(ref: torch.Tensor, other: torch.Tensor, T: float,
+                gen: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-edge LD losses (float64) against the reference and the other teacher rows
+    ``[E, bins]``, for a far (``random``) and a ``near`` student drawn from ``gen``."""
+    students = {"random": torch.randn(ref.shape, generator=gen) * 3,
+                "near": ref + torch.randn(ref.shape, generator=gen)}
+    return {name: (kd_kl(s, ref, T).double(), kd_kl(s, other, T).double())
+            for name, s in students.items()}
 
 
 def main() -> None:
@@ -43,10 +53,7 @@ def main() -> None:
         if not torch.equal(ra["anchor"], rb["anchor"]):
             raise SystemExit(f"sample (image {i}, variant {v}): the caches store different anchors")
         ta, tb = ra["box"].reshape(-1, bins), rb["box"].reshape(-1, bins)
-        students = {"random": torch.randn(ta.shape, generator=gen) * 3,
-                    "near": ta + torch.randn(ta.shape, generator=gen)}
-        for name, s in students.items():
-            la, lb = kd_kl(s, ta, args.T).double(), kd_kl(s, tb, args.T).double()
+        for name, (la, lb) in edge_losses(ta, tb, args.T, gen).items():
             acc = sums[name]
             acc[0] += float(la.sum())
             acc[1] += float(lb.sum())
@@ -63,4 +70,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CacheError as exc:  # a missing or unreadable cache: its name, no traceback
+        raise SystemExit(f"error: {exc}") from None

@@ -294,7 +294,10 @@ def validate(pipe: Pipeline) -> None:
             raise ConfigError(f"{src}: models.{name}.depth must be 18, 34, 50 or 101, got {m.depth}")
         if m.reg_max < 1:
             raise ConfigError(f"{src}: models.{name}.reg_max must be >= 1, got {m.reg_max}")
-        pipe.train_for(name)  # validates per-model overrides
+        t = pipe.train_for(name)  # validates per-model overrides
+        if t.keep_checkpoints < 0:
+            raise ConfigError(f"{src}: train.keep_checkpoints for model {name!r} must be >= 0 "
+                              f"(0 keeps all), got {t.keep_checkpoints}")
     if pipe.cache.region not in ("main", "ld", "overlap", "dense"):
         raise ConfigError(f"{src}: cache.region must be main|ld|overlap|dense, got {pipe.cache.region!r}")
     if pipe.cache.codec not in ("fp32", "fp16", "int8"):

@@ -45,6 +45,13 @@ def test_dump_bench_then_ld_error_and_int8_layouts(tmp_path):
         assert 0 <= err[student]["relative_error"] < 0.01
         assert err[student]["ld_reference"] > 0
 
+    parts = bench("benchmarks.dump_parts", "pipelines/demo.toml", fp32, "--images", "4",
+                  "-o", f"data.root={work / 'synth'}", *TINY)
+    ms = dict(line.strip("|").split("|") for line in parts.splitlines()
+              if line.startswith("| ") and not line.startswith("| part"))
+    assert set(k.strip() for k in ms) == {"load", "region main", "region ld", "encode", "write"}
+    assert all(float(v) > 0 for v in ms.values())
+
     table = bench("benchmarks.int8_layouts", fp32)
     row = next(line for line in table.splitlines() if line.startswith("| per-edge scale (format)"))
     cells = [c.strip() for c in row.strip("|").split("|")]

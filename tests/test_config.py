@@ -162,7 +162,8 @@ def test_validation_errors(tmp_path):
     for over, word in [("data.format=yolo", "data.format"), ("models.student.depth=20", "depth"),
                        ("models.student.reg_max=0", "reg_max"), ("cache.region=all", "cache.region"),
                        ("cache.codec=int4", "cache.codec"), ("data.test_scale=[1]", "test_scale"),
-                       ("data.format=voc", "data.classes")]:
+                       ("data.format=voc", "data.classes"),
+                       ("train.keep_checkpoints=-1", "keep_checkpoints")]:
         with pytest.raises(ConfigError, match=word):
             load_pipeline(DEMO, [over])
     with pytest.raises(ConfigError, match="not found"):

@@ -76,10 +76,6 @@ class _Cleaner:
         self.clipped = 0
         self.dropped = 0
 
-    def __call__(self, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-        """The kept rows of ``boxes`` ([n, 4] xyxy), clipped."""
-        return self.clean(boxes, width, height)[0]
-
     def clean(self, boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """The kept rows, clipped, and the boolean keep mask over the input rows."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)

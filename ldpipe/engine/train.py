@@ -113,6 +113,14 @@ def link_latest(work_dir: str, name: str) -> None:
     os.replace(tmp, dst)
 
 
+def _prune_checkpoints(work_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``epoch_N.pth`` files (also those of earlier runs)."""
+    epochs = sorted(int(f[6:-4]) for f in os.listdir(work_dir)
+                    if f.startswith("epoch_") and f.endswith(".pth") and f[6:-4].isdigit())
+    for e in epochs[:-keep]:
+        os.remove(os.path.join(work_dir, f"epoch_{e}.pth"))
+
+
 def progress_bar(**kwargs) -> tqdm:
     """tqdm that refreshes rarely when stderr is not a terminal (CI logs stay readable)."""
     import sys
@@ -253,9 +261,7 @@ def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
                             loop={"epoch": epoch + 1, "iter": global_it})
             link_latest(work_dir, name)
             if sched_cfg.keep_checkpoints > 0:
-                old = os.path.join(work_dir, f"epoch_{epoch + 1 - sched_cfg.keep_checkpoints}.pth")
-                if os.path.exists(old):
-                    os.remove(old)
+                _prune_checkpoints(work_dir, sched_cfg.keep_checkpoints)
         dist.barrier()
     if not os.path.exists(latest):
         raise CheckpointError(f"{work_dir}: training ended without a checkpoint")
