@@ -6,9 +6,9 @@
 
 1. *Pure inference vs dump.*  The same teacher, images, (image, variant) pairs, batches,
    batch size, loader workers and AMP setting; inference runs the forward only, the dump is
-   ``ldpipe.cache.dump.dump_teacher`` into a fresh store (the pipeline's ``cache.region`` /
-   ``cache.codec``); the inference runs iterate over the very batch list the dump built
-   (recorded from its ``_unit_batches``).  Runs alternate (dump, infer, infer, dump, ...)
+   ``ldpipe.engine.dump.dump_teacher`` into a fresh store (the pipeline's ``cache.region`` /
+   ``cache.codec``); the inference runs iterate over the very batch list the dump builds
+   (``ldpipe.engine.dump.unit_batches`` of every unit).  Runs alternate (dump, infer, infer, dump, ...)
    after an untimed warm-up; medians.  Two times each: *total* (model build + weights + loader + loop, and for
    the dump also checksum, manifest, commit and index) and *loop* (the batches only; the
    dump's own ``summary["seconds"]``, which ends when the writer has committed everything).
@@ -20,13 +20,12 @@
    opens the store and loads the index) is reported apart; p50 / p99 of the rest.  The store was just written, so it is in the OS
    page cache: these are warm-cache latencies.
 
-``--images N`` keeps the first N images of the split (the benchmark swaps ``load_split`` in
-``ldpipe.cache.dump`` for the truncated split; nothing else changes).
+``--images N`` keeps the first N images of the split (given to ``dump_teacher`` as its
+``split``; nothing else changes).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -35,7 +34,6 @@ import os
 import shutil
 import sys
 import tempfile
-from unittest import mock
 
 from .common import (command_line, fmt, machine_info, md_table, median, now, percentile,
                      quiet_logs, ratio, resolve_device, run_child, sync, write_json)
@@ -105,14 +103,6 @@ def truncated_split(pipe, split_name: str, n: int):
                                fingerprint=fp)
 
 
-@contextlib.contextmanager
-def use_split(split):
-    """Make ``dump_teacher`` use ``split`` (it calls ``load_split`` itself)."""
-    import ldpipe.cache.dump as dump_mod
-    with mock.patch.object(dump_mod, "load_split", lambda pipe, name: split):
-        yield
-
-
 def random_checkpoint(pipe, model_name: str, num_classes: int, path: str, spread: float, seed: int):
     import torch
     from ldpipe.models import build_model
@@ -137,7 +127,7 @@ def run_inference(pipe, model_name: str, ckpt: str, split, device, batches: list
     """Forward passes only, over ``batches`` (the (image, variant) batches the dump made)."""
     import torch
     from ldpipe.data import DetectionDataset, collate, train_variants
-    from ldpipe.engine.train import worker_init
+    from ldpipe.engine.runtime import amp_context, worker_init
     from ldpipe.models import build_model
     from ldpipe.models.checkpoint import load_weights
 
@@ -156,7 +146,7 @@ def run_inference(pipe, model_name: str, ckpt: str, split, device, batches: list
     with torch.no_grad():
         for batch in loader:
             img = batch["img"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with amp_context(device, use_amp):
                 model(img)
             n += img.shape[0]
     sync(device)
@@ -164,36 +154,23 @@ def run_inference(pipe, model_name: str, ckpt: str, split, device, batches: list
     return {"total_s": t1 - t0, "loop_s": t1 - t_loop, "samples": n}
 
 
-@contextlib.contextmanager
-def recording_batches(sink: list):
-    """Record the batch list ``dump_teacher`` builds (its ``_unit_batches``), so the
-    inference runs see exactly the dump's batches whatever its batching rule is."""
-    import ldpipe.cache.dump as dump_mod
-    orig = getattr(dump_mod, "_unit_batches", None)
-    if orig is None:
-        raise RuntimeError("ldpipe.cache.dump._unit_batches no longer exists: update "
-                           "benchmarks/dump_bench.py, which copies the dump's batches from it")
-
-    def wrapper(*a, **k):
-        out = orig(*a, **k)
-        sink[:] = [[tuple(p) for p in b] for b in out]
-        return out
-
-    with mock.patch.object(dump_mod, "_unit_batches", wrapper):
-        yield
-
-
 def run_dump(pipe, model_name: str, ckpt: str, split, out: str, device, batch_size: int,
              workers: int, amp, split_name: str = "train") -> dict:
-    from ldpipe.cache.dump import dump_teacher
-    sink: list = []
-    with use_split(split), recording_batches(sink):
-        t0 = now()
-        summary = dump_teacher(pipe, model_name, ckpt, out, split_name, device=device.type,
-                               batch_size=batch_size, workers=workers, amp=amp, progress=False)
-        t1 = now()
+    """A dump of ``split`` into a fresh store; also returns its (image, variant) batches."""
+    import math
+    from ldpipe.data import train_variants
+    from ldpipe.engine.dump import dump_teacher, unit_batches
+    per_unit = pipe.cache.samples_per_shard
+    variants = train_variants(pipe)
+    units = list(range(math.ceil(len(split.records) * len(variants) / per_unit)))
+    batches = unit_batches(pipe, split, variants, units, per_unit, batch_size or pipe.cache.batch_size)
+    t0 = now()
+    summary = dump_teacher(pipe, model_name, ckpt, out, split_name, device=device.type,
+                           batch_size=batch_size, workers=workers, amp=amp, progress=False,
+                           split=split)
+    t1 = now()
     return {"total_s": t1 - t0, "loop_s": float(summary["seconds"]), "samples": summary["samples"],
-            "batches": sink}
+            "batches": batches}
 
 
 # ------------------------------------------------------------------ sizes
@@ -222,19 +199,19 @@ def store_bytes(path: str) -> dict:
 def cache_stats(path: str) -> dict:
     """Samples, stored rows and the dense fp16 size of each sample's own grid."""
     import numpy as np
-    from ldpipe.cache.store import F, CacheReader
-    from ldpipe.models.assigner import make_grid
+    from ldpipe.cache import CacheReader
+    from ldpipe.cache.manifest import F
     reader = CacheReader(path)
     m = reader.manifest
-    geo = m["geometry"]
+    geo = m.geometry
     table = reader.table
-    per_anchor = 4 * (geo["reg_max"] + 1) + geo["num_classes"]
+    per_anchor = 4 * geo.reg_bins + geo.num_classes
     dense = []
     grids: dict = {}
     for rec in table:
         pad = (int(rec[F["pad_h"]]), int(rec[F["pad_w"]]))
         if pad not in grids:
-            grids[pad] = make_grid(pad, geo["strides"], geo["anchor_scale"]).num_anchors
+            grids[pad] = geo.grid(pad).num_anchors
         dense.append(grids[pad] * per_anchor * 2)
     rows = table[:, F["row_count"]].astype(np.float64)
     anchors = np.array([grids[(int(r[F["pad_h"]]), int(r[F["pad_w"]]))] for r in table], np.float64)
@@ -242,7 +219,7 @@ def cache_stats(path: str) -> dict:
             "anchors_per_sample": float(anchors.mean()),
             "region_fraction": float((rows / anchors).mean()),
             "dense_fp16_bytes_per_sample": float(np.mean(dense)),
-            "policy": m["region"]["policy"], "codec": m["codec"], "store_cls": m["store_cls"]}
+            "policy": m.region.policy, "codec": m.codec, "store_cls": m.store_cls}
 
 
 # ------------------------------------------------------------------ read latency (child)
@@ -252,8 +229,9 @@ def read_latency_main(argv: list[str]) -> None:
     cfg = json.loads(argv[0])
     quiet_logs()
     import torch
-    torch.set_num_threads(1)  # as in loader workers (ldpipe.engine.train.worker_init)
-    from ldpipe.cache.store import F, CacheReader
+    torch.set_num_threads(1)  # as in loader workers (ldpipe.engine.runtime.worker_init)
+    from ldpipe.cache import CacheReader
+    from ldpipe.cache.manifest import F
     out = {}
     for path in cfg["stores"]:
         reader = CacheReader(path)

@@ -7,7 +7,7 @@ One torch thread, as in the loader workers.  Per sample, in milliseconds:
 * ``load``: decode + resize + pad one training image (the loader's own work, same for inference);
 * ``region main`` / ``region ld``: ``ldpipe.cache.region.region_index`` (ATSS, + VLR for ``ld``),
   done in the loader workers;
-* ``encode``: ``ldpipe.cache.dump.assemble`` (log-probability rows -> packed codec rows), and
+* ``encode``: ``ldpipe.cache.store.assemble_unit`` (log-probability rows -> packed codec rows), and
   ``write``: ``ldpipe.cache.store.write_unit`` into ``memory://`` (filters, compression,
   checksums, sha256) - both in the dump's writer thread.
 
@@ -22,9 +22,10 @@ import time
 
 import torch
 
-from ldpipe.cache.dump import assemble, reader_assigners
-from ldpipe.cache.region import AssignerSpec, region_index
-from ldpipe.cache.store import F, CacheError, CacheReader, open_root, write_unit
+from ldpipe.cache import CacheError, CacheReader
+from ldpipe.cache.manifest import F
+from ldpipe.cache.region import AssignerSpec, reader_assigners, region_index
+from ldpipe.cache.store import SampleRows, assemble_unit, open_root, write_unit
 from ldpipe.config import load_pipeline
 from ldpipe.data import DetectionDataset, load_split, train_variants
 
@@ -67,11 +68,11 @@ def main() -> None:
             g = d["geometry"]
             meta = {"img_shape": g["img_shape"], "pad_shape": g["pad_shape"], "ori_shape": g["ori_shape"],
                     "index": int(rec[F["image_index"]]), "image_id": int(rec[F["image_id"]]),
-                    "flip": g["flip"]}
-            items.append((int(rec[F["sample"]]), meta, g["scale_factor"],
-                          (d["anchor"].to(torch.int32), d["box"], d["cls"])))
+                    "flip": g["flip"], "scale_factor": g["scale_factor"]}
+            items.append(SampleRows(int(rec[F["sample"]]), meta, d["anchor"].to(torch.int32), d["box"],
+                                    d["cls"]))
         unit = {}
-        out["encode"] = per_sample_ms(lambda: unit.setdefault("u", assemble(items, args.codec, reader.num_variants)),
+        out["encode"] = per_sample_ms(lambda: unit.setdefault("u", assemble_unit(items, args.codec, reader.num_variants)),
                                       len(items))
         root = open_root("memory://dump_parts", "w")
         out["write"] = per_sample_ms(lambda: write_unit(root, 0, unit["u"], pipe.cache.compressor, 1024),

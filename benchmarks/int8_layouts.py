@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ldpipe.cache.codec import CLIP
-from ldpipe.cache.store import F, CacheError, CacheReader
+from ldpipe.cache import CacheError, CacheReader
+from ldpipe.cache.manifest import F
 
 from .ld_error import edge_losses
 
@@ -73,8 +74,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1024)
     args = ap.parse_args()
     r = CacheReader(args.cache)
-    if r.manifest["codec"] != "fp32":
-        raise SystemExit(f"{args.cache}: codec {r.manifest['codec']}, need an fp32 cache")
+    if r.manifest.codec != "fp32":
+        raise SystemExit(f"{args.cache}: codec {r.manifest.codec}, need an fp32 cache")
     box = torch.cat([r.read(int(rec[F["image_index"]]), int(rec[F["variant"]]), with_cls=False)["box"]
                      for rec in r.table])
     x = box.clamp(min=-CLIP)

@@ -19,7 +19,8 @@ import json
 
 import torch
 
-from ldpipe.cache.store import F, CacheError, CacheReader
+from ldpipe.cache import CacheError, CacheReader
+from ldpipe.cache.manifest import F
 from ldpipe.distill.losses import kd_kl
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     a, b = CacheReader(args.reference), CacheReader(args.other)
-    bins = a.manifest["geometry"]["reg_max"] + 1
+    bins = a.manifest.geometry.reg_bins
     gen = torch.Generator().manual_seed(args.seed)
     sums = {k: [0.0, 0.0, 0.0] for k in ("random", "near")}  # reference, other, sum |rel err|
     edges = samples = 0

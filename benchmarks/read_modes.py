@@ -10,7 +10,8 @@ import time
 import numpy as np
 import torch
 
-from ldpipe.cache.store import F, CacheReader
+from ldpipe.cache import CacheReader
+from ldpipe.cache.manifest import F
 
 
 def main() -> None:

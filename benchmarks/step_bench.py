@@ -21,8 +21,8 @@ Each mode runs in its own fresh subprocess (so peak memory is per mode), repeate
 
 Every process builds the same student (same seed), sees the same batches (the same
 (image, variant) pairs, batched as the training sampler would) and times, per step,
-``step_losses`` + ``backward`` + optimizer step, exactly as ``ldpipe.engine.train`` does
-them (lr schedule, finiteness check, GradScaler with AMP on CUDA, per-loss ``float()``).
+one ``ldpipe.engine.train.TrainStep`` - the very step ``train`` runs (lr schedule, forward and
+losses, finiteness check, backward with GradScaler under AMP on CUDA, update, per-loss ``float()``).
 Loading images and computing ATSS targets (``TrainCollate``) are done before each step and
 not timed: in training, loader workers overlap them.  Times are per-step medians after
 ``--warmup`` steps, then the median over reps; ``hook.losses`` (teacher targets or the online
@@ -119,7 +119,7 @@ batch_size = {batch}
 # ------------------------------------------------------------------ set-up (parent)
 def make_setup(args, work: str, device) -> dict:
     import torch
-    from ldpipe.cache.dump import dump_teacher
+    from ldpipe.engine.dump import dump_teacher
     from ldpipe.config import load_pipeline
     from ldpipe.data import load_split, synthesize
     from ldpipe.models import build_model
@@ -165,7 +165,8 @@ class Bench:
             torch.set_num_threads(setup["threads"])
         from ldpipe.config import load_pipeline
         from ldpipe.data import DetectionDataset, VariantSampler, load_split
-        from ldpipe.engine.train import Schedule, TrainCollate, seed_everything
+        from ldpipe.engine.runtime import seed_everything
+        from ldpipe.engine.train import TrainCollate, TrainStep
         from ldpipe.models import build_model
         import ldpipe.distill  # noqa: F401  (zarr & co. before the RSS baseline, in every mode)
 
@@ -188,8 +189,7 @@ class Bench:
         self.dataset = DetectionDataset(split, pipe, variants)
         extras = [h.sample_extra() for h in self.hooks.values()]
         self.extra = next((e for e in extras if e is not None), None)
-        self.collate = {vlr: TrainCollate(cfg.strides, cfg.anchor_scale, len(split.classes),
-                                          cfg.assigner.topk, cfg.assigner.ignore_iof_thr, vlr)
+        self.collate = {vlr: TrainCollate(cfg, len(split.classes), vlr)
                         for vlr in {h.with_vlr for h in self.hooks.values()}}
         pairs = VariantSampler(len(self.dataset), len(variants), shuffle=True, seed=setup["seed"]).pairs()
         bsz = setup["batch"]
@@ -199,13 +199,7 @@ class Bench:
         seed_everything(setup["seed"])
         self.model = build_model(cfg, len(split.classes)).to(device)
         self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        base_lr = sched.lr or 0.01 * sched.batch_size / 16
-        self.optimizer = torch.optim.SGD(params, lr=base_lr, momentum=sched.momentum,
-                                         weight_decay=sched.weight_decay)
-        self.schedule = Schedule(base_lr, sched.warmup_iters, sched.warmup_ratio, sched.steps, sched.gamma)
-        self.use_amp = sched.amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.train_step = TrainStep(self.model, sched, device, sched.amp and device.type == "cuda")
         self.hook_s = 0.0
 
     def _hook(self, mode: str, split):
@@ -255,25 +249,11 @@ class Bench:
 
     def step(self, mode: str, batch: dict, it: int) -> tuple[float, dict]:
         """One timed training step, as ``ldpipe.engine.train.train`` runs it."""
-        import torch
-        from ldpipe.engine.train import step_losses
-        hook, model = self.hooks[mode], self.model
         sync(self.device)
         t0 = now()
-        lr = self.schedule.lr(0, it)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        losses = step_losses(model, model.bbox_head, model, batch, self.device, self.use_amp,
-                             hook, self.cfg)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{mode}: loss is {float(loss)} at step {it}")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        values = {k: float(v.detach()) for k, v in losses.items()}
+        values, _ = self.train_step(batch, self.hooks[mode], 0, it)
         sync(self.device)
+        values.pop("loss")
         return now() - t0, values
 
     def memory(self) -> dict:

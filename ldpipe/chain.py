@@ -27,9 +27,13 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .cache import CacheReader
+from .cache.region import reader_assigners
 from .config import ConfigError, Pipeline, to_dict
+from .models.checkpoint import file_sha256
 
 log = logging.getLogger("ldpipe.chain")
 
@@ -74,9 +78,14 @@ class Stage:
 
 
 class Chain:
+    """The stages of one pipeline's chain.  ``run_argv`` runs one ``ldpipe`` command line
+    (a list of arguments, as typed after ``ldpipe``); the CLI passes its own entry point."""
+
     def __init__(self, pipeline_path: str, overrides: tuple[str, ...], pipe: Pipeline,
-                 work_dir: str, device: str | None = None, echo=print) -> None:
+                 work_dir: str, run_argv: Callable[[list[str]], object], device: str | None = None,
+                 echo=print) -> None:
         self.path, self.overrides, self.pipe = pipeline_path, tuple(overrides), pipe
+        self.run_argv = run_argv
         self.work_dir = work_dir
         self.device = device
         self.echo = echo
@@ -119,8 +128,6 @@ class Chain:
         os.replace(tmp, path)
 
     def run_stage(self, stage: Stage) -> None:
-        from .cli import main as cli_main
-
         done = self._read(self._stamp_path(stage, "done"))
         if done and done.get("key") == stage.key and all(os.path.exists(o) for o in stage.outputs):
             self.skipped.append(stage.name)
@@ -136,20 +143,18 @@ class Chain:
         self._write(self._stamp_path(stage, "started"), {"key": stage.key, "inputs": stage.inputs})
         self.echo(f"[chain] run {stage.name}: ldpipe {' '.join(argv)}")
         t0 = time.time()
-        cli_main.main(args=argv, prog_name="ldpipe", standalone_mode=False)
+        self.run_argv(argv)
         self._write(self._stamp_path(stage, "done"),
                     {"key": stage.key, "inputs": stage.inputs, "seconds": round(time.time() - t0, 2)})
         self.ran.append(stage.name)
 
     # ------------------------------------------------------------ stages
     def _ckpt_sha(self, path: str) -> str:
-        from .models.checkpoint import file_sha256
         return file_sha256(path) if os.path.exists(path) else "missing"
 
     def _cache_id(self, url: str) -> str:
-        from .cache.store import CacheReader
         try:
-            return CacheReader(url).manifest["cache_id"]
+            return CacheReader(url).manifest.cache_id
         except Exception:
             return "missing"
 
@@ -177,7 +182,6 @@ class Chain:
         return out
 
     def dump_stage(self, model: str, ckpt: str, tag: str) -> str:
-        from .cache.dump import reader_assigners
         out = os.path.join(self.work_dir, "caches", f"{tag}.zarr")
         inputs = {"checkpoint": self._ckpt_sha(ckpt), "cache": to_dict(self.pipe.cache),
                   "data": to_dict(self.pipe.data), "model": to_dict(self.pipe.model(model)),
@@ -224,7 +228,7 @@ def write_summary(work_dir: str, rows: list[tuple[str, str, str]], pipe: Pipelin
         entries.append({"role": role, "model": model,
                         "backbone": f"ResNet-{cfg.depth}{width}, {cfg.channels} ch",
                         "AP": m["bbox_mAP"], "AP50": m["bbox_mAP_50"], "AP75": m["bbox_mAP_75"]})
-    lines = [f"| role | model | backbone | AP | AP50 | AP75 |", "|---|---|---|---|---|---|"]
+    lines = ["| role | model | backbone | AP | AP50 | AP75 |", "|---|---|---|---|---|---|"]
     for e in entries:
         lines.append(f"| {e['role']} | {e['model']} | {e['backbone']} | {e['AP'] * 100:.1f} | "
                      f"{e['AP50'] * 100:.1f} | {e['AP75'] * 100:.1f} |")

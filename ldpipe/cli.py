@@ -35,14 +35,10 @@ class _Group(click.Group):
     """Turns expected errors (bad input) into one clear line and exit code 1."""
 
     def invoke(self, ctx):
+        from .cache import CacheError
         from .data import DataError
         from .models.checkpoint import CheckpointError
-        expected = (ConfigError, DataError, CheckpointError, FileNotFoundError)
-        try:
-            from .cache import CacheError
-            expected = expected + (CacheError,)
-        except ImportError:
-            pass
+        expected = (ConfigError, DataError, CheckpointError, CacheError, FileNotFoundError)
         try:
             return super().invoke(ctx)
         except expected as exc:
@@ -105,8 +101,8 @@ def train_cmd(pipeline, model_name, work_dir, resume, init_from, device, overrid
 @override_option
 def eval_cmd(pipeline, model_name, checkpoint, split_name, out, results, batch_size, device, overrides):
     """Evaluate a checkpoint (COCO AP via pycocotools; VOC mAP@0.5 for VOC data)."""
-    from .engine.evaluate import format_table
     from .engine.infer import evaluate_checkpoint
+    from .metrics import format_table
     pipe = _pipe(pipeline, overrides)
     metrics = evaluate_checkpoint(pipe, model_name, checkpoint, split_name, out=out,
                                   results=results, device=device, batch_size=batch_size)
@@ -148,7 +144,8 @@ def chain_cmd(pipeline, work_dir, device, overrides):
     """Run teacher -> (TA) -> student (+ baseline) and summarise, skipping unchanged stages."""
     from .chain import Chain
     pipe = _pipe(pipeline, overrides)
-    chain = Chain(pipeline, overrides, pipe, work_dir, device=device, echo=click.echo)
+    chain = Chain(pipeline, overrides, pipe, work_dir, device=device, echo=click.echo,
+                  run_argv=lambda argv: main.main(args=argv, prog_name="ldpipe", standalone_mode=False))
     summary = chain.run()
     click.echo(f"[chain] ran {len(chain.ran)} stage(s), skipped {len(chain.skipped)}")
     click.echo(summary["table"])
@@ -173,7 +170,7 @@ def chain_cmd(pipeline, work_dir, device, overrides):
 def dump_teacher_cmd(pipeline, model_name, checkpoint, out, split_name, batch_size, workers, amp,
                      overwrite, device, overrides):
     """Run the teacher once over the data and cache its bbox-edge distributions."""
-    from .cache.dump import dump_teacher
+    from .engine.dump import dump_teacher
     pipe = _pipe(pipeline, overrides)
     summary = dump_teacher(pipe, model_name, checkpoint, out, split_name, device=device,
                            batch_size=batch_size, workers=workers, amp=amp, overwrite=overwrite)
@@ -195,7 +192,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 @json_option
 def cache_info_cmd(cache, as_json):
     """Counts, sizes and compression, regions, teacher entropy and lineage of CACHE."""
-    from .cache.tools import format_info, info
+    from .cache.inspect import format_info, info
     result = info(cache)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else format_info(result))
 
@@ -206,7 +203,7 @@ def cache_info_cmd(cache, as_json):
 @click.pass_context
 def cache_verify_cmd(ctx, cache, as_json):
     """Decode every array, check checksums, commits and the index; exit 1 on any problem."""
-    from .cache.tools import format_verify, verify
+    from .cache.verify import format_verify, verify
     result = verify(cache)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else format_verify(result))
     if not result["ok"]:
@@ -221,7 +218,7 @@ def cache_verify_cmd(ctx, cache, as_json):
 @json_option
 def cache_diff_cmd(a, b, temperature, as_json):
     """Compare two caches over the samples they share (a report; exit 0)."""
-    from .cache.tools import diff, format_diff
+    from .cache.diff import diff, format_diff
     result = diff(a, b, temperature)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else format_diff(result))
 

@@ -21,6 +21,16 @@ from pathlib import Path
 from typing import Any
 
 
+# The vocabularies of the pipeline file, defined once (the modules that implement them
+# import these: ldpipe.cache.region, ldpipe.cache.codec, ldpipe.cache.store).
+DATA_FORMATS = ("coco", "voc")
+RESNET_DEPTHS = (18, 34, 50, 101)
+REGION_POLICIES = ("main", "ld", "overlap", "dense")
+CODECS = ("fp32", "fp16", "int8")
+COMPRESSORS = ("zstd", "blosc")
+DISTILL_TERMS = ("ld", "vlr", "kd")
+
+
 class ConfigError(ValueError):
     """A pipeline file or override is invalid; the message names file and key."""
 
@@ -128,10 +138,10 @@ class DistillConfig:
 
 @dataclass
 class CacheConfig:
-    region: str = "ld"  # main | ld | overlap | dense
-    codec: str = "int8"  # fp32 | fp16 | int8
+    region: str = "ld"  # one of REGION_POLICIES
+    codec: str = "int8"  # one of CODECS
     store_cls: bool = True
-    compressor: str = "zstd"  # zstd | blosc
+    compressor: str = "zstd"  # one of COMPRESSORS
     samples_per_shard: int = 64
     batch_size: int = 4
     readers: list[str] = field(default_factory=list)  # models whose assigner sets the regions
@@ -281,8 +291,8 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
 def validate(pipe: Pipeline) -> None:
     src = pipe.source
     d = pipe.data
-    if d.format not in ("coco", "voc"):
-        raise ConfigError(f"{src}: data.format must be 'coco' or 'voc', got {d.format!r}")
+    if d.format not in DATA_FORMATS:
+        raise ConfigError(f"{src}: data.format must be {_alternatives(DATA_FORMATS)}, got {d.format!r}")
     if d.format == "voc" and not d.classes:
         raise ConfigError(f"{src}: data.classes is required for VOC data")
     if not d.train_scales or any(len(s) != 2 for s in d.train_scales):
@@ -290,18 +300,28 @@ def validate(pipe: Pipeline) -> None:
     if len(d.test_scale) != 2:
         raise ConfigError(f"{src}: data.test_scale must be [long, short]")
     for name, m in pipe.models.items():
-        if m.depth not in (18, 34, 50, 101):
-            raise ConfigError(f"{src}: models.{name}.depth must be 18, 34, 50 or 101, got {m.depth}")
+        if m.depth not in RESNET_DEPTHS:
+            raise ConfigError(f"{src}: models.{name}.depth must be {_alternatives(RESNET_DEPTHS)}, "
+                              f"got {m.depth}")
         if m.reg_max < 1:
             raise ConfigError(f"{src}: models.{name}.reg_max must be >= 1, got {m.reg_max}")
         t = pipe.train_for(name)  # validates per-model overrides
         if t.keep_checkpoints < 0:
             raise ConfigError(f"{src}: train.keep_checkpoints for model {name!r} must be >= 0 "
                               f"(0 keeps all), got {t.keep_checkpoints}")
-    if pipe.cache.region not in ("main", "ld", "overlap", "dense"):
-        raise ConfigError(f"{src}: cache.region must be main|ld|overlap|dense, got {pipe.cache.region!r}")
-    if pipe.cache.codec not in ("fp32", "fp16", "int8"):
-        raise ConfigError(f"{src}: cache.codec must be fp32|fp16|int8, got {pipe.cache.codec!r}")
+    for key, allowed in (("region", REGION_POLICIES), ("codec", CODECS), ("compressor", COMPRESSORS)):
+        value = getattr(pipe.cache, key)
+        if value not in allowed:
+            raise ConfigError(f"{src}: cache.{key} must be {_alternatives(allowed)}, got {value!r}")
+
+
+def enabled_terms(pipe: Pipeline) -> set[str]:
+    """The LD loss terms switched on in ``[distill]``."""
+    return {term for term in DISTILL_TERMS if getattr(pipe.distill, term)}
+
+
+def _alternatives(values) -> str:
+    return "|".join(str(v) for v in values)
 
 
 def to_dict(obj: Any) -> Any:
@@ -317,7 +337,8 @@ def to_dict(obj: Any) -> Any:
 
 
 __all__ = [
-    "AssignerConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig",
+    "CODECS", "COMPRESSORS", "DATA_FORMATS", "DISTILL_TERMS", "REGION_POLICIES", "RESNET_DEPTHS",
+    "enabled_terms", "AssignerConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig",
     "LossConfig", "ModelConfig", "Pipeline", "TestConfig", "TrainConfig",
     "apply_override", "load_pipeline", "parse_value", "to_dict",
 ]

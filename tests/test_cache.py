@@ -19,14 +19,18 @@ import torch.nn.functional as Fn
 from click.testing import CliRunner
 
 from ldpipe.cache import codec as C
-from ldpipe.cache import tools
-from ldpipe.cache.dump import dump_teacher
-from ldpipe.cache.store import F, CacheError, CacheReader, committed_units, open_root
+from ldpipe.cache import CacheError, CacheReader
+from ldpipe.cache.diff import diff
+from ldpipe.cache.inspect import format_info, info
+from ldpipe.cache.manifest import F
+from ldpipe.cache.store import committed_units, open_root
+from ldpipe.cache.verify import verify
+from ldpipe.engine.dump import dump_teacher
 from ldpipe.cli import main as cli
 from ldpipe.data import DetectionDataset, collate, load_split, train_variants
 from ldpipe.models import build_model
-from ldpipe.models.assigner import image_targets, make_grid
-from ldpipe.models.boxes import grid_to_batch_index
+from ldpipe.models import image_targets
+from ldpipe.models.anchors import grid_to_batch_index, make_grid
 from ldpipe.models.checkpoint import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,15 +79,13 @@ def _teacher_unit(pipe, ckpt: str, unit: int) -> dict[tuple[int, int], tuple[tor
     items = [ds[(s // nv, s % nv)] for s in numbers]
     batch = collate(items)
     with torch.no_grad():
-        cls_maps, reg_maps = model(batch["img"])
-    sizes = [tuple(m.shape[-2:]) for m in cls_maps]
-    cls_flat, reg_flat = model.bbox_head.flatten(cls_maps), model.bbox_head.flatten(reg_maps)
+        dense = model(batch["img"])
     out = {}
     for b, s in enumerate(numbers):
         own = make_grid(items[b]["meta"]["pad_shape"], cfg.strides, cfg.anchor_scale)
-        to_batch = grid_to_batch_index(list(own.sizes), sizes)
-        box = Fn.log_softmax(reg_flat[b, to_batch].float().reshape(-1, 4, cfg.reg_max + 1), dim=-1)
-        cls = Fn.log_softmax(cls_flat[b, to_batch].float(), dim=-1)
+        to_batch = grid_to_batch_index(list(own.sizes), dense.level_sizes)
+        box = Fn.log_softmax(dense.reg[b, to_batch], dim=-1)
+        cls = Fn.log_softmax(dense.cls[b, to_batch], dim=-1)
         out[s // nv, s % nv] = (box, cls)
     return out
 
@@ -101,10 +103,10 @@ def _ld_loss(t: torch.Tensor, s: torch.Tensor, T: float = 10.0) -> float:
 # ------------------------------------------------------------------ dump / verify / info
 def test_dump_verifies_and_info_reports_sizes(cache_at):
     path = cache_at("ld", "int8")
-    report = tools.verify(path)
+    report = verify(path)
     assert report["ok"], report["errors"]
     assert report["checked"]["complete"] and report["checked"]["samples"] == NUM_SAMPLES
-    d = tools.info(path)
+    d = info(path)
     json.dumps(d)
     assert d["complete"] and d["samples_committed"] == d["samples_planned"] == NUM_SAMPLES
     assert d["variants"] == ["s0n", "s0f"] and d["codec"] == "int8" and d["region"]["policy"] == "ld"
@@ -115,7 +117,7 @@ def test_dump_verifies_and_info_reports_sizes(cache_at):
     assert sum(d["anchors_per_sample_per_level"]) == pytest.approx(d["anchors_per_sample"])
     assert 0 < d["teacher_entropy_nats"] <= d["max_entropy_nats"] + 1e-6
     assert d["lineage"] and d["cache_id"] in d["lineage"][0]
-    assert "ratio" in tools.format_info(d)
+    assert "ratio" in format_info(d)
 
 
 def test_one_unit_cache_verifies(make_tiny_pipe, tiny_teacher_ckpt, tmp_path):
@@ -125,7 +127,7 @@ def test_one_unit_cache_verifies(make_tiny_pipe, tiny_teacher_ckpt, tmp_path):
     pipe = make_tiny_pipe("cache.samples_per_shard=64", "cache.region=main")
     dump_teacher(pipe, "teacher", tiny_teacher_ckpt, out, device="cpu", progress=False)
     assert len(committed_units(open_root(out))) == 1
-    report = tools.verify(out)
+    report = verify(out)
     assert report["ok"], report["errors"]
 
 
@@ -173,8 +175,9 @@ def test_regions_main_is_atss_positives_ld_contains_it_dense_is_everything(cache
         t = image_targets(s["gt_boxes"], s["gt_labels"], s["ignore_boxes"], pad, cfg.strides,
                           cfg.anchor_scale, len(split.classes), topk=reader_cfg.assigner.topk,
                           ignore_iof_thr=reader_cfg.assigner.ignore_iof_thr)
-        assert torch.equal(d["anchor"], t.pos_index), (i, v)
-        n_pos += t.pos_index.numel()
+        pos_index = torch.nonzero(t.labels < t.num_classes).squeeze(1)
+        assert torch.equal(d["anchor"], pos_index), (i, v)
+        n_pos += pos_index.numel()
         assert np.isin(d["anchor"].numpy(), ld[i, v]["anchor"].numpy()).all(), (i, v)
         grid = make_grid(pad, cfg.strides, cfg.anchor_scale)
         assert torch.equal(dense[i, v]["anchor"], torch.arange(grid.num_anchors)), (i, v)
@@ -210,15 +213,15 @@ def trained_caches(make_tiny_pipe, trained_tiny_teacher, tmp_path_factory):
 def test_codecs_keep_the_ld_loss_of_a_trained_teacher(trained_caches, cache_at):
     # training sharpened its edge distributions (what the codecs must survive) away from the
     # random teacher's near-uniform ones
-    trained = tools.info(trained_caches["fp32"])["teacher_entropy_nats"]
-    random_ = tools.info(cache_at("main", "fp32"))["teacher_entropy_nats"]
+    trained = info(trained_caches["fp32"])["teacher_entropy_nats"]
+    random_ = info(cache_at("main", "fp32"))["teacher_entropy_nats"]
     assert trained < random_ - 0.1, (trained, random_)
     fp32, fp16, int8 = trained_caches["fp32"], trained_caches["fp16"], trained_caches["int8"]
     # same batches -> same teacher outputs; regions differ, compare on common anchors
-    d16 = tools.diff(fp32, fp16)
+    d16 = diff(fp32, fp16)
     assert d16["common"] == NUM_SAMPLES and d16["common_anchors"] > 0
     assert d16["max_abs_box"] <= 1e-2 and d16["max_abs_cls"] <= 1e-2
-    d8 = tools.diff(fp32, int8)
+    d8 = diff(fp32, int8)
     assert d8["common"] == NUM_SAMPLES and d8["anchor_set_mismatches"] == NUM_SAMPLES  # ld ⊋ main
     assert d8["mean_kl"] < 1e-4
 
@@ -315,7 +318,7 @@ def test_killed_dump_resumes_to_the_same_bits(make_tiny_pipe, tiny_overrides, ti
     done = committed_units(root)
     planned = root.attrs["ldpipe_cache"]["num_units"]
     assert 1 <= len(done) < planned, "the kill came too late to test anything"
-    interrupted = tools.verify(crashed)
+    interrupted = verify(crashed)
     assert not interrupted["ok"] and any("no commit" in e for e in interrupted["errors"])
     # also leave a torn unit behind, as a writer killed halfway through one would
     torn = min(u for u in range(planned) if u not in done)
@@ -327,11 +330,11 @@ def test_killed_dump_resumes_to_the_same_bits(make_tiny_pipe, tiny_overrides, ti
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["rank_images"] == NUM_SAMPLES - 2 * len(done)
-    assert tools.verify(reference)["ok"]
+    assert verify(reference)["ok"]
 
-    report = tools.verify(crashed)
+    report = verify(crashed)
     assert report["ok"], report["errors"]
-    d = tools.diff(crashed, reference)
+    d = diff(crashed, reference)
     assert d["common"] == d["samples_a"] == d["samples_b"] == NUM_SAMPLES
     assert d["only_a"] == d["only_b"] == 0 and d["anchor_set_mismatches"] == 0
     assert d["max_abs_box"] == 0 and d["max_abs_cls"] == 0 and d["mean_kl"] == 0
@@ -347,7 +350,7 @@ def test_flipped_byte_in_a_shard_is_reported(cache_at, tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
 
-    report = tools.verify(path)
+    report = verify(path)
     assert not report["ok"]
     assert any(f"units/{unit}/box" in e for e in report["errors"]), report["errors"]
     assert any(str(shard) in e for e in report["errors"]), report["errors"]
@@ -366,7 +369,7 @@ def test_edited_array_fails_its_commit_checksum(cache_at, tmp_path):
     shutil.copytree(cache_at("ld", "int8"), path)
     z = open_root(path, "a")["units/000001/anchor"]
     z[0] = z[0] + 1
-    report = tools.verify(path)
+    report = verify(path)
     assert not report["ok"]
     assert any("units/000001/anchor" in e and "sha256" in e for e in report["errors"]), report["errors"]
 
@@ -381,7 +384,7 @@ def test_missing_shard_and_short_complete_index_are_reported(cache_at, tmp_path)
     ix = open_root(path, "a")["index"]
     table = ix["samples"][...]
     ix["samples"].resize((table.shape[0] - 1, table.shape[1]))
-    errors = tools.verify(path)["errors"]
+    errors = verify(path)["errors"]
     assert any("units/000002/cls" in e and "missing" in e for e in errors), errors
     assert any("claims complete" in e and f"{NUM_SAMPLES - 1} samples" in e for e in errors), errors
 
@@ -420,13 +423,13 @@ def test_memory_cache_info_verify_and_diff(make_tiny_pipe, tiny_teacher_ckpt, ca
     url = f"memory://ldpipe-test-{uuid.uuid4().hex}"
     try:
         dump_teacher(make_tiny_pipe(), "teacher", tiny_teacher_ckpt, url, device="cpu", progress=False)
-        report = tools.verify(url)
+        report = verify(url)
         assert report["ok"], report["errors"]
-        d = tools.info(url)
+        d = info(url)
         assert d["complete"] and d["samples_committed"] == NUM_SAMPLES and d["bytes_per_sample"] > 0
-        local = tools.info(cache_at("ld", "int8"))
+        local = info(cache_at("ld", "int8"))
         assert d["stored_bytes_by_part"]["box"] == local["stored_bytes_by_part"]["box"]
-        same = tools.diff(url, cache_at("ld", "int8"))
+        same = diff(url, cache_at("ld", "int8"))
         assert same["common"] == NUM_SAMPLES and same["max_abs_box"] == 0 and same["max_abs_cls"] == 0
     finally:
         fs = fsspec.filesystem("memory")
@@ -457,4 +460,4 @@ def test_cli_json_outputs_and_bad_input(cache_at, synth_root):
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("Error:") and bad in lines[0], res.output
     with pytest.raises(CacheError, match="nothing-here"):
-        tools.verify(str(Path(synth_root) / "nothing-here"))
+        verify(str(Path(synth_root) / "nothing-here"))

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ldpipe.config import DataConfig, Pipeline
 from ldpipe.data import (TEST_VARIANT, DataError, DetectionDataset, FixedSampler, Record,
-                         Variant, VariantSampler, boxes_to_original, collate, every_pair,
+                         Variant, VariantSampler, boxes_to_original, collate,
                          load_split, make_sample, train_variants)
 from ldpipe.data.synth import synthesize
 
@@ -235,7 +235,7 @@ def test_coco_classes_mismatch_names_both(tmp_path):
             "categories": [{"id": 5, "name": "b"}, {"id": 2, "name": "a"}]}
     (ann / "train.json").write_text(json.dumps(coco))
     split = load_split(_pipe(root=str(tmp_path)), "train")
-    assert split.classes == ["a", "b"] and split.cat_ids == [2, 5]
+    assert split.classes == ["a", "b"]
     r = split.records[0]
     np.testing.assert_array_equal(r.boxes, [[40, 30, 50, 40]])  # clipped
     assert r.labels.tolist() == [1]
@@ -244,7 +244,8 @@ def test_coco_classes_mismatch_names_both(tmp_path):
     assert r.file_name == str(tmp_path / "images/train/a.jpg")
     assert split.stats["boxes_clipped"] == 1 and split.coco_json["images"][0]["id"] == 3
     reordered = load_split(_pipe(root=str(tmp_path), classes=["b", "a"]), "train")
-    assert reordered.cat_ids == [5, 2] and reordered.records[0].labels.tolist() == [0]
+    assert reordered.records[0].labels.tolist() == [0]  # category 5 = "b" is now label 0
+    assert reordered.records[0].ignore_labels.tolist() == [1]
     with pytest.raises(DataError, match=r"\['a', 'x'\].*\['a', 'b'\]"):
         load_split(_pipe(root=str(tmp_path), classes=["a", "x"]), "train")
     with pytest.raises(DataError, match=r"val\.json"):
@@ -281,8 +282,8 @@ def test_variant_sampler_ddp_sharding():
     assert set(together) == set(full)  # the same pairs whatever the world size
 
 
-def test_fixed_sampler_and_every_pair():
-    pairs = every_pair(3, 2)
+def test_fixed_sampler():
+    pairs = [(i, v) for i in range(3) for v in range(2)]
     assert pairs == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
     shards = [list(FixedSampler(pairs, rank=r, world_size=4)) for r in range(4)]
     assert sorted(sum(shards, [])) == pairs and [len(s) for s in shards] == [2, 2, 1, 1]

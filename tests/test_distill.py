@@ -6,13 +6,14 @@ import os
 import pytest
 import torch
 
-from ldpipe.cache.dump import dump_teacher
-from ldpipe.cache.store import CacheError
+from ldpipe.cache import CacheError
+from ldpipe.engine.dump import dump_teacher
 from ldpipe.config import load_pipeline
 from ldpipe.data import DetectionDataset, load_split, synthesize
 from ldpipe.distill import CachedTeacher, OnlineTeacher
 from ldpipe.distill.loader import CacheTargets
-from ldpipe.engine.train import TrainCollate, seed_everything, step_losses
+from ldpipe.engine.runtime import seed_everything
+from ldpipe.engine.train import TrainCollate, step_losses
 from ldpipe.models import build_model
 from ldpipe.models.checkpoint import save_checkpoint
 
@@ -85,11 +86,10 @@ def _step(pipe, hook, samples, split):
     cfg = pipe.model("student")
     seed_everything(0)
     model = build_model(cfg, len(split.classes))
-    collate = TrainCollate(cfg.strides, cfg.anchor_scale, len(split.classes), cfg.assigner.topk,
-                           cfg.assigner.ignore_iof_thr, with_vlr=True)
+    collate = TrainCollate(cfg, len(split.classes), with_vlr=True)
     batch = collate(samples)
     hook.check(pipe, "student", split)
-    losses = step_losses(model, model.bbox_head, model, batch, torch.device("cpu"), False, hook, cfg)
+    losses = step_losses(model, model, batch, torch.device("cpu"), False, hook)
     distill = {k: v for k, v in losses.items() if k in ("loss_ld", "loss_ld_vlr", "loss_kd")}
     total = sum(distill.values())
     model.zero_grad()
@@ -151,7 +151,7 @@ def test_refuses_other_data_set(synth, caches, tmp_path):
     with pytest.raises(CacheError) as err:
         CachedTeacher(pipe, caches["int8"]).check(pipe, "student", split)
     msg = str(err.value)
-    data_fp = CacheTargets(caches["int8"]).reader.manifest["data"]["fingerprint"]
+    data_fp = CacheTargets(caches["int8"]).reader.manifest.data.fingerprint
     assert "data set" in msg and data_fp[:16] in msg and split.fingerprint[:16] in msg
 
 
@@ -175,11 +175,11 @@ def test_missing_anchor_is_an_error(synth, caches):
     sample = ds[(idx, 0)]
     sample["teacher"] = {k: (v[:0] if torch.is_tensor(v) else v) for k, v in sample["teacher"].items()}
     cfg = pipe.model("student")
-    batch = TrainCollate(cfg.strides, cfg.anchor_scale, len(split.classes), 9, -1.0, True)([sample])
+    batch = TrainCollate(cfg, len(split.classes), True)([sample])
     model = build_model(cfg, len(split.classes))
     hook = CachedTeacher(pipe, caches["fp32"])
     with pytest.raises(CacheError, match=f"image_id={sample['meta']['image_id']}"):
-        step_losses(model, model.bbox_head, model, batch, torch.device("cpu"), False, hook, cfg)
+        step_losses(model, model, batch, torch.device("cpu"), False, hook)
 
 
 def test_geometry_mismatch_is_an_error(synth, caches):
@@ -218,10 +218,10 @@ def test_self_ld_teacher_of_the_students_own_architecture(synth, tmp_path):
     cache = str(tmp_path / "self.zarr")
     dump_teacher(pipe, "student", ckpt, cache, progress=False)
     manifest = CacheTargets(cache).reader.manifest
-    assert manifest["teacher"]["model"] == "student"
+    assert manifest.teacher.model == "student"
     student = pipe.model("student")
-    assert manifest["teacher"]["architecture"]["depth"] == student.depth
-    assert manifest["teacher"]["architecture"]["channels"] == student.channels
+    assert manifest.teacher.architecture["depth"] == student.depth
+    assert manifest.teacher.architecture["channels"] == student.channels
     ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(cache))
     idx = [i for i, r in enumerate(split.records) if len(r.boxes)][:2]
     losses, _ = _step(pipe, CachedTeacher(pipe, cache), [ds[(i, 0)] for i in idx], split)
@@ -234,7 +234,7 @@ def test_multi_scale_variants_round_trip(synth, teacher_ckpt, tmp_path):
     cache = str(tmp_path / "ms.zarr")
     dump_teacher(pipe, "teacher", teacher_ckpt, cache, progress=False)
     reader = CacheTargets(cache).reader
-    assert [v["key"] for v in reader.manifest["geometry"]["variants"]] == ["s0n", "s0f", "s1n", "s1f"]
+    assert [v["key"] for v in reader.manifest.geometry.variants] == ["s0n", "s0f", "s1n", "s1f"]
     split = load_split(pipe, "train")
     hook = CachedTeacher(pipe, cache)
     hook.check(pipe, "student", split)
@@ -251,10 +251,11 @@ def test_multi_scale_variants_round_trip(synth, teacher_ckpt, tmp_path):
 
 def test_preloaded_reader_equals_shard_reads(caches):
     """A small cache is read a unit at a time and kept decoded; values equal per-sample shard reads."""
-    from ldpipe.cache.store import F, CacheReader
+    from ldpipe.cache import CacheReader
+    from ldpipe.cache.manifest import F
     for codec in ("fp32", "int8"):
         whole, direct = CacheReader(caches[codec]), CacheReader(caches[codec], preload_bytes=0)
-        assert whole._open()["preload"] and not direct._open()["preload"]
+        assert whole._open()["units"].decoded and not direct._open()["units"].decoded
         for rec in whole.table:
             i, v = int(rec[F["image_index"]]), int(rec[F["variant"]])
             x, y = whole.read(i, v), direct.read(i, v)

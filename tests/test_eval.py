@@ -1,4 +1,4 @@
-"""Tests for ldpipe.engine.evaluate (COCO metrics vs pycocotools, VOC mAP by hand)."""
+"""Tests for ldpipe.metrics (COCO metrics vs pycocotools, VOC mAP by hand)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ldpipe.engine.evaluate import (
+from ldpipe.metrics import (
     COCO_KEYS,
     build_coco_gt,
     coco_metrics,

@@ -199,6 +199,17 @@ def test_distill_losses_empty_are_zero_with_grad():
 REG_MAX = 4
 
 
+def _loss(head: GFLHead, cls, reg, anchors, strides, labels, label_weights, bbox_targets,
+          num_pos_images: float, cfg: LossConfig, reduce=None):
+    """``head.loss`` on one image of ``N`` anchors given as flat tensors."""
+    from ldpipe.models import BatchTargets, DenseOutput
+    n = cls.shape[0]
+    out = DenseOutput(cls.reshape(1, n, -1), reg.reshape(1, n, 4, -1), [(1, n)])
+    bt = BatchTargets(anchors, strides, labels, label_weights, bbox_targets, None, [],
+                      num_pos_images)
+    return head.loss(out, bt, cfg, reduce=reduce)
+
+
 def _head(num_classes: int = 2) -> GFLHead:
     return GFLHead(num_classes, in_channels=8, feat_channels=8, stacked_convs=0, reg_max=REG_MAX,
                    num_levels=1, norm_groups=4)
@@ -217,7 +228,7 @@ def test_gfl_head_loss_one_positive_by_hand():
     gt = [4.0, 6.0, 36.0, 30.0]
     bbox_targets = t([gt, [0] * 4, [0] * 4])
     cfg = LossConfig()
-    losses, extras = head.loss(t(cls), t(reg), anchors, strides, labels, label_weights,
+    losses, extras = _loss(head, t(cls), t(reg), anchors, strides, labels, label_weights,
                                bbox_targets, 1.0, cfg)
 
     # ---- by hand
@@ -269,7 +280,7 @@ def test_gfl_head_loss_avg_factors(num_pos_images):
     pos = [0, 2, 3, 5, 6]
     cls, reg, anchors, strides, labels, lw, boxes = _random_case(8, pos, seed=2)
     cfg = LossConfig(qfl_weight=1.5, dfl_weight=0.25, giou_weight=2.0)
-    losses, extras = head.loss(cls, reg, anchors, strides, labels, lw, boxes, num_pos_images, cfg)
+    losses, extras = _loss(head, cls, reg, anchors, strides, labels, lw, boxes, num_pos_images, cfg)
 
     w = cls.sigmoid().max(1).values[pos]
     assert w.sum() > 1  # the divisor is the sum of weights, not 1
@@ -297,7 +308,7 @@ def test_gfl_head_loss_avg_factors(num_pos_images):
         1.5 * qfl_sum.item() / max(num_pos_images, 1.0), rel=1e-4)
 
     # a "mean over ranks" reduce is applied to both normalisers
-    doubled, _ = head.loss(cls, reg, anchors, strides, labels, lw, boxes, num_pos_images, cfg,
+    doubled, _ = _loss(head, cls, reg, anchors, strides, labels, lw, boxes, num_pos_images, cfg,
                            reduce=lambda x: x * 2)
     assert doubled["loss_bbox"].item() == pytest.approx(losses["loss_bbox"].item() / 2, rel=1e-5)
     assert doubled["loss_dfl"].item() == pytest.approx(losses["loss_dfl"].item() / 2, rel=1e-5)
@@ -311,12 +322,12 @@ def test_gfl_head_loss_small_weight_sum_divides_by_one():
     cls, reg, anchors, strides, labels, lw, boxes = _random_case(4, pos, seed=5)
     cls[1] = torch.tensor([-3.0, -4.0])  # max sigmoid ~ 0.047: sum of weights < 1
     cfg = LossConfig()
-    base, _ = head.loss(cls, reg, anchors, strides, labels, lw, boxes, 1.0, cfg)
+    base, _ = _loss(head, cls, reg, anchors, strides, labels, lw, boxes, 1.0, cfg)
     w = torch.sigmoid(torch.tensor(-3.0)).item()
     # doubling the only weight source's value doubles the loss (divisor stays 1)
     cls2 = cls.clone()
     cls2[1] = torch.tensor([math.log(2 * w / (1 - 2 * w)), -4.0])
-    other, _ = head.loss(cls2, reg, anchors, strides, labels, lw, boxes, 1.0, cfg)
+    other, _ = _loss(head, cls2, reg, anchors, strides, labels, lw, boxes, 1.0, cfg)
     assert other["loss_bbox"].item() == pytest.approx(2 * base["loss_bbox"].item(), rel=1e-4)
     assert other["loss_dfl"].item() == pytest.approx(2 * base["loss_dfl"].item(), rel=1e-4)
 
@@ -328,7 +339,7 @@ def test_gfl_head_loss_no_positives():
     lw[4] = 0
     cls.requires_grad_(True)
     reg.requires_grad_(True)
-    losses, extras = head.loss(cls, reg, anchors, strides, labels, lw, boxes, 0.0, LossConfig())
+    losses, extras = _loss(head, cls, reg, anchors, strides, labels, lw, boxes, 0.0, LossConfig())
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_dfl"].item() == 0.0
     want = (quality_focal_loss(cls.detach(), labels, torch.zeros(5)) * lw).sum() / 1.0
     assert losses["loss_cls"].item() == pytest.approx(want.item(), rel=1e-5)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CODECS = ("fp32", "fp16", "int8")
+from ..config import CODECS
+
 CLIP = 40.0
 
 
@@ -66,9 +67,10 @@ def decode(values: np.ndarray, scale: np.ndarray | None, codec: str) -> torch.Te
     raise ValueError(f"unknown codec {codec!r}")
 
 
-def dtype_of(codec: str) -> str:
-    return {"fp32": "float32", "fp16": "float16", "int8": "uint8"}[codec]
-
-
 def bytes_per_value(codec: str) -> int:
     return {"fp32": 4, "fp16": 2, "int8": 1}[codec]
+
+
+def row_extra(codec: str) -> int:
+    """Trailing bytes per stored row that hold the row's scale (int8: a float16)."""
+    return 2 if codec == "int8" else 0

@@ -1,38 +1,212 @@
-"""The cache manifest: what made the cache and what it can serve.
+"""The cache manifest: what made the cache and what it can serve, as a typed record.
 
-Stored as the root group's ``ldpipe_cache`` attribute.  The *identity* fields
-decide whether a rerun may resume into an existing store; ``cache_id`` is a
-hash of them (the cache fingerprint that chains and students record).
+Stored as the root group's ``ldpipe_cache`` attribute (JSON).  :meth:`Manifest.parse`
+reads and version-checks it once; everything else reads typed fields.  The
+*identity* fields decide whether a rerun may resume into an existing store;
+``cache_id`` is a hash of them (the cache fingerprint that chains and students record).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
 import sys
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from .. import __version__
 from ..config import ModelConfig, Pipeline
-from .store import FORMAT, FORMAT_VERSION
+from ..models.anchors import Grid, make_grid
 
+FORMAT = "ldpipe-teacher-cache"
+FORMAT_VERSION = 2
 IDENTITY = ("teacher", "geometry", "data", "region", "codec", "compressor", "store_cls",
             "samples_per_shard", "chunk_rows")
+CHUNK_ROWS = 1024
+# columns of the per-sample table (``units/*/samples`` and ``index/samples``)
+SAMPLE_FIELDS = ("sample", "image_index", "image_id", "variant", "row_start", "row_count",
+                 "img_h", "img_w", "pad_h", "pad_w", "flip", "ori_h", "ori_w")
+F = {name: i for i, name in enumerate(SAMPLE_FIELDS)}
 
 
+class CacheError(ValueError):
+    """A cache is missing, corrupt, incomplete or incompatible; the message says which."""
+
+
+@dataclass
+class TeacherInfo:
+    model: str
+    architecture: dict  # type, backbone, depth, base_width, channels, stacked_convs, reg_max
+    checkpoint_sha256: str
+
+
+@dataclass
+class Geometry:
+    """The input geometry and anchor layout the teacher's rows refer to."""
+
+    strides: list[int]
+    anchor_scale: float
+    reg_max: int
+    num_classes: int
+    classes: list[str]
+    input_scales: list[list[int]]
+    pad_divisor: int
+    variants: list[dict]  # {"key", "scale_idx", "flip"} per variant, in variant order
+
+    @property
+    def reg_bins(self) -> int:
+        return self.reg_max + 1
+
+    def grid(self, pad_shape) -> Grid:
+        return make_grid(tuple(int(x) for x in pad_shape), self.strides, self.anchor_scale)
+
+
+@dataclass
+class DataInfo:
+    format: str
+    split: str
+    fingerprint: str
+    num_images: int
+    image_ids: list[int]
+
+
+@dataclass
+class RegionInfo:
+    policy: str
+    assigners: list[dict]  # {"topk", "ignore_iof_thr", "models"} the main/ld regions were made for
+
+    def assigner_keys(self) -> list[tuple]:
+        return [(a["topk"], a["ignore_iof_thr"]) for a in self.assigners]
+
+
+@dataclass
+class Manifest:
+    format: str
+    format_version: int
+    teacher: TeacherInfo
+    geometry: Geometry
+    data: DataInfo
+    region: RegionInfo
+    codec: str
+    compressor: str
+    store_cls: bool
+    samples_per_shard: int
+    chunk_rows: int
+    variants: list[str]
+    num_samples: int
+    num_units: int
+    created: str
+    command: str
+    pipeline: dict
+    checkpoint_path: str
+    versions: dict
+    lineage: dict = field(default_factory=dict)  # the cache the teacher was trained from, if any
+    cache_id: str = ""
+
+    # ------------------------------------------------------------ (de)serialising
+    @classmethod
+    def parse(cls, raw, url: str) -> "Manifest":
+        """The manifest of the cache at ``url``, or a :class:`CacheError` naming what is wrong."""
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise CacheError(f"{url} is not an ldpipe teacher cache (no {FORMAT!r} manifest)")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{url}: cache format version {raw.get('format_version')} is not "
+                             f"supported (this ldpipe reads version {FORMAT_VERSION})")
+        return _build(cls, raw, "", url)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------ identity
+    def identity(self) -> dict:
+        d = self.to_dict()
+        return {k: d[k] for k in IDENTITY}
+
+    def compute_id(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def identity_diff(self, new: "Manifest") -> list[str]:
+        """Human lines for each identity field that differs (``self``: the existing cache)."""
+        out = []
+        old_id, new_id = self.identity(), new.identity()
+        for key in IDENTITY:
+            a, b = old_id[key], new_id[key]
+            if a == b:
+                continue
+            if isinstance(a, dict) and isinstance(b, dict):
+                for sub in sorted(set(a) | set(b)):
+                    if a.get(sub) != b.get(sub):
+                        out.append(f"{key}.{sub}: cache has {_short(a.get(sub))}, "
+                                   f"this run has {_short(b.get(sub))}")
+            else:
+                out.append(f"{key}: cache has {_short(a)}, this run has {_short(b)}")
+        return out
+
+    # ------------------------------------------------------------ reading helpers
+    @property
+    def num_variants(self) -> int:
+        return len(self.variants)
+
+    def row_bytes(self) -> int:
+        """Decoded bytes of one stored row (anchor index + box + class values)."""
+        from .codec import bytes_per_value, row_extra
+        extra, item = row_extra(self.codec), bytes_per_value(self.codec)
+        cls = (self.geometry.num_classes + extra) * item if self.store_cls else 0
+        return 4 + 4 * (self.geometry.reg_bins + extra) * item + cls
+
+    def sample_label(self, rec: np.ndarray) -> str:
+        v = int(rec[F["variant"]])
+        key = self.variants[v] if 0 <= v < len(self.variants) else f"#{v}"
+        return f"sample {int(rec[F['sample']])} (image {int(rec[F['image_id']])}, variant {key})"
+
+    def lineage_chain(self) -> list[str]:
+        """Readable chain from this cache's teacher back to the root teacher."""
+        t = self.teacher
+        lines = [f"{t.model} ({t.architecture.get('backbone')}, sha256 {str(t.checkpoint_sha256)[:12]})"
+                 f" -> this cache {self.cache_id}"]
+        lin, depth = self.lineage or {}, 0
+        while lin and depth < 32:
+            src = lin.get("cache") or {}
+            lines.append(f"  trained from cache {src.get('cache_id')} at {src.get('url')} "
+                         f"made by {src.get('teacher_model')} (sha256 {str(src.get('teacher_sha256'))[:12]})")
+            lin = src.get("lineage") or {}
+            depth += 1
+        return lines
+
+    def lineage_entry(self, url: str) -> dict:
+        """What a model trained from this cache records as its lineage."""
+        return {"cache": {"url": url, "cache_id": self.cache_id, "teacher_model": self.teacher.model,
+                          "teacher_sha256": self.teacher.checkpoint_sha256,
+                          "region": self.region.policy, "codec": self.codec,
+                          "lineage": self.lineage or {}}}
+
+
+def _build(cls, raw: dict, where: str, url: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = f"{where}.{f.name}" if where else f.name
+        if f.name not in raw:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise CacheError(f"{url}: the manifest lacks {path!r} (damaged or not written by ldpipe)")
+        value, tp = raw[f.name], hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise CacheError(f"{url}: manifest field {path!r} is not a table")
+            value = _build(tp, value, path, url)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------- building
 def architecture(cfg: ModelConfig) -> dict:
     return {"type": "GFL", "backbone": f"ResNet-{cfg.depth}", "depth": cfg.depth,
             "base_width": cfg.base_width, "channels": cfg.channels,
             "stacked_convs": cfg.stacked_convs, "reg_max": cfg.reg_max}
-
-
-def geometry(pipe: Pipeline, cfg: ModelConfig, variants, num_classes: int, classes) -> dict:
-    return {
-        "strides": list(cfg.strides), "anchor_scale": cfg.anchor_scale, "reg_max": cfg.reg_max,
-        "num_classes": num_classes, "classes": list(classes),
-        "input_scales": [list(s) for s in pipe.data.train_scales],
-        "pad_divisor": pipe.data.pad_divisor,
-        "variants": [{"key": v.key, "scale_idx": v.scale_idx, "flip": v.flip} for v in variants],
-    }
 
 
 def versions() -> dict:
@@ -43,81 +217,44 @@ def versions() -> dict:
             "numcodecs": numcodecs.__version__, "python": sys.version.split()[0]}
 
 
-def cache_id(manifest: dict) -> str:
-    ident = {k: manifest.get(k) for k in IDENTITY}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str, ckpt_meta: dict,
-          split, split_name: str, variants, assigners: list[dict], num_units: int) -> dict:
+          split, split_name: str, variants, assigners: list[dict], num_units: int) -> Manifest:
+    """The manifest of a dump of ``model_name`` over ``split`` (records, classes, fingerprint)."""
     cfg = pipe.model(model_name)
     cache = pipe.cache
-    lineage_src = (ckpt_meta.get("ldpipe") or {}).get("lineage") or {}
-    m = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "teacher": {"model": model_name, "architecture": architecture(cfg),
-                    "checkpoint_sha256": checkpoint_sha},
-        "geometry": geometry(pipe, cfg, variants, len(split.classes), split.classes),
-        "data": {"format": pipe.data.format, "split": split_name, "fingerprint": split.fingerprint,
-                 "num_images": len(split.records), "image_ids": [int(i) for i in split.image_ids]},
-        "region": {"policy": cache.region, "assigners": assigners},
-        "codec": cache.codec,
-        "compressor": cache.compressor,
-        "store_cls": cache.store_cls,
-        "samples_per_shard": cache.samples_per_shard,
-        "chunk_rows": 1024,
-        "variants": [v.key for v in variants],
-        "num_samples": len(split.records) * len(variants),
-        "num_units": num_units,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "pipeline": {"source": pipe.source, "name": pipe.name},
-        "checkpoint_path": checkpoint,
-        "versions": versions(),
+    m = Manifest(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        teacher=TeacherInfo(model_name, architecture(cfg), checkpoint_sha),
+        geometry=Geometry(
+            strides=list(cfg.strides), anchor_scale=cfg.anchor_scale, reg_max=cfg.reg_max,
+            num_classes=len(split.classes), classes=list(split.classes),
+            input_scales=[list(s) for s in pipe.data.train_scales],
+            pad_divisor=pipe.data.pad_divisor,
+            variants=[{"key": v.key, "scale_idx": v.scale_idx, "flip": v.flip} for v in variants]),
+        data=DataInfo(pipe.data.format, split_name, split.fingerprint, len(split.records),
+                      [int(i) for i in split.image_ids]),
+        region=RegionInfo(cache.region, assigners),
+        codec=cache.codec,
+        compressor=cache.compressor,
+        store_cls=cache.store_cls,
+        samples_per_shard=cache.samples_per_shard,
+        chunk_rows=CHUNK_ROWS,
+        variants=[v.key for v in variants],
+        num_samples=len(split.records) * len(variants),
+        num_units=num_units,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(sys.argv),
+        pipeline={"source": pipe.source, "name": pipe.name},
+        checkpoint_path=checkpoint,
+        versions=versions(),
         # the cache this teacher was itself trained from (and its own lineage), if any
-        "lineage": lineage_src,
-    }
-    m["cache_id"] = cache_id(m)
+        lineage=(ckpt_meta.get("ldpipe") or {}).get("lineage") or {},
+    )
+    m.cache_id = m.compute_id()
     return m
-
-
-def identity_diff(old: dict, new: dict) -> list[str]:
-    """Human lines for each identity field that differs."""
-    out = []
-    for key in IDENTITY:
-        a, b = old.get(key), new.get(key)
-        if a != b:
-            if isinstance(a, dict) and isinstance(b, dict):
-                for sub in sorted(set(a) | set(b)):
-                    if a.get(sub) != b.get(sub):
-                        out.append(f"{key}.{sub}: cache has {_short(a.get(sub))}, "
-                                   f"this run has {_short(b.get(sub))}")
-            else:
-                out.append(f"{key}: cache has {_short(a)}, this run has {_short(b)}")
-    return out
-
-
-def lineage_chain(manifest: dict) -> list[str]:
-    """Readable chain from this cache's teacher back to the root teacher."""
-    lines = []
-    t = manifest.get("teacher", {})
-    lines.append(f"{t.get('model')} ({t.get('architecture', {}).get('backbone')}, "
-                 f"sha256 {str(t.get('checkpoint_sha256'))[:12]}) -> this cache "
-                 f"{manifest.get('cache_id')}")
-    lin = manifest.get("lineage") or {}
-    depth = 0
-    while lin and depth < 32:
-        src = lin.get("cache") or {}
-        lines.append(f"  trained from cache {src.get('cache_id')} at {src.get('url')} "
-                     f"made by {src.get('teacher_model')} (sha256 {str(src.get('teacher_sha256'))[:12]})")
-        lin = src.get("lineage") or {}
-        depth += 1
-    return lines
 
 
 def _short(v) -> str:
     s = json.dumps(v, sort_keys=True, default=str)
     return s if len(s) <= 120 else s[:117] + "..."
-
-

@@ -14,30 +14,36 @@ manifest records those settings so a student with another one is refused.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from ..models.assigner import atss_assign, grid_tensors, make_grid, overlap_mask, vlr_weights
+from ..config import REGION_POLICIES, Pipeline
+from ..models.anchors import grid_tensors, make_grid
+from ..models.assigner import atss_assign, overlap_mask, vlr_weights
 
-POLICIES = ("main", "ld", "overlap", "dense")
-
-# which loss terms each policy can serve
-SERVES = {
-    "main": {"ld", "kd"},
-    "ld": {"ld", "vlr", "kd"},
-    "overlap": {"ld", "vlr", "kd"},
-    "dense": {"ld", "vlr", "kd"},
-}
-
+POLICIES = REGION_POLICIES
 
 @dataclass(frozen=True)
 class AssignerSpec:
     topk: int = 9
     ignore_iof_thr: float = -1.0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def reader_assigners(pipe: Pipeline, model_name: str) -> list[dict]:
+    """Assigner settings of the models that will read a cache of ``model_name`` (``cache.readers``;
+    default: every other model of the pipeline, or the teacher itself for Self-LD)."""
+    names = list(pipe.cache.readers) or [n for n in pipe.models if n != model_name] or [model_name]
+    out, seen = [], set()
+    for n in names:
+        a = pipe.model(n).assigner
+        key = (a.topk, a.ignore_iof_thr)
+        if key not in seen:
+            seen.add(key)
+            out.append({"topk": a.topk, "ignore_iof_thr": a.ignore_iof_thr, "models": [n]})
+        else:
+            next(o for o in out if (o["topk"], o["ignore_iof_thr"]) == key)["models"].append(n)
+    return out
 
 
 def region_index(policy: str, gt: torch.Tensor, ignore: torch.Tensor | None,

@@ -28,9 +28,7 @@ object have alike distributions (``_filters``).
 from __future__ import annotations
 
 import hashlib
-import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,21 +37,16 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import Delta
 
+from ..config import COMPRESSORS
 from . import codec as C
+from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 
 # zarr warns on every numcodecs codec (here: Delta) that other zarr implementations may lack
 # it; the format spec names the codec, and readers of this format use zarr-python.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
-FORMAT = "ldpipe-teacher-cache"
-FORMAT_VERSION = 2
-SAMPLE_FIELDS = ("sample", "image_index", "image_id", "variant", "row_start", "row_count",
-                 "img_h", "img_w", "pad_h", "pad_w", "flip", "ori_h", "ori_w")
-F = {name: i for i, name in enumerate(SAMPLE_FIELDS)}
-
-
-class CacheError(ValueError):
-    """A cache is missing, corrupt, incomplete or incompatible; the message says which."""
+UNIT_ARRAYS = ("samples", "scale", "anchor", "box", "cls")
+ROWS_LAST = ("box", "cls")  # stored with the row axis last (columnar); see to_disk
 
 
 def open_root(url: str, mode: str = "r") -> zarr.Group:
@@ -61,6 +54,29 @@ def open_root(url: str, mode: str = "r") -> zarr.Group:
         return zarr.open_group(url, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
         raise CacheError(f"no teacher cache at {url}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for one-line errors."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def open_cache(url: str) -> tuple[zarr.Group, Manifest]:
+    """The root group and parsed manifest of a teacher cache, or a one-line :class:`CacheError`."""
+    try:
+        root = open_root(url, "r")
+    except CacheError:
+        raise
+    except zarr.errors.ContainsArrayError:
+        raise CacheError(f"{url} is a zarr array, not an ldpipe teacher cache") from None
+    except Exception as exc:  # bad URL, unknown protocol, not a directory, ...
+        raise CacheError(f"cannot open {url} as a teacher cache: {first_line(exc)}") from None
+    try:
+        raw = root.attrs.get("ldpipe_cache")
+    except Exception as exc:
+        raise CacheError(f"{url}: unreadable root metadata: {first_line(exc)}") from None
+    return root, Manifest.parse(raw, url)
 
 
 def unit_name(u: int) -> str:
@@ -72,10 +88,7 @@ def _compressors(name: str):
         return [ZstdCodec(level=3), Crc32cCodec()]
     if name == "blosc":
         return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()]
-    raise CacheError(f"unknown compressor {name!r} (zstd or blosc)")
-
-
-ROWS_LAST = ("box", "cls")  # stored with the row axis last (columnar); see to_disk
+    raise CacheError(f"unknown compressor {name!r} ({' or '.join(COMPRESSORS)})")
 
 
 def to_disk(name: str, arr: np.ndarray) -> np.ndarray:
@@ -124,6 +137,17 @@ def unpack_rows(raw: np.ndarray, codec: str) -> torch.Tensor:
 
 
 @dataclass
+class SampleRows:
+    """What the teacher gave for one sample: its geometry and its stored rows."""
+
+    sample: int  # image_index * num_variants + variant
+    meta: dict  # index, image_id, img_shape, pad_shape, ori_shape, flip, scale_factor
+    anchor: torch.Tensor  # int [n] sorted own-grid anchor indices
+    box: torch.Tensor  # float32 [n, 4, reg_max + 1] edge log-probabilities
+    cls: torch.Tensor | None  # float32 [n, C] class log-probabilities
+
+
+@dataclass
 class UnitData:
     """Everything one unit holds, ready to write."""
 
@@ -132,6 +156,34 @@ class UnitData:
     anchor: np.ndarray  # int32 [rows]
     box: np.ndarray  # [rows, 4, B']
     cls: np.ndarray | None  # [rows, C'] or None
+
+
+def assemble_unit(items: list[SampleRows], codec: str, num_variants: int) -> UnitData:
+    """Sort a unit's samples and pack them into the unit arrays (encoding the values)."""
+    items = sorted(items, key=lambda t: t.sample)
+    table = np.zeros((len(items), len(SAMPLE_FIELDS)), dtype=np.int64)
+    scale = np.zeros((len(items), 2), dtype=np.float64)
+    anchors, boxes, classes = [], [], []
+    start = 0
+    has_cls = bool(items) and items[0].cls is not None
+    for i, it in enumerate(items):
+        n = int(it.anchor.shape[0])
+        meta = it.meta
+        ih, iw = meta["img_shape"]
+        ph, pw = meta["pad_shape"]
+        oh, ow = meta["ori_shape"]
+        table[i] = [it.sample, meta["index"], meta["image_id"], it.sample % num_variants, start, n,
+                    ih, iw, ph, pw, int(meta["flip"]), oh, ow]
+        scale[i] = meta["scale_factor"]
+        anchors.append(it.anchor.numpy())
+        boxes.append(it.box)
+        if has_cls:
+            classes.append(it.cls)
+        start += n
+    anchor = np.concatenate(anchors).astype(np.int32) if anchors else np.zeros(0, np.int32)
+    box = pack_rows(C.encode(torch.cat(boxes), codec)) if boxes else None
+    cls = pack_rows(C.encode(torch.cat(classes), codec)) if has_cls else None
+    return UnitData(table, scale, anchor, box, cls)
 
 
 def write_unit(root: zarr.Group, u: int, data: UnitData, compressor: str, chunk_rows: int) -> None:
@@ -179,137 +231,20 @@ def committed_units(root: zarr.Group) -> dict[int, dict]:
     return out
 
 
-class CacheReader:
-    """Random access to committed samples; safe to pickle into DataLoader workers.
-
-    Opens lazily in each process and keeps a small LRU of open unit arrays.  A cache
-    whose stored rows fit in ``preload_bytes`` (per process) is read a whole unit at a
-    time and kept decoded in memory, so later reads are array slices; larger caches
-    read each sample's rows from the shards (no read amplification).
-    """
-
-    def __init__(self, url: str, max_open_units: int = 64, preload_bytes: int = 128 << 20) -> None:
-        self.url = url
-        self.max_open_units = max_open_units
-        self.preload_bytes = preload_bytes
-        self._state = None
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        return {"url": self.url, "max_open_units": self.max_open_units,
-                "preload_bytes": self.preload_bytes}
-
-    def __setstate__(self, state):
-        self.__init__(state["url"], state["max_open_units"], state.get("preload_bytes", 128 << 20))
-
-    # -------------------------------------------------------------- opening
-    def _open(self):
-        if self._state is None:
-            root = open_root(self.url, "r")
-            manifest = root.attrs.get("ldpipe_cache")
-            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-                raise CacheError(f"{self.url} is not an ldpipe teacher cache (no manifest)")
-            if manifest.get("format_version") != FORMAT_VERSION:
-                raise CacheError(f"{self.url}: cache format version {manifest.get('format_version')} "
-                                 f"is not supported by this ldpipe (reads version {FORMAT_VERSION})")
-            table, scale, unit_of = load_index(root)
-            lookup = {int(s): i for i, s in enumerate(table[:, F["sample"]])}
-            self._state = {"root": root, "manifest": manifest, "table": table, "scale": scale,
-                           "unit_of": unit_of, "lookup": lookup, "units": OrderedDict(),
-                           "preload": _row_bytes(manifest) * int(table[:, F["row_count"]].sum())
-                           <= self.preload_bytes}
-        return self._state
-
-    @property
-    def manifest(self) -> dict:
-        return self._open()["manifest"]
-
-    @property
-    def table(self) -> np.ndarray:
-        return self._open()["table"]
-
-    @property
-    def scale(self) -> np.ndarray:
-        return self._open()["scale"]
-
-    @property
-    def num_variants(self) -> int:
-        return len(self.manifest["variants"])
-
-    def sample_number(self, image_index: int, variant: int) -> int:
-        return image_index * self.num_variants + variant
-
-    def has(self, image_index: int, variant: int) -> bool:
-        return self.sample_number(image_index, variant) in self._open()["lookup"]
-
-    def _unit(self, u: int) -> dict:
-        st = self._open()
-        units = st["units"]
-        if u in units:
-            units.move_to_end(u)
-            return units[u]
-        g = st["root"][f"units/{unit_name(u)}"]
-        arrays = {name: g[name] for name in ("anchor", "box", "cls") if name in g}
-        if st["preload"]:  # small cache: decode the unit once, keep it (no eviction)
-            arrays = {name: a[...] for name, a in arrays.items()}
-        units[u] = arrays
-        while not st["preload"] and len(units) > self.max_open_units:
-            units.popitem(last=False)
-        return arrays
-
-    # -------------------------------------------------------------- reading
-    def row(self, image_index: int, variant: int) -> tuple[np.ndarray, np.ndarray]:
-        rec, scale, _ = self._locate(image_index, variant)
-        return rec, scale
-
-    def _locate(self, image_index: int, variant: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Index row, scale factor and unit of one sample."""
-        st = self._open()
-        s = self.sample_number(image_index, variant)
-        if s not in st["lookup"]:
-            raise CacheError(f"{self.url}: sample (image {image_index}, variant {variant}) "
-                             "is not in the cache (incomplete dump, or another data set?)")
-        i = st["lookup"][s]
-        return st["table"][i], st["scale"][i], int(st["unit_of"][i])
-
-    def read(self, image_index: int, variant: int, with_cls: bool = True) -> dict:
-        """Decoded targets of one sample: anchor index, box and class log-probs, geometry."""
-        rec, scale, u = self._locate(image_index, variant)
-        codec = self.manifest["codec"]
-        start, count = int(rec[F["row_start"]]), int(rec[F["row_count"]])
-        with self._lock:
-            arrays = self._unit(u)
-        sl = slice(start, start + count)
-        out = {
-            "anchor": torch.from_numpy(arrays["anchor"][sl].astype(np.int64)),
-            "box": unpack_rows(from_disk("box", arrays["box"][..., sl]), codec),
-            "cls": (unpack_rows(from_disk("cls", arrays["cls"][..., sl]), codec)
-                    if with_cls and "cls" in arrays else None),
-            "geometry": geometry_of(rec, scale),
-        }
-        return out
-
-
-def _row_bytes(manifest: dict) -> int:
-    """Decoded bytes of one stored row (anchor index + box + class values)."""
-    geo, codec = manifest["geometry"], manifest["codec"]
-    extra = 2 if codec == "int8" else 0
-    item = C.bytes_per_value(codec)
-    cls = (geo["num_classes"] + extra) * item if manifest.get("store_cls") else 0
-    return 4 + 4 * (geo["reg_max"] + 1 + extra) * item + cls
-
-
-def geometry_of(rec: np.ndarray, scale: np.ndarray) -> dict:
-    return {"img_shape": (int(rec[F["img_h"]]), int(rec[F["img_w"]])),
-            "pad_shape": (int(rec[F["pad_h"]]), int(rec[F["pad_w"]])),
-            "ori_shape": (int(rec[F["ori_h"]]), int(rec[F["ori_w"]])),
-            "flip": bool(rec[F["flip"]]),
-            "scale_factor": (float(scale[0]), float(scale[1]))}
+def index_complete(root: zarr.Group, total: int | None = None) -> bool:
+    """Whether the consolidated ``index/`` exists, is marked complete (and has ``total`` rows)."""
+    try:
+        if "index" not in root:
+            return False
+        g = root["index"]
+        return bool(g.attrs.get("complete")) and (total is None or g["samples"].shape[0] == total)
+    except Exception:
+        return False
 
 
 def load_index(root: zarr.Group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The per-sample table of the whole cache: consolidated if complete, else from committed units."""
-    if "index" in root and root["index"].attrs.get("complete"):
+    if index_complete(root):
         g = root["index"]
         return g["samples"][...], g["scale"][...], g["unit"][...]
     tables, scales, units = [], [], []
@@ -340,3 +275,43 @@ def write_index(root: zarr.Group, compressor: str) -> int:
             z[...] = arr
     g.attrs["complete"] = True
     return int(table.shape[0])
+
+
+# ---------------------------------------------------------------------- creating
+def _has_content(url: str) -> bool:
+    """Whether ``url`` holds anything (a file, or a non-empty directory / prefix)."""
+    import fsspec
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            return False
+        return fs.isfile(path) or bool(fs.ls(path, detail=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def create_or_resume(out: str, manifest: Manifest, overwrite: bool) -> None:
+    """Create the cache at ``out`` with ``manifest``, or keep an existing one made the same
+    way (a resumed dump); refuse to mix with or to delete anything else unless ``overwrite``."""
+    try:
+        root = open_root(out, "r")
+        raw = root.attrs.get("ldpipe_cache")
+    except (CacheError, zarr.errors.ContainsArrayError):
+        root, raw = None, None
+        # zarr's mode "w" below deletes whatever is there: never do that to a location
+        # that holds something other than a zarr group unless asked to
+        if not overwrite and _has_content(out):
+            raise CacheError(f"{out} exists, is not empty and is not an ldpipe cache; refusing to "
+                             "write into it (use another --out, or --overwrite to delete its contents)")
+    if raw is not None and not overwrite:
+        diff = Manifest.parse(raw, out).identity_diff(manifest)
+        if diff:
+            raise CacheError(f"{out} already holds a cache made differently; refusing to mix:\n  "
+                             + "\n  ".join(diff)
+                             + "\nUse another --out, or --overwrite to replace it.")
+        return  # resume into it
+    if root is not None and raw is None and not overwrite:
+        if len(list(root.keys())):
+            raise CacheError(f"{out} exists and is not an ldpipe cache; use another --out")
+    g = zarr.open_group(out, mode="w", zarr_format=3)
+    g.attrs["ldpipe_cache"] = manifest.to_dict()

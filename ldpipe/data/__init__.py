@@ -1,12 +1,12 @@
 """Data path: annotations to records, mmdetection-equal geometry, data set and samplers."""
-from ldpipe.data.dataset import DetectionDataset, FixedSampler, VariantSampler, collate, every_pair
+from ldpipe.data.dataset import DetectionDataset, FixedSampler, VariantSampler, collate
 from ldpipe.data.records import DataError, Record, Split, load_split
 from ldpipe.data.synth import synthesize
 from ldpipe.data.transforms import (TEST_VARIANT, Variant, boxes_to_original, load_image,
-                                    make_sample, train_variants, variant_scale)
+                                    make_sample, padded_shape, train_variants, variant_scale)
 
 __all__ = [
     "DataError", "DetectionDataset", "FixedSampler", "Record", "Split", "TEST_VARIANT",
-    "Variant", "VariantSampler", "boxes_to_original", "collate", "every_pair", "load_image",
-    "load_split", "make_sample", "synthesize", "train_variants", "variant_scale",
+    "Variant", "VariantSampler", "boxes_to_original", "collate", "load_image",
+    "load_split", "make_sample", "padded_shape", "synthesize", "train_variants", "variant_scale",
 ]

@@ -112,11 +112,6 @@ class FixedSampler(Sampler):
         return len(self.items)
 
 
-def every_pair(num_images: int, num_variants: int) -> list[Pair]:
-    """All (image, variant) pairs, image-major."""
-    return [(i, v) for i in range(num_images) for v in range(num_variants)]
-
-
 def collate(batch: list[dict]) -> dict:
     """Stack images (zero-padded bottom/right to the batch maximum); lists for the rest.
 
@@ -139,4 +134,4 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
-__all__ = ["DetectionDataset", "FixedSampler", "VariantSampler", "collate", "every_pair"]
+__all__ = ["DetectionDataset", "FixedSampler", "VariantSampler", "collate"]

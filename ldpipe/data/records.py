@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +61,6 @@ class Split:
     stats: dict
     source: str  # COCO annotation path or VOC root
     coco_json: dict | None  # raw COCO JSON (for pycocotools); None for VOC
-    # COCO category id of each label (label -> category_id); VOC: 1..C.
-    cat_ids: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -188,7 +186,7 @@ def _load_coco(pipe: Pipeline, split: str) -> Split:
             ignore=ign, ignore_labels=np.asarray(ignore_labels, dtype=np.int64).reshape(-1)[ign_keep]))
     if unknown_cat:
         raise DataError(f"{ann_path}: {unknown_cat} annotations use category ids not in 'categories'")
-    return _finish(split, classes, records, [blob], clean, ann_path, coco, cat_ids)
+    return _finish(split, classes, records, [blob], clean, ann_path, coco)
 
 
 # --------------------------------------------------------------------------- VOC
@@ -258,13 +256,12 @@ def _load_voc(pipe: Pipeline, split: str) -> Split:
             image_id=index, file_name=img_path, width=w, height=h, boxes=kept,
             labels=np.asarray(labels, dtype=np.int64).reshape(-1)[keep],
             ignore=ign, ignore_labels=np.asarray(ignore_labels, dtype=np.int64).reshape(-1)[ign_keep]))
-    cat_ids = list(range(1, len(classes) + 1))
-    return _finish(split, classes, records, blobs, clean, root, None, cat_ids)
+    return _finish(split, classes, records, blobs, clean, root, None)
 
 
 # ------------------------------------------------------------------------ public
 def _finish(split: str, classes: list[str], records: list[Record], blobs: list[bytes],
-            clean: _Cleaner, source: str, coco: dict | None, cat_ids: list[int]) -> Split:
+            clean: _Cleaner, source: str, coco: dict | None) -> Split:
     image_ids = [r.image_id for r in records]
     if len(set(image_ids)) != len(image_ids):
         raise DataError(f"{source}: duplicate image ids in split {split!r}")
@@ -280,7 +277,7 @@ def _finish(split: str, classes: list[str], records: list[Record], blobs: list[b
              stats["boxes_clipped"], stats["boxes_dropped_degenerate"])
     return Split(name=split, classes=classes, records=records,
                  fingerprint=_fingerprint(blobs, classes, image_ids), image_ids=image_ids,
-                 stats=stats, source=source, coco_json=coco, cat_ids=cat_ids)
+                 stats=stats, source=source, coco_json=coco)
 
 
 def load_split(pipe: Pipeline, split: str) -> Split:

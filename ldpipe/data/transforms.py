@@ -48,6 +48,13 @@ def variant_scale(variant: Variant, pipe: Pipeline) -> tuple[int, int]:
     return int(scale[0]), int(scale[1])
 
 
+def padded_shape(record: Record, variant: Variant, pipe: Pipeline) -> tuple[int, int]:
+    """The padded input shape of a sample, from its annotation alone (no image decode)."""
+    w, h = mmcv.rescale_size((record.width, record.height), tuple(variant_scale(variant, pipe)))
+    d = pipe.data.pad_divisor
+    return (-(-h // d) * d, -(-w // d) * d)
+
+
 def load_image(path: str) -> np.ndarray:
     """BGR uint8 ``[H, W, 3]`` via :func:`mmcv.imread`; :class:`DataError` naming a bad file."""
     try:

@@ -1,9 +1,9 @@
-"""Distillation from the cache: loader -> loss (``ldpipe train-student``)."""
+"""Distillation: teachers (cached or online) -> loader -> LD losses (``ldpipe train-student``)."""
 from __future__ import annotations
 
 from ..config import Pipeline
 from ..engine.train import train
-from .hook import CachedTeacher, OnlineTeacher, check_compatible
+from .teachers import CachedTeacher, OnlineTeacher
 
 
 def train_student(pipe: Pipeline, model_name: str, work_dir: str, cache: str | None = None,
@@ -18,4 +18,4 @@ def train_student(pipe: Pipeline, model_name: str, work_dir: str, cache: str | N
                  progress=progress)
 
 
-__all__ = ["CachedTeacher", "OnlineTeacher", "check_compatible", "train_student"]
+__all__ = ["CachedTeacher", "OnlineTeacher", "train_student"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..cache.store import CacheError, CacheReader
+from ..cache import CacheError, CacheReader
 
 
 class CacheTargets:

@@ -12,8 +12,8 @@ from ..config import Pipeline
 from ..data import TEST_VARIANT, DetectionDataset, FixedSampler, boxes_to_original, collate, load_split
 from ..models import GFL, build_model
 from ..models.checkpoint import load_weights
-from . import evaluate as ev
-from .train import progress_bar
+from ..metrics import build_coco_gt, evaluate, write_results
+from .runtime import amp_context, progress_bar
 
 log = logging.getLogger("ldpipe.eval")
 
@@ -30,7 +30,7 @@ def predict_split(model: GFL, pipe: Pipeline, split, device: torch.device, batch
     out = []
     for batch in progress_bar(iterable=loader, desc="eval", disable=not progress, leave=False):
         img = batch["img"].to(device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with amp_context(device, device.type == "cuda"):
             dets = model.predict(img, batch["metas"])
         for det, meta in zip(dets, batch["metas"]):
             boxes = boxes_to_original(det["boxes"].float().cpu(), meta)
@@ -51,7 +51,7 @@ def evaluate_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, split_
     load_weights(model, checkpoint)
     model.to(dev)
     dets = predict_split(model, pipe, split, dev, batch_size=batch_size, progress=progress)
-    metrics = ev.evaluate(split.records, split.classes, dets, coco_json=split.coco_json,
+    metrics = evaluate(split.records, split.classes, dets, coco_json=split.coco_json,
                           voc=pipe.data.format == "voc")
     metrics.update({"model": model_name, "checkpoint": os.path.abspath(checkpoint),
                     "split": split_name})
@@ -60,6 +60,6 @@ def evaluate_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, split_
         with open(out, "w") as fh:
             json.dump(metrics, fh, indent=2, sort_keys=True)
     if results:
-        _, cat_ids = ev.build_coco_gt(split.records, split.classes, split.coco_json)
-        ev.write_results(results, dets, cat_ids)
+        _, cat_ids = build_coco_gt(split.records, split.classes, split.coco_json)
+        write_results(results, dets, cat_ids)
     return metrics

@@ -7,6 +7,13 @@ torchrun (gloo on the CPU), a checkpoint each epoch, ``DIR/latest.pth`` always
 pointing at the newest one, ``--resume`` continuing the same run, tqdm progress
 and JSON-lines metrics (``DIR/metrics.jsonl``).
 
+The pieces a benchmark or another runner needs on their own:
+
+* :func:`base_lr`, :class:`Schedule` - the lr rule and schedule;
+* :class:`TrainCollate` - collate + per-image ATSS targets (in loader workers);
+* :func:`step_losses` - forward one batch and every loss term;
+* :class:`TrainStep` - one optimisation step exactly as :func:`train` runs it.
+
 Distillation plugs in through a :class:`Hook` (see ``ldpipe.distill``): it adds
 per-sample data to the loader (the cached teacher targets), checks
 compatibility before the first step, and adds loss terms.
@@ -17,22 +24,18 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from ..config import Pipeline, to_dict
+from ..config import ModelConfig, Pipeline, TrainConfig, to_dict
 from ..data import DetectionDataset, VariantSampler, collate, load_split, train_variants
-from ..models import BatchTargets, GFL, batch_targets, build_model
-from ..models.assigner import image_targets
+from ..models import GFL, BatchTargets, DenseOutput, batch_targets, build_model, image_targets
 from ..models.checkpoint import CheckpointError, load_file, load_weights, save_checkpoint
-from . import dist
+from . import runtime
 
 log = logging.getLogger("ldpipe.train")
 
@@ -57,8 +60,8 @@ class Hook:
     def check(self, pipe: Pipeline, model_name: str, split) -> None:
         pass
 
-    def losses(self, model: GFL, batch: dict, cls_flat: torch.Tensor, reg_flat: torch.Tensor,
-               bt: BatchTargets, extras: dict) -> dict[str, torch.Tensor]:
+    def losses(self, model: GFL, batch: dict, out: DenseOutput, bt: BatchTargets,
+               extras: dict) -> dict[str, torch.Tensor]:
         return {}
 
     def lineage(self) -> dict:
@@ -68,10 +71,10 @@ class Hook:
 class TrainCollate:
     """Collate plus per-image ATSS targets on the image's own grid (runs in loader workers)."""
 
-    def __init__(self, strides: list[int], anchor_scale: float, num_classes: int, topk: int,
-                 ignore_iof_thr: float, with_vlr: bool) -> None:
-        self.strides, self.anchor_scale, self.num_classes = list(strides), anchor_scale, num_classes
-        self.topk, self.ignore_iof_thr, self.with_vlr = topk, ignore_iof_thr, with_vlr
+    def __init__(self, cfg: ModelConfig, num_classes: int, with_vlr: bool) -> None:
+        self.strides, self.anchor_scale, self.num_classes = list(cfg.strides), cfg.anchor_scale, num_classes
+        self.topk, self.ignore_iof_thr = cfg.assigner.topk, cfg.assigner.ignore_iof_thr
+        self.with_vlr = with_vlr
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples)
@@ -91,12 +94,88 @@ class Schedule:
     steps: list[int]
     gamma: float
 
+    @classmethod
+    def of(cls, sched: TrainConfig, lr: float) -> "Schedule":
+        return cls(lr, sched.warmup_iters, sched.warmup_ratio, sched.steps, sched.gamma)
+
     def lr(self, epoch: int, it: int) -> float:
         regular = self.base_lr * self.gamma ** sum(epoch >= s for s in self.steps)
         if it < self.warmup_iters:
             k = (1 - it / self.warmup_iters) * (1 - self.warmup_ratio)
             return regular * (1 - k)
         return regular
+
+
+def base_lr(sched: TrainConfig, world_size: int = 1) -> float:
+    """``train.lr``, or the linear scaling rule 0.01 x total batch / 16 when it is 0."""
+    return sched.lr or 0.01 * sched.batch_size * world_size / 16
+
+
+def step_losses(ddp, model: GFL, batch: dict, device: torch.device, use_amp: bool,
+                hook: Hook) -> dict[str, torch.Tensor]:
+    """Forward one batch (through ``ddp``, the model or its DDP wrapper) and return every
+    loss term (GFL + the hook's)."""
+    img = batch["img"].to(device, non_blocking=True)
+    with runtime.amp_context(device, use_amp):
+        out = ddp(img)
+    cfg = model.cfg
+    bt = batch_targets(batch["targets"], out.level_sizes, cfg.strides, cfg.anchor_scale,
+                       model.num_classes, device)
+    losses, extras = model.bbox_head.loss(out, bt, cfg.loss, reduce=runtime.mean_over_ranks)
+    losses.update(hook.losses(model, batch, out, bt, extras))
+    return losses
+
+
+class TrainStep:
+    """One optimisation step as :func:`train` runs it: lr from the schedule, forward and
+    losses, finiteness check, backward (GradScaler with AMP), gradient clipping, update."""
+
+    def __init__(self, model: GFL, sched: TrainConfig, device: torch.device, use_amp: bool,
+                 world_size: int = 1, ddp=None) -> None:
+        self.model, self.ddp = model, ddp if ddp is not None else model
+        self.device, self.use_amp, self.grad_clip = device, use_amp, sched.grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        lr = base_lr(sched, world_size)
+        self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=sched.momentum,
+                                         weight_decay=sched.weight_decay)
+        self.schedule = Schedule.of(sched, lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    def __call__(self, batch: dict, hook: Hook, epoch: int, it: int) -> tuple[dict[str, float], float]:
+        """Run the step at (epoch, global iteration ``it``); returns the loss values and lr."""
+        lr = self.schedule.lr(epoch, it)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses = step_losses(self.ddp, self.model, batch, self.device, self.use_amp, hook)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {float(loss)} at epoch {epoch + 1} iteration {it} "
+                f"(images {[m['image_id'] for m in batch['metas']]}); {_fmt(losses)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["loss"] = float(loss.detach())
+        return values, lr
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def resume(self, path: str) -> tuple[int, int]:
+        """Load weights, optimizer and scaler state of ``path``; returns (epoch, iteration)."""
+        state = load_file(path)
+        load_weights(self.model, path)
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        loop = state.get("loop", {})
+        return int(loop.get("epoch", 0)), int(loop.get("iter", 0))
 
 
 def link_latest(work_dir: str, name: str) -> None:
@@ -121,127 +200,75 @@ def _prune_checkpoints(work_dir: str, keep: int) -> None:
         os.remove(os.path.join(work_dir, f"epoch_{e}.pth"))
 
 
-def progress_bar(**kwargs) -> tqdm:
-    """tqdm that refreshes rarely when stderr is not a terminal (CI logs stay readable)."""
-    import sys
-    if not sys.stderr.isatty():
-        kwargs.setdefault("mininterval", 15.0)
-    return tqdm(dynamic_ncols=True, **kwargs)
-
-
-def worker_init(worker_id: int) -> None:
-    """Loader workers use one thread each: the main process owns the cores."""
-    torch.set_num_threads(1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
 def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
           hook: Hook | None = None, device: str | None = None, init_from: str | None = None,
           progress: bool = True) -> str:
     """Train one model of the pipeline; returns the path of the final checkpoint."""
     hook = hook or Hook()
-    info = dist.init(device)
+    info = runtime.init(device)
     cfg = pipe.model(model_name)
-    sched_cfg = pipe.train_for(model_name)
-    seed_everything(sched_cfg.seed + info.rank)
+    sched = pipe.train_for(model_name)
+    runtime.seed_everything(sched.seed + info.rank)
     os.makedirs(work_dir, exist_ok=True)
 
     split = load_split(pipe, "train")
     classes = split.classes
-    use_amp = sched_cfg.amp and info.device.type == "cuda"
+    use_amp = sched.amp and info.device.type == "cuda"
     hook.setup(info.device, use_amp)
     hook.check(pipe, model_name, split)
     variants = hook.variants(pipe)
     dataset = DetectionDataset(split, pipe, variants, extra=hook.sample_extra())
-    sampler = VariantSampler(len(dataset), len(variants), shuffle=True, seed=sched_cfg.seed,
+    sampler = VariantSampler(len(dataset), len(variants), shuffle=True, seed=sched.seed,
                              rank=info.rank, world_size=info.world_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=sched_cfg.batch_size, sampler=sampler, drop_last=False,
-        num_workers=sched_cfg.workers, pin_memory=info.device.type == "cuda",
-        persistent_workers=sched_cfg.workers > 0, worker_init_fn=worker_init,
-        collate_fn=TrainCollate(cfg.strides, cfg.anchor_scale, len(classes), cfg.assigner.topk,
-                                cfg.assigner.ignore_iof_thr, hook.with_vlr))
+        dataset, batch_size=sched.batch_size, sampler=sampler, drop_last=False,
+        num_workers=sched.workers, pin_memory=info.device.type == "cuda",
+        persistent_workers=sched.workers > 0, worker_init_fn=runtime.worker_init,
+        collate_fn=TrainCollate(cfg, len(classes), hook.with_vlr))
 
     model = build_model(cfg, len(classes)).to(info.device)
     if init_from:
         load_weights(model, init_from)
-    params = [p for p in model.parameters() if p.requires_grad]
-    total_batch = sched_cfg.batch_size * info.world_size
-    base_lr = sched_cfg.lr or 0.01 * total_batch / 16
-    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=sched_cfg.momentum,
-                                weight_decay=sched_cfg.weight_decay)
-    schedule = Schedule(base_lr, sched_cfg.warmup_iters, sched_cfg.warmup_ratio,
-                        sched_cfg.steps, sched_cfg.gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda"
+                                  else None) if info.enabled else model
+    step = TrainStep(model, sched, info.device, use_amp, info.world_size, ddp)
 
     start_epoch, global_it = 0, 0
     latest = os.path.join(work_dir, "latest.pth")
     if resume and os.path.exists(latest):
-        state = load_file(latest)
-        load_weights(model, latest)
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        loop = state.get("loop", {})
-        start_epoch, global_it = int(loop.get("epoch", 0)), int(loop.get("iter", 0))
+        start_epoch, global_it = step.resume(latest)
         if info.is_main:
             log.info("resuming %s from epoch %d (iteration %d)", latest, start_epoch, global_it)
     elif resume and info.is_main:
         log.info("--resume: no %s yet, starting from scratch", latest)
 
-    ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda"
-                                  else None) if info.enabled else model
-    head = model.bbox_head
     metrics_path = os.path.join(work_dir, "metrics.jsonl")
     iters_per_epoch = len(loader)
-    if sched_cfg.max_iters_per_epoch > 0:
-        iters_per_epoch = min(iters_per_epoch, sched_cfg.max_iters_per_epoch)
+    if sched.max_iters_per_epoch > 0:
+        iters_per_epoch = min(iters_per_epoch, sched.max_iters_per_epoch)
 
     meta = {"ldpipe": {
         "model": model_name, "config": to_dict(cfg), "classes": classes,
         "pipeline": pipe.source, "pipeline_name": pipe.name,
         "data_fingerprint": split.fingerprint, "lineage": hook.lineage(),
     }}
-    for epoch in range(start_epoch, sched_cfg.epochs):
+    for epoch in range(start_epoch, sched.epochs):
         sampler.set_epoch(epoch)
         model.train()
-        bar = progress_bar(total=iters_per_epoch, desc=f"{model_name} epoch {epoch + 1}/{sched_cfg.epochs}",
-                           disable=not (progress and info.is_main), leave=False)
+        bar = runtime.progress_bar(total=iters_per_epoch, desc=f"{model_name} epoch {epoch + 1}/{sched.epochs}",
+                                   disable=not (progress and info.is_main), leave=False)
         t_epoch = time.time()
         running: dict[str, float] = {}
         for i, batch in enumerate(loader):
             if i >= iters_per_epoch:
                 break
-            lr = schedule.lr(epoch, global_it)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses = step_losses(ddp, head, model, batch, info.device, use_amp, hook, cfg)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {float(loss)} at epoch {epoch + 1} iteration {i} "
-                    f"(images {[m['image_id'] for m in batch['metas']]}); {_fmt(losses)}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if sched_cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, sched_cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            values, lr = step(batch, hook, epoch, global_it)
             global_it += 1
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            values["loss"] = float(loss.detach())
             for k, v in values.items():
                 running[k] = running.get(k, 0.0) + v
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if info.is_main and (global_it % sched_cfg.log_interval == 0):
+            if info.is_main and (global_it % sched.log_interval == 0):
                 _append_json(metrics_path, {"type": "train", "model": model_name, "epoch": epoch + 1,
                                             "iter": global_it, "lr": lr, **values})
         bar.close()
@@ -252,38 +279,19 @@ def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
             _append_json(metrics_path, {"type": "epoch", "model": model_name, "epoch": epoch + 1,
                                         "iter": global_it, "time_s": round(elapsed, 3),
                                         "it_per_s": round(n / max(elapsed, 1e-9), 3), **summary})
-            log.info("%s epoch %d/%d: %s (%.1fs)", model_name, epoch + 1, sched_cfg.epochs,
+            log.info("%s epoch %d/%d: %s (%.1fs)", model_name, epoch + 1, sched.epochs,
                      _fmt(summary), elapsed)
             meta["ldpipe"].update(epoch=epoch + 1, iter=global_it)
             name = f"epoch_{epoch + 1}.pth"
-            save_checkpoint(os.path.join(work_dir, name), model, meta,
-                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+            save_checkpoint(os.path.join(work_dir, name), model, meta, **step.state(),
                             loop={"epoch": epoch + 1, "iter": global_it})
             link_latest(work_dir, name)
-            if sched_cfg.keep_checkpoints > 0:
-                _prune_checkpoints(work_dir, sched_cfg.keep_checkpoints)
-        dist.barrier()
+            if sched.keep_checkpoints > 0:
+                _prune_checkpoints(work_dir, sched.keep_checkpoints)
+        runtime.barrier()
     if not os.path.exists(latest):
         raise CheckpointError(f"{work_dir}: training ended without a checkpoint")
     return latest
-
-
-def step_losses(ddp, head, model: GFL, batch: dict, device: torch.device, use_amp: bool,
-                hook: Hook, cfg) -> dict[str, torch.Tensor]:
-    """Forward one batch and return every loss term (GFL + the hook's)."""
-    img = batch["img"].to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-        cls_maps, reg_maps = ddp(img)
-    sizes = [tuple(m.shape[-2:]) for m in cls_maps]
-    bt = batch_targets(batch["targets"], sizes, cfg.strides, cfg.anchor_scale,
-                       model.num_classes, device)
-    cls_flat = head.flatten(cls_maps).reshape(-1, model.num_classes).float()
-    reg_flat = head.flatten(reg_maps).reshape(-1, 4 * (cfg.reg_max + 1)).float()
-    losses, extras = head.loss(cls_flat, reg_flat, bt.anchors, bt.strides, bt.labels,
-                               bt.label_weights, bt.bbox_targets, bt.num_pos_images, cfg.loss,
-                               reduce=dist.mean_over_ranks)
-    losses.update(hook.losses(model, batch, cls_flat, reg_flat, bt, extras))
-    return losses
 
 
 def _append_json(path: str, record: dict[str, Any]) -> None:

@@ -1,4 +1,6 @@
 """The teacher/student detector: GFL on ResNet + FPN, and its targets and losses."""
-from .detector import GFL, BatchTargets, batch_targets, build_model
+from .detector import GFL, DenseOutput, build_model
+from .targets import BatchTargets, ImageTargets, batch_targets, image_targets
 
-__all__ = ["GFL", "BatchTargets", "batch_targets", "build_model"]
+__all__ = ["GFL", "BatchTargets", "DenseOutput", "ImageTargets", "batch_targets", "build_model",
+           "image_targets"]

@@ -18,11 +18,10 @@ result does not depend on the device or on the batch an image is in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
-from .boxes import anchor_centers, box_iou, distance_box_iou, grid_anchors, iof, level_sizes
+from .boxes import anchor_centers, box_iou, distance_box_iou, iof
 
 INF = 1e8
 
@@ -33,34 +32,6 @@ class Assignment:
     max_iou: torch.Tensor  # [N] IoU with the assigned GT (0 elsewhere)
     thr: torch.Tensor  # [G] ATSS IoU threshold per GT
     overlaps: torch.Tensor | None = None  # [N, G] anchor-GT IoU (reused by vlr_weights)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The anchor grid of one padded input."""
-
-    sizes: tuple[tuple[int, int], ...]
-    strides: tuple[int, ...]
-    anchor_scale: float
-
-    @property
-    def num_level_anchors(self) -> list[int]:
-        return [h * w for h, w in self.sizes]
-
-    @property
-    def num_anchors(self) -> int:
-        return sum(self.num_level_anchors)
-
-
-def make_grid(pad_shape: tuple[int, int], strides, anchor_scale: float) -> Grid:
-    sizes = tuple(level_sizes(tuple(pad_shape), list(strides)))
-    return Grid(sizes, tuple(int(s) for s in strides), float(anchor_scale))
-
-
-@lru_cache(maxsize=64)
-def grid_tensors(grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anchors ``[N,4]`` and per-anchor stride ``[N]`` (CPU, cached)."""
-    return grid_anchors(list(grid.sizes), list(grid.strides), grid.anchor_scale)
 
 
 def _candidates(distances: torch.Tensor, num_level: list[int], topk: int) -> torch.Tensor:
@@ -150,40 +121,3 @@ def overlap_mask(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     if gt.shape[0] == 0:
         return torch.zeros(anchors.shape[0], dtype=torch.bool)
     return (box_iou(anchors, gt) > 0).any(dim=1)
-
-
-@dataclass
-class ImageTargets:
-    """Training targets of one image on its own anchor grid (CPU tensors)."""
-
-    grid: Grid
-    labels: torch.Tensor  # [N] long, num_classes = background
-    label_weights: torch.Tensor  # [N] float, 0 for ignored anchors
-    bbox_targets: torch.Tensor  # [N,4] assigned GT box (zeros for non-positives)
-    vlr: torch.Tensor | None  # [N] VLR IoU weights, or None
-    num_classes: int
-
-    @property
-    def pos_index(self) -> torch.Tensor:
-        return torch.nonzero(self.labels < self.num_classes).squeeze(1)
-
-
-def image_targets(gt: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor | None,
-                  pad_shape: tuple[int, int], strides, anchor_scale: float, num_classes: int,
-                  topk: int = 9, ignore_iof_thr: float = -1.0, with_vlr: bool = False) -> ImageTargets:
-    """Assign one image's anchors; everything on the CPU in float32."""
-    grid = make_grid(pad_shape, strides, anchor_scale)
-    anchors, _ = grid_tensors(grid)
-    gt = gt.float().cpu().reshape(-1, 4)
-    res = atss_assign(anchors, grid.num_level_anchors, gt, ignore, topk, ignore_iof_thr)
-    n = anchors.shape[0]
-    out_labels = torch.full((n,), num_classes, dtype=torch.long)
-    weights = (res.gt_index >= 0).float()
-    targets = torch.zeros(n, 4)
-    pos = res.gt_index > 0
-    if pos.any():
-        k = res.gt_index[pos] - 1
-        out_labels[pos] = labels.long().cpu()[k]
-        targets[pos] = gt[k]
-    vlr = vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps) if with_vlr else None
-    return ImageTargets(grid, out_labels, weights, targets, vlr, num_classes)

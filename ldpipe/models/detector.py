@@ -2,6 +2,11 @@
 
 Top-level names match mmdetection's ``GFL`` detector (``backbone``, ``neck``,
 ``bbox_head``), so its checkpoints load with ``strict=True``.
+
+The model owns its output layout: :meth:`GFL.forward` returns a :class:`DenseOutput`
+whose tensors are flattened level by level over the batch's anchor grid (mmdetection's
+order), in float32 also under autocast.  Training targets (:mod:`.targets`), the
+teacher dump and distillation all index these batch-flat rows.
 """
 from __future__ import annotations
 
@@ -11,11 +16,48 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .assigner import Grid, ImageTargets, grid_tensors
+from .anchors import grid_anchors
 from .backbone import ResNet
-from .boxes import grid_anchors, grid_to_batch_index
 from .fpn import FPN
 from .gfl_head import GFLHead
+
+
+@dataclass
+class DenseOutput:
+    """Per-anchor outputs of a batch on its anchor grid (row ``b * N + j``: image ``b``, anchor ``j``)."""
+
+    cls: torch.Tensor  # [B, N, C] class logits (sigmoid), float32
+    reg: torch.Tensor  # [B, N, 4, reg_max + 1] edge-distribution logits, float32
+    level_sizes: list[tuple[int, int]]  # (h, w) of each level's grid
+
+    @property
+    def reg_bins(self) -> int:
+        return int(self.reg.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.cls.shape[-1])
+
+    def flat_cls(self) -> torch.Tensor:
+        """``[B*N, C]``."""
+        return self.cls.reshape(-1, self.cls.shape[-1])
+
+    def flat_reg(self) -> torch.Tensor:
+        """``[B*N, 4, reg_max + 1]``."""
+        return self.reg.reshape(-1, 4, self.reg.shape[-1])
+
+    def level_slices(self) -> list[slice]:
+        """The anchors of each level along the ``N`` axis."""
+        out, start = [], 0
+        for h, w in self.level_sizes:
+            out.append(slice(start, start + h * w))
+            start += h * w
+        return out
+
+
+def flatten_levels(maps: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, C, H, W]`` per level to ``[B, sum(H*W), C]`` (mmdetection's order)."""
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], 1)
 
 
 class GFL(nn.Module):
@@ -36,66 +78,27 @@ class GFL(nn.Module):
     def strides(self) -> list[int]:
         return list(self.cfg.strides)
 
-    def forward(self, img: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Class logits and edge-distribution logits per level."""
-        return self.bbox_head(self.neck(self.backbone(img)[1:]))
+    @property
+    def reg_bins(self) -> int:
+        """Bins of one edge distribution (``reg_max + 1``)."""
+        return self.bbox_head.reg_bins
+
+    def forward(self, img: torch.Tensor) -> DenseOutput:
+        """Class and edge-distribution logits of every anchor, batch-flat."""
+        cls_maps, reg_maps = self.bbox_head(self.neck(self.backbone(img)[1:]))
+        b = img.shape[0]
+        return DenseOutput(flatten_levels(cls_maps).float(),
+                           flatten_levels(reg_maps).float().reshape(b, -1, 4, self.reg_bins),
+                           [tuple(m.shape[-2:]) for m in cls_maps])
 
     @torch.no_grad()
     def predict(self, img: torch.Tensor, metas: list[dict]) -> list[dict]:
-        cls_scores, bbox_preds = self(img)
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
+        """Detections in input coordinates per image: ``{'boxes', 'scores', 'labels'}``."""
+        out = self(img)
         anchors = [grid_anchors([hw], [s], self.cfg.anchor_scale, img.device)[0]
-                   for hw, s in zip(sizes, self.strides)]
-        return self.bbox_head.predict(cls_scores, bbox_preds, anchors, self.strides, metas, self.cfg.test)
+                   for hw, s in zip(out.level_sizes, self.strides)]
+        return self.bbox_head.predict(out, anchors, self.strides, metas, self.cfg.test)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> GFL:
     return GFL(cfg, num_classes)
-
-
-@dataclass
-class BatchTargets:
-    """Per-image targets scattered into the batch's flattened anchor layout."""
-
-    anchors: torch.Tensor  # [B*N, 4]
-    strides: torch.Tensor  # [B*N]
-    labels: torch.Tensor  # [B*N]
-    label_weights: torch.Tensor  # [B*N]
-    bbox_targets: torch.Tensor  # [B*N, 4]
-    vlr: torch.Tensor | None  # [B*N]
-    own_to_batch: list[torch.Tensor]  # per image: own-grid flat index -> flat index in [B*N]
-    num_pos_images: float  # sum over images of max(n_pos, 1)
-
-
-def batch_targets(targets: list[ImageTargets], batch_sizes: list[tuple[int, int]],
-                  strides: list[int], anchor_scale: float, num_classes: int,
-                  device: torch.device) -> BatchTargets:
-    """Scatter own-grid targets into the batch grid.
-
-    Anchors outside an image's own padded extent get label weight 0 (mmdetection's
-    valid flags).  Flat index of image ``b`` anchor ``j`` is ``b * N + j``.
-    """
-    grid = Grid(tuple(batch_sizes), tuple(strides), float(anchor_scale))
-    anchors, stride_of = grid_tensors(grid)
-    n = anchors.shape[0]
-    bsz = len(targets)
-    labels = torch.full((bsz, n), num_classes, dtype=torch.long)
-    weights = torch.zeros(bsz, n)
-    boxes = torch.zeros(bsz, n, 4)
-    with_vlr = bool(targets) and targets[0].vlr is not None
-    vlr = torch.zeros(bsz, n) if with_vlr else None
-    maps, num_pos = [], 0.0
-    for b, t in enumerate(targets):
-        idx = grid_to_batch_index(list(t.grid.sizes), batch_sizes)
-        labels[b, idx] = t.labels
-        weights[b, idx] = t.label_weights
-        boxes[b, idx] = t.bbox_targets
-        if vlr is not None:
-            vlr[b, idx] = t.vlr
-        maps.append((idx + b * n).to(device))
-        num_pos += max(int((t.labels < num_classes).sum()), 1)
-    return BatchTargets(
-        anchors.repeat(bsz, 1).to(device), stride_of.repeat(bsz).to(device),
-        labels.reshape(-1).to(device), weights.reshape(-1).to(device),
-        boxes.reshape(-1, 4).to(device), vlr.reshape(-1).to(device) if vlr is not None else None,
-        maps, num_pos)

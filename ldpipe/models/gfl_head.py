@@ -18,6 +18,7 @@ same normalisers):
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,10 @@ from torchvision.ops import batched_nms
 from ..config import LossConfig, TestConfig
 from .boxes import aligned_iou, anchor_centers, bbox2distance, distance2bbox
 from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
+from .targets import BatchTargets
+
+if TYPE_CHECKING:
+    from .detector import DenseOutput
 
 
 class Integral(nn.Module):
@@ -83,25 +88,19 @@ class GFLHead(nn.Module):
             bbox_preds.append(scale(self.gfl_reg(r)).float())
         return cls_scores, bbox_preds
 
-    # ------------------------------------------------------------------ layout
-    @staticmethod
-    def flatten(maps: list[torch.Tensor]) -> torch.Tensor:
-        """``[B, C, H, W]`` per level to ``[B, sum(H*W), C]`` (mmdetection's order)."""
-        return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], 1)
+    @property
+    def reg_bins(self) -> int:
+        """Bins of one edge distribution (``reg_max + 1``)."""
+        return self.reg_max + 1
 
     # ------------------------------------------------------------------ losses
-    def loss(self, cls_flat: torch.Tensor, reg_flat: torch.Tensor, anchors: torch.Tensor,
-             strides: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor,
-             bbox_targets: torch.Tensor, num_pos_images: float, cfg: LossConfig,
+    def loss(self, out: DenseOutput, targets: BatchTargets, cfg: LossConfig,
              reduce=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """GFL losses on batch-flattened tensors.
+        """GFL losses of a batch, on its batch-flat anchors.
 
         Args:
-            cls_flat: ``[M, C]`` class logits of all anchors of the batch.
-            reg_flat: ``[M, 4*(reg_max+1)]`` distribution logits.
-            anchors, strides: ``[M, 4]`` and ``[M]``.
-            labels, label_weights, bbox_targets: ``[M]``, ``[M]``, ``[M, 4]``.
-            num_pos_images: ``sum over images of max(n_pos, 1)`` on this rank.
+            out: the model's :class:`~ldpipe.models.detector.DenseOutput`.
+            targets: the batch's :class:`~ldpipe.models.targets.BatchTargets` (same layout).
             reduce: callable averaging a scalar tensor over DDP ranks (or None).
 
         Returns:
@@ -109,9 +108,11 @@ class GFLHead(nn.Module):
             ``pos`` (indices), ``pos_weight`` (detached max class score).
         """
         reduce = reduce or (lambda t: t)
+        cls_flat = out.flat_cls()
+        reg_flat = out.flat_reg()
         device = cls_flat.device
-        cls_flat = cls_flat.float()
-        reg_flat = reg_flat.float()
+        labels, anchors, strides = targets.labels, targets.anchors, targets.strides
+        num_pos_images = targets.num_pos_images
         pos = torch.nonzero((labels >= 0) & (labels < self.num_classes)).squeeze(1)
         score = cls_flat.new_zeros(labels.shape[0])
         num_total = max(float(reduce(torch.tensor(float(num_pos_images), device=device))), 1.0)
@@ -120,10 +121,10 @@ class GFLHead(nn.Module):
             centers = anchor_centers(anchors[pos]) / s
             pos_reg = reg_flat[pos]
             pred_box = distance2bbox(centers, self.integral(pos_reg))
-            target_box = bbox_targets[pos] / s
+            target_box = targets.bbox_targets[pos] / s
             weight = cls_flat.detach().sigmoid().max(dim=1).values[pos]
             score[pos] = aligned_iou(pred_box.detach(), target_box)
-            corners = pos_reg.reshape(-1, self.reg_max + 1)
+            corners = pos_reg.reshape(-1, self.reg_bins)
             target_corners = bbox2distance(centers, target_box, self.reg_max).reshape(-1)
             loss_bbox = (giou_loss(pred_box, target_box) * weight).sum()
             loss_dfl = (distribution_focal_loss(corners, target_corners)
@@ -137,15 +138,14 @@ class GFLHead(nn.Module):
             loss_dfl = reg_flat.sum() * 0
             reduce(torch.zeros((), device=device))  # keep collective calls in step
         qfl = quality_focal_loss(cls_flat, labels, score, cfg.qfl_beta)
-        loss_cls = cfg.qfl_weight * (qfl * label_weights).sum() / num_total
+        loss_cls = cfg.qfl_weight * (qfl * targets.label_weights).sum() / num_total
         losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_dfl": loss_dfl}
         return losses, {"pos": pos, "pos_weight": weight}
 
     # --------------------------------------------------------------- inference
     @torch.no_grad()
-    def predict(self, cls_scores: list[torch.Tensor], bbox_preds: list[torch.Tensor],
-                anchors_per_level: list[torch.Tensor], strides: list[int], metas: list[dict],
-                cfg: TestConfig) -> list[dict]:
+    def predict(self, out: DenseOutput, anchors_per_level: list[torch.Tensor], strides: list[int],
+                metas: list[dict], cfg: TestConfig) -> list[dict]:
         """Boxes in input coordinates per image: ``{'boxes','scores','labels'}``.
 
         As mmdetection's GFL test path: per level keep the ``nms_pre`` anchors
@@ -153,12 +153,13 @@ class GFLHead(nn.Module):
         over scores above ``score_thr`` and keep ``max_per_img``.
         """
         results = []
+        levels = out.level_slices()
         for b, meta in enumerate(metas):
             boxes_all, scores_all = [], []
             h_img, w_img = meta["img_shape"]
-            for cls_map, reg_map, anchors, s in zip(cls_scores, bbox_preds, anchors_per_level, strides):
-                scores = cls_map[b].permute(1, 2, 0).reshape(-1, self.num_classes).float().sigmoid()
-                reg = reg_map[b].permute(1, 2, 0).reshape(-1, 4 * (self.reg_max + 1))
+            for sl, anchors, s in zip(levels, anchors_per_level, strides):
+                scores = out.cls[b, sl].sigmoid()
+                reg = out.reg[b, sl]
                 if 0 < cfg.nms_pre < scores.shape[0]:
                     keep = scores.max(dim=1).values.topk(cfg.nms_pre).indices
                     scores, reg, anchors = scores[keep], reg[keep], anchors[keep]

@@ -1,11 +1,20 @@
-"""Process-group helpers: one code path for 1 process, torchrun on CPU (gloo) or CUDA (NCCL)."""
+"""Runtime utilities shared by the runners: process group, device, AMP, seeding, progress.
+
+One code path for 1 process and for torchrun on the CPU (gloo) or CUDA (NCCL).
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import sys
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 @dataclass
@@ -58,6 +67,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def amp_context(device: torch.device, enabled: bool):
+    """fp16 autocast on CUDA when ``enabled`` (a no-op context otherwise)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16)
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """tqdm that refreshes rarely when stderr is not a terminal (CI logs stay readable)."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 15.0)
+    return tqdm(dynamic_ncols=True, **kwargs)
+
+
+def worker_init(worker_id: int) -> None:
+    """Loader workers use one thread each: the main process owns the cores."""
+    torch.set_num_threads(1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)

@@ -1,0 +1,75 @@
+"""Whether a cache can serve a student: checked before its first training step.
+
+Each problem names the cache's value, the student's value and how to fix it.  A
+student may read a cache only if the teacher's rows refer to the anchors, inputs
+and classes the student sees, and the stored region covers what its losses read.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..config import DISTILL_TERMS, REGION_POLICIES, Pipeline
+from .manifest import CacheError, Manifest
+
+log = logging.getLogger("ldpipe.cache")
+
+# which loss terms each region policy can serve: all but ``main`` (ATSS positives only)
+# hold the valuable localization region that VLR reads
+SERVES = {policy: ({"ld", "kd"} if policy == "main" else set(DISTILL_TERMS))
+          for policy in REGION_POLICIES}
+
+
+def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
+                           terms: set[str]) -> list[str]:
+    """Every reason the cache of manifest ``m`` cannot train ``model_name`` on ``split``
+    (``classes``, ``fingerprint``, ``records``) with the LD ``terms``."""
+    cfg = pipe.model(model_name)
+    geo = m.geometry
+    problems = []
+
+    def differ(what: str, cache_value, ours, fix: str) -> None:
+        if cache_value != ours:
+            problems.append(f"{what}: the cache has {cache_value!r}, model {model_name!r} "
+                            f"has {ours!r} ({fix})")
+
+    differ("reg_max", geo.reg_max, cfg.reg_max, f"set models.{model_name}.reg_max or dump again")
+    differ("strides", list(geo.strides), list(cfg.strides), f"set models.{model_name}.strides")
+    differ("anchor_scale", geo.anchor_scale, cfg.anchor_scale, f"set models.{model_name}.anchor_scale")
+    differ("classes", list(geo.classes), list(split.classes), "the cache is for other classes")
+    differ("input scales", [list(s) for s in geo.input_scales],
+           [list(s) for s in pipe.data.train_scales], "set data.train_scales as the dump had it")
+    differ("pad_divisor", geo.pad_divisor, pipe.data.pad_divisor, "set data.pad_divisor")
+    if m.data.fingerprint != split.fingerprint:
+        problems.append(f"data set: the cache was made for data fingerprint {m.data.fingerprint[:16]} "
+                        f"({m.data.num_images} images), this pipeline's training split has "
+                        f"{split.fingerprint[:16]} ({len(split.records)} images); dump the teacher "
+                        f"on this data set")
+    policy = m.region.policy
+    missing = terms - SERVES[policy]
+    if missing:
+        problems.append(f"region policy {policy!r} cannot serve {sorted(missing)}; dump with "
+                        f"cache.region='ld' or switch those terms off (distill.<term>=false)")
+    if "kd" in terms and not m.store_cls:
+        problems.append("classification KD needs class logits, but the cache has none "
+                        "(cache.store_cls=false); set distill.kd=false or dump again")
+    if policy in ("main", "ld"):
+        a = cfg.assigner
+        served = m.region.assigner_keys()
+        if (a.topk, a.ignore_iof_thr) not in served:
+            problems.append(f"assigner: the {policy!r} region was computed for ATSS settings "
+                            f"{served} (topk, ignore_iof_thr), model {model_name!r} uses "
+                            f"{(a.topk, a.ignore_iof_thr)}; dump with this model in cache.readers")
+    return problems
+
+
+def check_compatible(m: Manifest, url: str, stored_samples: int, pipe: Pipeline, model_name: str,
+                     split, terms: set[str]) -> None:
+    """Refuse, with every problem listed, a cache that cannot serve this student's losses."""
+    problems = compatibility_problems(m, pipe, model_name, split, terms)
+    if problems:
+        raise CacheError(f"cache {url} cannot train model {model_name!r}:\n  - " + "\n  - ".join(problems))
+    if stored_samples != m.num_samples:
+        raise CacheError(f"cache {url} is incomplete ({stored_samples} of {m.num_samples} samples); "
+                         "rerun the dump-teacher command to finish it")
+    log.info("cache %s (%s, %s, teacher %s) is compatible with %s", url, m.region.policy, m.codec,
+             m.teacher.model, model_name)

@@ -1,0 +1,171 @@
+"""``ldpipe cache info``: counts, sizes, compression, regions, teacher entropy and lineage.
+
+Takes a cache path or fsspec URL and returns a JSON-able dict; a location that is
+not a teacher cache raises :class:`~ldpipe.cache.manifest.CacheError` with one line
+naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import zarr
+from zarr.core.sync import sync
+
+from .manifest import F
+from .reader import UnitArrays, read_index, sample_rows
+from .store import committed_units, index_complete, open_cache
+
+
+def stored_objects(root: zarr.Group) -> dict[str, int]:
+    """Key (relative to the cache root) -> size in bytes of every stored object."""
+    store = root.store_path.store
+    prefix = root.store_path.path
+    prefix = f"{prefix}/" if prefix else ""
+
+    async def collect():
+        out = {}
+        async for key in store.list_prefix(prefix):
+            out[key[len(prefix):]] = await store.getsize(key)
+        return out
+
+    return sync(collect())
+
+
+def _stats_rows(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` evenly spread row numbers of ``n``."""
+    if n <= k:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
+
+def info(url: str, max_samples: int = 200) -> dict:
+    """Summary of a cache: counts, sizes, compression, regions, teacher entropy, lineage."""
+    root, m = open_cache(url)
+    geo = m.geometry
+    table, scale, unit_of = read_index(root, url)
+    committed = committed_units(root)
+    n = int(table.shape[0])
+    num_units = m.num_units
+    complete = index_complete(root) and all(u in committed for u in range(num_units))
+
+    objects = stored_objects(root)
+    total_bytes = int(sum(objects.values()))
+    by_part: dict[str, int] = {}
+    for key, size in objects.items():
+        parts = key.split("/")
+        part = parts[2] if parts[0] == "units" and len(parts) > 3 else (
+            "index" if parts[0] == "index" else "metadata")
+        by_part[part] = by_part.get(part, 0) + int(size)
+
+    reg_bins = geo.reg_bins
+    values_per_anchor = 4 * reg_bins + geo.num_classes
+    grid_sizes = np.array([geo.grid((r[F["pad_h"]], r[F["pad_w"]])).num_anchors
+                           for r in table], dtype=np.float64)
+    dense = float(grid_sizes.mean() * values_per_anchor * 2) if n else 0.0
+    per_sample = total_bytes / n if n else 0.0
+    rows = table[:, F["row_count"]].astype(np.float64) if n else np.zeros(0)
+
+    # per-level anchor counts and teacher entropy over a spread of samples
+    levels = len(geo.strides)
+    level_sum = np.zeros(levels)
+    ent_sum, ent_count = 0.0, 0
+    picked = _stats_rows(n, max_samples)
+    units = UnitArrays(root, url, decoded=True, keep=4)
+    for i in sorted(picked, key=lambda j: (int(unit_of[j]), j)):
+        rec = table[i]
+        grid = geo.grid((rec[F["pad_h"]], rec[F["pad_w"]]))
+        d = sample_rows(units.get(int(unit_of[i])), rec, m.codec, with_cls=False)
+        anchor = d["anchor"].numpy()
+        bounds = np.cumsum(grid.num_level_anchors)
+        level = np.searchsorted(bounds, anchor, side="right")
+        level_sum += np.bincount(level, minlength=levels)[:levels]
+        box = d["box"]
+        if box.numel():
+            lp = torch.log_softmax(box.double(), dim=-1)  # renormalise (int8 is up to a constant)
+            ent = -(lp.exp() * lp).sum(-1)
+            ent_sum += float(ent.sum())
+            ent_count += int(ent.numel())
+    k = len(picked)
+    return {
+        "cache": url,
+        "format": m.format,
+        "format_version": m.format_version,
+        "cache_id": m.cache_id,
+        "complete": bool(complete),
+        "samples_committed": n,
+        "samples_planned": m.num_samples,
+        "units_committed": len(committed),
+        "units_planned": num_units,
+        "num_images": m.data.num_images,
+        "variants": list(m.variants),
+        "region": dataclasses.asdict(m.region),
+        "codec": m.codec,
+        "compressor": m.compressor,
+        "store_cls": m.store_cls,
+        "samples_per_shard": m.samples_per_shard,
+        "chunk_rows": m.chunk_rows,
+        "teacher": dataclasses.asdict(m.teacher),
+        "checkpoint_path": m.checkpoint_path,
+        "data": {k2: v for k2, v in dataclasses.asdict(m.data).items() if k2 != "image_ids"},
+        "reg_max": geo.reg_max,
+        "num_classes": geo.num_classes,
+        "strides": list(geo.strides),
+        "stored_bytes": total_bytes,
+        "stored_bytes_by_part": dict(sorted(by_part.items())),
+        "bytes_per_sample": per_sample,
+        "dense_fp16_bytes_per_sample": dense,
+        "ratio_to_dense_fp16": per_sample / dense if dense else None,
+        "compression_factor": dense / per_sample if per_sample else None,
+        "anchors_per_sample": float(rows.mean()) if n else 0.0,
+        "grid_anchors_per_sample": float(grid_sizes.mean()) if n else 0.0,
+        "anchors_per_sample_per_level": [float(x) for x in (level_sum / k if k else level_sum)],
+        "teacher_entropy_nats": ent_sum / ent_count if ent_count else None,
+        "max_entropy_nats": math.log(reg_bins),
+        "stats_samples": k,
+        "created": m.created,
+        "versions": m.versions,
+        "lineage": m.lineage_chain(),
+    }
+
+
+def format_info(d: dict) -> str:
+    """The human summary of :func:`info`."""
+    def mb(x):
+        return f"{x / 1e6:.2f} MB" if x >= 1e5 else f"{x / 1e3:.1f} kB"
+
+    t = d.get("teacher") or {}
+    arch = t.get("architecture") or {}
+    region = d.get("region") or {}
+    assigners = ", ".join(f"topk={a.get('topk')} iof={a.get('ignore_iof_thr')} "
+                          f"({'/'.join(a.get('models', []))})" for a in region.get("assigners") or [])
+    lines = [
+        f"cache         {d['cache']}",
+        f"cache_id      {d['cache_id']}   format {d['format']} v{d['format_version']}",
+        f"complete      {'yes' if d['complete'] else 'NO'}: {d['samples_committed']}/"
+        f"{d['samples_planned']} samples, {d['units_committed']}/{d['units_planned']} units",
+        f"data          {d['num_images']} images of {d['data'].get('split')} "
+        f"({d['data'].get('format')}), variants {', '.join(d['variants'])}",
+        f"teacher       {t.get('model')} {arch.get('backbone')} width {arch.get('base_width')} "
+        f"channels {arch.get('channels')} reg_max {arch.get('reg_max')} "
+        f"sha256 {str(t.get('checkpoint_sha256'))[:12]}",
+        f"region        {region.get('policy')}" + (f"  [{assigners}]" if assigners else ""),
+        f"codec         {d['codec']} + {d['compressor']}, class log-probs "
+        f"{'stored' if d['store_cls'] else 'not stored'}, {d['samples_per_shard']} samples/unit",
+        f"stored        {mb(d['stored_bytes'])} in all, {mb(d['bytes_per_sample'])} per sample "
+        f"(" + ", ".join(f"{k} {mb(v)}" for k, v in d["stored_bytes_by_part"].items()) + ")",
+    ]
+    if d["ratio_to_dense_fp16"] is not None:
+        lines.append(f"vs dense fp16 {mb(d['dense_fp16_bytes_per_sample'])} per sample: ratio "
+                     f"{d['ratio_to_dense_fp16']:.4f}, {d['compression_factor']:.1f}x smaller")
+    per_level = " / ".join(f"{x:.1f}" for x in d["anchors_per_sample_per_level"])
+    lines.append(f"anchors       {d['anchors_per_sample']:.1f} of {d['grid_anchors_per_sample']:.0f} "
+                 f"per sample; per level (strides {d['strides']}): {per_level}")
+    if d["teacher_entropy_nats"] is not None:
+        lines.append(f"entropy       {d['teacher_entropy_nats']:.3f} nats per edge distribution "
+                     f"(max {d['max_entropy_nats']:.3f}; over {d['stats_samples']} samples)")
+    lines.append("lineage       " + "\n              ".join(d["lineage"]))
+    return "\n".join(lines)

@@ -1,0 +1,364 @@
+"""``ldpipe cache verify``: check a cache end to end and report every problem.
+
+Decodes every array shard by shard (a shard that is missing or fails its crc32c is
+named by its store path), compares content with the commit's sha256, checks the
+per-sample table (numbering, row ranges, image ids, geometry), the anchor indices,
+that box/class rows are finite normalised log-probabilities, and the consolidated
+index.  Never raises for a damaged cache: problems go to ``errors``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import zarr
+from zarr.core.sync import sync
+
+from .codec import row_extra
+from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
+from .store import (committed_units, content_sha, first_line, from_disk, index_complete,
+                    open_cache, unit_name, unpack_rows)
+from .inspect import stored_objects
+
+MAX_ERRORS = 200
+# |logsumexp(row)| allowed for decoded log-probabilities, per codec (int8 rounds to half a
+# step of at most CLIP/255; fp16 keeps ~3 decimal digits)
+NORM_TOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.15}
+STORED_DTYPE = {"fp32": np.dtype("float32"), "fp16": np.dtype("float16"), "int8": np.dtype("uint8")}
+
+
+def verify(url: str) -> dict:
+    """Check a cache end to end; ``{cache, ok, errors, warnings, checked}``."""
+    root, m = open_cache(url)
+    v = _Verifier(root, m, url)
+    try:
+        v.run()
+    except CacheError:
+        raise
+    except Exception as exc:  # anything unforeseen is a failed check, not a crash
+        v.error(f"{url}: verification stopped: {first_line(exc)}")
+    errors = v.errors + ([f"... and {v.dropped} more errors"] if v.dropped else [])
+    return {"cache": url, "ok": not errors, "errors": errors, "warnings": v.warnings,
+            "checked": v.checked}
+
+
+def format_verify(d: dict) -> str:
+    c = d["checked"]
+    head = (f"{d['cache']}: checked {c.get('units', 0)} units, {c.get('arrays', 0)} arrays in "
+            f"{c.get('shards', 0)} shards, {c.get('samples', 0)} samples, {c.get('rows', 0)} rows")
+    lines = [head]
+    lines += [f"warning: {w}" for w in d["warnings"]]
+    if d["ok"]:
+        lines.append("OK")
+    else:
+        lines += [f"error: {e}" for e in d["errors"]]
+        lines.append(f"FAILED: {len(d['errors'])} error(s)")
+    return "\n".join(lines)
+
+
+class _Verifier:
+    """One verification run: the cache, its manifest, and what was found so far."""
+
+    def __init__(self, root: zarr.Group, m: Manifest, url: str) -> None:
+        self.root, self.m, self.url = root, m, url
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.dropped = 0
+        self.checked = {"units": 0, "arrays": 0, "shards": 0, "samples": 0, "rows": 0,
+                        "bytes_decoded": 0}
+
+    def error(self, msg: str) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(msg)
+        else:
+            self.dropped += 1
+
+    # ------------------------------------------------------------ whole cache
+    def run(self) -> None:
+        m, url = self.m, self.url
+        if not self._manifest_consistent():
+            return
+        num_units, total = m.num_units, m.num_samples
+        present: dict[int, zarr.Group] = {}
+        if "units" in self.root:
+            for name, g in self.root["units"].groups():
+                if not name.isdigit() or int(name) >= num_units:
+                    self.error(f"{url}: unexpected group units/{name} (planned units are "
+                               f"{unit_name(0)}..{unit_name(num_units - 1)})")
+                    continue
+                present[int(name)] = g
+        committed = committed_units(self.root)
+        missing = [u for u in range(num_units) if u not in committed]
+        if missing:
+            names = ", ".join(f"units/{unit_name(u)}" for u in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            self.error(f"{url}: {len(missing)} of {num_units} units have no commit: {names}{more} "
+                       "(the dump did not finish; rerun the same command to complete it)")
+        tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for u in sorted(committed):
+            if u in present:
+                res = self._unit(u, present[u], committed[u])
+                if res is not None:
+                    tables[u] = res
+        for u, (table, scale) in tables.items():
+            for rec, sc in zip(table, scale):
+                self._geometry(rec, sc, u)
+        complete = self._index(tables, missing)
+        partial = sorted(k for k in stored_objects(self.root) if k.endswith(".partial"))
+        if partial:
+            self.warnings.append(f"{url}: {len(partial)} temporary file(s) of writes cut short by a "
+                                 f"kill (harmless, ignored by readers): {', '.join(partial[:5])}")
+        leftovers = sorted(set(present) - set(committed))
+        if leftovers and not missing:
+            self.warnings.append(f"{url}: uncommitted leftover groups " +
+                                 ", ".join(f"units/{unit_name(u)}" for u in leftovers[:10]))
+        self.checked["complete"] = bool(complete and not missing)
+        self.checked["units_planned"] = num_units
+        self.checked["samples_planned"] = total
+
+    def _manifest_consistent(self) -> bool:
+        m, url = self.m, self.url
+        if m.compute_id() != m.cache_id:
+            self.error(f"{url}: manifest cache_id {m.cache_id} does not match its identity "
+                       f"fields (expected {m.compute_id()}): the manifest was edited")
+        if m.codec not in NORM_TOL:
+            self.error(f"{url}: unknown codec {m.codec!r}")
+            return False
+        nv, variants = m.num_variants, m.geometry.variants
+        if nv < 1 or len(variants) != nv or [v.get("key") for v in variants] != m.variants:
+            self.error(f"{url}: manifest variants {m.variants} disagree with geometry.variants")
+            return False
+        per, total, num_images = m.samples_per_shard, m.num_samples, m.data.num_images
+        if per < 1 or total != num_images * nv or m.num_units != math.ceil(total / per):
+            self.error(f"{url}: manifest counts disagree: num_samples {total}, num_images "
+                       f"{num_images}, {nv} variants, num_units {m.num_units}, samples_per_shard {per}")
+            return False
+        if len(m.data.image_ids) != num_images:
+            self.error(f"{url}: manifest lists {len(m.data.image_ids)} image ids for {num_images} images")
+            return False
+        return True
+
+    # ------------------------------------------------------------ arrays
+    def _read_shards(self, z, where: str):
+        """Read an array shard by shard; a shard that fails is reported by its store path."""
+        base = self.url.rstrip("/")
+        shape = tuple(z.shape)
+        shard = tuple(z.shards or z.chunks)
+        out = np.zeros(shape, dtype=z.dtype)
+        ok = True
+        grid = [max(1, -(-s // c)) if s else 0 for s, c in zip(shape, shard)]
+        for idx in np.ndindex(*grid):
+            self.checked["shards"] += 1
+            key = f"{where}/{z.metadata.chunk_key_encoding.encode_chunk_key(idx)}"
+            sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, shard, shape))
+            if not self._exists(key):
+                self.error(f"{where}: shard {base}/{key} is missing")
+                ok = False
+                continue
+            try:
+                out[sl] = z[sl]
+            except Exception as exc:
+                self.error(f"{where}: shard {base}/{key} does not decode ({first_line(exc)}; "
+                           "checksum mismatch or truncated file)")
+                ok = False
+        return out if ok else None
+
+    def _exists(self, key: str) -> bool:
+        prefix = self.root.store_path.path
+        return bool(sync(self.root.store_path.store.exists(f"{prefix}/{key}" if prefix else key)))
+
+    # ------------------------------------------------------------ one unit
+    def _unit(self, u: int, g: zarr.Group, commit: dict):
+        m, un = self.m, f"units/{unit_name(u)}"
+        expected = ["samples", "scale", "anchor", "box"] + (["cls"] if m.store_cls else [])
+        self.checked["units"] += 1
+        shas = commit.get("sha256") if isinstance(commit.get("sha256"), dict) else {}
+        if sorted(shas) != sorted(expected):
+            self.error(f"{un}: commit lists arrays {sorted(shas)}, expected {sorted(expected)}")
+        data: dict[str, np.ndarray] = {}
+        for name in expected:
+            where = f"{un}/{name}"
+            if name not in g:
+                self.error(f"{where}: array is missing")
+                continue
+            arr = self._read_shards(g[name], where)
+            self.checked["arrays"] += 1
+            if arr is None:
+                continue
+            self.checked["bytes_decoded"] += int(arr.nbytes)
+            got = content_sha(arr)
+            if name in shas and got != shas[name]:
+                self.error(f"{where}: content sha256 {got[:16]} != commit {str(shas[name])[:16]} "
+                           "(the data changed after the commit)")
+                continue
+            data[name] = arr
+        if "samples" not in data:
+            return None
+        table = data["samples"]
+        if table.ndim != 2 or table.shape[1] != len(SAMPLE_FIELDS):
+            self.error(f"{un}/samples: shape {table.shape}, expected [n, {len(SAMPLE_FIELDS)}]")
+            return None
+        n = table.shape[0]
+        self.checked["samples"] += n
+        if n != commit.get("samples"):
+            self.error(f"{un}: holds {n} samples, commit says {commit.get('samples')}")
+        self._sample_numbers(u, table)
+        scale = data.get("scale")
+        if scale is not None and scale.shape != (n, 2):
+            self.error(f"{un}/scale: shape {scale.shape}, expected ({n}, 2)")
+            scale = None
+        rows = int(commit.get("rows", -1))
+        rows_ok = self._row_ranges(u, table, rows)
+        self.checked["rows"] += max(rows, 0)
+        if data.get("anchor") is not None:
+            self._anchors(u, table, data["anchor"], rows, rows_ok)
+        reg_bins, extra = m.geometry.reg_bins, row_extra(m.codec)
+        for name, want_shape in (("box", (4, reg_bins + extra, rows)),
+                                 ("cls", (m.geometry.num_classes + extra, rows))):
+            if data.get(name) is not None:
+                self._values(u, name, data[name], want_shape, table, rows, rows_ok)
+        return table, (scale if scale is not None else np.ones((n, 2)))
+
+    def _sample_numbers(self, u: int, table: np.ndarray) -> None:
+        m, un = self.m, f"units/{unit_name(u)}"
+        per, total, nv, image_ids = m.samples_per_shard, m.num_samples, m.num_variants, m.data.image_ids
+        lo, hi = u * per, min((u + 1) * per, total)
+        s = table[:, F["sample"]]
+        if not np.array_equal(s, np.arange(lo, hi)):
+            self.error(f"{un}/samples: sample numbers {s[:8].tolist()}... are not {lo}..{hi - 1}")
+        for rec in table:
+            si = int(rec[F["sample"]])
+            ii, vi = int(rec[F["image_index"]]), int(rec[F["variant"]])
+            if ii != si // nv or vi != si % nv:
+                self.error(f"{un}: {m.sample_label(rec)}: sample != image_index*{nv}+variant "
+                           f"(image_index {ii}, variant {vi})")
+            elif not 0 <= ii < len(image_ids) or int(rec[F["image_id"]]) != int(image_ids[ii]):
+                self.error(f"{un}: {m.sample_label(rec)}: image_id does not match the manifest's "
+                           f"image {ii}")
+
+    def _row_ranges(self, u: int, table: np.ndarray, rows: int) -> bool:
+        """Row ranges contiguous, in order and summing to the unit's rows."""
+        n = table.shape[0]
+        starts, counts = table[:, F["row_start"]], table[:, F["row_count"]]
+        expect = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else np.zeros(0, np.int64)
+        if (counts < 0).any() or not np.array_equal(starts, expect) or int(counts.sum()) != rows:
+            bad = next((i for i in range(n) if counts[i] < 0 or starts[i] != expect[i]), n - 1)
+            self.error(f"units/{unit_name(u)}: row ranges are not contiguous or out of bounds at "
+                       f"{self.m.sample_label(table[bad]) if n else 'unit'} (row_start "
+                       f"{starts[bad] if n else '-'}, row_count {counts[bad] if n else '-'}, "
+                       f"unit rows {rows})")
+            return False
+        return True
+
+    def _anchors(self, u: int, table: np.ndarray, anchor: np.ndarray, rows: int, rows_ok: bool) -> None:
+        m, un = self.m, f"units/{unit_name(u)}/anchor"
+        if anchor.shape != (rows,) or anchor.dtype != np.int32:
+            self.error(f"{un}: shape {anchor.shape} dtype {anchor.dtype}, expected ({rows},) int32")
+            return
+        if not rows_ok:
+            return
+        starts, counts = table[:, F["row_start"]], table[:, F["row_count"]]
+        for i, rec in enumerate(table):
+            a = anchor[starts[i]:starts[i] + counts[i]].astype(np.int64)
+            grid = m.geometry.grid((rec[F["pad_h"]], rec[F["pad_w"]]))
+            if a.size and ((np.diff(a) <= 0).any() or a[0] < 0 or a[-1] >= grid.num_anchors):
+                self.error(f"{un}: {m.sample_label(rec)}: anchor indices are not sorted, unique "
+                           f"and within the grid of {grid.num_anchors} anchors")
+            elif m.region.policy == "dense" and a.size != grid.num_anchors:
+                self.error(f"{un}: {m.sample_label(rec)}: dense policy but {a.size} of "
+                           f"{grid.num_anchors} anchors stored")
+
+    def _values(self, u: int, name: str, arr: np.ndarray, want_shape: tuple, table: np.ndarray,
+                rows: int, rows_ok: bool) -> None:
+        m, un = self.m, f"units/{unit_name(u)}/{name}"
+        want_dtype = STORED_DTYPE[m.codec]
+        if arr.shape != want_shape or arr.dtype != want_dtype:
+            self.error(f"{un}: shape {arr.shape} dtype {arr.dtype}, expected {want_shape} {want_dtype}")
+            return
+        if not rows:
+            return
+        dec = unpack_rows(from_disk(name, arr), m.codec)
+        finite = torch.isfinite(dec).reshape(dec.shape[0], -1).all(dim=1)
+        lse = torch.logsumexp(dec.double(), dim=-1).abs().reshape(dec.shape[0], -1).amax(dim=1)
+        bad_rows = torch.nonzero(~finite | (lse > NORM_TOL[m.codec])).squeeze(1)
+        if bad_rows.numel() and rows_ok:
+            r = int(bad_rows[0])
+            starts, counts = table[:, F["row_start"]], table[:, F["row_count"]]
+            i = int(np.searchsorted(starts + counts, r, side="right"))
+            rec = table[min(i, table.shape[0] - 1)]
+            self.error(f"{un}: {bad_rows.numel()} rows are not finite normalised "
+                       f"log-probabilities (first: row {r}, {m.sample_label(rec)}; "
+                       f"|logsumexp| {float(lse[r]):.3g})")
+
+    def _geometry(self, rec: np.ndarray, sc: np.ndarray, u: int) -> None:
+        m, geo = self.m, self.m.geometry
+        ih, iw, ph, pw = (int(rec[F[k]]) for k in ("img_h", "img_w", "pad_h", "pad_w"))
+        oh, ow = int(rec[F["ori_h"]]), int(rec[F["ori_w"]])
+        div = int(geo.pad_divisor) or 1
+        problems = []
+        if oh < 1 or ow < 1 or ih < 1 or iw < 1:
+            problems.append(f"empty shape (ori {oh}x{ow}, img {ih}x{iw})")
+        if ih > ph or iw > pw or ph % div or pw % div or ph - ih >= div or pw - iw >= div:
+            problems.append(f"pad {ph}x{pw} is not img {ih}x{iw} padded to a multiple of {div}")
+        v = int(rec[F["variant"]])
+        if 0 <= v < len(geo.variants):
+            var = geo.variants[v]
+            if bool(rec[F["flip"]]) != bool(var.get("flip")):
+                problems.append(f"flip {bool(rec[F['flip']])} but variant {var.get('key')} has "
+                                f"flip {var.get('flip')}")
+            si = var.get("scale_idx", -1)
+            if 0 <= si < len(geo.input_scales):
+                target = geo.input_scales[si]
+                if max(ih, iw) > max(target) or min(ih, iw) > min(target):
+                    problems.append(f"img {ih}x{iw} exceeds the input scale {target}")
+        if not (np.isfinite(sc).all() and (sc > 0).all()):
+            problems.append(f"bad scale factor {sc.tolist()}")
+        elif oh >= 1 and ow >= 1 and (abs(sc[0] * ow - iw) > 1e-3 or abs(sc[1] * oh - ih) > 1e-3):
+            problems.append(f"scale factor {sc.tolist()} does not map ori {oh}x{ow} to img {ih}x{iw}")
+        if problems:
+            self.error(f"units/{unit_name(u)}/samples: {m.sample_label(rec)}: " + "; ".join(problems))
+
+    # ------------------------------------------------------------ the index
+    def _index(self, tables: dict, missing: list[int]) -> bool:
+        m, url = self.m, self.url
+        total, per, num_units = m.num_samples, m.samples_per_shard, m.num_units
+        complete = index_complete(self.root)
+        if "index" not in self.root:
+            if not missing:
+                self.error(f"{url}: every unit is committed but the consolidated index/ is missing "
+                           "(the dump was interrupted at the end; rerun it)")
+            return complete
+        ix = self.root["index"]
+        arrays = {}
+        for name in ("samples", "scale", "unit"):
+            if name not in ix:
+                self.error(f"{url}: index/{name} is missing")
+                continue
+            data = self._read_shards(ix[name], f"index/{name}")
+            if data is not None:
+                arrays[name] = data
+        if complete and len(arrays) == 3:
+            t, s, un = arrays["samples"], arrays["scale"], arrays["unit"]
+            if t.shape != (total, len(SAMPLE_FIELDS)):
+                self.error(f"{url}: the index claims complete but holds {t.shape[0]} samples of "
+                           f"{total} planned")
+            elif not np.array_equal(t[:, F["sample"]], np.arange(total)):
+                seen = set(t[:, F["sample"]].tolist())
+                gone = [x for x in range(total) if x not in seen][:10]
+                self.error(f"{url}: the index claims complete but sample numbers are not "
+                           f"0..{total - 1} (missing e.g. {gone})")
+            else:
+                if not np.array_equal(un, np.arange(total) // per):
+                    self.error(f"{url}: index/unit does not map samples to their units")
+                if len(tables) == num_units:
+                    want_t = np.concatenate([tables[u][0] for u in range(num_units)])
+                    want_s = np.concatenate([tables[u][1] for u in range(num_units)])
+                    bad = np.nonzero((t != want_t).any(axis=1) | (s != want_s).any(axis=1))[0]
+                    for i in bad[:10]:
+                        self.error(f"{url}: index row {i} ({m.sample_label(t[i])}) differs from "
+                                   f"units/{unit_name(int(i) // per)}/samples")
+        elif not complete:
+            self.error(f"{url}: index/ exists but is not marked complete (interrupted at the end; "
+                       "rerun the dump)")
+        return complete

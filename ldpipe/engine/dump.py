@@ -1,0 +1,212 @@
+"""``ldpipe dump-teacher``: run the teacher once per (image, variant) and cache its outputs.
+
+Work is split into units of ``samples_per_shard`` consecutive samples
+(sample = image_index * num_variants + variant).  Each rank takes units
+``u % world == rank``; a unit's batches never cross its boundary, so what a
+unit holds does not depend on where an earlier run stopped.  Region indices
+are computed in the loader workers on the CPU; the teacher runs batched (CUDA
+with AMP when available); log-softmax and the gathers run on the device; a
+writer thread encodes, compresses and commits finished units while the next
+ones compute.  The cache format itself is ``ldpipe.cache``.
+
+Pieces usable on their own (the benchmarks do): :func:`unit_batches` (which
+samples go into which batch), :class:`DumpCollate`, :func:`teacher_rows` (one
+batch through the teacher into stored rows) and :class:`UnitWriter`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+
+import torch
+
+from ..cache import codec as C
+from ..cache import manifest as M
+from ..cache.manifest import CacheError
+from ..cache.region import AssignerSpec, reader_assigners, region_index
+from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
+                           index_complete, open_root, write_index, write_unit)
+from ..config import Pipeline
+from ..data import DetectionDataset, collate, load_split, padded_shape, train_variants
+from ..models import GFL, build_model
+from ..models.anchors import grid_to_batch_index, make_grid
+from ..models.checkpoint import file_sha256, load_weights
+from . import runtime
+
+log = logging.getLogger("ldpipe.dump")
+
+
+class DumpCollate:
+    """Collate plus the region (own-grid anchor indices) of each sample."""
+
+    def __init__(self, policy: str, strides, anchor_scale: float, assigners: list[AssignerSpec]):
+        self.policy, self.strides, self.anchor_scale = policy, list(strides), anchor_scale
+        self.assigners = assigners
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate(samples)
+        batch["region"] = [region_index(self.policy, g, ig, m["pad_shape"], self.strides,
+                                        self.anchor_scale, self.assigners)
+                           for g, ig, m in zip(batch["gt_boxes"], batch["ignore_boxes"], batch["metas"])]
+        return batch
+
+
+def unit_batches(pipe: Pipeline, split, variants, units: list[int], per_unit: int,
+                 batch_size: int) -> list[list[tuple[int, int]]]:
+    """The (image, variant) batches of the given units, in order.
+
+    A batch holds samples of one padded shape only, so it adds no padding and what the
+    teacher outputs for a sample does not depend on its batch-mates (GroupNorm and the
+    P6/P7 convs see the padding).
+    """
+    nv = len(variants)
+    total = len(split.records) * nv
+    shapes = [padded_shape(r, v, pipe) for r in split.records for v in variants]
+    batches = []
+    for u in units:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for s in range(u * per_unit, min((u + 1) * per_unit, total)):
+            groups.setdefault(shapes[s], []).append(s)
+        for shape in sorted(groups):
+            samples = groups[shape]
+            for i in range(0, len(samples), batch_size):
+                batches.append([(s // nv, s % nv) for s in samples[i:i + batch_size]])
+    return batches
+
+
+def teacher_rows(model: GFL, batch: dict, device: torch.device, use_amp: bool, store_cls: bool,
+                 num_variants: int) -> list[SampleRows]:
+    """Run the teacher on a batch and gather each sample's region rows (log-probabilities, CPU)."""
+    img = batch["img"].to(device, non_blocking=True)
+    with runtime.amp_context(device, use_amp):
+        out = model(img)
+    cfg = model.cfg
+    rows = []
+    for b, (meta, idx) in enumerate(zip(batch["metas"], batch["region"])):
+        own = make_grid(meta["pad_shape"], cfg.strides, cfg.anchor_scale)
+        sel = grid_to_batch_index(list(own.sizes), out.level_sizes).to(device)[idx.to(device)]
+        box = C.log_probs(out.reg[b, sel]).cpu()
+        cls = C.log_probs(out.cls[b, sel]).cpu() if store_cls else None
+        rows.append(SampleRows(meta["index"] * num_variants + meta["variant_index"], meta,
+                               idx.to(torch.int32), box, cls))
+    return rows
+
+
+class UnitWriter:
+    """Encodes and commits finished units on a background thread."""
+
+    def __init__(self, root, compressor: str, chunk_rows: int, codec: str, num_variants: int) -> None:
+        self.root, self.compressor, self.chunk_rows, self.codec = root, compressor, chunk_rows, codec
+        self.num_variants = num_variants
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def put(self, u: int, items: list[SampleRows]) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((u, items))
+
+    def _run(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            if self.error:
+                continue
+            try:
+                u, items = job
+                write_unit(self.root, u, assemble_unit(items, self.codec, self.num_variants),
+                           self.compressor, self.chunk_rows)
+            except BaseException as exc:  # surfaced in the main thread
+                self.error = exc
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, split_name: str = "train",
+                 device: str | None = None, batch_size: int | None = None, workers: int | None = None,
+                 amp: bool | None = None, overwrite: bool = False, progress: bool = True,
+                 split=None) -> dict:
+    """Dump ``model_name`` (weights from ``checkpoint``) over ``split_name`` (or a given
+    ``split``) into the cache at ``out``; resumes a cache made the same way."""
+    info = runtime.init(device)
+    cfg = pipe.model(model_name)
+    cache_cfg = pipe.cache
+    split = split if split is not None else load_split(pipe, split_name)
+    variants = train_variants(pipe)
+    nv = len(variants)
+    total = len(split.records) * nv
+    per_unit = cache_cfg.samples_per_shard
+    num_units = math.ceil(total / per_unit)
+    assigners = reader_assigners(pipe, model_name)
+
+    model = build_model(cfg, len(split.classes))
+    ckpt_meta = load_weights(model, checkpoint)
+    model.to(info.device).eval()
+    manifest = M.build(pipe, model_name, checkpoint, file_sha256(checkpoint), ckpt_meta, split,
+                       split_name, variants, assigners, num_units)
+
+    if info.is_main:
+        create_or_resume(out, manifest, overwrite)
+    runtime.barrier()
+    root = open_root(out, "a")
+    done = committed_units(root)
+    mine = [u for u in range(num_units) if u % info.world_size == info.rank and u not in done]
+    if info.is_main:
+        log.info("%s: %d samples in %d units, %d already committed, %d to do on %d rank(s)",
+                 out, total, num_units, len(done), num_units - len(done), info.world_size)
+
+    batches = unit_batches(pipe, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
+    specs = [AssignerSpec(a["topk"], a["ignore_iof_thr"]) for a in assigners]
+    loader = torch.utils.data.DataLoader(
+        DetectionDataset(split, pipe, variants), batch_sampler=batches,
+        num_workers=pipe.train.workers if workers is None else workers,
+        collate_fn=DumpCollate(cache_cfg.region, cfg.strides, cfg.anchor_scale, specs),
+        pin_memory=info.device.type == "cuda", worker_init_fn=runtime.worker_init)
+    use_amp = (info.device.type == "cuda") if amp is None else (amp and info.device.type == "cuda")
+
+    writer = UnitWriter(root, cache_cfg.compressor, manifest.chunk_rows, cache_cfg.codec, nv)
+    pending: dict[int, list[SampleRows]] = {}
+    n_images = 0
+    t0 = time.time()
+    bar = runtime.progress_bar(total=sum(len(b) for b in batches), desc=f"dump {model_name}",
+                               unit="img", disable=not (progress and info.is_main))
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                for rows in teacher_rows(model, batch, info.device, use_amp, cache_cfg.store_cls, nv):
+                    u = rows.sample // per_unit
+                    pending.setdefault(u, []).append(rows)
+                    if len(pending[u]) == min((u + 1) * per_unit, total) - u * per_unit:
+                        writer.put(u, pending.pop(u))
+                n_images += len(batch["metas"])
+                bar.update(len(batch["metas"]))
+                bar.set_postfix(img_s=f"{n_images / max(time.time() - t0, 1e-9):.1f}")
+    finally:
+        bar.close()
+        writer.close()
+    if pending:
+        raise CacheError(f"{out}: units {sorted(pending)} were left incomplete (internal error)")
+    runtime.barrier()
+    summary = {"cache": out, "samples": total, "units": num_units, "rank_images": n_images,
+               "seconds": round(time.time() - t0, 3), "cache_id": manifest.cache_id}
+    if info.is_main:
+        committed = committed_units(root)
+        missing = [u for u in range(num_units) if u not in committed]
+        if missing:
+            raise CacheError(f"{out}: units {missing[:10]} are not committed after the dump")
+        if len(done) == num_units and index_complete(root, total):
+            log.info("%s was already complete: nothing rewritten", out)  # a rerun is a no-op
+        else:
+            write_index(root, cache_cfg.compressor)
+            log.info("%s complete: %d samples", out, total)
+    return summary
