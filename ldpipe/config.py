@@ -29,6 +29,9 @@ REGION_POLICIES = ("main", "ld", "overlap", "dense")
 CODECS = ("fp32", "fp16", "int8")
 COMPRESSORS = ("zstd", "blosc")
 DISTILL_TERMS = ("ld", "vlr", "kd")
+BOX_LOSSES = ("giou", "ciou")
+BOX_NORMS = ("sum", "clamp")
+VLR_REGIONS = ("reference", "diou")
 
 
 class ConfigError(ValueError):
@@ -83,6 +86,11 @@ class TrainConfig:
 class AssignerConfig:
     topk: int = 9
     ignore_iof_thr: float = -1.0  # >0: anchors covered by ignore boxes are neither pos nor neg
+    # how the valuable localization region (VLR) decides membership, 0.25 thr <= D < thr:
+    # "reference" - D as the LD reference code computes it (its IoU calculator in "diou" mode
+    # takes the anchor's area as the union: intersection / area(anchor) - rho^2 / c^2);
+    # "diou" - true DIoU, the paper's wording.  The VLR weights are the IoU either way.
+    vlr_region: str = "reference"
 
 
 @dataclass
@@ -90,7 +98,12 @@ class LossConfig:
     qfl_beta: float = 2.0
     qfl_weight: float = 1.0
     dfl_weight: float = 0.25
-    giou_weight: float = 2.0
+    giou_weight: float = 2.0  # weight of the box loss (GIoU or CIoU)
+    # "giou" (the COCO recipes) or "ciou" (the LD reference's VOC recipe: its CIoULoss)
+    box_loss: str = "giou"
+    # divisor of the box and DFL losses: "sum" = sum of the positives' weights + 1e-6, as the
+    # LD reference's GFL and LD heads; "clamp" = max(sum, 1), as later mmdetection GFLHeads
+    box_norm: str = "sum"
 
 
 @dataclass
@@ -305,6 +318,14 @@ def validate(pipe: Pipeline) -> None:
                               f"got {m.depth}")
         if m.reg_max < 1:
             raise ConfigError(f"{src}: models.{name}.reg_max must be >= 1, got {m.reg_max}")
+        for key, allowed in (("box_loss", BOX_LOSSES), ("box_norm", BOX_NORMS)):
+            value = getattr(m.loss, key)
+            if value not in allowed:
+                raise ConfigError(f"{src}: models.{name}.loss.{key} must be {_alternatives(allowed)}, "
+                                  f"got {value!r}")
+        if m.assigner.vlr_region not in VLR_REGIONS:
+            raise ConfigError(f"{src}: models.{name}.assigner.vlr_region must be "
+                              f"{_alternatives(VLR_REGIONS)}, got {m.assigner.vlr_region!r}")
         t = pipe.train_for(name)  # validates per-model overrides
         if t.keep_checkpoints < 0:
             raise ConfigError(f"{src}: train.keep_checkpoints for model {name!r} must be >= 0 "
@@ -337,7 +358,8 @@ def to_dict(obj: Any) -> Any:
 
 
 __all__ = [
-    "CODECS", "COMPRESSORS", "DATA_FORMATS", "DISTILL_TERMS", "REGION_POLICIES", "RESNET_DEPTHS",
+    "BOX_LOSSES", "BOX_NORMS", "CODECS", "COMPRESSORS", "DATA_FORMATS", "DISTILL_TERMS",
+    "REGION_POLICIES", "RESNET_DEPTHS", "VLR_REGIONS",
     "enabled_terms", "AssignerConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig",
     "LossConfig", "ModelConfig", "Pipeline", "TestConfig", "TrainConfig",
     "apply_override", "load_pipeline", "parse_value", "to_dict",

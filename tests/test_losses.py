@@ -245,8 +245,8 @@ def test_gfl_head_loss_one_positive_by_hand():
     for row, d in zip(edges, tdist):
         lo = math.floor(d)
         dfl += (lo + 1 - d) * cross_entropy(row, lo) + (d - lo) * cross_entropy(row, lo + 1)
-    want_bbox = cfg.giou_weight * (1 - giou) * w / max(w, 1.0)
-    want_dfl = cfg.dfl_weight * dfl * w / 4 / max(w, 1.0)
+    want_bbox = cfg.giou_weight * (1 - giou) * w / (w + 1e-6)  # LD reference: sum of weights + 1e-6
+    want_dfl = cfg.dfl_weight * dfl * w / 4 / (w + 1e-6)
     q0 = bce_logit(0.4, 0.0) * sigmoid(0.4) ** 2 + bce_logit(-0.3, iou) * abs(iou - sigmoid(-0.3)) ** 2
     q1 = bce_logit(-1.0, 0.0) * sigmoid(-1.0) ** 2 + bce_logit(0.2, 0.0) * sigmoid(0.2) ** 2
     want_cls = cfg.qfl_weight * (q0 + q1) / 1.0
@@ -316,20 +316,48 @@ def test_gfl_head_loss_avg_factors(num_pos_images):
         1.5 * qfl_sum.item() / max(2 * num_pos_images, 1.0), rel=1e-4)
 
 
-def test_gfl_head_loss_small_weight_sum_divides_by_one():
+@pytest.mark.parametrize("norm", ["sum", "clamp"])
+def test_gfl_head_loss_small_weight_sum(norm):
+    """The LD reference divides the box/DFL sums by (sum of weights + 1e-6): a lone positive's
+    loss does not scale with its weight.  ``box_norm="clamp"`` divides by max(sum, 1): below 1
+    the loss scales with the weight."""
     head = _head()
     pos = [1]
     cls, reg, anchors, strides, labels, lw, boxes = _random_case(4, pos, seed=5)
     cls[1] = torch.tensor([-3.0, -4.0])  # max sigmoid ~ 0.047: sum of weights < 1
-    cfg = LossConfig()
+    cfg = LossConfig(box_norm=norm)
     base, _ = _loss(head, cls, reg, anchors, strides, labels, lw, boxes, 1.0, cfg)
     w = torch.sigmoid(torch.tensor(-3.0)).item()
-    # doubling the only weight source's value doubles the loss (divisor stays 1)
     cls2 = cls.clone()
-    cls2[1] = torch.tensor([math.log(2 * w / (1 - 2 * w)), -4.0])
+    cls2[1] = torch.tensor([math.log(2 * w / (1 - 2 * w)), -4.0])  # the weight doubled
     other, _ = _loss(head, cls2, reg, anchors, strides, labels, lw, boxes, 1.0, cfg)
-    assert other["loss_bbox"].item() == pytest.approx(2 * base["loss_bbox"].item(), rel=1e-4)
-    assert other["loss_dfl"].item() == pytest.approx(2 * base["loss_dfl"].item(), rel=1e-4)
+    factor = 1.0 if norm == "sum" else 2.0
+    assert other["loss_bbox"].item() == pytest.approx(factor * base["loss_bbox"].item(), rel=1e-4)
+    assert other["loss_dfl"].item() == pytest.approx(factor * base["loss_dfl"].item(), rel=1e-4)
+
+
+def test_ciou_loss_by_hand():
+    """1 - CIoU with the reference's terms (alpha = v / (1 - IoU + v), not detached)."""
+    from ldpipe.models.losses import ciou_loss
+    p, q = [1.0, 2.0, 5.0, 4.0], [2.0, 1.0, 6.0, 7.0]
+    inter = (5 - 2) * (4 - 2)
+    iou = inter / (4 * 2 + 4 * 6 - inter)
+    c2 = (6 - 1) ** 2 + (7 - 1) ** 2
+    rho2 = ((2 + 6) / 2 - (1 + 5) / 2) ** 2 + ((1 + 7) / 2 - (2 + 4) / 2) ** 2
+    v = 4 / math.pi ** 2 * (math.atan(4 / 6) - math.atan(4 / 2)) ** 2
+    want = 1 - (iou - rho2 / c2 - v * v / (1 - iou + v))
+    pred = torch.tensor([p], requires_grad=True)
+    got = ciou_loss(pred, torch.tensor([q]))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    got.sum().backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    # the head uses it when asked; identical boxes give 0
+    assert ciou_loss(torch.tensor([q]), torch.tensor([q])).item() == pytest.approx(0.0, abs=1e-5)
+    head = _head()
+    cls, reg, anchors, strides, labels, lw, boxes = _random_case(6, [0, 3], seed=9)
+    g, _ = _loss(head, cls, reg, anchors, strides, labels, lw, boxes, 1.0, LossConfig())
+    c, _ = _loss(head, cls, reg, anchors, strides, labels, lw, boxes, 1.0, LossConfig(box_loss="ciou"))
+    assert g["loss_dfl"].item() == c["loss_dfl"].item() and g["loss_bbox"].item() != c["loss_bbox"].item()
 
 
 def test_gfl_head_loss_no_positives():

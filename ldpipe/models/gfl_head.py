@@ -12,8 +12,10 @@ level by level (this equals mmdetection's per-level loops, whose sums share the
 same normalisers):
 
 * QFL summed over all valid anchors / ``max(mean_over_ranks(sum_img max(n_pos,1)), 1)``
-* GIoU (x2) and DFL (x0.25, per edge, / 4) on positives weighted by the
-  student's detached max class score, each / ``max(mean_over_ranks(sum of those weights), 1)``
+* GIoU or CIoU (``loss.box_loss``, x2) and DFL (x0.25, per edge, / 4) on positives weighted
+  by the student's detached max class score, each / ``mean_over_ranks(sum of those weights
+  + 1e-6)`` as the LD reference's heads (``loss.box_norm = "sum"``), or / ``max(.., 1)``
+  as later mmdetection GFLHeads (``"clamp"``)
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torchvision.ops import batched_nms
 
 from ..config import LossConfig, TestConfig
 from .boxes import aligned_iou, anchor_centers, bbox2distance, distance2bbox
-from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
+from .losses import BOX_LOSS, distribution_focal_loss, quality_focal_loss
 from .targets import BatchTargets
 
 if TYPE_CHECKING:
@@ -126,10 +128,12 @@ class GFLHead(nn.Module):
             score[pos] = aligned_iou(pred_box.detach(), target_box)
             corners = pos_reg.reshape(-1, self.reg_bins)
             target_corners = bbox2distance(centers, target_box, self.reg_max).reshape(-1)
-            loss_bbox = (giou_loss(pred_box, target_box) * weight).sum()
+            loss_bbox = (BOX_LOSS[cfg.box_loss](pred_box, target_box) * weight).sum()
             loss_dfl = (distribution_focal_loss(corners, target_corners)
                         * weight[:, None].expand(-1, 4).reshape(-1)).sum() / 4.0
-            avg = max(float(reduce(weight.sum().detach())), 1.0)
+            avg = float(reduce(weight.sum().detach() + (1e-6 if cfg.box_norm == "sum" else 0.0)))
+            if cfg.box_norm == "clamp":
+                avg = max(avg, 1.0)
             loss_bbox = cfg.giou_weight * loss_bbox / avg
             loss_dfl = cfg.dfl_weight * loss_dfl / avg
         else:

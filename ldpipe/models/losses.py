@@ -5,8 +5,11 @@
 * Distribution Focal Loss (DFL): cross entropy to the two bins around the
   continuous target, linearly weighted.
 * GIoU loss: ``1 - GIoU`` (torchvision).
+* CIoU loss: ``1 - CIoU`` as the LD reference's ``ciou_loss`` computes it (its VOC recipe).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,3 +52,31 @@ def distribution_focal_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.T
 def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``1 - GIoU`` per box pair ``[M]``."""
     return generalized_box_iou_loss(pred, target, reduction="none", eps=1e-6)
+
+
+def ciou_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``1 - CIoU`` per box pair ``[M]``, with the LD reference's formula and eps placement.
+
+    ``CIoU = IoU - rho^2 / c^2 - v^2 / (1 - IoU + v)``, ``v = 4/pi^2 (atan(w_t/h_t) -
+    atan(w_p/h_p))^2`` (0 where ``v = 0``); unlike torchvision's ``complete_box_iou_loss`` the trade-off term
+    ``alpha = v / (1 - IoU + v)`` is not detached (the reference keeps its gradient).
+    """
+    lt = torch.max(pred[:, :2], target[:, :2])
+    rb = torch.min(pred[:, 2:], target[:, 2:])
+    overlap = (rb - lt).clamp(min=0).prod(dim=1)
+    area_p = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    area_t = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
+    iou = overlap / (area_p + area_t - overlap + eps)
+    enclose = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])).clamp(min=0)
+    c2 = (enclose ** 2).sum(dim=1) + eps
+    rho2 = (((target[:, :2] + target[:, 2:]) - (pred[:, :2] + pred[:, 2:])) ** 2).sum(dim=1) / 4
+    w_p, h_p = pred[:, 2] - pred[:, 0], pred[:, 3] - pred[:, 1] + eps
+    w_t, h_t = target[:, 2] - target[:, 0], target[:, 3] - target[:, 1] + eps
+    v = (4 / math.pi ** 2) * (torch.atan(w_t / h_t) - torch.atan(w_p / h_p)) ** 2
+    # v = 0 (same aspect ratio) makes the term 0; the reference's 0 / (1 - IoU + v) is NaN when
+    # also IoU == 1 in float32, which this avoids (equal wherever the reference is finite)
+    aspect = torch.where(v > 0, v ** 2 / (1 - iou + v).clamp(min=1e-12), torch.zeros_like(v))
+    return 1 - (iou - (rho2 / c2 + aspect))
+
+
+BOX_LOSS = {"giou": giou_loss, "ciou": ciou_loss}
