@@ -216,18 +216,33 @@ def test_atss_ignore_boxes():
 
 
 # ------------------------------------------------------------------------- VLR
-@pytest.mark.parametrize("seed", range(4))
-def test_vlr_region(seed):
+def _reference_d(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The LD reference's VLR test value, written out per coordinate: its IoU calculator in
+    'diou' mode divides the intersection by the anchor's area (not the union)."""
+    ax1, ay1, ax2, ay2 = (anchors[:, i:i + 1] for i in range(4))
+    gx1, gy1, gx2, gy2 = (gt[:, i][None] for i in range(4))
+    iw = (torch.minimum(ax2, gx2) - torch.maximum(ax1, gx1)).clamp(min=0)
+    ih = (torch.minimum(ay2, gy2) - torch.maximum(ay1, gy1)).clamp(min=0)
+    area = ((ax2 - ax1) * (ay2 - ay1)).clamp(min=1e-6)
+    rho2 = ((gx1 + gx2) - (ax1 + ax2)) ** 2 / 4 + ((gy1 + gy2) - (ay1 + ay2)) ** 2 / 4
+    cw = torch.maximum(ax2, gx2) - torch.minimum(ax1, gx1)
+    ch = torch.maximum(ay2, gy2) - torch.minimum(ay1, gy1)
+    return iw * ih / area - rho2 / (cw ** 2 + ch ** 2).clamp(min=1e-6)
+
+
+@pytest.mark.parametrize("region", ["reference", "diou"])
+@pytest.mark.parametrize("seed", range(3))
+def test_vlr_region(seed, region):
     rng = random.Random(100 + seed)
     grid, anchors = grid_320()
     gt = random_gts(rng, rng.randint(1, 6), lo=16)
     res = atss_assign(anchors, grid.num_level_anchors, gt)
-    w = vlr_weights(anchors, gt, res.thr)
+    w = vlr_weights(anchors, gt, res.thr, region=region)
     tg = image_targets(gt, torch.zeros(gt.shape[0], dtype=torch.long), None, PAD, STRIDES, 8.0, 1,
-                       with_vlr=True)
+                       with_vlr=True, vlr_region=region)
     assert torch.equal(tg.vlr, w)
     iou = box_iou(anchors, gt)
-    diou = distance_box_iou(anchors, gt)
+    diou = _reference_d(anchors, gt) if region == "reference" else distance_box_iou(anchors, gt)
     thr = res.thr[None]
     region = (diou >= 0.25 * thr) & (diou < thr)
     assert (w > 0).any()
@@ -241,6 +256,20 @@ def test_vlr_region(seed):
         k = max(ks, key=lambda j: iou[a, j].item())
         assert 0.25 * res.thr[k] <= diou[a, k] < res.thr[k]
         assert 0 < w[a] <= 1
+
+
+def test_vlr_definitions_differ():
+    """The reference's definition (intersection over the anchor's area) admits more anchors
+    than true DIoU: the anchor-area ratio is >= the IoU."""
+    rng = random.Random(7)
+    grid, anchors = grid_320()
+    gt = random_gts(rng, 5, lo=16)
+    res = atss_assign(anchors, grid.num_level_anchors, gt)
+    ref = vlr_weights(anchors, gt, res.thr, region="reference") > 0
+    true = vlr_weights(anchors, gt, res.thr, region="diou") > 0
+    assert ref.sum() > true.sum() > 0 and not torch.equal(ref, true)
+    with pytest.raises(ValueError, match="unknown VLR region"):
+        vlr_weights(anchors, gt, res.thr, region="giou")
 
 
 # ------------------------------------------------------------------- box coding

@@ -10,6 +10,7 @@ import logging
 
 from ..config import DISTILL_TERMS, REGION_POLICIES, Pipeline
 from .manifest import CacheError, Manifest
+from .region import AssignerSpec
 
 log = logging.getLogger("ldpipe.cache")
 
@@ -54,11 +55,21 @@ def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
                         "(cache.store_cls=false); set distill.kd=false or dump again")
     if policy in ("main", "ld"):
         a = cfg.assigner
-        served = m.region.assigner_keys()
+        specs = [AssignerSpec.of_entry(e) for e in m.region.assigners]
+        served = [(s.topk, s.ignore_iof_thr) for s in specs]
         if (a.topk, a.ignore_iof_thr) not in served:
             problems.append(f"assigner: the {policy!r} region was computed for ATSS settings "
                             f"{served} (topk, ignore_iof_thr), model {model_name!r} uses "
                             f"{(a.topk, a.ignore_iof_thr)}; dump with this model in cache.readers")
+        elif policy == "ld" and "vlr" in terms:
+            cached = sorted({s.vlr_region for s in specs if (s.topk, s.ignore_iof_thr) ==
+                             (a.topk, a.ignore_iof_thr)})
+            if a.vlr_region not in cached:
+                problems.append(f"VLR region: the cache stores the valuable localization region of "
+                                f"the {' / '.join(repr(c) for c in cached)} definition, model "
+                                f"{model_name!r} uses {a.vlr_region!r} (assigner.vlr_region); dump "
+                                f"again with it, use a cache.region that covers both ('overlap' or "
+                                f"'dense'), or set models.{model_name}.assigner.vlr_region")
     return problems
 
 

@@ -141,7 +141,8 @@ def format_info(d: dict) -> str:
     arch = t.get("architecture") or {}
     region = d.get("region") or {}
     assigners = ", ".join(f"topk={a.get('topk')} iof={a.get('ignore_iof_thr')} "
-                          f"({'/'.join(a.get('models', []))})" for a in region.get("assigners") or [])
+                          f"vlr={a.get('vlr_region', 'diou')} ({'/'.join(a.get('models', []))})"
+                          for a in region.get("assigners") or [])
     lines = [
         f"cache         {d['cache']}",
         f"cache_id      {d['cache_id']}   format {d['format']} v{d['format_version']}",

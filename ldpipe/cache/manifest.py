@@ -76,10 +76,9 @@ class DataInfo:
 @dataclass
 class RegionInfo:
     policy: str
-    assigners: list[dict]  # {"topk", "ignore_iof_thr", "models"} the main/ld regions were made for
-
-    def assigner_keys(self) -> list[tuple]:
-        return [(a["topk"], a["ignore_iof_thr"]) for a in self.assigners]
+    # {"topk", "ignore_iof_thr", "vlr_region", "models"} the main/ld regions were made for
+    # ("vlr_region" absent: a cache from before it was a setting, made with true DIoU)
+    assigners: list[dict]
 
 
 @dataclass

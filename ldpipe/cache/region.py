@@ -24,26 +24,37 @@ from ..models.assigner import atss_assign, overlap_mask, vlr_weights
 
 POLICIES = REGION_POLICIES
 
+# caches made before the VLR definition was a setting computed true DIoU
+LEGACY_VLR_REGION = "diou"
+
+
 @dataclass(frozen=True)
 class AssignerSpec:
+    """The assigner settings a region is computed for (one entry of the manifest's
+    ``region.assigners``)."""
+
     topk: int = 9
     ignore_iof_thr: float = -1.0
+    vlr_region: str = "reference"
+
+    @classmethod
+    def of_entry(cls, entry: dict) -> "AssignerSpec":
+        return cls(entry["topk"], entry["ignore_iof_thr"], entry.get("vlr_region", LEGACY_VLR_REGION))
+
+    def entry(self, models: list[str]) -> dict:
+        return {"topk": self.topk, "ignore_iof_thr": self.ignore_iof_thr,
+                "vlr_region": self.vlr_region, "models": models}
 
 
 def reader_assigners(pipe: Pipeline, model_name: str) -> list[dict]:
     """Assigner settings of the models that will read a cache of ``model_name`` (``cache.readers``;
     default: every other model of the pipeline, or the teacher itself for Self-LD)."""
     names = list(pipe.cache.readers) or [n for n in pipe.models if n != model_name] or [model_name]
-    out, seen = [], set()
+    models: dict[AssignerSpec, list[str]] = {}
     for n in names:
         a = pipe.model(n).assigner
-        key = (a.topk, a.ignore_iof_thr)
-        if key not in seen:
-            seen.add(key)
-            out.append({"topk": a.topk, "ignore_iof_thr": a.ignore_iof_thr, "models": [n]})
-        else:
-            next(o for o in out if (o["topk"], o["ignore_iof_thr"]) == key)["models"].append(n)
-    return out
+        models.setdefault(AssignerSpec(a.topk, a.ignore_iof_thr, a.vlr_region), []).append(n)
+    return [spec.entry(readers) for spec, readers in models.items()]
 
 
 def region_index(policy: str, gt: torch.Tensor, ignore: torch.Tensor | None,
@@ -64,5 +75,6 @@ def region_index(policy: str, gt: torch.Tensor, ignore: torch.Tensor | None,
         res = atss_assign(anchors, grid.num_level_anchors, gt, ignore, spec.topk, spec.ignore_iof_thr)
         keep |= res.gt_index > 0
         if policy == "ld":
-            keep |= vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps) > 0
+            keep |= vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps,
+                                region=spec.vlr_region) > 0
     return torch.nonzero(keep).squeeze(1)

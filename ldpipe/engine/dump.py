@@ -166,7 +166,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
                  out, total, num_units, len(done), num_units - len(done), info.world_size)
 
     batches = unit_batches(pipe, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
-    specs = [AssignerSpec(a["topk"], a["ignore_iof_thr"]) for a in assigners]
+    specs = [AssignerSpec.of_entry(a) for a in assigners]
     loader = torch.utils.data.DataLoader(
         DetectionDataset(split, pipe, variants), batch_sampler=batches,
         num_workers=pipe.train.workers if workers is None else workers,

@@ -74,13 +74,14 @@ class TrainCollate:
     def __init__(self, cfg: ModelConfig, num_classes: int, with_vlr: bool) -> None:
         self.strides, self.anchor_scale, self.num_classes = list(cfg.strides), cfg.anchor_scale, num_classes
         self.topk, self.ignore_iof_thr = cfg.assigner.topk, cfg.assigner.ignore_iof_thr
-        self.with_vlr = with_vlr
+        self.with_vlr, self.vlr_region = with_vlr, cfg.assigner.vlr_region
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples)
         batch["targets"] = [
             image_targets(g, lb, ig, m["pad_shape"], self.strides, self.anchor_scale,
-                          self.num_classes, self.topk, self.ignore_iof_thr, self.with_vlr)
+                          self.num_classes, self.topk, self.ignore_iof_thr, self.with_vlr,
+                          self.vlr_region)
             for g, lb, ig, m in zip(batch["gt_boxes"], batch["gt_labels"],
                                     batch["ignore_boxes"], batch["metas"])]
         return batch

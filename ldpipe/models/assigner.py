@@ -11,9 +11,11 @@ result does not depend on the device or on the batch an image is in.
   are candidates at or above it whose centre lies inside the GT; an anchor
   claimed by several GTs takes the one of highest IoU.
 * ``vlr_weights`` - the valuable localization region of LD v2: per GT the
-  anchors with ``0.25 thr <= DIoU < thr`` (``thr`` is that GT's ATSS
-  threshold), weighted by IoU; an anchor in several GTs' regions takes the
-  highest IoU among them (the LD reference implementation's rule).
+  anchors with ``0.25 thr <= D < thr`` (``thr`` is that GT's ATSS threshold),
+  weighted by IoU; an anchor in several GTs' regions takes the highest IoU among
+  them (the LD reference implementation's rule).  ``D`` is, by ``region``, the
+  reference code's "DIoU" (intersection over the anchor's area minus the centre
+  distance term: ``boxes.reference_vlr_diou``, the default) or true DIoU.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .boxes import anchor_centers, box_iou, distance_box_iou, iof
+from .boxes import anchor_centers, box_iou, distance_box_iou, iof, reference_vlr_diou
 
 INF = 1e8
 
@@ -96,18 +98,26 @@ def atss_assign(anchors: torch.Tensor, num_level: list[int], gt: torch.Tensor,
 
 
 def vlr_weights(anchors: torch.Tensor, gt: torch.Tensor, thr: torch.Tensor,
-                low: float = 0.25, overlaps: torch.Tensor | None = None) -> torch.Tensor:
+                low: float = 0.25, overlaps: torch.Tensor | None = None,
+                region: str = "reference") -> torch.Tensor:
     """IoU weight of each anchor in the valuable localization region (0 outside).
-    ``overlaps``: the anchor-GT IoU if already computed (``Assignment.overlaps``)."""
+    ``overlaps``: the anchor-GT IoU if already computed (``Assignment.overlaps``);
+    ``region``: ``"reference"`` or ``"diou"`` (config ``assigner.vlr_region``)."""
     n = anchors.shape[0]
     if gt.shape[0] == 0 or n == 0:
         return anchors.new_zeros(n)
     if overlaps is None:
         overlaps = box_iou(anchors, gt)
-    # DIoU <= IoU, so with low > 0 (DIoU >= low * thr > 0) only anchors that overlap some GT
-    # can qualify: compute DIoU for those rows alone (most of a sparse image's anchors).
+    # Either D is at most an overlap ratio (IoU, or intersection over the anchor's area), so
+    # with low > 0 (D >= low * thr > 0; thr = 0 gives an empty region) only anchors that
+    # overlap some GT can qualify: compute D for those rows alone (most anchors of an image).
     rows = torch.nonzero((overlaps > 0).any(dim=1)).squeeze(1) if low > 0 else torch.arange(n)
-    diou = distance_box_iou(anchors[rows], gt)
+    if region == "reference":
+        diou = reference_vlr_diou(anchors[rows], gt)
+    elif region == "diou":
+        diou = distance_box_iou(anchors[rows], gt)
+    else:
+        raise ValueError(f"unknown VLR region {region!r} (reference or diou)")
     inside = (diou < thr[None]) & (diou >= low * thr[None])
     ov = overlaps[rows]
     best = torch.where(inside, ov, torch.full_like(ov, -INF)).max(dim=1).values

@@ -52,7 +52,25 @@ def iof(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / area_a.clamp(min=1e-6)[:, None]
 
 
+def reference_vlr_diou(anchors: torch.Tensor, gt: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``[N, M]``: the "DIoU" that decides VLR membership in the LD reference code.
+
+    Its IoU calculator in ``diou`` mode takes the union as the *anchor's* area (every mode
+    but ``iou``/``giou`` does), so this is ``inter / area(anchor) - rho^2 / c^2`` (``rho``:
+    centre distance, ``c``: diagonal of the enclosing box; both denominators at least
+    ``eps``), not true DIoU (torchvision's ``distance_box_iou``).
+    """
+    lt = torch.max(anchors[:, None, :2], gt[None, :, :2])
+    rb = torch.min(anchors[:, None, 2:], gt[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)
+    area = (anchors[:, 2:] - anchors[:, :2]).prod(dim=1)
+    rho2 = ((anchor_centers(anchors)[:, None, :] - anchor_centers(gt)[None, :, :]) ** 2).sum(dim=2)
+    enclose = (torch.max(anchors[:, None, 2:], gt[None, :, 2:])
+               - torch.min(anchors[:, None, :2], gt[None, :, :2])).clamp(min=0)
+    return inter / area.clamp(min=eps)[:, None] - rho2 / (enclose ** 2).sum(dim=2).clamp(min=eps)
+
+
 __all__ = [
     "aligned_iou", "anchor_centers", "bbox2distance", "box_iou", "distance2bbox",
-    "distance_box_iou", "iof",
+    "distance_box_iou", "iof", "reference_vlr_diou",
 ]

@@ -30,7 +30,8 @@ class ImageTargets:
 
 def image_targets(gt: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor | None,
                   pad_shape: tuple[int, int], strides, anchor_scale: float, num_classes: int,
-                  topk: int = 9, ignore_iof_thr: float = -1.0, with_vlr: bool = False) -> ImageTargets:
+                  topk: int = 9, ignore_iof_thr: float = -1.0, with_vlr: bool = False,
+                  vlr_region: str = "reference") -> ImageTargets:
     """Assign one image's anchors; everything on the CPU in float32."""
     grid = make_grid(pad_shape, strides, anchor_scale)
     anchors, _ = grid_tensors(grid)
@@ -45,7 +46,8 @@ def image_targets(gt: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor |
         k = res.gt_index[pos] - 1
         out_labels[pos] = labels.long().cpu()[k]
         targets[pos] = gt[k]
-    vlr = vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps) if with_vlr else None
+    vlr = (vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps, region=vlr_region)
+           if with_vlr else None)
     return ImageTargets(grid, out_labels, weights, targets, vlr, num_classes)
 
 
