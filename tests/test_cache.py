@@ -247,6 +247,77 @@ def test_codecs_keep_the_ld_loss_of_a_trained_teacher(trained_caches, cache_at):
         assert abs(_ld_loss(t["int8"], student) - ref) / ref <= 0.01
 
 
+def _sharpened_losses(lp: torch.Tensor, k: float, T: float, gen: torch.Generator,
+                      weights: torch.Tensor) -> list[tuple[float, float]]:
+    """(fp32, int8) loss pairs of the teacher ``lp`` sharpened ``k`` times (logits x k), for a
+    far and a near student; weighted sum of per-row KDs as the LD/VLR/KD terms reduce them."""
+    sharp = torch.log_softmax(lp.double() * k, dim=-1).float()
+    int8 = C.decode(*_enc(sharp, "int8"), "int8")
+    out = []
+    for student in (torch.randn(sharp.shape, generator=gen) * 3.0,
+                    sharp + torch.randn(sharp.shape, generator=gen)):
+        pair = []
+        for t in (sharp, int8):
+            lt, ls = Fn.log_softmax(t.double() / T, -1), Fn.log_softmax(student.double() / T, -1)
+            kl = (lt.exp() * (lt - ls)).sum(-1).mean(-1) if t.dim() == 3 else (lt.exp() * (lt - ls)).sum(-1)
+            pair.append(float((kl * weights).sum()))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def test_int8_holds_for_sharpened_teachers(trained_caches, monkeypatch):
+    """A converged teacher has deep tails: the trained teacher's rows, and the same rows
+    sharpened x3 and x5, keep the LD and VLR losses (T = 10) and the class KD (T = 2) within 1%
+    of fp32 after the int8 codec - which the former clip at -40 nats did not."""
+    r = CacheReader(trained_caches["fp32"])
+    box = torch.cat([r.read(int(x[F["image_index"]]), int(x[F["variant"]]))["box"] for x in r.table])
+    cls = torch.cat([r.read(int(x[F["image_index"]]), int(x[F["variant"]]))["cls"] for x in r.table])
+    gen = torch.Generator().manual_seed(0)
+    ones, iou = torch.ones(box.shape[0]), torch.rand(box.shape[0], generator=gen)
+    assert box.min() > -C.CLIP
+    deepest = {}
+    for k in (1.0, 3.0, 5.0):
+        deepest[k] = float(torch.log_softmax(box.double() * k, -1).min())
+        for name, rows, T, w in (("LD", box, 10.0, ones), ("VLR", box, 10.0, iou),
+                                 ("KD", cls, 2.0, ones)):
+            for ref, got in _sharpened_losses(rows, k, T, gen, w):
+                assert abs(got - ref) / ref <= 0.01, (name, k, ref, got)
+    assert deepest[5.0] < -40 < deepest[1.0] / 2  # the sharpened rows do reach past the old clip
+    monkeypatch.setattr(C, "CLIP", 40.0)  # the former codec distorts them
+    errors = [abs(got - ref) / ref for ref, got in _sharpened_losses(box, 5.0, 10.0, gen, ones)]
+    assert max(errors) > 0.01, errors
+
+
+def _rewrite_unit0(path: str, transform) -> None:
+    """Re-encode unit 0 of an int8 cache with ``transform`` applied to its box rows."""
+    from ldpipe.cache.store import SampleRows, assemble_unit, write_unit
+    r = CacheReader(path)
+    m = r.manifest
+    items = []
+    for rec in r.table[r.table[:, F["sample"]] < m.samples_per_shard]:
+        d = r.read(int(rec[F["image_index"]]), int(rec[F["variant"]]))
+        g = d["geometry"]
+        meta = {"index": int(rec[F["image_index"]]), "image_id": int(rec[F["image_id"]]), **g}
+        items.append(SampleRows(int(rec[F["sample"]]), meta, d["anchor"].to(torch.int32),
+                                transform(torch.log_softmax(d["box"], -1)), torch.log_softmax(d["cls"], -1)))
+    write_unit(open_root(path, "a"), 0, assemble_unit(items, "int8", m.num_variants), m.compressor,
+               m.chunk_rows)
+
+
+def test_verify_checks_int8_rows_are_normalised(make_tiny_pipe, tiny_teacher_ckpt, tmp_path):
+    path = str(tmp_path / "c")
+    dump_teacher(make_tiny_pipe("cache.codec=int8"), "teacher", tiny_teacher_ckpt, path, progress=False)
+    # deep rows (a very sharp teacher: coarse 8-bit steps) are valid log-probabilities
+    _rewrite_unit0(path, lambda lp: torch.log_softmax(lp * 400, -1))
+    assert CacheReader(path).read(0, 0)["box"].min() < -100
+    assert verify(path)["ok"], verify(path)["errors"]
+    # rows that do not sum to one are not
+    _rewrite_unit0(path, lambda lp: lp + 1.0)
+    errors = verify(path)["errors"]
+    assert errors and all("not finite normalised log-probabilities" in e for e in errors), errors
+    assert "units/000000/box" in errors[0]
+
+
 def test_codecs_on_sharp_distributions():
     """The codec bounds hold beyond a near-uniform random teacher."""
     gen = torch.Generator().manual_seed(1)

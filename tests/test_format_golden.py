@@ -1,7 +1,8 @@
 """The cache format, byte for byte: a fixed unit written now equals what format version 2's
 writer produced before the package redesign (tests/data/cache_format_v2_golden.json holds the
 sha256 of every stored object, made with commit 740d663's ``assemble`` + ``write_unit`` +
-``write_index`` on the same inputs).  Inputs are multiples of 1/8, so every host encodes them
+``write_index`` on the same inputs).  Inputs are multiples of 1/8 in (-40, 0] (above both the
+old and the current int8 clip), so every host encodes them
 identically; a change to layout, filters, chunking, codecs or commit records fails here."""
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def _items() -> list[SampleRows]:
     for s in range(5):
         n = 3 + 4 * s
         anchor = torch.tensor(np.sort(rng.choice(400, n, replace=False)), dtype=torch.int32)
-        box = torch.tensor(-rng.randint(0, 400, size=(n, 4, 17)) / 8.0, dtype=torch.float32)
-        cls = torch.tensor(-rng.randint(0, 400, size=(n, 3)) / 8.0, dtype=torch.float32)
+        box = torch.tensor(-rng.randint(0, 320, size=(n, 4, 17)) / 8.0, dtype=torch.float32)
+        cls = torch.tensor(-rng.randint(0, 320, size=(n, 3)) / 8.0, dtype=torch.float32)
         meta = {"index": s // 2, "image_id": 100 + s // 2, "img_shape": (96, 128),
                 "pad_shape": (96, 128), "ori_shape": (48, 64), "flip": bool(s % 2),
                 "scale_factor": (2.0, 2.0)}

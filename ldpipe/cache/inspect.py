@@ -75,10 +75,11 @@ def info(url: str, max_samples: int = 200) -> dict:
     ent_sum, ent_count = 0.0, 0
     picked = _stats_rows(n, max_samples)
     units = UnitArrays(root, url, decoded=True, keep=4)
+    clip, clipped, stored_values = m.clip(), 0, 0
     for i in sorted(picked, key=lambda j: (int(unit_of[j]), j)):
         rec = table[i]
         grid = geo.grid((rec[F["pad_h"]], rec[F["pad_w"]]))
-        d = sample_rows(units.get(int(unit_of[i])), rec, m.codec, with_cls=False)
+        d = sample_rows(units.get(int(unit_of[i])), rec, m.codec, with_cls=m.store_cls)
         anchor = d["anchor"].numpy()
         bounds = np.cumsum(grid.num_level_anchors)
         level = np.searchsorted(bounds, anchor, side="right")
@@ -89,6 +90,11 @@ def info(url: str, max_samples: int = 200) -> dict:
             ent = -(lp.exp() * lp).sum(-1)
             ent_sum += float(ent.sum())
             ent_count += int(ent.numel())
+        if clip is not None:
+            for values in (box, d["cls"]):
+                if values is not None:
+                    clipped += int((values <= -clip * (1 - 2e-3)).sum())
+                    stored_values += int(values.numel())
     k = len(picked)
     return {
         "cache": url,
@@ -125,6 +131,8 @@ def info(url: str, max_samples: int = 200) -> dict:
         "anchors_per_sample_per_level": [float(x) for x in (level_sum / k if k else level_sum)],
         "teacher_entropy_nats": ent_sum / ent_count if ent_count else None,
         "max_entropy_nats": math.log(reg_bins),
+        "codec_clip": clip,
+        "clipped_fraction": clipped / stored_values if stored_values else (0.0 if clip else None),
         "stats_samples": k,
         "created": m.created,
         "versions": m.versions,
@@ -165,6 +173,10 @@ def format_info(d: dict) -> str:
     per_level = " / ".join(f"{x:.1f}" for x in d["anchors_per_sample_per_level"])
     lines.append(f"anchors       {d['anchors_per_sample']:.1f} of {d['grid_anchors_per_sample']:.0f} "
                  f"per sample; per level (strides {d['strides']}): {per_level}")
+    if d["codec_clip"] is not None:
+        frac = d["clipped_fraction"]
+        lines.append(f"clipping      values below -{d['codec_clip']:g} nats are stored as -{d['codec_clip']:g}: "
+                     f"{frac * 100:.4f}% of the values of {d['stats_samples']} samples")
     if d["teacher_entropy_nats"] is not None:
         lines.append(f"entropy       {d['teacher_entropy_nats']:.3f} nats per edge distribution "
                      f"(max {d['max_entropy_nats']:.3f}; over {d['stats_samples']} samples)")

@@ -104,6 +104,9 @@ class Manifest:
     versions: dict
     lineage: dict = field(default_factory=dict)  # the cache the teacher was trained from, if any
     cache_id: str = ""
+    # the encoder's clip in nats (codec.clip_of); None for fp32, and absent from caches written
+    # before it was recorded (then codec.LEGACY_CLIP applies: int8 clipped at 40)
+    codec_clip: float | None = None
 
     # ------------------------------------------------------------ (de)serialising
     @classmethod
@@ -117,12 +120,20 @@ class Manifest:
         return _build(cls, raw, "", url)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["codec_clip"] is None:
+            del d["codec_clip"]
+        return d
+
+    def clip(self) -> float | None:
+        """The encoder's clip (legacy caches: what the ldpipe that wrote them used)."""
+        from .codec import LEGACY_CLIP
+        return self.codec_clip if self.codec_clip is not None else LEGACY_CLIP.get(self.codec)
 
     # ------------------------------------------------------------ identity
     def identity(self) -> dict:
         d = self.to_dict()
-        return {k: d[k] for k in IDENTITY}
+        return {k: d[k] for k in IDENTITY + ("codec_clip",) if k in d}
 
     def compute_id(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -131,8 +142,8 @@ class Manifest:
         """Human lines for each identity field that differs (``self``: the existing cache)."""
         out = []
         old_id, new_id = self.identity(), new.identity()
-        for key in IDENTITY:
-            a, b = old_id[key], new_id[key]
+        for key in [*IDENTITY, "codec_clip"]:
+            a, b = old_id.get(key), new_id.get(key)
             if a == b:
                 continue
             if isinstance(a, dict) and isinstance(b, dict):
@@ -250,6 +261,8 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         # the cache this teacher was itself trained from (and its own lineage), if any
         lineage=(ckpt_meta.get("ldpipe") or {}).get("lineage") or {},
     )
+    from .codec import clip_of
+    m.codec_clip = clip_of(cache.codec)
     m.cache_id = m.compute_id()
     return m
 
