@@ -228,3 +228,44 @@ def test_model_predict_and_boxes_to_original():
     orig = boxes_to_original(out["boxes"], meta)
     assert orig.tolist() == [[0.0, 32.0, 16.0, 96.0], [0.0, 0.0, 30.0, 120.0]]
     assert math.isclose(float(out["scores"][0]), 1 / (1 + math.exp(-3.0)), rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------------- region policies
+def test_region_index_policies_by_brute_force():
+    """Which anchors each cache region keeps, against references computed here: ``main`` the
+    union of the ATSS positives of every reader's assigner, ``ld`` adds the VLR (brute force),
+    ``overlap`` every anchor with IoU > 0, ``dense`` all."""
+    from ldpipe.cache.region import AssignerSpec, region_index
+    rng = random.Random(5)
+    pad, strides = (192, 256), [8, 16, 32, 64, 128]
+    grid = make_grid(pad, strides, 8.0)
+    anchors, _ = grid_tensors(grid)
+    boxes = []
+    for side in (6, 20, 50, 120):
+        x, y = rng.uniform(0, 250 - side), rng.uniform(0, 190 - side)
+        boxes.append([x, y, x + side, y + side * 0.8])
+    gt = torch.tensor(boxes)
+    specs = [AssignerSpec(9, -1.0), AssignerSpec(12, -1.0)]
+    pos = torch.zeros(anchors.shape[0], dtype=torch.bool)
+    vlr = torch.zeros_like(pos)
+    for spec in specs:
+        res = atss_assign(anchors, grid.num_level_anchors, gt, topk=spec.topk)
+        pos |= res.gt_index > 0
+        vlr |= _vlr_reference(anchors, gt, res.thr)[0] > 0
+    only9 = atss_assign(anchors, grid.num_level_anchors, gt, topk=9).gt_index > 0
+    assert not torch.equal(pos, only9), "set-up: the second assigner adds positives"
+
+    def idx(mask):
+        return torch.nonzero(mask).squeeze(1)
+
+    got = {p: region_index(p, gt, None, pad, strides, 8.0, specs) for p in ("main", "ld", "overlap", "dense")}
+    assert torch.equal(got["main"], idx(pos))
+    assert torch.equal(got["ld"], idx(pos | vlr)) and got["ld"].numel() > got["main"].numel()
+    assert torch.equal(got["overlap"], idx((box_iou(anchors, gt) > 0).any(dim=1)))
+    assert torch.equal(got["dense"], torch.arange(grid.num_anchors))
+    assert all(v.dtype == torch.int64 for v in got.values())
+    # no assigners given: the default ATSS (topk 9)
+    assert torch.equal(region_index("main", gt, None, pad, strides, 8.0, []), idx(only9))
+    assert region_index("main", torch.zeros(0, 4), None, pad, strides, 8.0, specs).numel() == 0
+    with pytest.raises(ValueError, match="policy"):
+        region_index("everything", gt, None, pad, strides, 8.0, specs)
