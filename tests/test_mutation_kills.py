@@ -116,3 +116,51 @@ def test_overlap_mask_single_gt_and_image_targets_defaults():
     assert t.vlr is None  # VLR only when asked for
     assert t.grid == make_grid((192, 192), [8, 16, 32, 64, 128], 8.0)
     assert t.labels.dtype == torch.int64
+
+
+# ---------------------------------------------------------------------------- GFL head
+def test_gfl_head_initialisation():
+    """mmdetection's GFL head init: class bias -log((1 - 0.01) / 0.01), Scale 1, conv weights
+    N(0, 0.01), trainable GroupNorm in the towers."""
+    from ldpipe.models.gfl_head import GFLHead
+    torch.manual_seed(0)
+    head = GFLHead(3, in_channels=16, feat_channels=16, stacked_convs=2, reg_max=7, num_levels=4,
+                   norm_groups=4)
+    assert torch.allclose(head.gfl_cls.bias, torch.full((3,), -math.log(99.0)))
+    assert torch.equal(head.gfl_reg.bias, torch.zeros(4 * 8))
+    assert [float(s.scale.detach()) for s in head.scales] == [1.0] * 4
+    for conv in (head.gfl_cls, head.gfl_reg, head.cls_convs[0].conv, head.reg_convs[1].conv):
+        assert 0.005 < float(conv.weight.std()) < 0.02
+        assert conv.padding == (1, 1) and conv.kernel_size == (3, 3)
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 4 and all(n.num_groups == 4 for n in norms)
+    assert all(p.requires_grad for p in head.parameters())
+    assert head.cls_convs[0].conv.in_channels == 16 and head.gfl_reg.out_channels == 32
+    assert torch.equal(head.integral.project, torch.arange(8.0))
+
+
+def test_gfl_head_loss_reads_qfl_beta_and_clamps_far_targets():
+    """``LossConfig.qfl_beta`` reaches QFL; DFL targets beyond ``reg_max`` bins are clamped to
+    ``reg_max - 0.1`` (a box edge 40 bins away trains the last two bins, no index error)."""
+    from ldpipe.config import LossConfig
+    from ldpipe.models.gfl_head import GFLHead
+    from ldpipe.models.losses import distribution_focal_loss
+    head = GFLHead(2, in_channels=8, feat_channels=8, stacked_convs=0, reg_max=4, num_levels=1,
+                   norm_groups=4)
+    g = torch.Generator().manual_seed(3)
+    cls = torch.randn(2, 2, generator=g)
+    reg = torch.randn(2, 20, generator=g)
+    anchors = torch.tensor([[-16.0, -16.0, 48.0, 48.0], [0.0, 0.0, 64.0, 64.0]])
+    strides = torch.tensor([8.0, 8.0])
+    labels = torch.tensor([0, 2])
+    lw = torch.ones(2)
+    targets = torch.tensor([[10.0, 12.0, 16.0 + 8 * 40, 20.0], [0.0] * 4])  # right edge 40 bins out
+    args = (cls, reg, anchors, strides, labels, lw, targets, 1.0)
+    l2, _ = head.loss(*args, LossConfig(qfl_beta=2.0))
+    l1, _ = head.loss(*args, LossConfig(qfl_beta=1.0))
+    assert l1["loss_cls"].item() != pytest.approx(l2["loss_cls"].item(), rel=1e-3)
+    # DFL by hand with the clamped targets (centre (2, 2) in stride units)
+    d = torch.tensor([2 - 10 / 8, 2 - 12 / 8, 3.9, 20 / 8 - 2])
+    w = cls[0].sigmoid().max()
+    want = 0.25 * (distribution_focal_loss(reg[0].reshape(4, 5), d) * w).sum() / 4 / max(float(w), 1.0)
+    assert l2["loss_dfl"].item() == pytest.approx(want.item(), rel=1e-5)
