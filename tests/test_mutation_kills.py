@@ -130,7 +130,7 @@ def test_gfl_head_initialisation():
     assert torch.equal(head.gfl_reg.bias, torch.zeros(4 * 8))
     assert [float(s.scale.detach()) for s in head.scales] == [1.0] * 4
     for conv in (head.gfl_cls, head.gfl_reg, head.cls_convs[0].conv, head.reg_convs[1].conv):
-        assert 0.005 < float(conv.weight.std()) < 0.02
+        assert 0.005 < float(conv.weight.detach().std()) < 0.02
         assert conv.padding == (1, 1) and conv.kernel_size == (3, 3)
     norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert len(norms) == 4 and all(n.num_groups == 4 for n in norms)
