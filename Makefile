@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine:
 #   make demo  - install into .venv, synthesise the embedded data, run the demo chain
 #   make test  - install into .venv (with test extras) and run the test suite
+#   make mutation - mutation score of the core modules (installs the dev extra: mutmut)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DATA ?= data/synth
 DEMO_DIR ?= work_dirs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,10 @@ demo: $(VENV)/.installed $(DEMO_DATA)/annotations/val.json
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+mutation: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev]'
+	nice $(PY) tools/mutation.py $(MODULES)
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_DATA)

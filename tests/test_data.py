@@ -310,16 +310,24 @@ def test_dataset_dataloader_end_to_end(tmp_path):
     pipe = _pipe(root=str(tmp_path), train_scales=[[160, 128], [128, 96]], flip=True)
     split = load_split(pipe, "train")
     variants = train_variants(pipe)
+    # the extra hook tags each sample with its image's pixels, read independently of the meta
+    # the loader returns, so a sample paired with another one's meta or variant is caught
     ds = DetectionDataset(split, pipe, variants, extra=lambda m: {"key": (m["index"], m["variant"])})
+    plain = DetectionDataset(split, pipe, variants)
     assert len(ds) == 6
     sampler = VariantSampler(len(ds), len(variants), seed=0)
     loader = DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=collate, num_workers=0)
     seen = []
+    drawn = dict(sampler.pairs())
     for batch in loader:
         assert batch["img"].dim() == 4 and batch["img"].shape[0] == len(batch["metas"])
-        for m, k in zip(batch["metas"], batch["key"]):
+        for b, (m, k) in enumerate(zip(batch["metas"], batch["key"])):
             assert k == (m["index"], m["variant"])
             assert m["image_id"] == split.records[m["index"]].image_id
+            assert m["variant"] == variants[drawn[m["index"]]].key  # the sampler's draw
+            ref = plain[(m["index"], drawn[m["index"]])]["img"]
+            h, w = ref.shape[-2:]
+            assert torch.equal(batch["img"][b, :, :h, :w], ref)
             seen.append(m["index"])
     assert sorted(seen) == list(range(6))
     assert ds[3]["meta"]["variant"] == "s0n"  # int key = variant 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -88,8 +89,11 @@ def test_distill_from_cache_without_teacher_checkpoint(data, tmp_path):
 
 def test_ddp_two_processes_on_cpu(data, tmp_path):
     """torchrun --nproc_per_node=2 (gloo): train, dump into one store, train-student."""
+    with socket.socket() as sock:  # a free port now, not a fixed one another run may hold
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                "--master_port=29517", "-m", "ldpipe"]
+                f"--master_port={port}", "-m", "ldpipe"]
     # fp32 cache: the two dumps may differ by float reassociation (other thread counts), which
     # the 8-bit codec could turn into a whole quantisation step
     o = overrides(data, "train.epochs=1", "train.max_iters_per_epoch=2", "models.teacher.train={}",

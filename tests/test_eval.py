@@ -193,7 +193,11 @@ def test_perfect_and_empty_detections():
         assert m["per_class"]["a"]["num_gts"] == 2
     m = evaluate(records, classes, [], voc=True)
     assert m["voc_mAP_50"] == 0.0 and m["per_class"]["a"]["voc_AP50"] == 0.0
-    assert "a" in format_table(m)
+    table = format_table(m).splitlines()
+    assert table[0].startswith("bbox_mAP 0.000 | AP50 0.000 | AP75 0.000 | VOC mAP50 0.000")
+    assert f"{'a':<5} " + " ".join(f"{v:>8}" for v in ("2", "0.000", "0.000", "0.000")) in table
+    assert f"{'b':<5} " + " ".join(f"{v:>8}" for v in ("2", "0.000", "0.000", "0.000")) in table
+    assert any(" = -1.000" in ln and "area= small" in ln for ln in table)  # no small GT
 
 
 def test_unknown_image_id_raises():

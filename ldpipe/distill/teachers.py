@@ -130,7 +130,10 @@ class OnlineTeacher(_DistillBase):
         if student.reg_max != teacher.reg_max:
             raise CacheError(f"reg_max: teacher {self.model_name!r} has {teacher.reg_max}, "
                              f"student {model_name!r} has {student.reg_max}")
-        self.net = build_model(teacher, len(split.classes))
+        # built under a forked RNG: the student (built after this) gets the same initial
+        # weights for a given seed as with a cache, so online and cached runs compare
+        with torch.random.fork_rng(devices=[]):
+            self.net = build_model(teacher, len(split.classes))
         load_weights(self.net, self.checkpoint)
         self.net.to(self.device).eval()
         for p in self.net.parameters():
