@@ -17,10 +17,12 @@ from ldpipe.cache import codec as C
 from ldpipe.config import TestConfig as HeadTestConfig
 from ldpipe.config import load_pipeline
 from ldpipe.data import boxes_to_original
-from ldpipe.engine.evaluate import voc_map
+from ldpipe.metrics import voc_map
 from ldpipe.engine.train import Schedule
 from ldpipe.models import build_model
-from ldpipe.models.assigner import atss_assign, grid_tensors, make_grid, vlr_weights
+from ldpipe.models.anchors import grid_tensors, make_grid
+from ldpipe.models.assigner import atss_assign, vlr_weights
+from ldpipe.models.detector import DenseOutput, flatten_levels
 from ldpipe.models.gfl_head import GFLHead
 
 
@@ -107,15 +109,18 @@ def test_int8_known_values():
 
 
 # ------------------------------------------------------------------------------- VLR
-def _vlr_reference(anchors, gt, thr, low=0.25):
+def _vlr_reference(anchors, gt, thr, region, low=0.25):
     """Brute force over every anchor: the highest IoU among GTs whose VLR holds the anchor."""
-    iou, diou = box_iou(anchors, gt), distance_box_iou(anchors, gt)
+    from test_models import _reference_d
+    iou = box_iou(anchors, gt)
+    diou = _reference_d(anchors, gt) if region == "reference" else distance_box_iou(anchors, gt)
     inside = (diou >= low * thr[None]) & (diou < thr[None])
     return torch.where(inside, iou, torch.zeros_like(iou)).max(dim=1).values, inside
 
 
+@pytest.mark.parametrize("region", ["reference", "diou"])
 @pytest.mark.parametrize("seed", range(3))
-def test_vlr_weights_equal_brute_force_with_small_boxes(seed):
+def test_vlr_weights_equal_brute_force_with_small_boxes(seed, region):
     """Kills: a pre-filter in ``vlr_weights`` that drops anchors barely overlapping a GT (the
     64 px anchors of stride 8 overlap a 4-12 px box with IoU < 0.03), and any filter on box
     size.  Reference: DIoU against every anchor, no pre-filter."""
@@ -129,13 +134,13 @@ def test_vlr_weights_equal_brute_force_with_small_boxes(seed):
         boxes.append([x, y, x + w, y + h])
     gt = torch.tensor(boxes)
     res = atss_assign(anchors, grid.num_level_anchors, gt)
-    want, inside = _vlr_reference(anchors, gt, res.thr)
+    want, inside = _vlr_reference(anchors, gt, res.thr, region)
     small = (gt[:, 2:] - gt[:, :2]).max(dim=1).values < 16
     assert inside[:, small].any(dim=0).sum() >= 3, "set-up: most small boxes have a VLR"
     assert (box_iou(anchors, gt)[inside[:, :5].any(1)] < 0.01).any(), "set-up: tiny overlaps"
-    got = vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps)
-    assert torch.equal(got, want)
-    assert torch.equal(vlr_weights(anchors, gt, res.thr), want)  # overlaps computed inside
+    got = vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps, region=region)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6) and torch.equal(got > 0, want > 0)
+    assert torch.equal(vlr_weights(anchors, gt, res.thr, region=region), got)  # overlaps inside
 
 
 # ------------------------------------------------------------------------ lr schedule
@@ -173,7 +178,8 @@ def _maps(sizes, num_classes, reg_max, cells):
     for lv, y, x, c, logit, bins in cells:
         cls[lv][0, c, y, x] = logit
         reg[lv][0, :, y, x] = _peaked(bins, reg_max)
-    return cls, reg
+    return DenseOutput(flatten_levels(cls), flatten_levels(reg).reshape(1, -1, 4, reg_max + 1),
+                       list(sizes))
 
 
 def test_head_predict_decodes_known_boxes():
@@ -188,21 +194,21 @@ def test_head_predict_decodes_known_boxes():
         (1, 0, 1, 0, 1.0, [0, 0, 1, 1]),  # centre (16, 0) stride 16: (16, 0, 32, 16)
         (0, 0, 0, 0, 0.5, [0, 0, 1, 1]),  # (0, 0, 8, 8): different class from its overlaps
     ]
-    cls, reg = _maps(sizes, 2, 4, cells)
+    out_maps = _maps(sizes, 2, 4, cells)
     anchors = [grid_tensors(make_grid((16, 24), [8], 8.0))[0],
                grid_tensors(make_grid((16, 32), [16], 8.0))[0]]
     assert [a.shape[0] for a in anchors] == [6, 2]
     metas = [{"img_shape": (30, 36)}]
     cfg = HeadTestConfig(score_thr=0.05, nms_pre=1000, nms_iou=0.6, max_per_img=100)
-    out = head.predict(cls, reg, anchors, strides, metas, cfg)[0]
+    out = head.predict(out_maps, anchors, strides, metas, cfg)[0]
     sig = torch.sigmoid
     assert out["boxes"].tolist() == [[8.0, 8.0, 36.0, 30.0], [16.0, 0.0, 32.0, 16.0], [0.0, 0.0, 8.0, 8.0]]
     assert torch.equal(out["scores"], sig(torch.tensor([2.0, 1.0, 0.5])))
     assert out["labels"].tolist() == [1, 0, 0]
     cfg = HeadTestConfig(score_thr=0.65, nms_pre=1000, nms_iou=0.6, max_per_img=100)
-    assert head.predict(cls, reg, anchors, strides, metas, cfg)[0]["labels"].tolist() == [1, 0]
+    assert head.predict(out_maps, anchors, strides, metas, cfg)[0]["labels"].tolist() == [1, 0]
     cfg = HeadTestConfig(score_thr=0.05, nms_pre=1, nms_iou=0.6, max_per_img=2)
-    out = head.predict(cls, reg, anchors, strides, metas, cfg)[0]
+    out = head.predict(out_maps, anchors, strides, metas, cfg)[0]
     assert out["labels"].tolist() == [1, 0] and out["boxes"][1].tolist() == [16.0, 0.0, 32.0, 16.0]
 
 
@@ -216,8 +222,8 @@ def test_model_predict_and_boxes_to_original():
     sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # a 64 x 64 input
     cells = [(1, 2, 3, 2, 3.0, [1, 1, 2, 1]),  # stride 16, centre (48, 32): (32, 16, 80, 48)
              (3, 0, 0, 0, 2.0, [0, 0, 1, 1])]  # stride 64, centre (0, 0): (0, 0, 64, 64)
-    cls, reg = _maps(sizes, 3, model.cfg.reg_max, cells)
-    model.forward = lambda img: (cls, reg)  # known head outputs
+    dense = _maps(sizes, 3, model.cfg.reg_max, cells)
+    model.forward = lambda img: dense  # known head outputs
     meta = {"img_shape": (60, 64), "flip": True, "scale_factor": (2.0, 0.5), "ori_shape": (200, 30)}
     out = model.predict(torch.zeros(1, 3, 64, 64), [meta])[0]
     assert out["boxes"].tolist() == [[32.0, 16.0, 64.0, 48.0], [0.0, 0.0, 64.0, 60.0]]
@@ -251,7 +257,7 @@ def test_region_index_policies_by_brute_force():
     for spec in specs:
         res = atss_assign(anchors, grid.num_level_anchors, gt, topk=spec.topk)
         pos |= res.gt_index > 0
-        vlr |= _vlr_reference(anchors, gt, res.thr)[0] > 0
+        vlr |= _vlr_reference(anchors, gt, res.thr, spec.vlr_region)[0] > 0
     only9 = atss_assign(anchors, grid.num_level_anchors, gt, topk=9).gt_index > 0
     assert not torch.equal(pos, only9), "set-up: the second assigner adds positives"
 

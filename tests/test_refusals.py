@@ -6,10 +6,10 @@ import copy
 
 import pytest
 
-from ldpipe.cache.dump import dump_teacher
-from ldpipe.cache.store import CacheError, CacheReader
+from ldpipe.cache import CacheError, CacheReader
+from ldpipe.cache.compat import check_compatible
 from ldpipe.data import load_split
-from ldpipe.distill import check_compatible
+from ldpipe.engine.dump import dump_teacher
 
 STUDENT = ("models.student.depth=18", "models.student.base_width=8",
            "models.student.channels=16", "models.student.stacked_convs=1")
@@ -29,16 +29,21 @@ def manifest(cache):
     return CacheReader(cache).manifest
 
 
+def _stored(cache) -> int:
+    return CacheReader(cache).table.shape[0]
+
+
 def _refusal(cache, manifest, pipe, terms=ALL) -> str:
     split = load_split(pipe, "train")
     with pytest.raises(CacheError) as err:
-        check_compatible(manifest, cache, pipe, "student", split, terms)
+        check_compatible(manifest, cache, _stored(cache), pipe, "student", split, terms)
     return str(err.value)
 
 
 def test_compatible_cache_passes(cache, manifest, make_tiny_pipe):
     pipe = make_tiny_pipe(*STUDENT)
-    check_compatible(manifest, cache, pipe, "student", load_split(pipe, "train"), ALL)
+    check_compatible(manifest, cache, _stored(cache), pipe, "student", load_split(pipe, "train"),
+                     ALL)
 
 
 @pytest.mark.parametrize("override,what,cache_value,ours", [
@@ -59,7 +64,7 @@ def test_geometry_and_assigner_refusals_name_both_values(cache, manifest, make_t
 def test_other_classes_refused(cache, manifest, make_tiny_pipe):
     other = copy.deepcopy(manifest)
     theirs = ["a", "b", "c", "d"]
-    other["geometry"]["classes"] = theirs
+    other.geometry.classes = theirs
     pipe = make_tiny_pipe(*STUDENT)
     msg = _refusal(cache, other, pipe)
     ours = load_split(pipe, "train").classes
@@ -74,17 +79,18 @@ def test_several_problems_are_reported_together(cache, manifest, make_tiny_pipe)
 
 def test_kd_needs_stored_class_logits(cache, manifest, make_tiny_pipe):
     no_cls = copy.deepcopy(manifest)
-    no_cls["store_cls"] = False
+    no_cls.store_cls = False
     pipe = make_tiny_pipe(*STUDENT)
     msg = _refusal(cache, no_cls, pipe, ALL)
     assert "store_cls=false" in msg and "distill.kd=false" in msg, msg
     # the same cache serves LD and VLR
-    check_compatible(no_cls, cache, pipe, "student", load_split(pipe, "train"), {"ld", "vlr"})
+    check_compatible(no_cls, cache, _stored(cache), pipe, "student", load_split(pipe, "train"),
+                     {"ld", "vlr"})
 
 
 def test_incomplete_cache_refused(cache, manifest, make_tiny_pipe):
     more = copy.deepcopy(manifest)
-    stored = manifest["num_samples"]
-    more["num_samples"] = stored + 5
+    stored = manifest.num_samples
+    more.num_samples = stored + 5
     msg = _refusal(cache, more, make_tiny_pipe(*STUDENT))
     assert "incomplete" in msg and f"{stored} of {stored + 5} samples" in msg, msg

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ldpipe.cache.dump import dump_teacher
+from ldpipe.engine.dump import dump_teacher
 from ldpipe.data import DetectionDataset, load_split, train_variants
 from ldpipe.distill import CachedTeacher
 from ldpipe.distill.loader import CacheTargets
@@ -43,8 +43,7 @@ def test_cached_rows_land_on_the_right_batch_anchors(make_tiny_pipe, tiny_teache
     first, second = (group for _, group in sorted(by_shape.items())[:2])
     # shapes X, Y, X: the middle image's rows start after a padded one
     samples = [first[0], second[0], first[1]]
-    batch = TrainCollate(cfg.strides, cfg.anchor_scale, n_cls, cfg.assigner.topk,
-                         cfg.assigner.ignore_iof_thr, with_vlr=True)(samples)
+    batch = TrainCollate(cfg, n_cls, with_vlr=True)(samples)
     bh, bw = batch["img"].shape[-2:]
     sizes = [(-(-bh // s), -(-bw // s)) for s in cfg.strides]
     bt = batch_targets(batch["targets"], sizes, cfg.strides, cfg.anchor_scale, n_cls,
@@ -74,9 +73,10 @@ def test_cached_rows_land_on_the_right_batch_anchors(make_tiny_pipe, tiny_teache
             r -= sizes[lv][0] * sizes[lv][1]
             lv += 1
         y, x = divmod(r, sizes[lv][1])
-        cls_map, reg_map = outs[img][0][lv][0], outs[img][1][lv][0]
-        assert y < cls_map.shape[1] and x < cls_map.shape[2], "an anchor outside the image's grid"
-        want_box = F.log_softmax(reg_map[:, y, x].reshape(4, rb), dim=-1)
-        want_cls = F.log_softmax(cls_map[:, y, x], dim=-1)
+        own = outs[img].level_sizes  # the image's own grid, level by level
+        assert y < own[lv][0] and x < own[lv][1], "an anchor outside the image's grid"
+        j = sum(h * w for h, w in own[:lv]) + y * own[lv][1] + x
+        want_box = F.log_softmax(outs[img].reg[0, j].reshape(4, rb), dim=-1)
+        want_cls = F.log_softmax(outs[img].cls[0, j], dim=-1)
         assert torch.allclose(t_box[k], want_box, atol=1e-5), (img, lv, y, x)
         assert torch.allclose(t_cls[k], want_cls, atol=1e-5), (img, lv, y, x)

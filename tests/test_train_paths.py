@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ldpipe.cache.dump import dump_teacher
+from ldpipe.engine.dump import dump_teacher
 from ldpipe.cli import main as cli
 from ldpipe.distill import train_student
 from ldpipe.engine.train import train
