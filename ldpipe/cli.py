@@ -59,15 +59,30 @@ def data() -> None:
     """Data-set utilities."""
 
 
+# = ldpipe.data.synth.DEMO_ARGS, written out so the CLI imports nothing heavy
+# (tests/test_synth.py checks that they agree)
+_SYNTH = dict(n_train=400, n_val=200, seed=0, size=192, min_size=12.0, max_size=96.0,
+              max_objects=8)
+
+
 @data.command("synth")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--train", "n_train", default=240, show_default=True, help="Training images.")
-@click.option("--val", "n_val", default=60, show_default=True, help="Validation images.")
-@click.option("--seed", default=0, show_default=True)
-def data_synth(out: str, n_train: int, n_val: int, seed: int) -> None:
-    """Write the embedded synthetic COCO-format data set to OUT."""
+@click.option("--train", "n_train", default=_SYNTH["n_train"], show_default=True, help="Training images.")
+@click.option("--val", "n_val", default=_SYNTH["n_val"], show_default=True, help="Validation images.")
+@click.option("--seed", default=_SYNTH["seed"], show_default=True)
+@click.option("--size", default=_SYNTH["size"], show_default=True, help="Nominal image side, px.")
+@click.option("--min-size", default=_SYNTH["min_size"], show_default=True,
+              help="Smallest object long side, px.")
+@click.option("--max-size", default=_SYNTH["max_size"], show_default=True,
+              help="Largest object long side, px.")
+@click.option("--max-objects", default=_SYNTH["max_objects"], show_default=True,
+              help="Most objects per image.")
+def data_synth(out: str, n_train: int, n_val: int, seed: int, size: int, min_size: float,
+               max_size: float, max_objects: int) -> None:
+    """Write the embedded synthetic COCO-format data set to OUT (defaults: the demo's set)."""
     from .data.synth import synthesize
-    summary = synthesize(out, n_train=n_train, n_val=n_val, seed=seed)
+    summary = synthesize(out, n_train=n_train, n_val=n_val, seed=seed, size=size,
+                         min_size=min_size, max_size=max_size, max_objects=max_objects)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 

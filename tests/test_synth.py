@@ -10,7 +10,7 @@ import pytest
 
 from ldpipe.config import load_pipeline
 from ldpipe.data import load_split
-from ldpipe.data.synth import CLASSES, MAX_SIZE, render_image, synthesize
+from ldpipe.data.synth import CLASSES, DEMO_ARGS, MAX_SIZE, render_image, synthesize
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -89,3 +89,16 @@ def test_loads_through_load_split(synth, tmp_path):
     assert train.fingerprint != val.fingerprint
     assert all(Path(r.file_name).is_file() for r in train.records + val.records)
     assert load_split(pipe, "train").fingerprint == train.fingerprint
+
+
+def test_cli_defaults_are_the_demo_set(tmp_path):
+    from ldpipe import cli
+    assert cli._SYNTH == DEMO_ARGS
+    # small objects only within the demo's range, at most max_objects per image
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        _, anns = render_image(rng, 192, 192, DEMO_ARGS["min_size"], DEMO_ARGS["max_size"],
+                               DEMO_ARGS["max_objects"])
+        assert len(anns) <= DEMO_ARGS["max_objects"]
+        for a in anns:
+            assert max(a["bbox"][2:]) <= DEMO_ARGS["max_size"] + 2

@@ -19,6 +19,9 @@ for the first/last such columns ``x0, x1`` and rows ``y0, y1`` (COCO ``xywh``);
 annotated; one whose visible part is less than 25 % of its in-image mask, or is
 under 3 px on a side, is annotated as ``iscrowd = 1`` (an ignore region).
 
+``DEMO_ARGS`` are the arguments of the demo's set (``ldpipe data synth``'s defaults):
+400 + 200 images of about 192 px, objects of 12 to 96 px, 2 to 8 per image.
+
 Output (deterministic for a seed, byte for byte)::
 
     OUT/annotations/{train,val}.json
@@ -38,6 +41,12 @@ CLASSES = ["disc", "square", "triangle", "ring"]
 _HUE = [0, 45, 90, 135]  # OpenCV hue (0..180) each class prefers
 JPEG_QUALITY = 92
 MIN_SIZE, MAX_SIZE = 8, 150  # long side of an object's shape, px
+MAX_OBJECTS = 10
+# ``ldpipe data synth OUT`` (and so ``make demo``) writes this set: smaller images with
+# fewer, larger objects than the renderer's general defaults, so a CPU-sized teacher
+# trained for a few minutes is clearly better than the student (pipelines/demo.toml).
+DEMO_ARGS = dict(n_train=400, n_val=200, seed=0, size=192, min_size=12.0, max_size=96.0,
+                 max_objects=8)
 
 
 # ------------------------------------------------------------------- rendering
@@ -113,11 +122,11 @@ def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
     return base[None, None, :] + tex.astype(np.float32)
 
 
-def _place(rng: np.random.Generator, h: int, w: int, taken: list[tuple[float, ...]]
-           ) -> tuple[int, int, int, int]:
+def _place(rng: np.random.Generator, h: int, w: int, taken: list[tuple[float, ...]],
+           min_size: float = MIN_SIZE, max_size: float = MAX_SIZE) -> tuple[int, int, int, int]:
     """An object box ``(x, y, bw, bh)``; mostly inside the image, limited overlap."""
     for _ in range(12):
-        long_side = math.exp(rng.uniform(math.log(MIN_SIZE), math.log(MAX_SIZE)))
+        long_side = math.exp(rng.uniform(math.log(min_size), math.log(max_size)))
         short_side = long_side * rng.uniform(0.5, 1.0)
         bw, bh = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
         bw, bh = max(int(round(bw)), 4), max(int(round(bh)), 4)
@@ -139,14 +148,16 @@ def _place(rng: np.random.Generator, h: int, w: int, taken: list[tuple[float, ..
     return x, y, bw, bh  # give up on the overlap limit after a few tries
 
 
-def render_image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[dict]]:
+def render_image(rng: np.random.Generator, h: int, w: int, min_size: float = MIN_SIZE,
+                 max_size: float = MAX_SIZE, max_objects: int = MAX_OBJECTS
+                 ) -> tuple[np.ndarray, list[dict]]:
     """One image (BGR uint8) and its annotations (``bbox``, ``category_id``, ...)."""
     img = _background(rng, h, w)
     objects = []  # (cls, alpha patch float32, patch x, patch y)
     taken: list[tuple[float, ...]] = []
-    for _ in range(int(rng.integers(2, 11))):
+    for _ in range(int(rng.integers(2, max_objects + 1))):
         cls = int(rng.integers(len(CLASSES)))
-        x, y, bw, bh = _place(rng, h, w, taken)
+        x, y, bw, bh = _place(rng, h, w, taken, min_size, max_size)
         taken.append((x, y, bw, bh))
         sigma = rng.uniform(0.3, max(0.3, 0.05 * max(bw, bh)) + 0.3)
         pad = int(math.ceil(3 * sigma)) + 2
@@ -186,7 +197,7 @@ def render_image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, 
 
 
 # ----------------------------------------------------------------------- writing
-def _write_split(out: str, name: str, n: int, seed: int, size: int) -> dict:
+def _write_split(out: str, name: str, n: int, seed: int, size: int, **shape) -> dict:
     img_dir = os.path.join(out, "images", name)
     os.makedirs(img_dir, exist_ok=True)
     split_key = {"train": 0, "val": 1}.get(name, 2)
@@ -196,7 +207,7 @@ def _write_split(out: str, name: str, n: int, seed: int, size: int) -> dict:
         rng = np.random.default_rng([seed, split_key, i])
         w = int(rng.integers(size * 9 // 10, size * 11 // 10 + 1))
         h = int(rng.integers(size * 9 // 10, size * 11 // 10 + 1))
-        img, anns = render_image(rng, h, w)
+        img, anns = render_image(rng, h, w, **shape)
         file_name = f"{i + 1:06d}.jpg"
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
@@ -221,15 +232,19 @@ def _write_split(out: str, name: str, n: int, seed: int, size: int) -> dict:
 
 
 def synthesize(out: str, n_train: int = 240, n_val: int = 60, seed: int = 0,
-               size: int = 320) -> dict:
+               size: int = 320, min_size: float = MIN_SIZE, max_size: float = MAX_SIZE,
+               max_objects: int = MAX_OBJECTS) -> dict:
     """Write the synthetic COCO data set under ``out``; returns a summary.
 
-    Image sides vary in ``[0.9 * size, 1.1 * size]``.  Same seed, same bytes.
+    Image sides vary in ``[0.9 * size, 1.1 * size]``; object long sides in
+    ``[min_size, max_size]`` (log-uniform); 2 to ``max_objects`` objects per image.
+    Same arguments, same bytes.
     """
     start = time.perf_counter()
+    shape = dict(min_size=min_size, max_size=max_size, max_objects=max_objects)
     summary = {"root": os.path.abspath(out), "classes": list(CLASSES), "seed": seed,
-               "train": _write_split(out, "train", n_train, seed, size),
-               "val": _write_split(out, "val", n_val, seed, size)}
+               "train": _write_split(out, "train", n_train, seed, size, **shape),
+               "val": _write_split(out, "val", n_val, seed, size, **shape)}
     summary["seconds"] = round(time.perf_counter() - start, 3)
     return summary
 
@@ -244,4 +259,4 @@ if __name__ == "__main__":  # python -m ldpipe.data.synth OUT [n_train n_val see
     print(json.dumps(synthesize(args[0], *nums), indent=1))
 
 
-__all__ = ["CLASSES", "render_image", "synthesize"]
+__all__ = ["CLASSES", "DEMO_ARGS", "render_image", "synthesize"]
