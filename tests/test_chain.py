@@ -11,7 +11,19 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
+DEMO = os.path.join(ROOT, "pipelines", "demo.toml")  # teacher -> student (no TA)
+TA_SECTION = "\n[models.ta]\ndepth = 18\nbase_width = 24\nchannels = 48\nstacked_convs = 2\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_with_ta(tmp_path_factory):
+    """The demo pipeline plus a TA model, so the chain runs teacher -> TA -> student."""
+    global DEMO
+    path = tmp_path_factory.mktemp("pipe") / "demo_ta.toml"
+    path.write_text(open(os.path.join(ROOT, "pipelines", "demo.toml")).read() + TA_SECTION)
+    DEMO = str(path)
+    yield
+    DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
 
 
 def _args(data: str, *extra: str) -> list[str]:
