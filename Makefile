@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-$(DEMO_DATA)/annotations/val.json: | $(VENV)/.installed
+$(DEMO_DATA)/annotations/val.json: ldpipe/data/synth.py | $(VENV)/.installed
 	$(VENV)/bin/ldpipe data synth $(DEMO_DATA)
 
 demo: $(VENV)/.installed $(DEMO_DATA)/annotations/val.json
