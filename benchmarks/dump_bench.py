@@ -35,11 +35,12 @@ import shutil
 import sys
 import tempfile
 
+from ldpipe.config import CODECS
+from ldpipe.config import REGION_POLICIES as POLICIES
+
 from .common import (command_line, fmt, machine_info, md_table, median, now, percentile,
                      quiet_logs, ratio, resolve_device, run_child, sync, write_json)
 
-POLICIES = ("main", "ld", "overlap", "dense")
-CODECS = ("fp32", "fp16", "int8")
 QUICK = (("ld", "fp16"), ("ld", "int8"), ("dense", "fp16"), ("dense", "int8"))
 
 

@@ -26,7 +26,7 @@ from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.manifest import F
 from ldpipe.cache.region import AssignerSpec, reader_assigners, region_index
 from ldpipe.cache.store import SampleRows, assemble_unit, open_root, write_unit
-from ldpipe.config import load_pipeline
+from ldpipe.config import CODECS, load_pipeline
 from ldpipe.data import DetectionDataset, load_split, train_variants
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("cache", nargs="?", help="a cache of this pipeline's data (its rows are re-encoded)")
     ap.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"))
+    ap.add_argument("--codec", default="int8", choices=CODECS)
     ap.add_argument("--model", default="teacher")
     args = ap.parse_args()
     torch.set_num_threads(1)

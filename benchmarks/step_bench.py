@@ -40,6 +40,8 @@ import shutil
 import sys
 import tempfile
 
+from ldpipe.config import CODECS, REGION_POLICIES
+
 from .common import (as_device, command_line, fmt, machine_info, md_table, median, now, peak_rss_mb,
                      quiet_logs, ratio, resolve_device, rss_mb, run_child, sync, write_json)
 
@@ -62,8 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--reps", type=int, default=3, help="processes per mode (alternating order)")
     p.add_argument("--distinct-batches", type=int, default=4, help="batches cycled through")
-    p.add_argument("--region", default="ld", choices=("main", "ld", "overlap", "dense"))
-    p.add_argument("--codec", default="int8", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--region", default="ld", choices=REGION_POLICIES)
+    p.add_argument("--codec", default="int8", choices=CODECS)
     p.add_argument("--modes", default=",".join(MODES), help="comma list of plain,cached,online")
     p.add_argument("--no-interleaved", action="store_true",
                    help="skip the extra process that alternates all modes step by step")

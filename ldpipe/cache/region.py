@@ -22,8 +22,6 @@ from ..config import REGION_POLICIES, Pipeline
 from ..models.anchors import grid_tensors, make_grid
 from ..models.assigner import atss_assign, overlap_mask, vlr_weights
 
-POLICIES = REGION_POLICIES
-
 # caches made before the VLR definition was a setting computed true DIoU
 LEGACY_VLR_REGION = "diou"
 
@@ -61,8 +59,8 @@ def region_index(policy: str, gt: torch.Tensor, ignore: torch.Tensor | None,
                  pad_shape: tuple[int, int], strides, anchor_scale: float,
                  assigners: list[AssignerSpec]) -> torch.Tensor:
     """Sorted own-grid flat indices (int64) of the anchors to store for one sample."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown region policy {policy!r} (choose from {', '.join(POLICIES)})")
+    if policy not in REGION_POLICIES:
+        raise ValueError(f"unknown region policy {policy!r} (choose from {', '.join(REGION_POLICIES)})")
     grid = make_grid(pad_shape, strides, anchor_scale)
     anchors, _ = grid_tensors(grid)
     gt = gt.float().reshape(-1, 4)

@@ -45,7 +45,6 @@ from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 # it; the format spec names the codec, and readers of this format use zarr-python.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
-UNIT_ARRAYS = ("samples", "scale", "anchor", "box", "cls")
 ROWS_LAST = ("box", "cls")  # stored with the row axis last (columnar); see to_disk
 
 
