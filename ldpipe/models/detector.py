@@ -10,7 +10,7 @@ teacher dump and distillation all index these batch-flat rows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ class DenseOutput:
     cls: torch.Tensor  # [B, N, C] class logits (sigmoid), float32
     reg: torch.Tensor  # [B, N, 4, reg_max + 1] edge-distribution logits, float32
     level_sizes: list[tuple[int, int]]  # (h, w) of each level's grid
+    # the flat views, made once: the GFL losses and the distillation terms index the same
+    # tensor, so their gradients meet in one place (in one order) as before the redesign
+    _flat: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def reg_bins(self) -> int:
@@ -40,11 +43,15 @@ class DenseOutput:
 
     def flat_cls(self) -> torch.Tensor:
         """``[B*N, C]``."""
-        return self.cls.reshape(-1, self.cls.shape[-1])
+        if "cls" not in self._flat:
+            self._flat["cls"] = self.cls.reshape(-1, self.cls.shape[-1])
+        return self._flat["cls"]
 
     def flat_reg(self) -> torch.Tensor:
         """``[B*N, 4, reg_max + 1]``."""
-        return self.reg.reshape(-1, 4, self.reg.shape[-1])
+        if "reg" not in self._flat:
+            self._flat["reg"] = self.reg.reshape(-1, 4, self.reg.shape[-1])
+        return self._flat["reg"]
 
     def level_slices(self) -> list[slice]:
         """The anchors of each level along the ``N`` axis."""
