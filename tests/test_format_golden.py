@@ -72,4 +72,19 @@ def test_manifest_round_trips_unchanged(make_tiny_pipe, tiny_teacher_ckpt, tmp_p
     raw = root.attrs["ldpipe_cache"]
     assert json.dumps(m.to_dict()) == json.dumps(raw)
     assert m.compute_id() == raw["cache_id"]
+    assert raw["codec_clip"] == 250.0 and m.clip() == 250.0  # int8 (the demo default)
     assert Manifest.parse(json.loads(json.dumps(raw)), path) == m
+
+
+def test_codec_constants_and_errors():
+    """What the manifest and readers derive from a codec's name (from mutation survivors)."""
+    from ldpipe.cache import codec as C
+    assert [C.clip_of(c) for c in ("fp32", "fp16", "int8")] == [None, 60000.0, 250.0]
+    assert [C.row_extra(c) for c in ("fp32", "fp16", "int8")] == [0, 0, 2]
+    assert [C.bytes_per_value(c) for c in ("fp32", "fp16", "int8")] == [4, 2, 1]
+    lp = torch.log_softmax(torch.randn(3, 4, 5), dim=-1)
+    assert torch.allclose(C.log_probs(lp * 7).exp().sum(-1), torch.ones(3, 4))  # per last axis
+    with pytest.raises(ValueError, match="unknown codec 'int4'"):
+        C.encode(lp, "int4")
+    with pytest.raises(ValueError, match="int8 values need their scales"):
+        C.decode(np.zeros((2, 5), np.uint8), None, "int8")
