@@ -16,6 +16,7 @@ from zarr.core.sync import sync
 
 from .manifest import F
 from .reader import UnitArrays, read_index, sample_rows
+from .region import LEGACY_VLR_REGION
 from .store import committed_units, index_complete, open_cache
 
 
@@ -149,7 +150,7 @@ def format_info(d: dict) -> str:
     arch = t.get("architecture") or {}
     region = d.get("region") or {}
     assigners = ", ".join(f"topk={a.get('topk')} iof={a.get('ignore_iof_thr')} "
-                          f"vlr={a.get('vlr_region', 'diou')} ({'/'.join(a.get('models', []))})"
+                          f"vlr={a.get('vlr_region', LEGACY_VLR_REGION)} ({'/'.join(a.get('models', []))})"
                           for a in region.get("assigners") or [])
     lines = [
         f"cache         {d['cache']}",

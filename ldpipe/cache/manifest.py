@@ -20,6 +20,7 @@ import numpy as np
 from .. import __version__
 from ..config import ModelConfig, Pipeline
 from ..models.anchors import Grid, make_grid
+from .codec import LEGACY_CLIP, bytes_per_value, clip_of, row_extra
 
 FORMAT = "ldpipe-teacher-cache"
 FORMAT_VERSION = 2
@@ -127,7 +128,6 @@ class Manifest:
 
     def clip(self) -> float | None:
         """The encoder's clip (legacy caches: what the ldpipe that wrote them used)."""
-        from .codec import LEGACY_CLIP
         return self.codec_clip if self.codec_clip is not None else LEGACY_CLIP.get(self.codec)
 
     # ------------------------------------------------------------ identity
@@ -162,7 +162,6 @@ class Manifest:
 
     def row_bytes(self) -> int:
         """Decoded bytes of one stored row (anchor index + box + class values)."""
-        from .codec import bytes_per_value, row_extra
         extra, item = row_extra(self.codec), bytes_per_value(self.codec)
         cls = (self.geometry.num_classes + extra) * item if self.store_cls else 0
         return 4 + 4 * (self.geometry.reg_bins + extra) * item + cls
@@ -261,7 +260,6 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         # the cache this teacher was itself trained from (and its own lineage), if any
         lineage=(ckpt_meta.get("ldpipe") or {}).get("lineage") or {},
     )
-    from .codec import clip_of
     m.codec_clip = clip_of(cache.codec)
     m.cache_id = m.compute_id()
     return m
