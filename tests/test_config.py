@@ -46,11 +46,14 @@ def test_demo_parses():
         assert pipe.model(name).channels == raw["models"][name]["channels"]
     assert pipe.train.epochs == raw["train"]["epochs"] and pipe.train.steps == raw["train"]["steps"]
     assert pipe.data.train_scales == raw["data"]["train_scales"]
-    # the teacher's own schedule overrides the train section; the others inherit it
-    assert pipe.train_for("teacher").epochs == raw["models"]["teacher"]["train"]["epochs"]
-    assert pipe.train_for("teacher").epochs != pipe.train.epochs
-    assert pipe.train_for("student").epochs == pipe.train.epochs
-    assert pipe.train_for("teacher").batch_size == pipe.train.batch_size == raw["train"]["batch_size"]
+    # a model's own schedule overrides the train section's keys it names; the rest inherit it
+    for name in ("teacher", "student"):
+        own = raw["models"][name]["train"]
+        assert pipe.train_for(name).epochs == own["epochs"] != pipe.train.epochs
+        assert pipe.train_for(name).steps == own["steps"] != pipe.train.steps
+        assert "batch_size" not in own
+        assert pipe.train_for(name).batch_size == pipe.train.batch_size == raw["train"]["batch_size"]
+        assert pipe.train_for(name).lr == pipe.train.lr == raw["train"]["lr"]
     assert pipe.resolve("annotations/train.json") == os.path.join("data/synth", "annotations/train.json")
     with pytest.raises(ConfigError, match="no model 'nobody'"):
         pipe.model("nobody")
@@ -66,8 +69,9 @@ def test_demo_overrides():
     assert pipe.data.train_scales == [[640, 480], [320, 240]]
     assert pipe.model("student").base_width == 8
     assert pipe.cache.codec == "fp16"
-    # the explicit per-model train table still wins over an overridden train section
-    assert pipe.train_for("teacher").epochs == load_pipeline(DEMO).train_for("teacher").epochs != 1
+    # -o on the command line wins over a model's own train table (tests/test_runs_config.py)
+    assert load_pipeline(DEMO).train_for("teacher").epochs != 1
+    assert pipe.train_for("teacher").epochs == 1
     assert pipe.train_for("student").epochs == 1
     # an int where a float is declared is accepted as a float
     assert load_pipeline(DEMO, ["train.lr=1"]).train.lr == 1.0
@@ -183,3 +187,19 @@ def test_bccd_parses():
     assert (teacher.depth, teacher.channels, teacher.stacked_convs, teacher.reg_max) == (50, 256, 4, 16)
     assert pipe.model("student").depth == 18
     assert pipe.train_for("teacher").epochs == 12
+
+
+def test_train_threads_pins_torch_threads_and_is_process_wide(tmp_path):
+    import torch
+
+    from ldpipe.cli import _pipe
+    before = torch.get_num_threads()
+    try:
+        pipe = _pipe(DEMO, ("train.threads=1",))
+        assert pipe.train.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="train.threads must be >= 0"):
+        load_pipeline(DEMO, ["train.threads=-1"])
+    with pytest.raises(ConfigError, match="models.student.train.threads: the thread count is process-wide"):
+        load_pipeline(DEMO, ["models.student.train={threads = 1}"])

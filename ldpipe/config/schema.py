@@ -1,20 +1,13 @@
-"""Pipeline files: declarative TOML parsed into typed dataclasses.
+"""The pipeline file's schema: its vocabularies and the typed dataclasses it parses into.
 
-A pipeline file describes a whole experiment: the data set, the named models
-(``teacher``, ``ta``, ``student``, ...), the training schedule, and the cache and
-chain settings.  It is parsed with :mod:`tomllib` and never executed.  Unknown
-keys are errors that name the key and the file.
-
-Overrides use dotted paths, ``-o train.epochs=1 -o data.root=/x``; the value is
-read as a TOML literal when it parses as one (``1``, ``0.5``, ``true``,
-``[640, 480]``) and as a plain string otherwise.
+``_build`` turns a plain dict into one of these dataclasses, checking every key and type and
+naming the file and the dotted key of anything wrong (``ldpipe.config.load`` reads the file).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +25,12 @@ DISTILL_TERMS = ("ld", "vlr", "kd")
 BOX_LOSSES = ("giou", "ciou")
 BOX_NORMS = ("sum", "clamp")
 VLR_REGIONS = ("reference", "diou")
+BACKBONE_TYPES = ("ResNet", "ResNeXt", "Res2Net")  # [models.NAME.backbone] type, mmdetection's names
+BACKBONE_DEPTHS = {"ResNet": (18, 34, 50, 101), "ResNeXt": (50, 101), "Res2Net": (50, 101)}
+DCN_TYPES = ("DCN", "DCNv2")  # mmcv's DeformConv2dPack / ModulatedDeformConv2dPack
+HEAD_TYPES = ("GFLHead", "GFocalHead")  # GFL (v1) and GFocalV2 (its DGQP branch)
+# test-time suppression (ldpipe.models.nms): greedy NMS, or the LD reference's Score-voting Cluster-DIoU-NMS
+NMS_KINDS = ("nms", "voting_cluster_diounms")
 
 
 class ConfigError(ValueError):
@@ -58,6 +57,11 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     to_rgb: bool = True
+    # data quality (README, "Data quality"): leave out images no decoder reads, counted, instead
+    # of stopping a run (train, eval; a dump always stops); the fraction of a split's annotated
+    # boxes that may be dropped (degenerate, or naming no image) before loading it is an error
+    skip_undecodable_images: bool = False
+    max_dropped_boxes: float = 0.5
 
 
 @dataclass
@@ -80,6 +84,13 @@ class TrainConfig:
     log_interval: int = 10
     max_iters_per_epoch: int = 0  # 0 = whole epoch; >0 truncates (smoke runs)
     keep_checkpoints: int = 0  # keep the newest N epoch_*.pth (with optimizer state); 0 = all
+    # torch intra-op threads of every ldpipe process of this pipeline (0 = torch's default: one
+    # per core).  CPU results depend on it (another summation order), so a pipeline whose numbers
+    # are quoted pins it; set in [train] only (process-wide, not per model)
+    threads: int = 0
+    checkpoint_interval: int = 0  # also a resumable iter_N.pth every N iterations; 0 = off
+    val_interval: int = 0  # evaluate on data.val every N epochs and keep best.pth; 0 = off
+    tensorboard: bool = False  # scalars under WORK_DIR/tensorboard (pip install ldpipe[tensorboard])
 
 
 @dataclass
@@ -112,6 +123,48 @@ class TestConfig:
     nms_pre: int = 1000
     nms_iou: float = 0.6
     max_per_img: int = 100
+    # "nms" (class-wise IoU NMS) or "voting_cluster_diounms" (the LD reference's Score-voting
+    # Cluster-DIoU-NMS, ldpipe.models.nms); nms_iou is its iou_threshold either way
+    nms: str = "nms"
+
+
+@dataclass
+class BackboneConfig:
+    """``[models.NAME.backbone]``: the backbone in mmdetection's vocabulary (its ``ResNet``,
+    ``ResNeXt`` and ``Res2Net`` arguments, same names and meaning).
+
+    ``None`` = not given: ``depth`` and ``base_channels`` then come from the model's flat
+    ``depth`` / ``base_width`` shorthand, the rest from the type's defaults (resolved by
+    :func:`ldpipe.config.load.resolve_backbone`).
+    """
+
+    type: str = "ResNet"  # one of BACKBONE_TYPES
+    depth: int | None = None  # None: the flat models.NAME.depth
+    base_channels: int | None = None  # stem/first-stage width (mmdet: 64); None: flat base_width
+    groups: int | None = None  # ResNeXt cardinality (mmdet default 1)
+    base_width: int | None = None  # ResNeXt: width per group (4); Res2Net: width per scale (26)
+    scales: int | None = None  # Res2Net scales (4)
+    # None, "DCN", "DCNv2" or mmdet's table {type = "DCN", deform_groups = 1, fallback_on_stride = false}
+    dcn: str | dict | None = None
+    stage_with_dcn: list[bool] = field(default_factory=lambda: [False, False, False, False])
+    frozen_stages: int | None = None  # None: 1 with `pretrained`, else -1
+    norm_eval: bool | None = None  # None: true with `pretrained`, else false
+
+
+@dataclass
+class HeadConfig:
+    """``[models.NAME.head]``: the head type, in the GFocalV2 reference's vocabulary.
+
+    ``"GFLHead"`` (default) is GFL; ``"GFocalHead"`` adds GFocalV2's distribution-guided
+    quality predictor (DGQP): the top ``reg_topk`` probabilities of each edge distribution
+    (and their mean, ``add_mean``) feed ``reg_channels`` hidden units whose sigmoid output
+    multiplies the class sigmoid.  The other head settings stay flat keys of the model.
+    """
+
+    type: str = "GFLHead"  # one of HEAD_TYPES
+    reg_topk: int = 4  # GFocalHead only
+    reg_channels: int = 64  # GFocalHead only
+    add_mean: bool = True  # GFocalHead only
 
 
 @dataclass
@@ -128,7 +181,10 @@ class ModelConfig:
     anchor_scale: float = 8.0  # octave base scale
     pretrained: str = ""  # local path to ImageNet ResNet weights (optional)
     checkpoint: str = ""  # a given checkpoint (chains: take instead of training)
+    # mmdetection's backbone vocabulary; the flat depth / base_width above are its shorthand
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     assigner: AssignerConfig = field(default_factory=AssignerConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
     train: dict = field(default_factory=dict)  # overrides of the top-level train section
@@ -158,6 +214,7 @@ class CacheConfig:
     samples_per_shard: int = 64
     batch_size: int = 4
     readers: list[str] = field(default_factory=list)  # models whose assigner sets the regions
+    writer_threads: int = 2  # dump: threads that encode, compress, checksum and commit units
 
 
 @dataclass
@@ -171,6 +228,8 @@ class Pipeline:
     name: str = ""
     source: str = ""  # path of the file it was read from (set by the loader)
     raw: dict = field(default_factory=dict, repr=False)  # the merged dict, for hashing
+    bases: list[str] = field(default_factory=list)  # files it extends, in merge order (loader)
+    overridden: list[str] = field(default_factory=list)  # dotted keys set by -o (loader)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -187,9 +246,15 @@ class Pipeline:
         """The schedule of one model: the ``train`` section with its overrides."""
         model = self.model(name)
         merged = dataclasses.asdict(self.train)
+        # precedence: [train] < models.NAME.train < -o train.KEY < -o models.NAME.train.KEY
+        cli = {p.split(".")[1] for p in self.overridden if p.startswith("train.")}
+        own = {p.split(".")[3] for p in self.overridden
+               if p.startswith(f"models.{name}.train.") and len(p.split(".")) > 3}
         for key, value in model.train.items():
             if key not in merged:
                 raise ConfigError(f"{self.source}: unknown key models.{name}.train.{key}")
+            if key in cli and key not in own:
+                continue
             merged[key] = value
         return _build(TrainConfig, merged, f"models.{name}.train", self.source)
 
@@ -200,32 +265,8 @@ class Pipeline:
         return str(Path(self.data.root) / path)
 
 
-# ---------------------------------------------------------------------- parsing
-def parse_value(text: str) -> Any:
-    """Read an override value as a TOML literal, else as a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
-
-def apply_override(raw: dict, assignment: str, source: str = "<override>") -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} is not KEY=VALUE")
-    key, text = assignment.split("=", 1)
-    key = key.strip()
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"override {assignment!r}: bad key {key!r}")
-    cur = raw
-    for part in parts[:-1]:
-        nxt = cur.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {assignment!r}: {part!r} is not a section in {source}")
-        cur = nxt
-    cur[parts[-1]] = parse_value(text.strip())
-
-
+# ---------------------------------------------------------------------- typed building
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -248,6 +289,11 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
         (inner,) = typing.get_args(tp) or (Any,)
         return [_coerce(inner, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):  # "X | None": None only as the default
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, where, source)
+        return value  # several types: the validation checks the value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {where} must be a number, got {value!r}")
@@ -273,94 +319,17 @@ def _build(cls: type, values: dict, where: str, source: str):
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
-        if key not in known or key in ("source", "raw"):
+        if key not in known or key in ("source", "raw", "bases", "overridden"):
             raise ConfigError(f"{source}: unknown key {path!r}")
         kwargs[key] = _coerce(hints[key], value, path, source)
     return cls(**kwargs)
 
 
-def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
-    """Read a pipeline file, apply dotted overrides and validate it."""
-    path = str(path)
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"pipeline file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    raw = copy.deepcopy(raw)
-    for assignment in overrides:
-        apply_override(raw, assignment, path)
-    pipe = _build(Pipeline, raw, "", path)
-    pipe.source = path
-    pipe.raw = raw
-    if not pipe.name:
-        pipe.name = Path(path).stem
-    validate(pipe)
-    return pipe
-
-
-def validate(pipe: Pipeline) -> None:
-    src = pipe.source
-    d = pipe.data
-    if d.format not in DATA_FORMATS:
-        raise ConfigError(f"{src}: data.format must be {_alternatives(DATA_FORMATS)}, got {d.format!r}")
-    if d.format == "voc" and not d.classes:
-        raise ConfigError(f"{src}: data.classes is required for VOC data")
-    if not d.train_scales or any(len(s) != 2 for s in d.train_scales):
-        raise ConfigError(f"{src}: data.train_scales must be a list of [long, short] pairs")
-    if len(d.test_scale) != 2:
-        raise ConfigError(f"{src}: data.test_scale must be [long, short]")
-    for name, m in pipe.models.items():
-        if m.depth not in RESNET_DEPTHS:
-            raise ConfigError(f"{src}: models.{name}.depth must be {_alternatives(RESNET_DEPTHS)}, "
-                              f"got {m.depth}")
-        if m.reg_max < 1:
-            raise ConfigError(f"{src}: models.{name}.reg_max must be >= 1, got {m.reg_max}")
-        for key, allowed in (("box_loss", BOX_LOSSES), ("box_norm", BOX_NORMS)):
-            value = getattr(m.loss, key)
-            if value not in allowed:
-                raise ConfigError(f"{src}: models.{name}.loss.{key} must be {_alternatives(allowed)}, "
-                                  f"got {value!r}")
-        if m.assigner.vlr_region not in VLR_REGIONS:
-            raise ConfigError(f"{src}: models.{name}.assigner.vlr_region must be "
-                              f"{_alternatives(VLR_REGIONS)}, got {m.assigner.vlr_region!r}")
-        t = pipe.train_for(name)  # validates per-model overrides
-        if t.keep_checkpoints < 0:
-            raise ConfigError(f"{src}: train.keep_checkpoints for model {name!r} must be >= 0 "
-                              f"(0 keeps all), got {t.keep_checkpoints}")
-    for key, allowed in (("region", REGION_POLICIES), ("codec", CODECS), ("compressor", COMPRESSORS)):
-        value = getattr(pipe.cache, key)
-        if value not in allowed:
-            raise ConfigError(f"{src}: cache.{key} must be {_alternatives(allowed)}, got {value!r}")
-
-
-def enabled_terms(pipe: Pipeline) -> set[str]:
-    """The LD loss terms switched on in ``[distill]``."""
-    return {term for term in DISTILL_TERMS if getattr(pipe.distill, term)}
-
-
-def _alternatives(values) -> str:
-    return "|".join(str(v) for v in values)
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass (or container of them) to plain JSON-able data."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if f.name != "raw"}
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
 __all__ = [
+    "BACKBONE_DEPTHS", "BACKBONE_TYPES", "DCN_TYPES", "BackboneConfig",
     "BOX_LOSSES", "BOX_NORMS", "CODECS", "COMPRESSORS", "DATA_FORMATS", "DISTILL_TERMS",
-    "REGION_POLICIES", "RESNET_DEPTHS", "VLR_REGIONS",
-    "enabled_terms", "AssignerConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig",
+    "REGION_POLICIES", "RESNET_DEPTHS", "VLR_REGIONS", "NMS_KINDS",
+    "AssignerConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig",
     "LossConfig", "ModelConfig", "Pipeline", "TestConfig", "TrainConfig",
-    "apply_override", "load_pipeline", "parse_value", "to_dict",
 ]
+__all__ += ["HEAD_TYPES", "HeadConfig"]

@@ -1,0 +1,17 @@
+"""Pipeline files: declarative TOML parsed into typed dataclasses.
+
+A pipeline file describes a whole experiment: the data set, the named models
+(``teacher``, ``ta``, ``student``, ...), the training schedule, and the cache and
+chain settings.  It is parsed with :mod:`tomllib` and never executed.  Unknown
+keys are errors that name the key and the file.
+
+``schema`` holds the vocabularies and dataclasses, ``load`` reads files and overrides.
+"""
+from .load import apply_override, enabled_terms, load_pipeline, parse_value, to_dict, validate
+from .load import resolve_backbone
+from .schema import *  # noqa: F401,F403  (the vocabularies and dataclasses)
+from .schema import __all__ as _schema_all
+
+__all__ = list(_schema_all) + ["apply_override", "enabled_terms", "load_pipeline", "parse_value",
+                               "to_dict", "validate"]
+__all__ += ["resolve_backbone"]
