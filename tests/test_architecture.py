@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parent.parent / "ldpipe"
 #   config | metrics, data, models | cache | engine | distill | chain | cli
 BELOW_CACHE = {"root", "config", "data", "models", "metrics"}
 ALLOWED = {
-    "root": {"config"},  # ldpipe/__init__.py (version only) and config.py
+    "root": {"config"},  # ldpipe/__init__.py (version only) and config/
     "config": set(),
     "metrics": set(),  # standalone: nothing from ldpipe at all
     "data": {"root", "config"},

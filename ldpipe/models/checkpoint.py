@@ -9,6 +9,7 @@ in ``meta`` (model config, classes, lineage).  Files are read with
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 from typing import Any
@@ -30,9 +31,19 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
 
 
 def load_file(path: str) -> dict:
-    """The checkpoint's top-level dict, loaded with ``weights_only=True`` on the CPU."""
+    """The checkpoint's top-level dict, loaded with ``weights_only=True`` on the CPU
+    (a ``.safetensors`` file: its tensors as ``state_dict`` and its ``meta``)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive ("PK\x03\x04"); files of torch < 1.6 are a raw pickle
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        what = "an empty file" if not head else f"a file starting with {head!r}"
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({what}; torch.save writes a "
+                              "zip archive)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
@@ -45,6 +56,28 @@ def load_file(path: str) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
+
+
+SAFETENSORS_META = "ldpipe_meta"  # metadata key of a .safetensors file holding the meta dict (JSON)
+
+
+def load_safetensors(path: str) -> dict:
+    """``{'meta', 'state_dict'}`` of a ``.safetensors`` file (a format that holds only tensors
+    and string metadata: nothing in it can execute)."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package "
+                              "(pip install 'ldpipe[safetensors]')") from None
+    try:
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+            raw = (fh.metadata() or {}).get(SAFETENSORS_META, "{}")
+        meta = json.loads(raw)
+    except Exception as exc:  # the library raises its own error types for damaged files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first})") from None
+    return {"meta": meta if isinstance(meta, dict) else {}, "state_dict": state}
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
@@ -87,5 +120,15 @@ def save_checkpoint(path: str, model: nn.Module, meta: dict[str, Any], **extra: 
     obj = {"meta": meta, "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
     obj.update(extra)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # ENOSPC: torch reports some as RuntimeError
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}; the checkpoints written "
+                              "before are kept (latest.pth still names the newest complete one): "
+                              "free space and rerun with --resume") from None

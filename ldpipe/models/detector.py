@@ -1,4 +1,5 @@
-"""The GFL detector: ResNet backbone + FPN neck + GFL head, composed by hand.
+"""The GFL detector: ResNet / ResNeXt / Res2Net backbone + FPN neck + GFL or GFocalV2 head,
+composed by hand.
 
 Top-level names match mmdetection's ``GFL`` detector (``backbone``, ``neck``,
 ``bbox_head``), so its checkpoints load with ``strict=True``.
@@ -15,20 +16,29 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import BackboneConfig, ModelConfig, resolve_backbone
 from .anchors import grid_anchors
 from .backbone import ResNet
+from .res2net import Res2Net
 from .fpn import FPN
 from .gfl_head import GFLHead
+from .gfocal_head import GFocalHead
+
+HEADS = {"GFLHead": GFLHead, "GFocalHead": GFocalHead}  # [models.NAME.head] type
 
 
 @dataclass
 class DenseOutput:
     """Per-anchor outputs of a batch on its anchor grid (row ``b * N + j``: image ``b``, anchor ``j``)."""
 
-    cls: torch.Tensor  # [B, N, C] class logits (sigmoid), float32
+    cls: torch.Tensor  # [B, N, C] class logits of ``gfl_cls`` (sigmoid), float32
     reg: torch.Tensor  # [B, N, 4, reg_max + 1] edge-distribution logits, float32
     level_sizes: list[tuple[int, int]]  # (h, w) of each level's grid
+    # [B, N, 1] GFocalV2's DGQP quality in (0, 1); None for GFL.  GFL: sigmoid(cls) is the
+    # joint class-IoU score.  GFocalV2: sigmoid(cls) is the class score and the joint score
+    # is sigmoid(cls) x quality (what QFL, the LD weights and the test path read).  The dump
+    # and class KD read ``cls`` in both cases (docs/cache-format.md, section 3).
+    quality: torch.Tensor | None = None
     # the flat views, made once: the GFL losses and the distillation terms index the same
     # tensor, so their gradients meet in one place (in one order) as before the redesign
     _flat: dict = field(default_factory=dict, repr=False, compare=False)
@@ -46,6 +56,18 @@ class DenseOutput:
         if "cls" not in self._flat:
             self._flat["cls"] = self.cls.reshape(-1, self.cls.shape[-1])
         return self._flat["cls"]
+
+    def scores(self) -> torch.Tensor:
+        """``[B, N, C]`` the detection scores: ``sigmoid(cls)``, times ``quality`` if present."""
+        s = self.cls.sigmoid()
+        return s if self.quality is None else s * self.quality
+
+    def flat_scores(self) -> torch.Tensor:
+        """``[B*N, C]`` :meth:`scores` from the flat views (made once, with gradients)."""
+        if "scores" not in self._flat:
+            s = self.flat_cls().sigmoid()
+            self._flat["scores"] = s if self.quality is None else s * self.quality.reshape(-1, 1)
+        return self._flat["scores"]
 
     def flat_reg(self) -> torch.Tensor:
         """``[B*N, 4, reg_max + 1]``."""
@@ -73,13 +95,11 @@ class GFL(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         pretrained = bool(cfg.pretrained)
-        self.backbone = ResNet(cfg.depth, cfg.base_width,
-                               frozen_stages=1 if pretrained else -1, norm_eval=pretrained)
+        self.backbone = build_backbone(resolve_backbone(cfg))
         if pretrained:
             self.backbone.load_pretrained(cfg.pretrained)
         self.neck = FPN(self.backbone.out_channels[1:], cfg.channels, num_extra=len(cfg.strides) - 3)
-        self.bbox_head = GFLHead(num_classes, cfg.channels, cfg.channels, cfg.stacked_convs,
-                                 cfg.reg_max, len(cfg.strides), cfg.norm_groups)
+        self.bbox_head = build_head(cfg, num_classes)
 
     @property
     def strides(self) -> list[int]:
@@ -92,20 +112,61 @@ class GFL(nn.Module):
 
     def forward(self, img: torch.Tensor) -> DenseOutput:
         """Class and edge-distribution logits of every anchor, batch-flat."""
-        cls_maps, reg_maps = self.bbox_head(self.neck(self.backbone(img)[1:]))
+        maps = self.bbox_head(self.neck(self.backbone(img)[1:]))
+        cls_maps, reg_maps = maps[0], maps[1]
         b = img.shape[0]
+        quality = flatten_levels(maps[2]).float() if len(maps) > 2 else None  # GFocalHead
         return DenseOutput(flatten_levels(cls_maps).float(),
                            flatten_levels(reg_maps).float().reshape(b, -1, 4, self.reg_bins),
-                           [tuple(m.shape[-2:]) for m in cls_maps])
+                           [tuple(m.shape[-2:]) for m in cls_maps], quality)
 
     @torch.no_grad()
     def predict(self, img: torch.Tensor, metas: list[dict]) -> list[dict]:
         """Detections in input coordinates per image: ``{'boxes', 'scores', 'labels'}``."""
-        out = self(img)
-        anchors = [grid_anchors([hw], [s], self.cfg.anchor_scale, img.device)[0]
+        return self.postprocess(self(img), metas)
+
+    @torch.no_grad()
+    def postprocess(self, out: DenseOutput, metas: list[dict], test_cfg=None) -> list[dict]:
+        """Detections of given outputs, with ``test_cfg`` (default: ``cfg.test``)."""
+        anchors = [grid_anchors([hw], [s], self.cfg.anchor_scale, out.cls.device)[0]
                    for hw, s in zip(out.level_sizes, self.strides)]
-        return self.bbox_head.predict(out, anchors, self.strides, metas, self.cfg.test)
+        return self.bbox_head.predict(out, anchors, self.strides, metas, test_cfg or self.cfg.test)
+
+
+def build_head(cfg: ModelConfig, num_classes: int) -> GFLHead:
+    """The head ``cfg.head.type`` names, from the model's flat head keys (and DGQP sizes)."""
+    args = (num_classes, cfg.channels, cfg.channels, cfg.stacked_convs, cfg.reg_max,
+            len(cfg.strides), cfg.norm_groups)
+    if cfg.head.type == "GFocalHead":
+        h = cfg.head
+        return GFocalHead(*args, reg_topk=h.reg_topk, reg_channels=h.reg_channels, add_mean=h.add_mean)
+    return HEADS[cfg.head.type](*args)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> GFL:
     return GFL(cfg, num_classes)
+
+
+def build_backbone(b: BackboneConfig) -> ResNet:
+    """The backbone of a resolved ``[models.NAME.backbone]`` table (:func:`resolve_backbone`)."""
+    common = dict(frozen_stages=b.frozen_stages, norm_eval=b.norm_eval, dcn=b.dcn,
+                  stage_with_dcn=tuple(b.stage_with_dcn))
+    if b.type == "Res2Net":
+        return Res2Net(b.depth, b.base_channels, scales=b.scales, base_width=b.base_width, **common)
+    if b.type == "ResNeXt":
+        return ResNet(b.depth, b.base_channels, groups=b.groups, base_width=b.base_width, **common)
+    return ResNet(b.depth, b.base_channels, **common)
+
+
+def backbone_label(b: BackboneConfig) -> str:
+    """mmdetection's model-zoo name of a resolved backbone: ``ResNeXt-101-32x4d-DCN(c4-c5)``."""
+    name = f"{b.type}-{b.depth}"
+    if b.type == "ResNeXt":
+        name += f"-{b.groups}x{b.base_width}d"
+    elif b.type == "Res2Net":
+        name += f"-{b.base_width}w{b.scales}s"
+    stages = [i + 2 for i, on in enumerate(b.stage_with_dcn) if on]
+    if b.dcn is not None and stages:
+        span = f"c{stages[0]}" if len(stages) == 1 else f"c{stages[0]}-c{stages[-1]}"
+        name += f"-{b.dcn['type']}({span})"
+    return name

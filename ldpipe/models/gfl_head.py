@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule, Scale
 from torch import nn
-from torchvision.ops import batched_nms
 
 from ..config import LossConfig, TestConfig
 from .boxes import aligned_iou, anchor_centers, bbox2distance, distance2bbox
 from .losses import BOX_LOSS, distribution_focal_loss, quality_focal_loss
+from .nms import suppress
 from .targets import BatchTargets
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ class Integral(nn.Module):
 
 
 class GFLHead(nn.Module):
+    # what the ``gfl_cls`` logits are: their sigmoid is the joint class-IoU score (QFL's target)
+    cls_logits = "joint"
+
     def __init__(self, num_classes: int, in_channels: int = 256, feat_channels: int = 256,
                  stacked_convs: int = 4, reg_max: int = 16, num_levels: int = 5,
                  norm_groups: int = 32, prior_prob: float = 0.01) -> None:
@@ -111,6 +114,10 @@ class GFLHead(nn.Module):
         """
         reduce = reduce or (lambda t: t)
         cls_flat = out.flat_cls()
+        # GFocalV2 (a DGQP quality in ``out``): QFL and the weights read the joint score
+        # sigmoid(cls) x quality as probabilities; GFL: the class logits
+        activated = out.quality is not None
+        qfl_in = out.flat_scores() if activated else cls_flat
         reg_flat = out.flat_reg()
         device = cls_flat.device
         labels, anchors, strides = targets.labels, targets.anchors, targets.strides
@@ -124,7 +131,7 @@ class GFLHead(nn.Module):
             pos_reg = reg_flat[pos]
             pred_box = distance2bbox(centers, self.integral(pos_reg))
             target_box = targets.bbox_targets[pos] / s
-            weight = cls_flat.detach().sigmoid().max(dim=1).values[pos]
+            weight = (qfl_in.detach() if activated else cls_flat.detach().sigmoid()).max(dim=1).values[pos]
             score[pos] = aligned_iou(pred_box.detach(), target_box)
             corners = pos_reg.reshape(-1, self.reg_bins)
             target_corners = bbox2distance(centers, target_box, self.reg_max).reshape(-1)
@@ -141,7 +148,7 @@ class GFLHead(nn.Module):
             loss_bbox = reg_flat.sum() * 0
             loss_dfl = reg_flat.sum() * 0
             reduce(torch.zeros((), device=device))  # keep collective calls in step
-        qfl = quality_focal_loss(cls_flat, labels, score, cfg.qfl_beta)
+        qfl = quality_focal_loss(qfl_in, labels, score, cfg.qfl_beta, activated=activated)
         loss_cls = cfg.qfl_weight * (qfl * targets.label_weights).sum() / num_total
         losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_dfl": loss_dfl}
         return losses, {"pos": pos, "pos_weight": weight}
@@ -154,15 +161,18 @@ class GFLHead(nn.Module):
 
         As mmdetection's GFL test path: per level keep the ``nms_pre`` anchors
         of highest max score, decode, clip to the image, then class-wise NMS
-        over scores above ``score_thr`` and keep ``max_per_img``.
+        (``cfg.nms``: IoU NMS or Score-voting Cluster-DIoU-NMS, :mod:`.nms`)
+        over scores above ``score_thr`` and keep ``max_per_img``.  The score is
+        :meth:`DenseOutput.scores` (GFocalV2: the joint score with the DGQP quality).
         """
         results = []
         levels = out.level_slices()
+        joint = out.scores()  # sigmoid(cls), times the DGQP quality for GFocalV2
         for b, meta in enumerate(metas):
             boxes_all, scores_all = [], []
             h_img, w_img = meta["img_shape"]
             for sl, anchors, s in zip(levels, anchors_per_level, strides):
-                scores = out.cls[b, sl].sigmoid()
+                scores = joint[b, sl]
                 reg = out.reg[b, sl]
                 if 0 < cfg.nms_pre < scores.shape[0]:
                     keep = scores.max(dim=1).values.topk(cfg.nms_pre).indices
@@ -174,6 +184,5 @@ class GFLHead(nn.Module):
             scores = torch.cat(scores_all)
             idx, cls = torch.nonzero(scores > cfg.score_thr, as_tuple=True)
             boxes, sc = boxes[idx], scores[idx, cls]
-            keep = batched_nms(boxes, sc, cls, cfg.nms_iou)[: cfg.max_per_img]
-            results.append({"boxes": boxes[keep], "scores": sc[keep], "labels": cls[keep]})
+            results.append(suppress(boxes, sc, cls, cfg))
         return results

@@ -1,7 +1,8 @@
 """GFL's losses, pointwise (reduction is the caller's, as in mmdetection).
 
 * Quality Focal Loss (QFL): sigmoid BCE against an IoU-quality target, scaled
-  by ``|target - sigmoid(pred)|^beta``; summed over classes.
+  by ``|target - sigmoid(pred)|^beta``; summed over classes.  ``activated=True`` takes
+  probabilities instead of logits (GFocalV2's joint score).
 * Distribution Focal Loss (DFL): cross entropy to the two bins around the
   continuous target, linearly weighted.
 * GIoU loss: ``1 - GIoU`` (torchvision).
@@ -17,16 +18,19 @@ from torchvision.ops import generalized_box_iou_loss
 
 
 def quality_focal_loss(pred: torch.Tensor, labels: torch.Tensor, score: torch.Tensor,
-                       beta: float = 2.0) -> torch.Tensor:
+                       beta: float = 2.0, activated: bool = False) -> torch.Tensor:
     """QFL per anchor ``[N]``.
 
     Args:
-        pred: class logits ``[N, C]``.
+        pred: class logits ``[N, C]`` or, with ``activated``, probabilities (GFocalV2's joint
+            score ``sigmoid(cls) x quality``: the reference calls its QFL with
+            ``use_sigmoid=False`` there, i.e. BCE on probabilities, ``mmdet``'s ``activated=True``).
         labels: ``[N]`` class index, ``C`` for background.
         score: ``[N]`` IoU-quality target of positives (ignored elsewhere).
     """
-    sig = pred.sigmoid()
-    loss = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none")
+    bce = _bce_prob if activated else F.binary_cross_entropy_with_logits
+    sig = pred if activated else pred.sigmoid()
+    loss = bce(pred, torch.zeros_like(pred), reduction="none")
     loss = loss * sig.pow(beta)
     num_classes = pred.shape[1]
     pos = torch.nonzero((labels >= 0) & (labels < num_classes)).squeeze(1)
@@ -34,9 +38,18 @@ def quality_focal_loss(pred: torch.Tensor, labels: torch.Tensor, score: torch.Te
         cls = labels[pos]
         p = pred[pos, cls]
         s = score[pos].to(pred.dtype)
-        loss[pos, cls] = F.binary_cross_entropy_with_logits(p, s, reduction="none") * (
-            s - p.sigmoid()).abs().pow(beta)
+        loss[pos, cls] = bce(p, s, reduction="none") * (
+            s - (p if activated else p.sigmoid())).abs().pow(beta)
     return loss.sum(dim=1)
+
+
+def _bce_prob(p: torch.Tensor, target: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """``F.binary_cross_entropy`` on probabilities (each log clamped at -100 as torch does),
+    written out so that it also runs inside CUDA autocast, which refuses that function."""
+    assert reduction == "none"
+    log_p = torch.log(p).clamp(min=-100.0)
+    log_q = torch.log(1 - p).clamp(min=-100.0)
+    return -(target * log_p + (1 - target) * log_q)
 
 
 def distribution_focal_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
