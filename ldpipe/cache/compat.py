@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from ..config import DISTILL_TERMS, REGION_POLICIES, Pipeline
+from ..models.detector import HEADS
 from .manifest import CacheError, Manifest
 from .region import AssignerSpec
 
@@ -53,6 +54,10 @@ def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
     if "kd" in terms and not m.store_cls:
         problems.append("classification KD needs class logits, but the cache has none "
                         "(cache.store_cls=false); set distill.kd=false or dump again")
+    if "kd" in terms and m.store_cls:
+        problem = class_kd_problem(m.cls_meaning(), m.teacher_head, cfg, model_name)
+        if problem:
+            problems.append(problem)
     if policy in ("main", "ld"):
         a = cfg.assigner
         specs = [AssignerSpec.of_entry(e) for e in m.region.assigners]
@@ -71,6 +76,25 @@ def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
                                 f"again with it, use a cache.region that covers both ('overlap' or "
                                 f"'dense'), or set models.{model_name}.assigner.vlr_region")
     return problems
+
+
+def class_kd_problem(teacher_logits: str, teacher_head: str, cfg, model_name: str) -> str | None:
+    """Why class KD cannot pair these logits, or None.
+
+    Class KD compares the teacher's and the student's ``gfl_cls`` logits (the LD reference's
+    LDHead and LDv2Head both do, each with its own head type on both sides).  For GFL their
+    sigmoid is the joint class-IoU score, for GFocalV2 the class score alone (its DGQP quality
+    multiplies it), so a teacher of one kind cannot teach a student of the other; the edge
+    distributions mean the same for both heads (LD and VLR are unaffected).
+    """
+    ours = HEADS[cfg.head.type].cls_logits
+    if ours == teacher_logits:
+        return None
+    return (f"class KD: the teacher ({teacher_head}) gives {teacher_logits!r} class logits, model "
+            f"{model_name!r} ({cfg.head.type}) has {ours!r} class logits ('joint': their sigmoid is "
+            f"the class-IoU score, GFLHead; 'class': the class score the DGQP quality multiplies, "
+            f"GFocalHead); set distill.kd=false (LD and VLR still apply) or use a teacher with "
+            f"the student's head type")
 
 
 def check_compatible(m: Manifest, url: str, stored_samples: int, pipe: Pipeline, model_name: str,

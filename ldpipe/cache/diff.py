@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .manifest import F, CacheError
-from .reader import UnitArrays, read_index, sample_rows
+from .reader import UnitArrays, read_checked_index, sample_rows
 from .store import open_cache
 
 
@@ -25,8 +25,8 @@ def diff(a: str, b: str, T: float = 10.0) -> dict:
     if bins_a != bins_b:
         raise CacheError(f"cannot compare {a} (reg_max {bins_a}) with {b} (reg_max {bins_b})")
     same_classes = ma.geometry.num_classes == mb.geometry.num_classes
-    ta, _, ua = read_index(ra, a)
-    tb, _, ub = read_index(rb, b)
+    ta, _, ua = read_checked_index(ra, a, ma)
+    tb, _, ub = read_checked_index(rb, b, mb)
     ka, kb = list(ma.variants), list(mb.variants)
 
     def keys(table, vkeys):
@@ -37,8 +37,8 @@ def diff(a: str, b: str, T: float = 10.0) -> dict:
     common = [k for k in index_a if k in index_b]
     only_a = [k for k in index_a if k not in index_b]
     only_b = [k for k in index_b if k not in index_a]
-    units_a = UnitArrays(ra, a, decoded=True, keep=4)
-    units_b = UnitArrays(rb, b, decoded=True, keep=4)
+    units_a = UnitArrays(ra, a, decoded=True, keep=4, manifest=ma)
+    units_b = UnitArrays(rb, b, decoded=True, keep=4, manifest=mb)
     mismatches, mismatch_examples, geometry_mismatches = 0, [], 0
     max_box, max_cls = 0.0, 0.0
     have_cls = same_classes and ma.store_cls and mb.store_cls
@@ -49,8 +49,8 @@ def diff(a: str, b: str, T: float = 10.0) -> dict:
         reca, recb = ta[i], tb[j]
         if any(reca[F[f]] != recb[F[f]] for f in ("pad_h", "pad_w", "img_h", "img_w", "flip")):
             geometry_mismatches += 1
-        da = sample_rows(units_a.get(int(ua[i])), reca, ma.codec, with_cls=have_cls)
-        db = sample_rows(units_b.get(int(ub[j])), recb, mb.codec, with_cls=have_cls)
+        da = sample_rows(units_a.get(int(ua[i])), reca, ma.codec, have_cls, a, int(ua[i]))
+        db = sample_rows(units_b.get(int(ub[j])), recb, mb.codec, have_cls, b, int(ub[j]))
         anc_a, anc_b = da["anchor"].numpy(), db["anchor"].numpy()
         if not np.array_equal(anc_a, anc_b):
             mismatches += 1

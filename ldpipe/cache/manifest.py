@@ -11,15 +11,18 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
 import sys
 import typing
+from typing import NoReturn
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import __version__
-from ..config import ModelConfig, Pipeline
+from ..config import ModelConfig, Pipeline, resolve_backbone
 from ..models.anchors import Grid, make_grid
+from ..models.detector import HEADS, backbone_label
 from .codec import LEGACY_CLIP, bytes_per_value, clip_of, row_extra
 
 FORMAT = "ldpipe-teacher-cache"
@@ -27,6 +30,11 @@ FORMAT_VERSION = 2
 IDENTITY = ("teacher", "geometry", "data", "region", "codec", "compressor", "store_cls",
             "samples_per_shard", "chunk_rows")
 CHUNK_ROWS = 1024
+# bounds of a sane manifest: a damaged or hostile one must not make a reader divide by zero
+# or allocate terabytes (check_numbers)
+MAX_REG_MAX = 1024
+MAX_CLASSES = 100_000
+MAX_SAMPLES = 1 << 40
 # columns of the per-sample table (``units/*/samples`` and ``index/samples``)
 SAMPLE_FIELDS = ("sample", "image_index", "image_id", "variant", "row_start", "row_count",
                  "img_h", "img_w", "pad_h", "pad_w", "flip", "ori_h", "ori_w")
@@ -108,6 +116,11 @@ class Manifest:
     # the encoder's clip in nats (codec.clip_of); None for fp32, and absent from caches written
     # before it was recorded (then codec.LEGACY_CLIP applies: int8 clipped at 40)
     codec_clip: float | None = None
+    # what the stored ``cls`` rows are the log-softmax of (docs/cache-format.md, section 3):
+    # absent/None = "joint" (GFL teachers, and every cache from before GFocalV2): logits whose
+    # sigmoid is the joint class-IoU score; "class" (GFocalV2 teachers): the ``gfl_cls`` logits
+    # whose sigmoid is the class score only (the DGQP quality, not stored, multiplies it)
+    cls_logits: str | None = None
 
     # ------------------------------------------------------------ (de)serialising
     @classmethod
@@ -118,17 +131,30 @@ class Manifest:
         if raw.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{url}: cache format version {raw.get('format_version')} is not "
                              f"supported (this ldpipe reads version {FORMAT_VERSION})")
-        return _build(cls, raw, "", url)
+        m = _build(cls, raw, "", url)
+        check_numbers(m, url)
+        return m
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if d["codec_clip"] is None:
             del d["codec_clip"]
+        if d["cls_logits"] is None:
+            del d["cls_logits"]
         return d
 
     def clip(self) -> float | None:
         """The encoder's clip (legacy caches: what the ldpipe that wrote them used)."""
         return self.codec_clip if self.codec_clip is not None else LEGACY_CLIP.get(self.codec)
+
+    def cls_meaning(self) -> str:
+        """``"joint"`` or ``"class"``: what the ``cls`` rows are (see ``cls_logits``)."""
+        return self.cls_logits or "joint"
+
+    @property
+    def teacher_head(self) -> str:
+        """The teacher's head type (absent from the architecture: ``GFLHead``)."""
+        return (self.teacher.architecture.get("head") or {}).get("type", "GFLHead")
 
     # ------------------------------------------------------------ identity
     def identity(self) -> dict:
@@ -177,7 +203,10 @@ class Manifest:
         lines = [f"{t.model} ({t.architecture.get('backbone')}, sha256 {str(t.checkpoint_sha256)[:12]})"
                  f" -> this cache {self.cache_id}"]
         lin, depth = self.lineage or {}, 0
-        while lin and depth < 32:
+        for src in (lin.get("ensemble") or []):  # a merged cache (ldpipe.cache.merge): its sources
+            lines.append(f"  averages cache {src.get('cache_id')} at {src.get('url')} made by "
+                         f"{src.get('teacher_model')} (sha256 {str(src.get('teacher_sha256'))[:12]})")
+        while lin and lin.get("cache") and depth < 32:
             src = lin.get("cache") or {}
             lines.append(f"  trained from cache {src.get('cache_id')} at {src.get('url')} "
                          f"made by {src.get('teacher_model')} (sha256 {str(src.get('teacher_sha256'))[:12]})")
@@ -211,11 +240,46 @@ def _build(cls, raw: dict, where: str, url: str):
     return cls(**kwargs)
 
 
+def check_numbers(m: "Manifest", url: str) -> None:
+    """Refuse a manifest whose numbers no writer produces (zero strides, huge sizes, ...)."""
+    geo = m.geometry
+
+    def bad(what: str, value) -> NoReturn:
+        raise CacheError(f"{url}: the manifest's {what} is {value!r}, which no dump writes "
+                         "(damaged or edited manifest)")
+
+    strides = geo.strides
+    if not isinstance(strides, list) or not strides or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 4096 for s in strides):
+        bad("geometry.strides", strides)
+    for what, value, low, high in (("geometry.reg_max", geo.reg_max, 1, MAX_REG_MAX),
+                                   ("geometry.num_classes", geo.num_classes, 1, MAX_CLASSES),
+                                   ("geometry.pad_divisor", geo.pad_divisor, 1, 4096),
+                                   ("samples_per_shard", m.samples_per_shard, 1, MAX_SAMPLES),
+                                   ("chunk_rows", m.chunk_rows, 1, 1 << 30),
+                                   ("data.num_images", m.data.num_images, 0, MAX_SAMPLES),
+                                   ("num_samples", m.num_samples, 0, MAX_SAMPLES),
+                                   ("num_units", m.num_units, 0, MAX_SAMPLES)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            bad(what, value)
+    if not isinstance(geo.anchor_scale, (int, float)) or not 0 < geo.anchor_scale < 1e4:
+        bad("geometry.anchor_scale", geo.anchor_scale)
+    if not m.variants or m.num_samples != m.data.num_images * len(m.variants):
+        bad("num_samples", m.num_samples)
+    if m.num_units != math.ceil(m.num_samples / m.samples_per_shard):
+        bad("num_units", m.num_units)
+
+
 # ---------------------------------------------------------------------- building
 def architecture(cfg: ModelConfig) -> dict:
-    return {"type": "GFL", "backbone": f"ResNet-{cfg.depth}", "depth": cfg.depth,
+    # "ResNet-50" for a plain ResNet (as format version 2 always wrote), else e.g.
+    # "ResNeXt-101-32x4d-DCN(c4-c5)"
+    arch = {"type": "GFL", "backbone": backbone_label(resolve_backbone(cfg)), "depth": cfg.depth,
             "base_width": cfg.base_width, "channels": cfg.channels,
             "stacked_convs": cfg.stacked_convs, "reg_max": cfg.reg_max}
+    if cfg.head.type != "GFLHead":  # absent = GFLHead, so a GFL teacher's manifest is as before
+        arch["head"] = dataclasses.asdict(cfg.head)
+    return arch
 
 
 def versions() -> dict:
@@ -261,6 +325,8 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         lineage=(ckpt_meta.get("ldpipe") or {}).get("lineage") or {},
     )
     m.codec_clip = clip_of(cache.codec)
+    if HEADS[cfg.head.type].cls_logits != "joint":
+        m.cls_logits = HEADS[cfg.head.type].cls_logits
     m.cache_id = m.compute_id()
     return m
 

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 import zarr
 
+from .integrity import check_index, check_unit, check_unit_arrays, missing_objects
 from .manifest import F, CacheError, Manifest
-from .store import first_line, from_disk, load_index, open_cache, unit_name, unpack_rows
+from .store import (first_line, from_disk, index_complete, load_index, open_cache, unit_name,
+                    unpack_rows)
 
 VALUE_ARRAYS = ("anchor", "box", "cls")
 
@@ -25,11 +27,15 @@ class UnitArrays:
     ``decoded=True`` reads a unit whole into memory when first used (numpy arrays in
     the stored orientation); otherwise the zarr arrays are kept open and slices are
     read on demand.  ``keep=None`` never evicts.  A unit that cannot be read is a
-    :class:`CacheError` naming the unit and array.
+    :class:`CacheError` naming the unit and array; so is one whose committed arrays or
+    shards are missing or empty (zarr would read them as zeros), and, read whole, one
+    whose content differs from its commit checksum (``ldpipe.cache.integrity``).
     """
 
-    def __init__(self, root: zarr.Group, url: str, decoded: bool, keep: int | None = 64) -> None:
+    def __init__(self, root: zarr.Group, url: str, decoded: bool, keep: int | None = 64,
+                 manifest: Manifest | None = None) -> None:
         self.root, self.url, self.decoded, self.keep = root, url, decoded, keep
+        self.manifest = manifest
         self.units: OrderedDict[int, dict] = OrderedDict()
 
     def get(self, u: int) -> dict:
@@ -40,28 +46,47 @@ class UnitArrays:
         arrays, name = {}, "group"
         try:
             g = self.root[where]
+        except Exception:
+            raise CacheError(f"{self.url}: {where} is missing (a deleted unit; the index lists "
+                             f"its samples); run `ldpipe cache verify {self.url}`") from None
+        commit = check_unit(g, self.url, u, self.manifest)
+        try:
             for name in VALUE_ARRAYS:
-                if name in g:
+                if name in commit["sha256"]:
                     arrays[name] = g[name][...] if self.decoded else g[name]
         except Exception as exc:
             raise CacheError(f"{self.url}: {where}/{name} cannot be read ({first_line(exc)}); "
                              f"run `ldpipe cache verify {self.url}`") from None
+        if self.decoded:
+            check_unit_arrays(arrays, commit, self.url, u)
         self.units[u] = arrays
         while self.keep is not None and len(self.units) > self.keep:
             self.units.popitem(last=False)
         return arrays
 
 
-def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True) -> dict:
+def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True,
+                url: str = "", unit: int | None = None) -> dict:
     """Decoded rows of the sample ``rec`` (an index row) from its unit's arrays."""
     start, count = int(rec[F["row_start"]]), int(rec[F["row_count"]])
     sl = slice(start, start + count)
-    return {
-        "anchor": torch.from_numpy(np.asarray(arrays["anchor"][sl]).astype(np.int64)),
-        "box": unpack_rows(from_disk("box", arrays["box"][..., sl]), codec),
-        "cls": (unpack_rows(from_disk("cls", arrays["cls"][..., sl]), codec)
-                if with_cls and "cls" in arrays else None),
-    }
+    where = f"{url}: units/{unit_name(unit)}" if unit is not None else f"{url}: a unit"
+    for name in VALUE_ARRAYS:
+        if name in arrays and arrays[name].shape[-1 if name != "anchor" else 0] < start + count:
+            raise CacheError(f"{where}/{name} has fewer rows than sample {int(rec[F['sample']])} "
+                             f"needs ({start}+{count}); run `ldpipe cache verify {url}`")
+    if "anchor" not in arrays or "box" not in arrays:  # (cls: absent when not stored)
+        raise CacheError(f"{where} lacks an array the sample needs "
+                         f"({', '.join(n for n in ('anchor', 'box') if n not in arrays)})")
+    out, name = {"cls": None}, "anchor"
+    try:
+        out["anchor"] = torch.from_numpy(np.asarray(arrays["anchor"][sl]).astype(np.int64))
+        for name in ("box", "cls") if with_cls and "cls" in arrays else ("box",):
+            out[name] = unpack_rows(from_disk(name, arrays[name][..., sl]), codec)
+    except Exception as exc:
+        raise CacheError(f"{where}/{name}: rows of sample {int(rec[F['sample']])} cannot be read "
+                         f"({first_line(exc)}); run `ldpipe cache verify {url}`") from None
+    return out
 
 
 def read_index(root: zarr.Group, url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,6 +96,19 @@ def read_index(root: zarr.Group, url: str) -> tuple[np.ndarray, np.ndarray, np.n
     except Exception as exc:
         raise CacheError(f"{url}: the sample table cannot be read ({first_line(exc)}); "
                          f"run `ldpipe cache verify {url}`") from None
+
+
+def read_checked_index(root: zarr.Group, url: str, m: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`read_index`, refusing a table whose arithmetic a missing shard broke."""
+    table, scale, unit_of = read_index(root, url)
+    if index_complete(root):
+        for name in ("samples", "scale", "unit"):
+            lost = missing_objects(root["index"][name])
+            if lost:
+                raise CacheError(f"{url}: index/{name}: chunk {lost[0]} is missing or empty "
+                                 f"(deleted or not copied); run `ldpipe cache verify {url}`")
+    check_index(table, scale, unit_of, m, url)
+    return table, scale, unit_of
 
 
 class CacheReader:
@@ -100,13 +138,13 @@ class CacheReader:
     def _open(self) -> dict:
         if self._state is None:
             root, manifest = open_cache(self.url)
-            table, scale, unit_of = read_index(root, self.url)
-            lookup = {int(s): i for i, s in enumerate(table[:, F["sample"]])}
+            table, scale, unit_of = read_checked_index(root, self.url, manifest)
             preload = manifest.row_bytes() * int(table[:, F["row_count"]].sum()) <= self.preload_bytes
             self._state = {"manifest": manifest, "table": table, "scale": scale, "unit_of": unit_of,
-                           "lookup": lookup,
+                           "position": SamplePositions(table[:, F["sample"]]),
                            "units": UnitArrays(root, self.url, decoded=preload,
-                                               keep=None if preload else self.max_open_units)}
+                                               keep=None if preload else self.max_open_units,
+                                               manifest=manifest)}
         return self._state
 
     @property
@@ -129,17 +167,18 @@ class CacheReader:
         return image_index * self.num_variants + variant
 
     def has(self, image_index: int, variant: int) -> bool:
-        return self.sample_number(image_index, variant) in self._open()["lookup"]
+        return self._open()["position"](self.sample_number(image_index, variant)) is not None
 
     # -------------------------------------------------------------- reading
     def _locate(self, image_index: int, variant: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Index row, scale factor and unit of one sample."""
         st = self._open()
         s = self.sample_number(image_index, variant)
-        if s not in st["lookup"]:
+        i = st["position"](s)
+        if i is None:
             raise CacheError(f"{self.url}: sample (image {image_index}, variant {variant}) "
-                             "is not in the cache (incomplete dump, or another data set?)")
-        i = st["lookup"][s]
+                             f"is not in the cache, which holds {len(st['table'])} of "
+                             f"{st['manifest'].num_samples} samples (an unfinished dump: rerun it)")
         return st["table"][i], st["scale"][i], int(st["unit_of"][i])
 
     def read(self, image_index: int, variant: int, with_cls: bool = True) -> dict:
@@ -147,9 +186,38 @@ class CacheReader:
         rec, scale, u = self._locate(image_index, variant)
         with self._lock:
             arrays = self._open()["units"].get(u)
-        out = sample_rows(arrays, rec, self.manifest.codec, with_cls)
+        out = sample_rows(arrays, rec, self.manifest.codec, with_cls, self.url, u)
         out["geometry"] = geometry_of(rec, scale)
         return out
+
+
+class SamplePositions:
+    """Sample number -> row of the index table, without a per-sample Python object.
+
+    A complete cache's table is sorted and holds samples ``0..N-1``, so the row is the sample
+    number itself; any other (sorted) table is searched (``np.searchsorted``).  Opening a
+    COCO-sized cache (236k samples) this way costs no time and no memory beyond the table.
+    """
+
+    def __init__(self, samples: np.ndarray) -> None:
+        self.samples = np.ascontiguousarray(samples, dtype=np.int64)
+        n = self.samples.shape[0]
+        self.dense = bool(n) and int(self.samples[0]) == 0 and int(self.samples[-1]) == n - 1 and (
+            bool((np.diff(self.samples) == 1).all()))
+        if not self.dense and n and not (np.diff(self.samples) > 0).all():
+            order = np.argsort(self.samples, kind="stable")  # partial tables: sort once
+            self.order, self.samples = order, self.samples[order]
+        else:
+            self.order = None
+
+    def __call__(self, s: int) -> int | None:
+        n = self.samples.shape[0]
+        if self.dense:
+            return s if 0 <= s < n else None
+        i = int(np.searchsorted(self.samples, s))
+        if i >= n or int(self.samples[i]) != s:
+            return None
+        return i if self.order is None else int(self.order[i])
 
 
 def geometry_of(rec: np.ndarray, scale: np.ndarray) -> dict:

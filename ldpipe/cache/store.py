@@ -48,9 +48,21 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 ROWS_LAST = ("box", "cls")  # stored with the row axis last (columnar); see to_disk
 
 
+def _storage_options(url: str) -> dict | None:
+    """fsspec options for opening ``url`` (None for a local path).
+
+    fsspec reuses one file-system instance per set of arguments and thread, and object-store
+    ones (s3fs, gcsfs) cache directory listings in it: a cache reopened in the same process
+    after another process wrote to it (a resumed dump, then ``verify``) would be judged on the
+    old listing.  Each open therefore gets a fresh instance (its listings start empty)."""
+    if "://" not in url or url.startswith("file://"):
+        return None
+    return {"skip_instance_cache": True}
+
+
 def open_root(url: str, mode: str = "r") -> zarr.Group:
     try:
-        return zarr.open_group(url, mode=mode, zarr_format=3)
+        return zarr.open_group(url, mode=mode, zarr_format=3, storage_options=_storage_options(url))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
         raise CacheError(f"no teacher cache at {url}") from None
 
@@ -312,5 +324,5 @@ def create_or_resume(out: str, manifest: Manifest, overwrite: bool) -> None:
     if root is not None and raw is None and not overwrite:
         if len(list(root.keys())):
             raise CacheError(f"{out} exists and is not an ldpipe cache; use another --out")
-    g = zarr.open_group(out, mode="w", zarr_format=3)
+    g = zarr.open_group(out, mode="w", zarr_format=3, storage_options=_storage_options(out))
     g.attrs["ldpipe_cache"] = manifest.to_dict()

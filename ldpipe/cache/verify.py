@@ -9,17 +9,20 @@ index.  Never raises for a damaged cache: problems go to ``errors``.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import zarr
 from zarr.core.sync import sync
 
+from . import geometry_check
 from .codec import row_extra
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 from .store import (committed_units, content_sha, first_line, from_disk, index_complete,
                     open_cache, unit_name, unpack_rows)
-from .inspect import stored_objects
+from .inspect import is_listable, stored_objects
 
 MAX_ERRORS = 200
 # |logsumexp(row)| allowed for decoded log-probabilities, per codec (fp16 keeps ~3 decimal
@@ -29,10 +32,11 @@ NORM_TOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-3}
 STORED_DTYPE = {"fp32": np.dtype("float32"), "fp16": np.dtype("float16"), "int8": np.dtype("uint8")}
 
 
-def verify(url: str) -> dict:
-    """Check a cache end to end; ``{cache, ok, errors, warnings, checked}``."""
+def verify(url: str, workers: int | None = None) -> dict:
+    """Check a cache end to end; ``{cache, ok, errors, warnings, checked}``.  Units are
+    checked by ``workers`` threads (default: one per core, at least 2)."""
     root, m = open_cache(url)
-    v = _Verifier(root, m, url)
+    v = _Verifier(root, m, url, workers or max(2, os.cpu_count() or 1))
     try:
         v.run()
     except CacheError:
@@ -61,8 +65,8 @@ def format_verify(d: dict) -> str:
 class _Verifier:
     """One verification run: the cache, its manifest, and what was found so far."""
 
-    def __init__(self, root: zarr.Group, m: Manifest, url: str) -> None:
-        self.root, self.m, self.url = root, m, url
+    def __init__(self, root: zarr.Group, m: Manifest, url: str, workers: int = 1) -> None:
+        self.root, self.m, self.url, self.workers = root, m, url, workers
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.dropped = 0
@@ -74,6 +78,28 @@ class _Verifier:
             self.errors.append(msg)
         else:
             self.dropped += 1
+
+    def _unit_alone(self, u: int, g: zarr.Group, commit: dict):
+        """Check one unit with a verifier of its own (run in a worker thread)."""
+        sub = _Verifier(self.root, self.m, self.url)
+        try:
+            res = sub._unit(u, g, commit)
+            if res is not None:
+                sub._geometry(res[0], res[1], u)
+        except Exception as exc:
+            sub.error(f"units/{unit_name(u)}: verification stopped: {first_line(exc)}")
+            res = None
+        return sub, res
+
+    def _merge(self, job):
+        sub, res = job
+        for e in sub.errors:
+            self.error(e)
+        self.dropped += sub.dropped
+        self.warnings += sub.warnings
+        for k, v in sub.checked.items():
+            self.checked[k] = self.checked.get(k, 0) + v
+        return res
 
     # ------------------------------------------------------------ whole cache
     def run(self) -> None:
@@ -97,16 +123,21 @@ class _Verifier:
             self.error(f"{url}: {len(missing)} of {num_units} units have no commit: {names}{more} "
                        "(the dump did not finish; rerun the same command to complete it)")
         tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for u in sorted(committed):
-            if u in present:
-                res = self._unit(u, present[u], committed[u])
+        todo = [u for u in sorted(committed) if u in present]
+        # units are checked in parallel (decompression, crc32c, sha256 and the value checks
+        # release the GIL); each unit's findings are merged in unit order, so the report is
+        # the same as a sequential run's
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            jobs = [pool.submit(self._unit_alone, u, present[u], committed[u]) for u in todo]
+            for u, job in zip(todo, jobs):
+                res = self._merge(job.result())
                 if res is not None:
                     tables[u] = res
-        for u, (table, scale) in tables.items():
-            for rec, sc in zip(table, scale):
-                self._geometry(rec, sc, u)
         complete = self._index(tables, missing)
-        partial = sorted(k for k in stored_objects(self.root) if k.endswith(".partial"))
+        # only a local store writes temporary files (object stores replace objects whole);
+        # on an object store this would list every object
+        partial = (sorted(k for k in stored_objects(self.root) if k.endswith(".partial"))
+                   if is_listable(self.root) else [])
         if partial:
             self.warnings.append(f"{url}: {len(partial)} temporary file(s) of writes cut short by a "
                                  f"kill (harmless, ignored by readers): {', '.join(partial[:5])}")
@@ -228,15 +259,28 @@ class _Verifier:
         s = table[:, F["sample"]]
         if not np.array_equal(s, np.arange(lo, hi)):
             self.error(f"{un}/samples: sample numbers {s[:8].tolist()}... are not {lo}..{hi - 1}")
-        for rec in table:
-            si = int(rec[F["sample"]])
-            ii, vi = int(rec[F["image_index"]]), int(rec[F["variant"]])
-            if ii != si // nv or vi != si % nv:
+        ii, vi = table[:, F["image_index"]], table[:, F["variant"]]
+        numbering = (ii != s // nv) | (vi != s % nv)
+        inside = (ii >= 0) & (ii < len(image_ids))
+        ids = self._image_ids()
+        wrong_id = ~numbering & (~inside | (table[:, F["image_id"]] != ids[np.where(inside, ii, 0)]))
+        for k in np.nonzero(numbering | wrong_id)[0]:  # only the bad rows go through Python
+            rec = table[k]
+            if numbering[k]:
                 self.error(f"{un}: {m.sample_label(rec)}: sample != image_index*{nv}+variant "
-                           f"(image_index {ii}, variant {vi})")
-            elif not 0 <= ii < len(image_ids) or int(rec[F["image_id"]]) != int(image_ids[ii]):
+                           f"(image_index {int(ii[k])}, variant {int(vi[k])})")
+            else:
                 self.error(f"{un}: {m.sample_label(rec)}: image_id does not match the manifest's "
-                           f"image {ii}")
+                           f"image {int(ii[k])}")
+
+    def _image_ids(self) -> np.ndarray:
+        ids = getattr(self.m, "_image_id_array", None)
+        if ids is None:
+            ids = np.asarray(self.m.data.image_ids, dtype=np.int64)
+            if not ids.size:
+                ids = np.zeros(1, np.int64)
+            self.m._image_id_array = ids
+        return ids
 
     def _row_ranges(self, u: int, table: np.ndarray, rows: int) -> bool:
         """Row ranges contiguous, in order and summing to the unit's rows."""
@@ -261,14 +305,14 @@ class _Verifier:
             return
         starts, counts = table[:, F["row_start"]], table[:, F["row_count"]]
         for i, rec in enumerate(table):
-            a = anchor[starts[i]:starts[i] + counts[i]].astype(np.int64)
-            grid = m.geometry.grid((rec[F["pad_h"]], rec[F["pad_w"]]))
-            if a.size and ((np.diff(a) <= 0).any() or a[0] < 0 or a[-1] >= grid.num_anchors):
+            a = anchor[starts[i]:starts[i] + counts[i]]
+            grid_n = geometry_check.num_anchors(m.geometry, int(rec[F["pad_h"]]), int(rec[F["pad_w"]]))
+            if a.size and ((np.diff(a) <= 0).any() or a[0] < 0 or a[-1] >= grid_n):
                 self.error(f"{un}: {m.sample_label(rec)}: anchor indices are not sorted, unique "
-                           f"and within the grid of {grid.num_anchors} anchors")
-            elif m.region.policy == "dense" and a.size != grid.num_anchors:
+                           f"and within the grid of {grid_n} anchors")
+            elif m.region.policy == "dense" and a.size != grid_n:
                 self.error(f"{un}: {m.sample_label(rec)}: dense policy but {a.size} of "
-                           f"{grid.num_anchors} anchors stored")
+                           f"{grid_n} anchors stored")
 
     def _values(self, u: int, name: str, arr: np.ndarray, want_shape: tuple, table: np.ndarray,
                 rows: int, rows_ok: bool) -> None:
@@ -299,33 +343,12 @@ class _Verifier:
                        f"log-probabilities (first: row {r}, {m.sample_label(rec)}; "
                        f"|logsumexp| {float(lse[r]):.3g})")
 
-    def _geometry(self, rec: np.ndarray, sc: np.ndarray, u: int) -> None:
-        m, geo = self.m, self.m.geometry
-        ih, iw, ph, pw = (int(rec[F[k]]) for k in ("img_h", "img_w", "pad_h", "pad_w"))
-        oh, ow = int(rec[F["ori_h"]]), int(rec[F["ori_w"]])
-        div = int(geo.pad_divisor) or 1
-        problems = []
-        if oh < 1 or ow < 1 or ih < 1 or iw < 1:
-            problems.append(f"empty shape (ori {oh}x{ow}, img {ih}x{iw})")
-        if ih > ph or iw > pw or ph % div or pw % div or ph - ih >= div or pw - iw >= div:
-            problems.append(f"pad {ph}x{pw} is not img {ih}x{iw} padded to a multiple of {div}")
-        v = int(rec[F["variant"]])
-        if 0 <= v < len(geo.variants):
-            var = geo.variants[v]
-            if bool(rec[F["flip"]]) != bool(var.get("flip")):
-                problems.append(f"flip {bool(rec[F['flip']])} but variant {var.get('key')} has "
-                                f"flip {var.get('flip')}")
-            si = var.get("scale_idx", -1)
-            if 0 <= si < len(geo.input_scales):
-                target = geo.input_scales[si]
-                if max(ih, iw) > max(target) or min(ih, iw) > min(target):
-                    problems.append(f"img {ih}x{iw} exceeds the input scale {target}")
-        if not (np.isfinite(sc).all() and (sc > 0).all()):
-            problems.append(f"bad scale factor {sc.tolist()}")
-        elif oh >= 1 and ow >= 1 and (abs(sc[0] * ow - iw) > 1e-3 or abs(sc[1] * oh - ih) > 1e-3):
-            problems.append(f"scale factor {sc.tolist()} does not map ori {oh}x{ow} to img {ih}x{iw}")
-        if problems:
-            self.error(f"units/{unit_name(u)}/samples: {m.sample_label(rec)}: " + "; ".join(problems))
+    def _geometry(self, table: np.ndarray, scale: np.ndarray, u: int) -> None:
+        for k in geometry_check.suspect_rows(self.m.geometry, table, scale):
+            found = geometry_check.problems(self.m.geometry, table[k], scale[k])
+            if found:
+                self.error(f"units/{unit_name(u)}/samples: {self.m.sample_label(table[k])}: "
+                           + "; ".join(found))
 
     # ------------------------------------------------------------ the index
     def _index(self, tables: dict, missing: list[int]) -> bool:

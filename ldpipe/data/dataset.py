@@ -7,6 +7,7 @@ The sampler, not the data set, decides which variant an image gets, so every
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -14,8 +15,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ldpipe.config import Pipeline
+from ldpipe.data.decode import UndecodableImage, load_checked
 from ldpipe.data.records import Split
-from ldpipe.data.transforms import Variant, load_image, make_sample
+from ldpipe.data.transforms import Variant, make_sample
+
+log = logging.getLogger("ldpipe.data")
 
 Pair = tuple[int, int]
 
@@ -24,17 +28,23 @@ class DetectionDataset(Dataset):
     """``dataset[(image_index, variant_index)]`` -> :func:`make_sample` output.
 
     ``extra(meta)`` may add keys to each sample (e.g. cached teacher targets).
-    A plain ``int`` key means variant 0.
+    A plain ``int`` key means variant 0.  An image no decoder reads is an error naming it,
+    or, with ``skip_undecodable`` (default: ``data.skip_undecodable_images``), the item
+    ``{"skipped": file_name}``, which :func:`collate` leaves out of the batch and lists in
+    its ``skipped`` entry.
     """
 
     def __init__(self, split: Split, pipe: Pipeline, variants: list[Variant],
-                 extra: Callable[[dict], dict] | None = None) -> None:
+                 extra: Callable[[dict], dict] | None = None,
+                 skip_undecodable: bool | None = None) -> None:
         if not variants:
             raise ValueError("DetectionDataset needs at least one variant")
         self.split = split
         self.pipe = pipe
         self.variants = list(variants)
         self.extra = extra
+        self.skip_undecodable = (pipe.data.skip_undecodable_images if skip_undecodable is None
+                                 else skip_undecodable)
 
     def __len__(self) -> int:
         return len(self.split.records)
@@ -42,7 +52,14 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key: Pair | int) -> dict:
         index, vidx = (key, 0) if isinstance(key, int) else key
         record = self.split.records[index]
-        sample = make_sample(record, load_image(record.file_name), self.variants[vidx], self.pipe)
+        try:
+            image = load_checked(record.file_name, record.width, record.height)
+        except UndecodableImage as exc:
+            if not self.skip_undecodable:
+                raise
+            log.warning("skipping %s (data.skip_undecodable_images): %s", record.file_name, exc)
+            return {"skipped": record.file_name}
+        sample = make_sample(record, image, self.variants[vidx], self.pipe)
         sample["meta"]["index"] = int(index)
         sample["meta"]["variant_index"] = int(vidx)
         if self.extra is not None:
@@ -116,10 +133,16 @@ def collate(batch: list[dict]) -> dict:
     """Stack images (zero-padded bottom/right to the batch maximum); lists for the rest.
 
     Returns ``img`` ``[B, 3, H, W]``, ``gt_boxes`` / ``gt_labels`` / ``ignore_boxes``
-    lists, ``metas`` (list of meta dicts) and every other sample key as a list.
+    lists, ``metas`` (list of meta dicts), every other sample key as a list, and
+    ``skipped``: the files of skipped (undecodable) items.  A batch of skipped items only
+    is ``{"img": None, "metas": [], "skipped": [...]}``.
     """
     if not batch:
         raise ValueError("collate got an empty batch")
+    skipped = [s["skipped"] for s in batch if "skipped" in s]
+    batch = [s for s in batch if "skipped" not in s]
+    if not batch:
+        return {"img": None, "metas": [], "skipped": skipped}
     height = max(s["img"].shape[1] for s in batch)
     width = max(s["img"].shape[2] for s in batch)
     first = batch[0]["img"]
@@ -127,7 +150,7 @@ def collate(batch: list[dict]) -> dict:
     for i, s in enumerate(batch):
         _, h, w = s["img"].shape
         img[i, :, :h, :w] = s["img"]
-    out: dict = {"img": img, "metas": [s["meta"] for s in batch]}
+    out: dict = {"img": img, "metas": [s["meta"] for s in batch], "skipped": skipped}
     for key in batch[0]:
         if key not in ("img", "meta"):
             out[key] = [s[key] for s in batch]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -25,12 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from ldpipe.config import Pipeline
+from ldpipe.data.errors import DataError
+from ldpipe.data.quality import check_split, coco_annotation, coco_image
 
 log = logging.getLogger("ldpipe.data")
-
-
-class DataError(ValueError):
-    """Missing or invalid data; the message names the offending file."""
 
 
 @dataclass
@@ -111,14 +110,16 @@ def _read_bytes(path: str, what: str) -> bytes:
 
 
 def _image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the image header."""
+    """(width, height) from the image header, as decoded: after its EXIF orientation."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.size
+            w, h = im.size
+            tag = int(im.getexif().get(0x0112, 1) or 1)  # EXIF orientation; 5-8 swap the sides
     except (OSError, ValueError) as exc:
         raise DataError(f"image not found or unreadable: {path} ({exc})") from None
+    return (h, w) if tag in (5, 6, 7, 8) else (w, h)
 
 
 # -------------------------------------------------------------------------- COCO
@@ -156,21 +157,30 @@ def _load_coco(pipe: Pipeline, split: str) -> Split:
     cat_ids = [name_to_id[n] for n in classes]
     cat2label = {cid: i for i, cid in enumerate(cat_ids)}
 
-    per_image: dict[int, list[dict]] = {}
-    for a in coco["annotations"]:
-        per_image.setdefault(a["image_id"], []).append(a)
+    images = [coco_image(img, i, ann_path) for i, img in enumerate(coco["images"])]
+    known = {iid for iid, *_ in images}
+    per_image: dict[int, list[tuple[dict, list[float]]]] = {}
+    orphans, orphan_example = 0, None
+    for j, a in enumerate(coco["annotations"]):
+        aid, xywh = coco_annotation(a, j, ann_path)
+        if aid not in known:  # counted and reported (quality.check_split), not dropped unseen
+            orphans += 1
+            orphan_example = orphan_example if orphan_example is not None else aid
+            continue
+        per_image.setdefault(aid, []).append((a, xywh))
+    if orphans:
+        log.warning("%s: %d annotations name an image_id that is not among its %d images "
+                    "(e.g. %r); they are not used", ann_path, orphans, len(images), orphan_example)
 
     clean = _Cleaner()
     records = []
     unknown_cat = 0
-    for img in coco["images"]:
-        iid, w, h = int(img["id"]), int(img["width"]), int(img["height"])
+    for iid, w, h, file_name in images:
         boxes, labels, ignore, ignore_labels = [], [], [], []
-        for a in per_image.get(iid, []):
+        for a, (x, y, bw, bh) in per_image.get(iid, []):
             if a["category_id"] not in cat2label:
                 unknown_cat += 1
                 continue
-            x, y, bw, bh = (float(v) for v in a["bbox"])
             box = [x, y, x + bw, y + bh]
             if a.get("iscrowd", 0):
                 ignore.append(box)
@@ -181,12 +191,13 @@ def _load_coco(pipe: Pipeline, split: str) -> Split:
         kept, keep = clean.clean(_as_boxes(boxes), w, h)
         ign, ign_keep = clean.clean(_as_boxes(ignore), w, h)
         records.append(Record(
-            image_id=iid, file_name=os.path.join(img_root, img["file_name"]), width=w, height=h,
+            image_id=iid, file_name=os.path.join(img_root, file_name), width=w, height=h,
             boxes=kept, labels=np.asarray(labels, dtype=np.int64).reshape(-1)[keep],
             ignore=ign, ignore_labels=np.asarray(ignore_labels, dtype=np.int64).reshape(-1)[ign_keep]))
     if unknown_cat:
         raise DataError(f"{ann_path}: {unknown_cat} annotations use category ids not in 'categories'")
-    return _finish(split, classes, records, [blob], clean, ann_path, coco)
+    return _finish(split, classes, records, [blob], clean, ann_path, coco, pipe,
+                   {"annotations_orphaned": orphans}, orphan_example)
 
 
 # --------------------------------------------------------------------------- VOC
@@ -205,6 +216,18 @@ def _voc_object(obj: ET.Element, xml_path: str) -> tuple[str, list[float], bool]
     except ValueError:
         raise DataError(f"{xml_path}: object {name!r} has a bad <difficult> {text!r}") from None
     return name, box, difficult
+
+
+def _voc_size(size: ET.Element | None, key: str, xml_path: str) -> int:
+    """``<size><width>`` / ``<height>`` as an int; 0 when absent (then the image header decides)."""
+    text = (size.findtext(key) or "").strip() if size is not None else ""
+    try:
+        value = float(text) if text else 0.0
+    except ValueError:
+        raise DataError(f"{xml_path}: <size><{key}> is {text!r}, not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise DataError(f"{xml_path}: <size><{key}> is {text!r}, expected a positive size")
+    return int(value)
 
 
 def _load_voc(pipe: Pipeline, split: str) -> Split:
@@ -235,8 +258,7 @@ def _load_voc(pipe: Pipeline, split: str) -> Split:
             raise DataError(f"annotation file is not valid XML: {xml_path} ({exc})") from None
         img_path = os.path.join(root, "JPEGImages", f"{sid}.jpg")
         size = tree.find("size")
-        w = int(float(size.findtext("width") or 0)) if size is not None else 0
-        h = int(float(size.findtext("height") or 0)) if size is not None else 0
+        w, h = (_voc_size(size, key, xml_path) for key in ("width", "height"))
         if w <= 0 or h <= 0:
             w, h = _image_size(img_path)
         boxes, labels, ignore, ignore_labels = [], [], [], []
@@ -256,12 +278,13 @@ def _load_voc(pipe: Pipeline, split: str) -> Split:
             image_id=index, file_name=img_path, width=w, height=h, boxes=kept,
             labels=np.asarray(labels, dtype=np.int64).reshape(-1)[keep],
             ignore=ign, ignore_labels=np.asarray(ignore_labels, dtype=np.int64).reshape(-1)[ign_keep]))
-    return _finish(split, classes, records, blobs, clean, root, None)
+    return _finish(split, classes, records, blobs, clean, root, None, pipe)
 
 
 # ------------------------------------------------------------------------ public
 def _finish(split: str, classes: list[str], records: list[Record], blobs: list[bytes],
-            clean: _Cleaner, source: str, coco: dict | None) -> Split:
+            clean: _Cleaner, source: str, coco: dict | None, pipe: Pipeline,
+            extra_stats: dict | None = None, orphan_example=None) -> Split:
     image_ids = [r.image_id for r in records]
     if len(set(image_ids)) != len(image_ids):
         raise DataError(f"{source}: duplicate image ids in split {split!r}")
@@ -271,7 +294,9 @@ def _finish(split: str, classes: list[str], records: list[Record], blobs: list[b
         "ignore_kept": int(sum(len(r.ignore) for r in records)),
         "boxes_clipped": clean.clipped,
         "boxes_dropped_degenerate": clean.dropped,
+        **(extra_stats or {}),
     }
+    check_split(source, split, stats, pipe.data.max_dropped_boxes, orphan_example)
     log.info("split %s (%s): %d images, %d boxes kept, %d ignore, %d clipped, %d dropped (degenerate)",
              split, source, stats["images"], stats["boxes_kept"], stats["ignore_kept"],
              stats["boxes_clipped"], stats["boxes_dropped_degenerate"])

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ldpipe.config import Pipeline
-from ldpipe.data.records import DataError, Record
+from ldpipe.data.decode import read_image
+from ldpipe.data.records import Record
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,9 @@ def padded_shape(record: Record, variant: Variant, pipe: Pipeline) -> tuple[int,
 
 
 def load_image(path: str) -> np.ndarray:
-    """BGR uint8 ``[H, W, 3]`` via :func:`mmcv.imread`; :class:`DataError` naming a bad file."""
-    try:
-        img = mmcv.imread(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"image not found or unreadable: {path} ({exc})") from None
-    if img is None:
-        raise DataError(f"image not found or unreadable: {path} (cannot decode)")
-    return img
+    """BGR uint8 ``[H, W, 3]`` via :func:`mmcv.imread` (PIL for what OpenCV 5 refuses, see
+    :mod:`ldpipe.data.decode`); :class:`DataError` naming a bad file."""
+    return read_image(path)
 
 
 def _scale_boxes(boxes: np.ndarray, factor: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

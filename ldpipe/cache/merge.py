@@ -1,0 +1,185 @@
+"""``ldpipe cache merge A B [C ...] --out M``: the cache of an ensemble of teachers.
+
+Per stored row the merged cache holds the log of the teachers' *averaged probabilities*::
+
+    merged = log( (1/K) * sum_k softmax(row_k) )        (each edge over its bins; classes)
+
+computed as ``logsumexp_k(log_softmax(row_k)) - log K`` in float64 (each source row is
+renormalised first: int8 rows are log-probabilities only up to rounding), then encoded with the
+sources' codec.  The LD, VLR and KD terms read ``softmax(stored / T)``, i.e. the temperature-
+softened *average* ``p_avg^(1/T) / Z`` - not the average of the teachers' softened targets
+(``docs/cache-format.md``).
+
+The sources must be complete caches made the same way except for the teacher: every identity
+field of the manifest but ``teacher`` (data set and its image ids, geometry and variants,
+region policy and its assigners, codec and its clip, compressor, class storage, unit and chunk
+sizes) and, per sample, the same geometry and the same stored anchors.  Anything else is
+refused with the first difference named.  The result is an ordinary format-version-2 cache
+(written unit by unit through :mod:`.store`'s commit protocol, so a killed merge resumes),
+whose ``teacher`` describes the ensemble and whose ``lineage.ensemble`` lists each source
+cache's lineage entry.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from . import codec as C
+from .manifest import F, CacheError, Manifest, TeacherInfo, _short, versions
+from .store import (UnitData, committed_units, create_or_resume, first_line, from_disk, index_complete,
+                    open_cache, open_root, pack_rows, unit_name, unpack_rows, write_index, write_unit)
+
+# identity fields the sources must share (everything but the teacher)
+SHARED = ("geometry", "data", "region", "codec", "codec_clip", "compressor", "store_cls",
+          "samples_per_shard", "chunk_rows")
+
+
+def average_log_probs(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``log(mean_k softmax(rows_k))`` over the last axis, float32 (computed in float64)."""
+    lp = torch.stack([torch.log_softmax(r.double(), dim=-1) for r in rows])
+    return (torch.logsumexp(lp, dim=0) - math.log(len(rows))).float()
+
+
+def shared_differences(a: Manifest, b: Manifest, name_a: str, name_b: str) -> list[str]:
+    """Human lines for each shared identity field in which ``b`` differs from ``a``."""
+    ia, ib = a.identity(), b.identity()
+    out = []
+    for key in SHARED:
+        va, vb = ia.get(key), ib.get(key)
+        if va == vb:
+            continue
+        subs = sorted(set(va) | set(vb)) if isinstance(va, dict) and isinstance(vb, dict) else [None]
+        for sub in subs:
+            x, y = (va, vb) if sub is None else (va.get(sub), vb.get(sub))
+            if x != y:
+                where = key if sub is None else f"{key}.{sub}"
+                out.append(f"{where}: {name_a} has {_short(x)}, {name_b} has {_short(y)}")
+    return out
+
+
+def ensemble_manifest(sources: list[tuple[str, Manifest]]) -> Manifest:
+    """The manifest of the merge: the first source's with the ensemble as teacher and lineage."""
+    first = sources[0][1]
+    d = first.to_dict()
+    m = Manifest.parse(d, sources[0][0])  # a copy
+    members = [{"url": url, "cache_id": s.cache_id, "model": s.teacher.model,
+                "architecture": s.teacher.architecture, "checkpoint_sha256": s.teacher.checkpoint_sha256}
+               for url, s in sources]
+    backbones = " + ".join(str(s.teacher.architecture.get("backbone")) for _, s in sources)
+    sha = hashlib.sha256("\n".join(f"{s.cache_id} {s.teacher.checkpoint_sha256}"
+                                   for _, s in sources).encode()).hexdigest()
+    m.teacher = TeacherInfo(
+        model="ensemble(" + "+".join(s.teacher.model for _, s in sources) + ")",
+        architecture={"type": "ensemble", "backbone": f"ensemble of {len(sources)} ({backbones})",
+                      "reg_max": first.geometry.reg_max, "average": "probabilities",
+                      "members": members},
+        checkpoint_sha256=sha)
+    m.lineage = {"ensemble": [s.lineage_entry(url)["cache"] for url, s in sources]}
+    m.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    m.command = " ".join(sys.argv)
+    m.pipeline = {"source": "", "name": "cache merge"}
+    m.checkpoint_path = ""
+    m.versions = versions()
+    m.cache_id = m.compute_id()
+    return m
+
+
+def _read_unit(root, url: str, u: int, names) -> dict[str, np.ndarray]:
+    where, name = f"units/{unit_name(u)}", "group"
+    try:
+        g = root[where]
+        out = {}
+        for name in names:
+            out[name] = g[name][...]
+        return out
+    except Exception as exc:
+        raise CacheError(f"{url}: {where}/{name} cannot be read ({first_line(exc)}); "
+                         f"run `ldpipe cache verify {url}`") from None
+
+
+def _check_same_rows(ref: dict, other: dict, m: Manifest, name_a: str, name_b: str, u: int) -> None:
+    """Refuse, naming the first sample, when two units' per-sample tables or anchors differ."""
+    ta, tb = ref["samples"], other["samples"]
+    if ta.shape != tb.shape:
+        raise CacheError(f"units/{unit_name(u)}: {name_a} has {len(ta)} samples, {name_b} {len(tb)}")
+    for ra, rb, sa, sb in zip(ta, tb, ref["scale"], other["scale"]):
+        label = m.sample_label(ra)
+        bad = [f for f, i in F.items() if ra[i] != rb[i]] + (["scale_factor"] if not np.array_equal(sa, sb) else [])
+        if bad:
+            f = bad[0]
+            x, y = (sa.tolist(), sb.tolist()) if f == "scale_factor" else (int(ra[F[f]]), int(rb[F[f]]))
+            what = "stored anchors" if f == "row_count" else f
+            raise CacheError(f"{label}: {what} differ ({name_a}: {x}, {name_b}: {y}); merging needs "
+                             "the same samples and the same region rows in every cache")
+        sl = slice(int(ra[F["row_start"]]), int(ra[F["row_start"]] + ra[F["row_count"]]))
+        if not np.array_equal(ref["anchor"][sl], other["anchor"][sl]):
+            raise CacheError(f"{label}: the stored anchors differ between {name_a} and {name_b} (same "
+                             "count, other anchors): the regions differ; dump both with the same "
+                             "cache.region and cache.readers")
+
+
+def merge_unit(units: list[dict], codec: str, store_cls: bool) -> UnitData:
+    """The merged arrays of one unit from the sources' (rows already checked to align)."""
+    ref = units[0]
+    out = {}
+    for name in ("box", "cls") if store_cls else ("box",):
+        rows = [unpack_rows(np.ascontiguousarray(from_disk(name, u[name])), codec) for u in units]
+        out[name] = pack_rows(C.encode(average_log_probs(rows), codec)) if rows[0].shape[0] else \
+            np.ascontiguousarray(from_disk(name, ref[name]))
+    return UnitData(ref["samples"], ref["scale"], ref["anchor"], out["box"], out.get("cls"))
+
+
+def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
+    """Write the ensemble cache of ``urls`` to ``out`` (resumes a merge of the same sources)."""
+    if len(urls) < 2:
+        raise CacheError(f"cache merge needs at least two caches, got {len(urls)}")
+    same = [u for u in urls if _same_place(u, out)]
+    if same:
+        raise CacheError(f"--out {out} is one of the caches to merge; write the merge elsewhere")
+    sources = [(url, *open_cache(url)) for url in urls]
+    names = [f"cache {i + 1} ({url})" for i, url in enumerate(urls)]
+    for (url, root, m), name in zip(sources, names):
+        committed = committed_units(root)
+        if not index_complete(root, m.num_samples) or any(u not in committed for u in range(m.num_units)):
+            raise CacheError(f"{url} is incomplete ({len(committed)} of {m.num_units} units committed); "
+                             "finish its dump-teacher first")
+    base = sources[0][2]
+    for (url, _, m), name in zip(sources[1:], names[1:]):
+        diff = shared_differences(base, m, names[0], name)
+        if diff:
+            raise CacheError(f"cannot merge {url}: it was made differently from {urls[0]}:\n  "
+                             + "\n  ".join(diff))
+    layout = ["samples", "scale", "anchor"]
+    for u in range(base.num_units):  # every sample's rows align, before anything is written
+        units = [_read_unit(r, url, u, layout) for url, r, _ in sources]
+        for other, name in zip(units[1:], names[1:]):
+            _check_same_rows(units[0], other, base, names[0], name, u)
+    manifest = ensemble_manifest([(url, m) for url, _, m in sources])
+    create_or_resume(out, manifest, overwrite)
+    root = open_root(out, "a")
+    done = committed_units(root)
+    arrays = layout + ["box"] + (["cls"] if base.store_cls else [])
+    for u in range(base.num_units):
+        if u in done:
+            continue
+        units = [_read_unit(r, url, u, arrays) for url, r, _ in sources]
+        write_unit(root, u, merge_unit(units, base.codec, base.store_cls), base.compressor,
+                   base.chunk_rows)
+    if not (len(done) == base.num_units and index_complete(root, base.num_samples)):
+        write_index(root, base.compressor)
+    return {"cache": out, "cache_id": manifest.cache_id, "teachers": len(urls),
+            "samples": base.num_samples, "units": base.num_units, "units_reused": len(done),
+            "sources": [m.cache_id for _, _, m in sources]}
+
+
+def _same_place(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
+
