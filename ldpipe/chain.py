@@ -18,6 +18,9 @@ as long as its inputs are unchanged, and starts clean otherwise.
     student = "student"
     baseline = true         # also train the student without distillation
     eval_split = "val"
+    jobs = 1                # 2: train the baseline student in a second process while the
+                            # teacher (and TAs) train - it needs nothing from them; its output
+                            # goes to WORK_DIR/.chain/train-<student>-baseline.log
 """
 from __future__ import annotations
 
@@ -26,18 +29,21 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cache import CacheReader
 from .cache.region import reader_assigners
-from .config import ConfigError, Pipeline, to_dict
+from .config import ConfigError, Pipeline, resolve_backbone, to_dict
 from .models.checkpoint import file_sha256
+from .models.detector import backbone_label
 
 log = logging.getLogger("ldpipe.chain")
 
-CHAIN_KEYS = {"teacher", "tas", "student", "baseline", "eval_split"}
+CHAIN_KEYS = {"teacher", "tas", "student", "baseline", "eval_split", "jobs"}
 
 
 @dataclass
@@ -47,6 +53,7 @@ class ChainPlan:
     student: str
     baseline: bool
     eval_split: str
+    jobs: int = 1
 
 
 def plan_of(pipe: Pipeline) -> ChainPlan:
@@ -55,11 +62,27 @@ def plan_of(pipe: Pipeline) -> ChainPlan:
     if unknown:
         raise ConfigError(f"{pipe.source}: unknown key(s) in [chain]: {sorted(unknown)}")
     tas = c.get("tas", ["ta"] if "ta" in pipe.models else [])
+    jobs = c.get("jobs", 1)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"{pipe.source}: chain.jobs must be an integer >= 1, got {jobs!r}")
     plan = ChainPlan(c.get("teacher", "teacher"), list(tas), c.get("student", "student"),
-                     bool(c.get("baseline", True)), c.get("eval_split", "val"))
+                     bool(c.get("baseline", True)), c.get("eval_split", "val"), jobs)
     for name in [plan.teacher, *plan.tas, plan.student]:
         pipe.model(name)  # names a missing model clearly
     return plan
+
+
+class ChainError(ConfigError):
+    """A stage run in a child process failed (one line per cause; exit code 1)."""
+
+
+@dataclass
+class _Background:
+    stage: "Stage"
+    proc: subprocess.Popen
+    log: object
+    log_path: str
+    t0: float
 
 
 @dataclass
@@ -127,12 +150,50 @@ class Chain:
             json.dump(obj, fh, indent=2, sort_keys=True)
         os.replace(tmp, path)
 
-    def run_stage(self, stage: Stage) -> None:
+    def _skip(self, stage: Stage) -> bool:
         done = self._read(self._stamp_path(stage, "done"))
         if done and done.get("key") == stage.key and all(os.path.exists(o) for o in stage.outputs):
             self.skipped.append(stage.name)
             self.echo(f"[chain] skip {stage.name} (inputs unchanged)")
+            return True
+        return False
+
+    def run_stage(self, stage: Stage) -> None:
+        if self._skip(stage):
             return
+        argv = self._begin(stage)
+        self.echo(f"[chain] run {stage.name}: ldpipe {' '.join(argv)}")
+        t0 = time.time()
+        self.run_argv(argv)
+        self._end(stage, t0)
+
+    def start_stage(self, stage: Stage) -> "_Background | None":
+        """Run ``stage`` in a child process (``python -m ldpipe ...``) and return at once;
+        :meth:`wait_stage` collects it.  None when the stage is skipped."""
+        if self._skip(stage):
+            return None
+        argv = self._begin(stage)
+        log_path = self._stamp_path(stage, "log").removesuffix(".json")
+        self.echo(f"[chain] start {stage.name} in parallel (log: {log_path}): ldpipe {' '.join(argv)}")
+        fh = open(log_path, "w")
+        proc = subprocess.Popen([sys.executable, "-m", "ldpipe", *argv], stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return _Background(stage, proc, fh, log_path, time.time())
+
+    def wait_stage(self, bg: "_Background | None") -> None:
+        if bg is None:
+            return
+        rc = bg.proc.wait()
+        bg.log.close()
+        if rc != 0:
+            with open(bg.log_path, errors="replace") as fh:
+                tail = [ln.rstrip() for ln in fh.readlines()[-5:]]
+            raise ChainError(f"stage {bg.stage.name} failed (exit code {rc}); its log is "
+                             f"{bg.log_path}:\n  " + "\n  ".join(tail))
+        self.echo(f"[chain] done {bg.stage.name} ({time.time() - bg.t0:.0f} s)")
+        self._end(bg.stage, bg.t0)
+
+    def _begin(self, stage: Stage) -> list[str]:
         started = self._read(self._stamp_path(stage, "started"))
         fresh = not (started and started.get("key") == stage.key)
         argv = list(stage.argv)
@@ -140,10 +201,12 @@ class Chain:
             shutil.rmtree(stage.work_dir) if os.path.isdir(stage.work_dir) else os.remove(stage.work_dir)
         if fresh and stage.extra.get("overwrite_flag"):
             argv.append("--overwrite")
+        if stage.extra.get("resume_flag"):  # a training: continue it, or restart it on purpose
+            argv.append("--overwrite" if fresh else "--resume")
         self._write(self._stamp_path(stage, "started"), {"key": stage.key, "inputs": stage.inputs})
-        self.echo(f"[chain] run {stage.name}: ldpipe {' '.join(argv)}")
-        t0 = time.time()
-        self.run_argv(argv)
+        return argv
+
+    def _end(self, stage: Stage, t0: float) -> None:
         self._write(self._stamp_path(stage, "done"),
                     {"key": stage.key, "inputs": stage.inputs, "seconds": round(time.time() - t0, 2)})
         self.ran.append(stage.name)
@@ -159,18 +222,22 @@ class Chain:
             return "missing"
 
     def train_stage(self, model: str, cache: str | None, tag: str) -> str:
+        stage = self._train_stage(model, cache, tag)
+        self.run_stage(stage)
+        return stage.outputs[0]
+
+    def _train_stage(self, model: str, cache: str | None, tag: str) -> Stage:
         wd = os.path.join(self.work_dir, tag)
         inputs = self._sections(model)
         if cache is None:
-            argv = ["train", *self._common(), "--model", model, "--work-dir", wd, "--resume"]
+            argv = ["train", *self._common(), "--model", model, "--work-dir", wd]
         else:
             inputs["distill"] = to_dict(self.pipe.distill)
             inputs["cache_id"] = self._cache_id(cache)
             argv = ["train-student", *self._common(), "--model", model, "--cache", cache,
-                    "--work-dir", wd, "--resume"]
-        ckpt = os.path.join(wd, "latest.pth")
-        self.run_stage(Stage(f"train-{tag}", argv, inputs, [ckpt], work_dir=wd))
-        return ckpt
+                    "--work-dir", wd]
+        return Stage(f"train-{tag}", argv, inputs, [os.path.join(wd, "latest.pth")], work_dir=wd,
+                     extra={"resume_flag": True})
 
     def eval_stage(self, model: str, ckpt: str, tag: str) -> str:
         out = os.path.join(self.work_dir, tag, "metrics.json")
@@ -193,24 +260,36 @@ class Chain:
     def run(self) -> dict:
         p = self.plan
         rows = []
+        base_tag = f"{p.student}-baseline"
         given = self.pipe.model(p.teacher).checkpoint
-        if given:
-            teacher_ckpt = given
-            if not os.path.exists(given):
-                raise ConfigError(f"models.{p.teacher}.checkpoint: file not found: {given}")
-            self.echo(f"[chain] teacher: given checkpoint {given}")
-        else:
-            teacher_ckpt = self.train_stage(p.teacher, None, p.teacher)
-        rows.append(("teacher", p.teacher, self.eval_stage(p.teacher, teacher_ckpt, p.teacher)))
-        cache = self.dump_stage(p.teacher, teacher_ckpt, p.teacher)
-        for ta in p.tas:
-            ckpt = self.train_stage(ta, cache, ta)
-            rows.append(("TA", ta, self.eval_stage(ta, ckpt, ta)))
-            cache = self.dump_stage(ta, ckpt, ta)
+        if given and not os.path.exists(given):
+            raise ConfigError(f"models.{p.teacher}.checkpoint: file not found: {given}")
+        # the baseline student needs nothing from the teacher: with jobs >= 2 it trains in a
+        # second process meanwhile (same command, so the same result as running it after)
+        parallel = base_stage = None
+        if p.baseline and p.jobs >= 2:
+            base_stage = self._train_stage(p.student, None, base_tag)
+            parallel = self.start_stage(base_stage)
+        try:
+            if given:
+                teacher_ckpt = given
+                self.echo(f"[chain] teacher: given checkpoint {given}")
+            else:
+                teacher_ckpt = self.train_stage(p.teacher, None, p.teacher)
+            rows.append(("teacher", p.teacher, self.eval_stage(p.teacher, teacher_ckpt, p.teacher)))
+            cache = self.dump_stage(p.teacher, teacher_ckpt, p.teacher)
+            for ta in p.tas:
+                ckpt = self.train_stage(ta, cache, ta)
+                rows.append(("TA", ta, self.eval_stage(ta, ckpt, ta)))
+                cache = self.dump_stage(ta, ckpt, ta)
+            self.wait_stage(parallel)
+        finally:
+            if parallel is not None and parallel.proc.poll() is None:  # this process failed
+                parallel.proc.kill()
+                parallel.proc.wait()
         if p.baseline:
-            tag = f"{p.student}-baseline"
-            ckpt = self.train_stage(p.student, None, tag)
-            rows.append(("baseline student", p.student, self.eval_stage(p.student, ckpt, tag)))
+            ckpt = base_stage.outputs[0] if base_stage else self.train_stage(p.student, None, base_tag)
+            rows.append(("baseline student", p.student, self.eval_stage(p.student, ckpt, base_tag)))
         tag = f"{p.student}-ld"
         ckpt = self.train_stage(p.student, cache, tag)
         rows.append(("LD student", p.student, self.eval_stage(p.student, ckpt, tag)))
@@ -226,28 +305,64 @@ def write_summary(work_dir: str, rows: list[tuple[str, str, str]], pipe: Pipelin
         cfg = pipe.model(model)
         width = "" if cfg.base_width == 64 else f" w{cfg.base_width}"
         entries.append({"role": role, "model": model,
-                        "backbone": f"ResNet-{cfg.depth}{width}, {cfg.channels} ch",
+                        "backbone": f"{backbone_label(resolve_backbone(cfg))}{width}, {cfg.channels} ch",
                         "AP": m["bbox_mAP"], "AP50": m["bbox_mAP_50"], "AP75": m["bbox_mAP_75"]})
     lines = ["| role | model | backbone | AP | AP50 | AP75 |", "|---|---|---|---|---|---|"]
     for e in entries:
         lines.append(f"| {e['role']} | {e['model']} | {e['backbone']} | {e['AP'] * 100:.1f} | "
                      f"{e['AP50'] * 100:.1f} | {e['AP75'] * 100:.1f} |")
+    by_role = {e["role"]: e for e in entries}
+    if "baseline student" in by_role and "LD student" in by_role:
+        ld, base = by_role["LD student"], by_role["baseline student"]
+        gain = " / ".join(f"{(ld[m] - base[m]) * 100:+.1f} {m}" for m in ("AP", "AP50", "AP75"))
+        lines += ["", f"LD student - baseline student: {gain} (one training each, train.seed = "
+                      f"{pipe.train.seed}; single runs move by a few AP with the seed)"]
     table = "\n".join(lines)
     with open(os.path.join(work_dir, "summary.md"), "w") as fh:
         fh.write(f"# {pipe.name}: chain summary\n\n{table}\n")
+    curves = {f"{role}: {os.path.basename(os.path.dirname(path))}": loss_curve(os.path.dirname(path))
+              for role, _, path in rows}
+    curves = {k: v for k, v in curves.items() if v[0]}  # a given checkpoint has no training
     with open(os.path.join(work_dir, "summary.json"), "w") as fh:
-        json.dump({"pipeline": pipe.name, "rows": entries}, fh, indent=2)
-    _chart(os.path.join(work_dir, "summary.png"), entries, pipe.name)
+        json.dump({"pipeline": pipe.name, "rows": entries,
+                   "loss_curves": {k: {"points": len(v[0]), "first_iter": v[0][0], "last_iter": v[0][-1],
+                                       "last_loss": v[1][-1]} for k, v in curves.items()}},
+                  fh, indent=2)
+    _chart(os.path.join(work_dir, "summary.png"), entries, pipe.name, curves)
     return {"table": table, "rows": entries}
 
 
-def _chart(path: str, entries: list[dict], title: str) -> None:
+def loss_curve(stage_dir: str) -> tuple[list[int], list[float]]:
+    """(iterations, total loss) of a training stage's ``metrics.jsonl`` (its ``train``
+    records; its ``epoch`` records when it logged none); empty without the file."""
+    path = os.path.join(stage_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return [], []
+    with open(path) as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    picked = [r for r in records if r.get("type") == "train"] or \
+             [r for r in records if r.get("type") == "epoch"]
+    picked = [r for r in picked if "loss" in r]
+    return [int(r["iter"]) for r in picked], [float(r["loss"]) for r in picked]
+
+
+def _chart(path: str, entries: list[dict], title: str,
+           curves: dict[str, tuple[list[int], list[float]]] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = ("AP", "AP50", "AP75")
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    if curves:
+        fig, (ax, lax) = plt.subplots(1, 2, figsize=(12, 3.8), dpi=110)
+        for label, (iters, losses) in curves.items():
+            lax.plot(iters, losses, label=label, linewidth=1)
+        lax.set_xlabel("iteration")
+        lax.set_ylabel("training loss (all terms)")
+        lax.set_title("loss curves (metrics.jsonl of each stage)")
+        lax.legend(fontsize=7, loc="upper right")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     width = 0.8 / max(len(entries), 1)
     for i, e in enumerate(entries):
         xs = [j + i * width for j in range(len(metrics))]

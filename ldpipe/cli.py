@@ -1,6 +1,7 @@
 """The ``ldpipe`` command line (click)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -22,17 +23,36 @@ override_option = click.option(
     help="Override a pipeline value by dotted path (repeatable), e.g. -o train.epochs=1.")
 pipeline_arg = click.argument("pipeline", type=click.Path(dir_okay=False))
 device_option = click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+overwrite_run_option = click.option(
+    "--overwrite", is_flag=True,
+    help="WORK_DIR holds an earlier run: delete its outputs and start over (default: refuse).")
+
+
+def _command() -> list[str]:
+    """The command line of this invocation (as typed, also when the chain runs it)."""
+    ctx = click.get_current_context()
+    return list(ctx.meta.get("ldpipe.command", sys.argv))
 
 
 def _pipe(pipeline: str, overrides: tuple[str, ...]):
     try:
-        return load_pipeline(pipeline, overrides)
+        pipe = load_pipeline(pipeline, overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    if pipe.train.threads:
+        import torch
+        torch.set_num_threads(pipe.train.threads)
+    return pipe
 
 
 class _Group(click.Group):
     """Turns expected errors (bad input) into one clear line and exit code 1."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = ["ldpipe" if info_name in (None, "main", "__main__.py") else info_name, *args]
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["ldpipe.command"] = argv  # the provenance of a training run records it
+        return ctx
 
     def invoke(self, ctx):
         from .cache import CacheError
@@ -43,6 +63,15 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except expected as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a full disk, a read-only or lost mount: say which path
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc} (what was written before "
+                                       "is kept; free space and rerun to resume)") from None
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 @click.group(cls=_Group)
@@ -92,14 +121,16 @@ def data_synth(out: str, n_train: int, n_val: int, seed: int, size: int, min_siz
 @click.option("--model", "model_name", required=True, help="Model name in the pipeline file.")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--resume", is_flag=True, help="Continue from WORK_DIR/latest.pth.")
+@overwrite_run_option
 @click.option("--init", "init_from", default=None, help="Initialise weights from a checkpoint.")
 @device_option
 @override_option
-def train_cmd(pipeline, model_name, work_dir, resume, init_from, device, overrides):
+def train_cmd(pipeline, model_name, work_dir, resume, overwrite, init_from, device, overrides):
     """Train a detector without distillation (teachers, baselines)."""
     from .engine.train import train
     pipe = _pipe(pipeline, overrides)
-    path = train(pipe, model_name, work_dir, resume=resume, device=device, init_from=init_from)
+    path = train(pipe, model_name, work_dir, resume=resume, device=device, init_from=init_from,
+                 overwrite=overwrite, command=_command())
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"checkpoint: {path}")
 
@@ -135,17 +166,19 @@ def eval_cmd(pipeline, model_name, checkpoint, split_name, out, results, batch_s
 @click.option("--teacher-model", default="teacher", show_default=True,
               help="Pipeline model of the online teacher.")
 @click.option("--resume", is_flag=True, help="Continue from WORK_DIR/latest.pth.")
+@overwrite_run_option
 @device_option
 @override_option
 def train_student_cmd(pipeline, model_name, cache, work_dir, online_teacher, teacher_model, resume,
-                      device, overrides):
+                      overwrite, device, overrides):
     """Train a student with localization distillation from a teacher cache."""
     from .distill import train_student
     if (cache is None) == (online_teacher is None):
         raise click.UsageError("give --cache CACHE, or --online-teacher CKPT for the online mode")
     pipe = _pipe(pipeline, overrides)
     path = train_student(pipe, model_name, work_dir, cache=cache, online_teacher=online_teacher,
-                         teacher_model=teacher_model, resume=resume, device=device)
+                         teacher_model=teacher_model, resume=resume, device=device,
+                         overwrite=overwrite, command=_command())
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"checkpoint: {path}")
 
@@ -236,6 +269,111 @@ def cache_diff_cmd(a, b, temperature, as_json):
     from .cache.diff import diff, format_diff
     result = diff(a, b, temperature)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else format_diff(result))
+
+
+# ---------------------------------------------------------------- pipeline files
+@main.group("config")
+def config_group() -> None:
+    """Pipeline files."""
+
+
+@config_group.command("show")
+@pipeline_arg
+@override_option
+def config_show_cmd(pipeline, overrides):
+    """Print the resolved pipeline (after extends and -o overrides) as TOML."""
+    from .config.resolve import show
+    click.echo(show(_pipe(pipeline, overrides)), nl=False)
+# ---------------------------------------------------------------- predict / export / cache show
+@main.command("predict")
+@pipeline_arg
+@click.option("--model", "model_name", required=True, help="Model name in the pipeline file.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for one PNG per image and detections.json.")
+@click.option("--score-thr", default=0.3, show_default=True, type=float,
+              help="Draw and list detections scoring at least this.")
+@click.argument("images", nargs=-1, required=True)
+@device_option
+@override_option
+def predict_cmd(pipeline, model_name, checkpoint, out_dir, score_thr, images, device, overrides):
+    """Detect objects in IMAGES (files or folders); draw them into OUT."""
+    from .engine.predict import JSON_NAME, predict_images
+    pipe = _pipe(pipeline, overrides)
+    result = predict_images(pipe, model_name, checkpoint, list(images), out_dir,
+                            score_thr=score_thr, device=device)
+    n = sum(len(e["detections"]) for e in result["images"])
+    click.echo(f"{len(result['images'])} image(s), {n} detection(s) >= {score_thr}: "
+               f"{os.path.join(out_dir, JSON_NAME)}")
+
+
+@main.command("export")
+@pipeline_arg
+@click.option("--model", "model_name", required=True, help="Model name in the pipeline file.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["pth", "safetensors", "onnx"]), default=None,
+              help="Default: from the suffix of OUT (.pth, .safetensors, .onnx).")
+@click.option("--fp16", is_flag=True, help="Store floating-point weights in half precision (pth, safetensors).")
+@click.option("--dynamo", is_flag=True,
+              help="ONNX through torch.export (needs onnxscript) instead of the TorchScript exporter.")
+@override_option
+def export_cmd(pipeline, model_name, checkpoint, out, fmt, fp16, dynamo, overrides):
+    """A weights-only checkpoint (pth / safetensors) or an ONNX graph of the raw outputs,
+    checked against torch with onnxruntime."""
+    from .engine.export import export_checkpoint
+    pipe = _pipe(pipeline, overrides)
+    click.echo(json.dumps(export_checkpoint(pipe, model_name, checkpoint, out, fmt=fmt, fp16=fp16,
+                                                 dynamo=dynamo)))
+
+
+@cache_group.command("show")
+@pipeline_arg
+@click.argument("cache")
+@click.option("--image", "image_id", required=True, type=int,
+              help="Image id (COCO id; VOC: position in the split), as data.image_ids of the manifest.")
+@click.option("--variant", default=None, help="Variant key (s0n, s0f, ...) or index; default: the first.")
+@click.option("--anchors", default=None,
+              help="Comma-separated own-grid anchor indices; default: positives of the largest GT box.")
+@click.option("--num-anchors", default=3, show_default=True, help="How many default anchors.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@override_option
+def cache_show_cmd(pipeline, cache, image_id, variant, anchors, num_anchors, out, overrides):
+    """Picture one cached sample: the image, its GT boxes and the teacher's four edge
+    distributions at chosen anchors (what LD transfers).  PIPELINE supplies the images."""
+    from .engine.show import parse_anchors, show_sample
+    pipe = _pipe(pipeline, overrides)
+    result = show_sample(pipe, cache, image_id, out, variant=variant, anchors=parse_anchors(anchors),
+                         num_anchors=num_anchors)
+    click.echo(f"{out}: image {image_id} variant {result['variant']}, anchors {result['anchors']}")
+@cache_group.command("merge")
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--out", required=True, help="Path or fsspec URL of the merged cache.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache made differently.")
+def cache_merge_cmd(caches, out, overwrite):
+    """Average the teachers of CACHES (same data, geometry, region, codec) into one cache."""
+    from .cache.merge import merge
+    click.echo(json.dumps(merge(list(caches), out, overwrite=overwrite)))
+
+
+# ---------------------------------------------------------------- benchmark
+@main.command("benchmark")
+@pipeline_arg
+@click.option("--model", "model_name", required=True, help="Model name in the pipeline file.")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
+              help="Weights (default: random initialisation; the rate does not depend on them).")
+@click.option("--images", default=200, show_default=True, help="Timed images (batch 1).")
+@click.option("--warmup", default=5, show_default=True, help="Untimed images first.")
+@click.option("--fp16", is_flag=True, help="fp16 autocast (CUDA only).")
+@click.option("--split", "split_name", default="val", show_default=True)
+@device_option
+@override_option
+def benchmark_cmd(pipeline, model_name, checkpoint, images, warmup, fp16, split_name, device, overrides):
+    """Images/s of inference as mmdetection's tools/benchmark.py (data loading apart); JSON."""
+    from .engine.bench import benchmark
+    pipe = _pipe(pipeline, overrides)
+    click.echo(json.dumps(benchmark(pipe, model_name, checkpoint, images=images, warmup=warmup,
+                                    fp16=fp16, device=device, split_name=split_name)))
 
 
 if __name__ == "__main__":  # pragma: no cover

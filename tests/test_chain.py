@@ -42,7 +42,13 @@ def _chain(wd, data, *extra, **kw):
 
 
 def _ran(out: str) -> list[str]:
+    """The stages the chain ran in its own process, in order."""
     return [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("[chain] run ")]
+
+
+def _started(out: str) -> list[str]:
+    """The stages the chain ran in a second process (``chain.jobs = 2``)."""
+    return [line.split()[2] for line in out.splitlines() if line.startswith("[chain] start ")]
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +63,28 @@ def test_chain_runs_skips_and_reruns_only_what_changed(data, tmp_path):
     wd = tmp_path / "w"
     first = _chain(wd, data)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    # the demo's chain.jobs = 2: the baseline student trains in a second process from the start
+    lines = first.stdout.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("[chain] start train-student-baseline"))) \
+        < lines.index(next(x for x in lines if x.startswith("[chain] run train-teacher")))
+    assert _started(first.stdout) == ["train-student-baseline"]
     assert _ran(first.stdout) == ["train-teacher", "eval-teacher", "dump-teacher", "train-ta", "eval-ta",
-                                  "dump-ta", "train-student-baseline", "eval-student-baseline",
-                                  "train-student-ld", "eval-student-ld"]
+                                  "dump-ta", "eval-student-baseline", "train-student-ld", "eval-student-ld"]
+    assert "[chain] done train-student-baseline" in first.stdout
+    assert (wd / ".chain" / "train-student-baseline.log").stat().st_size > 0
     summary = json.load(open(wd / "summary.json"))
     assert [r["role"] for r in summary["rows"]] == ["teacher", "TA", "baseline student", "LD student"]
     assert (wd / "summary.md").read_text().count("|") > 20 and (wd / "summary.png").stat().st_size > 1000
+    assert sorted(summary["loss_curves"]) == sorted([
+        "teacher: teacher", "TA: ta", "baseline student: student-baseline", "LD student: student-ld"])
+    assert all(c["points"] > 0 for c in summary["loss_curves"].values())
+    runs = [line for line in first.stdout.splitlines()
+            if line.startswith(("[chain] run train-", "[chain] start train-"))]
+    assert len(runs) == 4 and all(line.endswith(" --overwrite") for line in runs)  # fresh starts
     assert "| LD student |" in first.stdout
+    rows = {r["role"]: r for r in summary["rows"]}
+    gain = (rows["LD student"]["AP"] - rows["baseline student"]["AP"]) * 100
+    assert f"LD student - baseline student: {gain:+.1f} AP" in first.stdout
 
     t0 = time.time()
     again = _chain(wd, data)
@@ -72,13 +93,29 @@ def test_chain_runs_skips_and_reruns_only_what_changed(data, tmp_path):
 
     edited = _chain(wd, data, "models.student.stacked_convs=2")
     assert edited.returncode == 0, edited.stderr[-2000:]
-    assert _ran(edited.stdout) == ["train-student-baseline", "eval-student-baseline",
-                                   "train-student-ld", "eval-student-ld"]
+    assert _started(edited.stdout) == ["train-student-baseline"]
+    assert _ran(edited.stdout) == ["eval-student-baseline", "train-student-ld", "eval-student-ld"]
 
     # the TA cache's lineage names the teacher's cache
     info = subprocess.run([sys.executable, "-m", "ldpipe", "cache", "info", str(wd / "caches" / "ta.zarr")],
                           cwd=ROOT, capture_output=True, text=True)
     assert "trained from cache" in info.stdout
+
+
+def test_parallel_baseline_is_the_sequential_one(data, tmp_path):
+    """chain.jobs = 2 only moves the baseline's training into a second process: its weights
+    equal those of the same training run in sequence (chain.jobs = 1) in this process's way."""
+    import torch
+    par = _chain(tmp_path / "par", data, "chain.tas=[]")
+    seq = _chain(tmp_path / "seq", data, "chain.tas=[]", "chain.jobs=1")
+    assert par.returncode == 0 and seq.returncode == 0, par.stderr[-2000:] + seq.stderr[-2000:]
+    assert _started(par.stdout) == ["train-student-baseline"] and _started(seq.stdout) == []
+    assert "train-student-baseline" in _ran(seq.stdout)
+    a = torch.load(tmp_path / "par" / "student-baseline" / "latest.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "seq" / "student-baseline" / "latest.pth", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = _chain(tmp_path / "bad", data, "chain.tas=[]", "chain.jobs=0")
+    assert bad.returncode == 1 and "chain.jobs must be an integer >= 1" in bad.stdout + bad.stderr
 
 
 def test_killed_chain_resumes_without_redoing_the_teacher(data, tmp_path):
@@ -99,6 +136,8 @@ def test_killed_chain_resumes_without_redoing_the_teacher(data, tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     ran = _ran(rerun.stdout)
     assert ran[0] == "train-ta" and "train-teacher" not in ran and "dump-teacher" not in ran
+    assert [line for line in rerun.stdout.splitlines()
+            if line.startswith("[chain] run train-ta:")][0].endswith(" --resume")
     metrics = [json.loads(x) for x in open(wd / "ta" / "metrics.jsonl") if '"type": "epoch"' in x]
     epochs = [m["epoch"] for m in metrics]
     assert sorted(set(epochs)) == list(range(1, 13)) and len(epochs) <= 13  # resumed, not restarted

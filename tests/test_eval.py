@@ -116,9 +116,16 @@ def test_coco_metrics_equal_pycocotools():
     assert len(results) == 11 and results[0]["bbox"] == pytest.approx([12, 10, 98, 102])
 
     ev = _pycocotools_stats(coco_json, results)
-    m = coco_metrics(records, CLASSES, dets, coco_json=coco_json)
+    m = coco_metrics(records, CLASSES, dets, coco_json=coco_json, backend="pycocotools")
     for key, expected in zip(COCO_KEYS, ev.stats):
         assert m[key] == float(expected), key
+    try:  # the faster-coco-eval back end (the default when installed): the same to the last ulp
+        fast = coco_metrics(records, CLASSES, dets, coco_json=coco_json, backend="faster-coco-eval")
+    except ValueError:  # not installed
+        fast = None
+    if fast is not None:
+        for key, expected in zip(COCO_KEYS, ev.stats):
+            assert fast[key] == pytest.approx(float(expected), abs=1e-12), key
     assert 0 < m["bbox_mAP"] < 1 and m["bbox_mAP_s"] > -1
     assert m["num_images"] == 3 and m["num_detections"] == 11
     assert coco_json == original  # input not mutated

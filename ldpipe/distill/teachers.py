@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 from ..cache import CacheError, CacheReader
-from ..cache.compat import check_compatible
+from ..cache.compat import check_compatible, class_kd_problem
 from ..config import Pipeline, enabled_terms
 from ..data import Variant
 from ..engine.runtime import amp_context
 from ..engine.train import Hook
 from ..models import GFL, BatchTargets, DenseOutput, build_model
 from ..models.checkpoint import file_sha256, load_weights
+from ..models.detector import HEADS
 from .loader import CacheTargets
 from .losses import cls_kd_loss, ld_loss, vlr_loss
 
@@ -130,6 +131,10 @@ class OnlineTeacher(_DistillBase):
         if student.reg_max != teacher.reg_max:
             raise CacheError(f"reg_max: teacher {self.model_name!r} has {teacher.reg_max}, "
                              f"student {model_name!r} has {student.reg_max}")
+        problem = ("kd" in self.terms and class_kd_problem(
+            HEADS[teacher.head.type].cls_logits, teacher.head.type, student, model_name))
+        if problem:
+            raise CacheError(problem)
         # built under a forked RNG: the student (built after this) gets the same initial
         # weights for a given seed as with a cache, so online and cached runs compare
         with torch.random.fork_rng(devices=[]):

@@ -29,12 +29,14 @@ from ..cache.manifest import CacheError
 from ..cache.region import AssignerSpec, reader_assigners, region_index
 from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
                            index_complete, open_root, write_index, write_unit)
-from ..config import Pipeline
+from ..config import ConfigError, Pipeline
+from ..config.checks import check_run_args
 from ..data import DetectionDataset, collate, load_split, padded_shape, train_variants
 from ..models import GFL, build_model
 from ..models.anchors import grid_to_batch_index, make_grid
 from ..models.checkpoint import file_sha256, load_weights
 from . import runtime
+from .dumplock import DumpLock
 
 log = logging.getLogger("ldpipe.dump")
 
@@ -48,6 +50,8 @@ class DumpCollate:
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples)
+        if batch["skipped"]:  # the data set below never skips; kept for other callers
+            raise CacheError(f"cannot dump undecodable images: {batch['skipped']}")
         batch["region"] = [region_index(self.policy, g, ig, m["pad_shape"], self.strides,
                                         self.anchor_scale, self.assigners)
                            for g, ig, m in zip(batch["gt_boxes"], batch["ignore_boxes"], batch["metas"])]
@@ -96,15 +100,23 @@ def teacher_rows(model: GFL, batch: dict, device: torch.device, use_amp: bool, s
 
 
 class UnitWriter:
-    """Encodes and commits finished units on a background thread."""
+    """Encodes and commits finished units on ``threads`` background threads.
 
-    def __init__(self, root, compressor: str, chunk_rows: int, codec: str, num_variants: int) -> None:
+    Units are independent (each has its own group, arrays and commit), so several threads
+    may write different units at once: encoding (torch), compression (zstd / blosc),
+    checksums (crc32c, sha256) and file writes release the GIL, so the threads overlap on
+    several cores.  The queue holds at most ``2 x threads`` finished units.
+    """
+
+    def __init__(self, root, compressor: str, chunk_rows: int, codec: str, num_variants: int,
+                 threads: int = 1, url: str = "the cache") -> None:
         self.root, self.compressor, self.chunk_rows, self.codec = root, compressor, chunk_rows, codec
-        self.num_variants = num_variants
-        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.num_variants, self.url = num_variants, url
+        self.q: queue.Queue = queue.Queue(maxsize=2 * max(1, threads))
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(max(1, threads))]
+        for t in self.threads:
+            t.start()
 
     def put(self, u: int, items: list[SampleRows]) -> None:
         if self.error:
@@ -122,14 +134,27 @@ class UnitWriter:
                 u, items = job
                 write_unit(self.root, u, assemble_unit(items, self.codec, self.num_variants),
                            self.compressor, self.chunk_rows)
+            except OSError as exc:  # a full disk, a lost mount: name it, keep what is committed
+                self.error = write_failed(self.url, f"units/{u:06d}", exc)
             except BaseException as exc:  # surfaced in the main thread
                 self.error = exc
 
     def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.q.put(None)
+        for t in self.threads:
+            t.join()
         if self.error:
             raise self.error
+
+
+def write_failed(url: str, what: str, exc: OSError) -> CacheError:
+    """The one-line error of a failed write (ENOSPC, EIO, ...): which path, what is kept."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    path = f" ({exc.filename})" if exc.filename else ""
+    return CacheError(f"{url}: writing {what} failed: {reason}{path}; every unit committed before "
+                      "is kept (a unit is visible only once complete): make room and rerun the "
+                      "same command to resume")
 
 
 def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, split_name: str = "train",
@@ -138,6 +163,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
                  split=None) -> dict:
     """Dump ``model_name`` (weights from ``checkpoint``) over ``split_name`` (or a given
     ``split``) into the cache at ``out``; resumes a cache made the same way."""
+    check_run_args(batch_size, workers)
     info = runtime.init(device)
     cfg = pipe.model(model_name)
     cache_cfg = pipe.cache
@@ -155,58 +181,73 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     manifest = M.build(pipe, model_name, checkpoint, file_sha256(checkpoint), ckpt_meta, split,
                        split_name, variants, assigners, num_units)
 
-    if info.is_main:
-        create_or_resume(out, manifest, overwrite)
-    runtime.barrier()
-    root = open_root(out, "a")
-    done = committed_units(root)
-    mine = [u for u in range(num_units) if u % info.world_size == info.rank and u not in done]
-    if info.is_main:
-        log.info("%s: %d samples in %d units, %d already committed, %d to do on %d rank(s)",
-                 out, total, num_units, len(done), num_units - len(done), info.world_size)
-
-    batches = unit_batches(pipe, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
-    specs = [AssignerSpec.of_entry(a) for a in assigners]
-    loader = torch.utils.data.DataLoader(
-        DetectionDataset(split, pipe, variants), batch_sampler=batches,
-        num_workers=pipe.train.workers if workers is None else workers,
-        collate_fn=DumpCollate(cache_cfg.region, cfg.strides, cfg.anchor_scale, specs),
-        pin_memory=info.device.type == "cuda", worker_init_fn=runtime.worker_init)
-    use_amp = (info.device.type == "cuda") if amp is None else (amp and info.device.type == "cuda")
-
-    writer = UnitWriter(root, cache_cfg.compressor, manifest.chunk_rows, cache_cfg.codec, nv)
-    pending: dict[int, list[SampleRows]] = {}
-    n_images = 0
-    t0 = time.time()
-    bar = runtime.progress_bar(total=sum(len(b) for b in batches), desc=f"dump {model_name}",
-                               unit="img", disable=not (progress and info.is_main))
+    # one dump per --out at a time (rank 0 holds the lock for its whole torchrun job)
+    lock = DumpLock(out) if info.is_main else None
+    if lock is not None:
+        lock.acquire()
     try:
-        with torch.no_grad():
-            for batch in loader:
-                for rows in teacher_rows(model, batch, info.device, use_amp, cache_cfg.store_cls, nv):
-                    u = rows.sample // per_unit
-                    pending.setdefault(u, []).append(rows)
-                    if len(pending[u]) == min((u + 1) * per_unit, total) - u * per_unit:
-                        writer.put(u, pending.pop(u))
-                n_images += len(batch["metas"])
-                bar.update(len(batch["metas"]))
-                bar.set_postfix(img_s=f"{n_images / max(time.time() - t0, 1e-9):.1f}")
+        if info.is_main:
+            create_or_resume(out, manifest, overwrite)
+        runtime.barrier()
+        root = open_root(out, "a")
+        done = committed_units(root)
+        mine = [u for u in range(num_units) if u % info.world_size == info.rank and u not in done]
+        if info.is_main:
+            log.info("%s: %d samples in %d units, %d already committed, %d to do on %d rank(s)",
+                     out, total, num_units, len(done), num_units - len(done), info.world_size)
+
+        batches = unit_batches(pipe, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
+        specs = [AssignerSpec.of_entry(a) for a in assigners]
+        loader = torch.utils.data.DataLoader(
+            # a cache holds every sample: an undecodable image stops the dump, naming it
+            DetectionDataset(split, pipe, variants, skip_undecodable=False), batch_sampler=batches,
+            num_workers=pipe.train.workers if workers is None else workers,
+            collate_fn=DumpCollate(cache_cfg.region, cfg.strides, cfg.anchor_scale, specs),
+            pin_memory=info.device.type == "cuda", worker_init_fn=runtime.worker_init)
+        use_amp = (info.device.type == "cuda") if amp is None else (amp and info.device.type == "cuda")
+
+        if cache_cfg.writer_threads < 1:
+            raise ConfigError(f"cache.writer_threads must be at least 1, got {cache_cfg.writer_threads}")
+        writer = UnitWriter(root, cache_cfg.compressor, manifest.chunk_rows, cache_cfg.codec, nv,
+                            threads=cache_cfg.writer_threads, url=out)
+        pending: dict[int, list[SampleRows]] = {}
+        n_images = 0
+        t0 = time.time()
+        bar = runtime.progress_bar(total=sum(len(b) for b in batches), desc=f"dump {model_name}",
+                                   unit="img", disable=not (progress and info.is_main))
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    for rows in teacher_rows(model, batch, info.device, use_amp, cache_cfg.store_cls, nv):
+                        u = rows.sample // per_unit
+                        pending.setdefault(u, []).append(rows)
+                        if len(pending[u]) == min((u + 1) * per_unit, total) - u * per_unit:
+                            writer.put(u, pending.pop(u))
+                    n_images += len(batch["metas"])
+                    bar.update(len(batch["metas"]))
+                    bar.set_postfix(img_s=f"{n_images / max(time.time() - t0, 1e-9):.1f}")
+        finally:
+            bar.close()
+            writer.close()
+        if pending:
+            raise CacheError(f"{out}: units {sorted(pending)} were left incomplete (internal error)")
+        runtime.barrier()
+        summary = {"cache": out, "samples": total, "units": num_units, "rank_images": n_images,
+                   "seconds": round(time.time() - t0, 3), "cache_id": manifest.cache_id}
+        if info.is_main:
+            committed = committed_units(root)
+            missing = [u for u in range(num_units) if u not in committed]
+            if missing:
+                raise CacheError(f"{out}: units {missing[:10]} are not committed after the dump")
+            if len(done) == num_units and index_complete(root, total):
+                log.info("%s was already complete: nothing rewritten", out)  # a rerun is a no-op
+            else:
+                try:
+                    write_index(root, cache_cfg.compressor)
+                except OSError as exc:
+                    raise write_failed(out, "index", exc) from None
+                log.info("%s complete: %d samples", out, total)
     finally:
-        bar.close()
-        writer.close()
-    if pending:
-        raise CacheError(f"{out}: units {sorted(pending)} were left incomplete (internal error)")
-    runtime.barrier()
-    summary = {"cache": out, "samples": total, "units": num_units, "rank_images": n_images,
-               "seconds": round(time.time() - t0, 3), "cache_id": manifest.cache_id}
-    if info.is_main:
-        committed = committed_units(root)
-        missing = [u for u in range(num_units) if u not in committed]
-        if missing:
-            raise CacheError(f"{out}: units {missing[:10]} are not committed after the dump")
-        if len(done) == num_units and index_complete(root, total):
-            log.info("%s was already complete: nothing rewritten", out)  # a rerun is a no-op
-        else:
-            write_index(root, cache_cfg.compressor)
-            log.info("%s complete: %d samples", out, total)
+        if lock is not None:
+            lock.release()
     return summary

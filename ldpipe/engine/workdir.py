@@ -1,0 +1,160 @@
+"""Work dirs that never lose a run, and the provenance every run records.
+
+A training run refuses a work dir that already holds files unless it is told what to do
+with them: ``--resume`` continues the run found there, ``--overwrite`` deletes ldpipe's
+outputs of that run (:data:`RUN_OUTPUTS`; other files stay) and starts over.
+
+Every run writes into its work dir ``pipeline.toml`` (the resolved pipeline, loadable as a
+pipeline file), ``run.json`` (this invocation's :func:`provenance`) and appends the same
+record to ``runs.jsonl`` (every invocation, resumes included); the provenance also goes into
+each checkpoint's ``meta['ldpipe']['provenance']`` (plain types only, so the checkpoint
+stays loadable with ``torch.load(weights_only=True)``).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+from ..config import Pipeline
+from ..config.resolve import resolved_dict, to_toml
+from ..models.checkpoint import CheckpointError
+
+#: What a training run writes into its work dir (``--overwrite`` deletes exactly these).
+RUN_OUTPUTS = ("latest.pth", "epoch_*.pth", "iter_*.pth", "best.pth", ".latest.*", "*.pth.tmp.*",
+               "metrics.jsonl", "train.log", "run.json", "runs.jsonl", "pipeline.toml",
+               "tensorboard")
+
+
+class WorkDirError(CheckpointError):
+    """A work dir that holds an earlier run, without --resume or --overwrite."""
+
+
+def check_work_dir(work_dir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty ``work_dir`` unless ``resume`` or ``overwrite`` (read-only: every
+    rank calls it before any rank writes)."""
+    if resume and overwrite:
+        raise WorkDirError(f"{work_dir}: --resume continues the run there and --overwrite "
+                           "replaces it; give one of them")
+    if resume or overwrite or not os.path.isdir(work_dir):
+        return
+    entries = sorted(os.listdir(work_dir))
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise WorkDirError(f"{work_dir} is not empty ({len(entries)} entries: {shown}); pass "
+                           "--resume to continue that run, --overwrite to replace it, or "
+                           "choose another --work-dir")
+
+
+def clear_run_outputs(work_dir: str) -> list[str]:
+    """Delete what an earlier run wrote into ``work_dir`` (:data:`RUN_OUTPUTS`); returns the
+    names deleted."""
+    gone = []
+    for name in sorted(os.listdir(work_dir)) if os.path.isdir(work_dir) else []:
+        if any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS):
+            path = os.path.join(work_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            gone.append(name)
+    return gone
+
+
+def prune_epoch_checkpoints(work_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``epoch_N.pth`` files (also those of earlier runs)."""
+    epochs = sorted(int(f[6:-4]) for f in os.listdir(work_dir)
+                    if f.startswith("epoch_") and f.endswith(".pth") and f[6:-4].isdigit())
+    for e in epochs[:-keep]:
+        os.remove(os.path.join(work_dir, f"epoch_{e}.pth"))
+
+
+def remove_iter_checkpoints(work_dir: str, keep: str) -> None:
+    """Delete ``iter_N.pth`` files other than ``keep`` (they only serve to resume)."""
+    for f in os.listdir(work_dir):
+        if f.startswith("iter_") and f.endswith(".pth") and f != keep:
+            os.remove(os.path.join(work_dir, f))
+
+
+def trim_metrics(path: str, last_iter: int) -> int:
+    """Drop the records of iterations after ``last_iter`` from ``metrics.jsonl`` (a resumed run
+    redoes them); returns how many were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as fh:
+        lines = [line for line in fh if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("iter", 0) <= last_iter]
+    if len(keep) != len(lines):
+        _write_atomic(path, "".join(keep))
+    return len(lines) - len(keep)
+
+
+# ---------------------------------------------------------------------- provenance
+def versions() -> dict[str, str]:
+    """Versions of ldpipe, its main libraries and Python."""
+    out = {}
+    for dist in ("ldpipe", "torch", "torchvision", "zarr", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    out["python"] = platform.python_version()
+    return out
+
+
+def git_state(path: str | None = None) -> dict:
+    """Commit and dirty flag of the git checkout holding ``path`` (default: ldpipe's source);
+    ``{'available': False, 'reason': ...}`` without git or outside a checkout."""
+    path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True,
+                              timeout=20, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except FileNotFoundError:
+        return {"available": False, "reason": "git is not installed"}
+    except subprocess.CalledProcessError as exc:
+        reason = (exc.stderr or "").strip().splitlines()[:1] or ["git failed"]
+        return {"available": False, "reason": f"{path}: {reason[0]}"}
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"available": False, "reason": f"git: {exc}"}
+    return {"available": True, "commit": commit, "dirty": dirty, "path": path}
+
+
+def provenance(pipe: Pipeline, command: list[str] | None = None) -> dict:
+    """What a run needs to be reproduced: resolved pipeline, command line, versions, git."""
+    return {
+        "command": list(command) if command is not None else list(sys.argv),
+        "cwd": os.getcwd(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "pipeline_files": [pipe.source, *pipe.bases],
+        "overridden": list(pipe.overridden),
+        "versions": versions(),
+        "git": git_state(),
+        "pipeline": resolved_dict(pipe),
+    }
+
+
+def write_run_files(work_dir: str, pipe: Pipeline, record: dict) -> None:
+    """``pipeline.toml``, ``run.json`` and a line of ``runs.jsonl`` in ``work_dir``."""
+    header = (f"# resolved pipeline of {pipe.source} (command: {' '.join(record['command'])})\n\n")
+    _write_atomic(os.path.join(work_dir, "pipeline.toml"), header + to_toml(record["pipeline"]))
+    _write_atomic(os.path.join(work_dir, "run.json"), json.dumps(record, indent=2) + "\n")
+    with open(os.path.join(work_dir, "runs.jsonl"), "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
