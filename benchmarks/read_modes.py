@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=300)
     args = ap.parse_args()
     whole, direct = CacheReader(args.cache), CacheReader(args.cache, preload_bytes=0)
-    print(f"preload chosen for this cache: {whole._open()['preload']}")
+    print(f"preload chosen for this cache: {whole._open()['units'].decoded}")
     rows = whole.table[np.random.default_rng(0).permutation(len(whole.table))[:args.reads]]
     keys = [(int(r[F["image_index"]]), int(r[F["variant"]])) for r in rows]
     for name, reader in (("shard reads", direct), ("preloaded units", whole)):

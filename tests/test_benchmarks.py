@@ -74,3 +74,23 @@ def test_step_bench_reports_three_modes(tmp_path):
     # the same student and batch: cached (int8) and online LD losses agree closely
     cached, online = d["summary"]["cached"]["first_losses"], d["summary"]["online"]["first_losses"]
     assert cached["loss_ld"] == pytest.approx(online["loss_ld"], rel=0.02)
+
+
+def test_coco_scale_writer_rate_and_loader_rate_run_tiny(tmp_path):
+    """The scale benchmarks on tiny settings: their JSON has what docs/benchmarks.md reads."""
+    d = json.loads(bench("benchmarks.coco_scale", "--images", "24", "--per-unit", "8", "--full-units", "1",
+                         "--reads", "5").strip().splitlines()[-1])
+    assert d["samples"] == 48 and d["units"] == 6 and d["verify_ok"] and d["info_samples"] == 48
+    assert d["open_s"] > 0 and d["rss_mb"] is not None and d["reads"] == 5
+    assert 2500 <= d["read_rows_per_sample"] <= 4200  # the reads come from the full-size unit
+    assert 0 < d["read_p50_ms"] <= d["read_p99_ms"]
+    idx = json.loads(bench("benchmarks.coco_scale", "--images", "500", "--index-only").strip().splitlines()[-1])
+    assert idx["samples"] == 1000 and idx["open_s"] > 0
+    w = json.loads(bench("benchmarks.writer_rate", "--units", "2", "--per-unit", "2", "--threads", "1,2",
+                         "--classes", "3").strip().splitlines()[-1])
+    assert w["samples"] == 4 and set(w["by_threads"]) == {"1", "2"}
+    assert all(r["rows_per_s"] > 0 for r in w["by_threads"].values()) and w["needed_rows_per_s"] > 0
+    r = json.loads(bench("benchmarks.loader_rate", "--images", "4", "--classes", "3", "--workers", "0,2",
+                         "--batch", "2", "--reads", "8").strip().splitlines()[-1])
+    assert [x["workers"] for x in r["by_workers"]] == [0, 2]
+    assert all(x["samples"] == 6 and x["samples_per_s"] > 0 for x in r["by_workers"])  # 8 - first batch

@@ -1,0 +1,170 @@
+"""The whole-programme saving: three students from one teacher, online LD vs ldpipe (one dump + cached).
+
+    python -m benchmarks.programme [--iters 300] [--images 100] [--size 128] [--width 8]
+                                   [--device cpu|cuda] [--json OUT]
+
+A scaled-down replica of the LD paper's COCO table: an R-101-like teacher and R-18 / R-34 /
+R-50-like students (the same depths, every width divided by ``256 / --channels``), synthetic
+images (``ldpipe data synth``) at ``--size`` px, 2 variants (no flip / flip).  The teacher's
+weights are random (time and memory do not depend on them).
+
+* online LD: ``ldpipe train-student --online-teacher`` for each student (the teacher forward
+  runs every step);
+* ldpipe: ``ldpipe dump-teacher`` once (both variants), then ``ldpipe train-student --cache``
+  for each student.
+
+Every stage runs as its own process (``--stage``), which reports its wall seconds, CPU seconds
+(user + system, all threads) and peak resident memory (VmHWM); the teacher's parameter bytes
+are printed next to the students' peaks.  Prints one JSON line with the totals and ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from .common import REPO, machine_info, peak_rss_mb
+
+STUDENTS = (("s18", 18), ("s34", 34), ("s50", 50))
+
+
+def pipeline_toml(root: str, size: int, width: int, channels: int, iters: int, batch: int,
+                  samples: int) -> str:
+    per_epoch = max(1, samples // batch)
+    epochs = -(-iters // per_epoch)
+    models = "".join(f"""
+[models.{name}]
+depth = {depth}
+base_width = {width}
+channels = {channels}
+stacked_convs = 2
+""" for name, depth in (("teacher", 101), *STUDENTS))
+    return f"""name = "programme"
+
+[data]
+format = "coco"
+root = "{root}"
+train = "annotations/train.json"
+val = "annotations/val.json"
+train_images = "images/train"
+val_images = "images/val"
+train_scales = [[{size}, {size}]]
+test_scale = [{size}, {size}]
+flip = true
+
+[train]
+epochs = {epochs}
+max_iters_per_epoch = {min(iters, per_epoch)}
+batch_size = {batch}
+lr = 0.01
+warmup_iters = 10
+steps = []
+workers = 0
+log_interval = 100000
+{models}
+[distill]
+kd_weight = 1.0
+
+[cache]
+region = "ld"
+codec = "int8"
+samples_per_shard = 16
+batch_size = {batch}
+readers = ["s18", "s34", "s50"]
+"""
+
+
+def stage(args: list[str]) -> None:
+    """One ldpipe command in this process; prints its cost as JSON."""
+    from ldpipe.cli import main as cli
+    t, c = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        cli.main(args, standalone_mode=False)
+    finally:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        print(json.dumps({"seconds": time.perf_counter() - t,
+                          "cpu_s": (r.ru_utime - c.ru_utime) + (r.ru_stime - c.ru_stime),
+                          "peak_rss_mb": peak_rss_mb()}))
+
+
+def run_stage(args: list[str], env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.programme", "--stage", json.dumps(args)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"stage {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=300, help="training iterations per student")
+    ap.add_argument("--images", type=int, default=100, help="synthetic training images (x 2 variants)")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--width", type=int, default=8, help="ResNet base width (64 at full size)")
+    ap.add_argument("--channels", type=int, default=32, help="FPN/head channels (256 at full size)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.stage:
+        return stage(json.loads(args.stage))
+
+    import torch
+
+    from ldpipe.config import load_pipeline
+    from ldpipe.data import synthesize
+    from ldpipe.models import build_model
+    from ldpipe.models.checkpoint import save_checkpoint
+    work = args.workdir or tempfile.mkdtemp(prefix="programme_")
+    root = os.path.join(work, "synth")
+    synthesize(root, n_train=args.images, n_val=4, seed=0)
+    pfile = os.path.join(work, "programme.toml")
+    with open(pfile, "w") as fh:
+        fh.write(pipeline_toml(root, args.size, args.width, args.channels, args.iters, args.batch, 2 * args.images))
+    pipe = load_pipeline(pfile, [])
+    torch.manual_seed(0)
+    teacher = build_model(pipe.model("teacher"), 4)  # the synthetic set has 4 classes
+    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    ckpt = os.path.join(work, "teacher.pth")
+    save_checkpoint(ckpt, teacher, {})
+    del teacher
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    dev = ["--device", args.device]
+    cache = os.path.join(work, "teacher.zarr")
+    res: dict = {"online": {}, "ldpipe": {}}
+    # alternate the modes student by student, so a change of machine load hits both alike
+    res["ldpipe"]["dump"] = run_stage(["dump-teacher", pfile, "--model", "teacher", "--checkpoint", ckpt,
+                                       "--out", cache, *dev], env)
+    for name, _ in STUDENTS:
+        res["online"][name] = run_stage(["train-student", pfile, "--model", name, "--online-teacher", ckpt,
+                                         "--work-dir", os.path.join(work, f"online_{name}"), *dev], env)
+        res["ldpipe"][name] = run_stage(["train-student", pfile, "--model", name, "--cache", cache,
+                                         "--work-dir", os.path.join(work, f"cached_{name}"), *dev], env)
+    totals = {mode: {k: sum(s[k] for s in stages.values()) for k in ("seconds", "cpu_s")}
+              for mode, stages in res.items()}
+    out = {"iters_per_student": args.iters, "samples": args.images * 2, "size": args.size,
+           "width": args.width, "channels": args.channels, "batch": args.batch, "device": args.device,
+           "teacher_param_bytes": teacher_bytes, "stages": res, "totals": totals,
+           "online_over_ldpipe": {k: totals["online"][k] / totals["ldpipe"][k] for k in ("seconds", "cpu_s")},
+           "student_peak_rss_mb": {mode: {n: res[mode][n]["peak_rss_mb"] for n, _ in STUDENTS}
+                                   for mode in ("online", "ldpipe")},
+           "machine": machine_info(torch.device(args.device))}
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    line = json.dumps(out, default=str)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
