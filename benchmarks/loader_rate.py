@@ -1,6 +1,7 @@
 """Reading a cache too large to preload through a DataLoader, 0/2/4/8 workers: samples/s and p99.
 
-    python -m benchmarks.loader_rate [--images 200] [--workers 0,2,4,8] [--device cpu|cuda] [--json OUT]
+    python -m benchmarks.loader_rate [--images 200] [--workers 0,2,4,8] [--chunk-rows 1024]
+                                     [--device cpu|cuda] [--json OUT]
 
 Builds (``benchmarks.synth_cache``, the real writer) an ``ld``/int8 cache at 1333x800 with
 synthetic values: 2,500-4,200 rows per sample (BCCD's measured ``ld`` rows at 1333x800), 4 x 17
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--workers", default="0,2,4,8")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reads", type=int, default=240, help="samples read per setting")
+    ap.add_argument("--chunk-rows", type=int, default=1024, help="cache.chunk_rows of the built cache")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cache", default=None, help="an existing cache to read instead of building one")
     ap.add_argument("--workdir", default=None)
@@ -98,7 +100,7 @@ def main() -> None:
     built = None
     if not args.cache:
         from . import synth_cache as S
-        built = S.build(url, args.images, num_classes=args.classes, per_unit=64)
+        built = S.build(url, args.images, num_classes=args.classes, per_unit=64, chunk_rows=args.chunk_rows)
     reader = CacheReader(url)
     table = reader.table
     decoded = reader.manifest.row_bytes() * int(table[:, F["row_count"]].sum())
@@ -109,6 +111,7 @@ def main() -> None:
     result = {"cache": url, "samples_in_cache": int(len(table)), "decoded_bytes": decoded,
               "stored_bytes": stored, "preloaded": reader._open()["units"].decoded,
               "rows_per_sample": float(table[:, F["row_count"]].mean()), "classes": args.classes,
+              "chunk_rows": reader.manifest.chunk_rows,
               "batch": args.batch, "device": str(device), "build": built, "by_workers": []}
     for w in [int(x) for x in args.workers.split(",")]:
         result["by_workers"].append(run(url, keys, w, args.batch, device))

@@ -1,7 +1,7 @@
 """The whole-programme saving: three students from one teacher, online LD vs ldpipe (one dump + cached).
 
     python -m benchmarks.programme [--iters 300] [--images 100] [--size 128] [--width 8]
-                                   [--device cpu|cuda] [--json OUT]
+                                   [--channels 32] [--stacked-convs 2] [--device cpu|cuda] [--json OUT]
 
 A scaled-down replica of the LD paper's COCO table: an R-101-like teacher and R-18 / R-34 /
 R-50-like students (the same depths, every width divided by ``256 / --channels``), synthetic
@@ -35,7 +35,7 @@ STUDENTS = (("s18", 18), ("s34", 34), ("s50", 50))
 
 
 def pipeline_toml(root: str, size: int, width: int, channels: int, iters: int, batch: int,
-                  samples: int) -> str:
+                  samples: int, stacked_convs: int = 2) -> str:
     per_epoch = max(1, samples // batch)
     epochs = -(-iters // per_epoch)
     models = "".join(f"""
@@ -43,7 +43,7 @@ def pipeline_toml(root: str, size: int, width: int, channels: int, iters: int, b
 depth = {depth}
 base_width = {width}
 channels = {channels}
-stacked_convs = 2
+stacked_convs = {stacked_convs}
 """ for name, depth in (("teacher", 101), *STUDENTS))
     return f"""name = "programme"
 
@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=8, help="ResNet base width (64 at full size)")
     ap.add_argument("--channels", type=int, default=32, help="FPN/head channels (256 at full size)")
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--stacked-convs", type=int, default=2, help="head convs per branch (4 in GFL)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
@@ -128,7 +129,8 @@ def main() -> None:
     synthesize(root, n_train=args.images, n_val=4, seed=0)
     pfile = os.path.join(work, "programme.toml")
     with open(pfile, "w") as fh:
-        fh.write(pipeline_toml(root, args.size, args.width, args.channels, args.iters, args.batch, 2 * args.images))
+        fh.write(pipeline_toml(root, args.size, args.width, args.channels, args.iters, args.batch, 2 * args.images,
+                              args.stacked_convs))
     pipe = load_pipeline(pfile, [])
     torch.manual_seed(0)
     teacher = build_model(pipe.model("teacher"), 4)  # the synthetic set has 4 classes
@@ -151,7 +153,8 @@ def main() -> None:
     totals = {mode: {k: sum(s[k] for s in stages.values()) for k in ("seconds", "cpu_s")}
               for mode, stages in res.items()}
     out = {"iters_per_student": args.iters, "samples": args.images * 2, "size": args.size,
-           "width": args.width, "channels": args.channels, "batch": args.batch, "device": args.device,
+           "width": args.width, "channels": args.channels, "stacked_convs": args.stacked_convs,
+           "batch": args.batch, "device": args.device,
            "teacher_param_bytes": teacher_bytes, "stages": res, "totals": totals,
            "online_over_ldpipe": {k: totals["online"][k] / totals["ldpipe"][k] for k in ("seconds", "cpu_s")},
            "student_peak_rss_mb": {mode: {n: res[mode][n]["peak_rss_mb"] for n, _ in STUDENTS}

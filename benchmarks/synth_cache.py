@@ -32,11 +32,13 @@ ORI_SHAPES = ((480, 640), (640, 480), (427, 640))  # (h, w) of COCO-like origina
 SCALE = (1333, 800)
 
 
-def pipeline(num_classes: int, per_unit: int, compressor: str = "zstd", codec: str = "int8"):
+def pipeline(num_classes: int, per_unit: int, compressor: str = "zstd", codec: str = "int8",
+             chunk_rows: int = 1024):
     """The demo pipeline at mmdetection's 1333x800 with 2 variants (no flip / flip)."""
     return load_pipeline(str(REPO / "pipelines" / "demo.toml"), [
         "data.train_scales=[[1333,800]]", "data.flip=true", f"cache.samples_per_shard={per_unit}",
-        f"cache.compressor={compressor}", f"cache.codec={codec}", "cache.region=ld"])
+        f"cache.compressor={compressor}", f"cache.codec={codec}", "cache.region=ld",
+        f"cache.chunk_rows={chunk_rows}"])
 
 
 def geometry(ori: tuple[int, int], pad_div: int = 32) -> dict:
@@ -123,10 +125,11 @@ def full_unit_set(num_units: int, full_units: int | None) -> set[int]:
 
 def build(out: str, images: int, num_classes: int = 80, per_unit: int = 64,
           rows: tuple[int, int] = (2500, 4200), full_units: int | None = None,
-          small_rows: tuple[int, int] = (8, 16), compressor: str = "zstd", progress=None) -> dict:
+          small_rows: tuple[int, int] = (8, 16), compressor: str = "zstd", progress=None,
+          chunk_rows: int = 1024) -> dict:
     """Write a synthetic ``ld``/int8 cache of ``images`` x 2 variants at ``out``; returns
     counts and the seconds it took."""
-    pipe = pipeline(num_classes, per_unit, compressor)
+    pipe = pipeline(num_classes, per_unit, compressor, chunk_rows=chunk_rows)
     m = make_manifest(pipe, images, num_classes)
     create_or_resume(out, m, overwrite=True)
     root = open_root(out, "a")

@@ -131,6 +131,31 @@ def test_one_unit_cache_verifies(make_tiny_pipe, tiny_teacher_ckpt, tmp_path):
     assert report["ok"], report["errors"]
 
 
+def test_chunk_rows_setting_changes_the_chunks_not_the_rows(make_tiny_pipe, tiny_teacher_ckpt,
+                                                         cache_at, tmp_path):
+    """``cache.chunk_rows`` sets the inner chunks of a unit's row arrays (recorded in the
+    manifest and part of the cache's identity); every sample reads back the same rows as
+    the default's (1024) cache."""
+    out = str(tmp_path / "c16")
+    dump_teacher(make_tiny_pipe("cache.chunk_rows=16"), "teacher", tiny_teacher_ckpt, out,
+                 device="cpu", progress=False)
+    default = cache_at("ld", "int8")
+    small, big = CacheReader(out), CacheReader(default)
+    assert small.manifest.chunk_rows == 16 and big.manifest.chunk_rows == 1024
+    assert small.manifest.cache_id != big.manifest.cache_id
+    g = open_root(out)["units/000000"]
+    assert g["box"].chunks[-1] == 16 and g["cls"].chunks[-1] == 16 and g["anchor"].chunks == (16,)
+    assert int(g.attrs["commit"]["rows"]) > 16  # several chunks per unit
+    n = 0
+    for (i, v, a), (_, _, b) in zip(_samples(out), _samples(default)):
+        for key in ("anchor", "box", "cls"):
+            assert torch.equal(a[key], b[key]), (i, v, key)
+        n += 1
+    assert n == NUM_SAMPLES and verify(out)["ok"]
+    with pytest.raises(Exception, match="cache.chunk_rows must be >= 1"):
+        make_tiny_pipe("cache.chunk_rows=0")
+
+
 def test_format_v2_layout_rows_last_and_delta_filtered(cache_at):
     """docs/cache-format.md v2: box/cls stored [4, B', rows] / [C', rows]; 8-bit values and
     anchor indices delta-filtered; the reader returns the rows-first view of exactly that."""

@@ -29,7 +29,6 @@ FORMAT = "ldpipe-teacher-cache"
 FORMAT_VERSION = 2
 IDENTITY = ("teacher", "geometry", "data", "region", "codec", "compressor", "store_cls",
             "samples_per_shard", "chunk_rows")
-CHUNK_ROWS = 1024
 # bounds of a sane manifest: a damaged or hostile one must not make a reader divide by zero
 # or allocate terabytes (check_numbers)
 MAX_REG_MAX = 1024
@@ -312,7 +311,7 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         compressor=cache.compressor,
         store_cls=cache.store_cls,
         samples_per_shard=cache.samples_per_shard,
-        chunk_rows=CHUNK_ROWS,
+        chunk_rows=cache.chunk_rows,
         variants=[v.key for v in variants],
         num_samples=len(split.records) * len(variants),
         num_units=num_units,

@@ -46,7 +46,7 @@ def check_values(pipe: Pipeline) -> None:
         if m.anchor_scale <= 0:
             raise ConfigError(f"{src}: models.{name}.anchor_scale must be > 0, got {m.anchor_scale}")
     c = pipe.cache
-    for key in ("samples_per_shard", "batch_size"):
+    for key in ("samples_per_shard", "chunk_rows", "batch_size"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{src}: cache.{key} must be >= 1, got {getattr(c, key)}")
 

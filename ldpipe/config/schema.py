@@ -212,6 +212,9 @@ class CacheConfig:
     store_cls: bool = True
     compressor: str = "zstd"  # one of COMPRESSORS
     samples_per_shard: int = 64
+    # rows per compressed chunk inside a unit's arrays: a read decodes every chunk its sample's
+    # rows touch (docs/benchmarks.md, "Reading")
+    chunk_rows: int = 1024
     batch_size: int = 4
     readers: list[str] = field(default_factory=list)  # models whose assigner sets the regions
     writer_threads: int = 2  # dump: threads that encode, compress, checksum and commit units
