@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from .common import REPO, machine_info, percentile, rss_mb
+from .common import REPO, emit, machine_info, percentile, rss_mb
 
 
 def child(url: str, reads: int, full: list[int]) -> None:
@@ -132,11 +132,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     elif not args.keep:
         shutil.rmtree(url, ignore_errors=True)
-    line = json.dumps(out, default=str)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(line + "\n")
-    print(line)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

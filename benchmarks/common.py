@@ -101,17 +101,6 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 
 # ------------------------------------------------------------------ machine
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _git() -> dict:
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
@@ -125,16 +114,18 @@ def _git() -> dict:
 
 def machine_info(device) -> dict:
     import torch
+
+    from ldpipe.engine.bench import cpu_name
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_name(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "git": _git(),
     }
@@ -161,6 +152,15 @@ def write_json(path: str, obj: dict) -> None:
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=False, default=str)
         fh.write("\n")
+
+
+def emit(result: dict, json_path: str | None) -> None:
+    """Print ``result`` as one JSON line, and write that line to ``json_path`` if given."""
+    line = json.dumps(result, default=str)
+    if json_path:
+        with open(json_path, "w") as fh:
+            fh.write(line + "\n")
+    print(line)
 
 
 def quiet_logs() -> None:

@@ -18,7 +18,6 @@ with is the issue's estimate for an R-18 GFL student at 1333x800: 60-100 images/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ import torch
 from ldpipe.cache import CacheReader
 from ldpipe.cache.manifest import F
 
-from .common import machine_info, percentile, resolve_device
+from .common import emit, machine_info, percentile, resolve_device
 
 GPU_RATE = (60.0, 100.0)  # the estimate, images/s of an R-18 GFL student per H100
 
@@ -121,11 +120,7 @@ def main() -> None:
     result["machine"] = machine_info(device)
     if not args.workdir and not args.cache:
         shutil.rmtree(work, ignore_errors=True)
-    line = json.dumps(result, default=str)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(line + "\n")
-    print(line)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from .common import REPO, machine_info, peak_rss_mb
+from .common import REPO, emit, machine_info, peak_rss_mb
 
 STUDENTS = (("s18", 18), ("s34", 34), ("s50", 50))
 
@@ -162,11 +162,7 @@ def main() -> None:
            "machine": machine_info(torch.device(args.device))}
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    line = json.dumps(out, default=str)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(line + "\n")
-    print(line)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ teacher at ``--teacher-images-per-s`` x 2 variants needs, and a one-thread break
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from ldpipe.cache.store import assemble_unit, content_sha, create_or_resume, ope
 from ldpipe.engine.dump import UnitWriter
 
 from . import synth_cache as S
-from .common import machine_info
+from .common import emit, machine_info
 
 
 def parts(root, units, m) -> dict:
@@ -101,11 +100,7 @@ def main() -> None:
     result["machine"] = machine_info(torch.device("cpu"))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    line = json.dumps(result, default=str)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(line + "\n")
-    print(line)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

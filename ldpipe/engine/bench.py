@@ -24,7 +24,8 @@ from ..models.checkpoint import load_weights
 from .runtime import amp_context
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -73,7 +74,7 @@ def benchmark(pipe: Pipeline, model_name: str, checkpoint: str | None, images: i
                 load_s += t1 - t0
     return {"model": model_name, "architecture": architecture(cfg), "checkpoint": checkpoint or "",
             "device": str(dev), "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                                                else _cpu_name()),
+                                                else cpu_name()),
             "torch_threads": torch.get_num_threads(), "fp16": fp16, "batch_size": 1,
             "test_scale": list(pipe.data.test_scale), "nms": cfg.test.nms,
             "warmup": warmup, "images": images, "split_images": len(dataset),
