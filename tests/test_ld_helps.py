@@ -215,9 +215,10 @@ def test_ld_terms_lower_the_held_out_localization_loss(oracle_setup):
     the right targets.  Likely reason: ATSS puts every positive at about anchor_scale / 2 = 4
     bins from its edges on every level, so a sigma-2 Gaussian around any stored anchor's
     distances is close to one shared prior.  Checked further on 2026-12-02 (AMD EPYC, 2 cores,
-    one torch thread, ``python tests/test_ld_helps.py boxoff``: the same setup with the student's own box losses
-    off, ``models.student.loss.dfl_weight=0`` and ``giou_weight=0``, so that LD is the only
-    localization signal), seeds 0/1/2, val GIoU / DFL:
+    one torch thread): the same setup with the student's own box losses off
+    (``models.student.loss.dfl_weight=0`` and ``giou_weight=0``, so that LD is the only
+    localization signal), seeds 0/1/2, val GIoU / DFL.  The run was a scratch script doing
+    what ``python tests/test_ld_helps.py boxoff`` now does; that command has not been rerun.
 
         no LD          0.910 / 2.829   0.912 / 2.834   0.911 / 2.841
         oracle rows    0.627 / 1.786   0.634 / 1.821   0.629 / 1.814
