@@ -165,6 +165,20 @@ def test_validation_every_n_epochs_keeps_best(make_tiny_pipe, tmp_path, monkeypa
         log = fh.read()
     assert "epoch 4 val: bbox_mAP=0.1000 (best 0.2000)" in log
     assert "epoch 6 val: bbox_mAP=0.3000 (best 0.3000, saved best.pth)" in log
+    # resuming the finished run (its last checkpoint says "validation pending": it is
+    # written before the validation) does not validate epoch 6 again
+    train(pipe, "teacher", wd, device="cpu", progress=False, resume=True)
+    assert [v["epoch"] for v in _records(wd, "val")] == [2, 4, 6] and len(calls) == 3
+    # the run extended to 8 epochs: epoch 8 validates at 0.25, below the recorded best of
+    # epoch 6 (0.3; the checkpoint, written before that validation, still says 0.2), so
+    # best.pth stays epoch 6's
+    aps = iter([0.25])
+    longer = make_tiny_pipe(*SHORT, "train.epochs=8", "train.max_iters_per_epoch=1",
+                            "train.val_interval=2")
+    train(longer, "teacher", wd, device="cpu", progress=False, resume=True)
+    assert [(v["epoch"], v["bbox_mAP"]) for v in _records(wd, "val")] == [
+        (2, 0.2), (4, 0.1), (6, 0.3), (8, 0.25)]
+    assert load_file(os.path.join(wd, "best.pth"))["meta"]["ldpipe"]["best"] == {"epoch": 6, "bbox_mAP": 0.3}
 
 
 def test_train_log_has_the_console_lines(make_tiny_pipe, tmp_path, caplog):

@@ -95,6 +95,15 @@ def trim_metrics(path: str, last_iter: int) -> int:
     return len(lines) - len(keep)
 
 
+def val_records(path: str, model_name: str) -> list[dict]:
+    """The validation records of ``model_name`` in ``metrics.jsonl`` (none if it is absent)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in records if r.get("type") == "val" and r.get("model") == model_name]
+
+
 # ---------------------------------------------------------------------- provenance
 def versions() -> dict[str, str]:
     """Versions of ldpipe, its main libraries and Python."""
