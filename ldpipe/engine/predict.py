@@ -33,10 +33,11 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def checkpoint_classes(pipe: Pipeline, checkpoint: str) -> list[str]:
+def checkpoint_classes(pipe: Pipeline, checkpoint: str, obj: dict | None = None) -> list[str]:
     """The class names of a checkpoint: what ldpipe recorded in it (``meta.ldpipe.classes``),
-    mmdetection's ``meta.CLASSES``, else ``data.classes``, else the validation split's."""
-    meta = load_file(checkpoint).get("meta") or {}
+    mmdetection's ``meta.CLASSES``, else ``data.classes``, else the validation split's.
+    ``obj``: the checkpoint's :func:`load_file` dict, if already read."""
+    meta = (load_file(checkpoint) if obj is None else obj).get("meta") or {}
     own = (meta.get("ldpipe") or {}).get("classes") if isinstance(meta, dict) else None
     mmdet = meta.get("CLASSES") if isinstance(meta, dict) else None
     for names in (own, mmdet, pipe.data.classes):
@@ -49,9 +50,10 @@ def load_detector(pipe: Pipeline, model_name: str, checkpoint: str,
                   device: torch.device) -> tuple[GFL, list[str], dict]:
     """The model ``model_name`` with the weights of ``checkpoint`` (strict), in eval mode;
     its class names and the checkpoint's ``meta``."""
-    classes = checkpoint_classes(pipe, checkpoint)
+    obj = load_file(checkpoint)  # read once for the classes, the weights and the meta
+    classes = checkpoint_classes(pipe, checkpoint, obj)
     model = build_model(pipe.model(model_name), len(classes))
-    meta = load_weights(model, checkpoint)
+    meta = load_weights(model, checkpoint, obj)
     return model.to(device).eval(), classes, meta
 
 

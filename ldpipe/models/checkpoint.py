@@ -80,21 +80,24 @@ def load_safetensors(path: str) -> dict:
     return {"meta": meta if isinstance(meta, dict) else {}, "state_dict": state}
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    obj = load_file(path)
+def load_state_dict_file(path: str, obj: dict | None = None) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint ``path`` (``obj``: its :func:`load_file` dict, if already read)."""
+    obj = load_file(path) if obj is None else obj
     state = obj.get("state_dict", obj.get("model", obj))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no state_dict of tensors found")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(model: nn.Module, path: str) -> dict:
-    """Load a checkpoint's weights strictly; returns its ``meta`` dict.
+def load_weights(model: nn.Module, path: str, obj: dict | None = None) -> dict:
+    """Load a checkpoint's weights strictly; returns its ``meta`` dict.  The file is read
+    once (``obj``: its :func:`load_file` dict when the caller has read it already).
 
     Differences in names or shapes are reported with the first few offending
     keys so that a wrong depth, width, reg_max or class count is obvious.
     """
-    state = load_state_dict_file(path)
+    obj = load_file(path) if obj is None else obj
+    state = load_state_dict_file(path, obj)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -110,7 +113,7 @@ def load_weights(model: nn.Module, path: str) -> dict:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
         raise CheckpointError(f"{path} does not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-    meta = load_file(path).get("meta", {})
+    meta = obj.get("meta", {})
     return meta if isinstance(meta, dict) else {}
 
 
