@@ -365,6 +365,29 @@ def test_forward_shapes_and_predict(tiny_model):
         assert (res["scores"][:-1] >= res["scores"][1:]).all()
 
 
+def test_one_channel_groups_on_a_1x1_level():
+    """A 16-channel head has 16 GroupNorm groups of one channel; one 64-px image makes P7
+    1x1, a group of one value: the head runs (torch's GroupNorm refuses) and gives what the
+    formula gives there, the bias; elsewhere it equals torch's GroupNorm."""
+    from ldpipe.models.gfl_head import GroupNorm
+    cfg = ModelConfig(depth=18, base_width=8, channels=16, stacked_convs=2)
+    model = build_model(cfg, 3).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64))
+    assert out.level_sizes[-1] == (1, 1) and torch.isfinite(out.cls).all() and torch.isfinite(out.reg).all()
+    gn = GroupNorm(16, 16)
+    torch.nn.init.normal_(gn.weight)
+    torch.nn.init.normal_(gn.bias)
+    x = torch.randn(1, 16, 1, 1, requires_grad=True)
+    y = gn(x)
+    assert torch.equal(y, gn.bias.view(1, 16, 1, 1).expand_as(y))
+    y.sum().backward()  # the graph stays connected
+    z = torch.randn(2, 16, 3, 3)
+    ref = torch.nn.GroupNorm(16, 16)
+    ref.load_state_dict(gn.state_dict())
+    assert torch.equal(gn(z), ref(z))
+
+
 def test_backbone_freezing():
     net = ResNet(18, 8, frozen_stages=1)
     net.train()

@@ -26,6 +26,7 @@ from torch.utils.data import Sampler
 from ..config import Pipeline
 from ..data import load_split
 from ..models.checkpoint import save_checkpoint
+from . import workdir
 
 log = logging.getLogger("ldpipe.train")
 
@@ -136,6 +137,17 @@ class Validator:
     def due(self, epoch: int) -> bool:
         """Whether validation follows epoch ``epoch`` (1-based)."""
         return self.interval > 0 and epoch % self.interval == 0
+
+    def restore(self, metrics_path: str, epoch: int, pending: bool) -> bool:
+        """On resume: whether epoch ``epoch``'s validation is still to do.  The epoch checkpoint
+        is written before its validation, so what that found is in ``metrics.jsonl``, not in
+        the checkpoint: an epoch validated there is not validated twice, and ``best.pth`` is
+        replaced only by an AP above every recorded one."""
+        done = workdir.val_records(metrics_path, self.model_name) if self.interval else []
+        if done:
+            best = max(r["bbox_mAP"] for r in done)
+            self.best = best if self.best is None else max(self.best, best)
+        return pending and not any(r["epoch"] == epoch for r in done)
 
     def __call__(self, model, epoch: int, meta: dict, device: torch.device) -> dict:
         """Evaluate ``model`` after epoch ``epoch``; writes ``best.pth`` when it is the best."""

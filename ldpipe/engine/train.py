@@ -301,15 +301,8 @@ def _run(pipe: Pipeline, model_name: str, work_dir: str, resume: bool, hook: Hoo
         _append_json(metrics_path, {**record, "iter": global_it})
         runlog.scalars("val", {k: v for k, v in record.items() if k.startswith("bbox")}, global_it)
 
-    if resume and validator.interval:
-        # The epoch checkpoint is written before its validation: what that validation found
-        # is in metrics.jsonl, not in the checkpoint.  Do not validate that epoch twice, and
-        # let best.pth be replaced only by a better AP than any recorded one.
-        done = workdir.val_records(metrics_path, model_name)
-        if done:
-            best = max(r["bbox_mAP"] for r in done)
-            validator.best = best if validator.best is None else max(validator.best, best)
-            val_pending = val_pending and not any(r["epoch"] == start_epoch for r in done)
+    if resume:
+        val_pending = validator.restore(metrics_path, start_epoch, val_pending)
     if val_pending and validator.interval:  # killed between an epoch's checkpoint and its val
         validate(start_epoch)
     for epoch in range(start_epoch, sched.epochs):

@@ -50,6 +50,30 @@ class Integral(nn.Module):
         return (prob @ self.project.float()).reshape(-1, 4)
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also normalises a group holding a single value.
+
+    With fewer channels than 32 a group can be one channel (a CPU-sized head of 16 channels
+    has 16 groups); on a 1x1 level (P7 of an image up to 128 px) with one image that group
+    has one value, which ``F.group_norm`` refuses ("Expected more than 1 value per
+    channel").  The formula is defined there: (x - mean) is 0, so the output is the bias.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] * (x.shape[1] // self.num_groups) * x[0, 0].numel() == 1:
+            out = x * 0  # keeps the graph (and dtype/device) of x
+            return out + self.bias.view(1, -1, *([1] * (x.dim() - 2))) if self.affine else out
+        return super().forward(x)
+
+
+def _conv_gn(cin: int, cout: int, groups: int) -> ConvModule:
+    """mmcv's conv + GN + ReLU brick (its parameter names: ``conv``, ``gn``) with the
+    :class:`GroupNorm` above in place of torch's."""
+    m = ConvModule(cin, cout, 3, padding=1, norm_cfg=dict(type="GN", num_groups=groups, requires_grad=True))
+    setattr(m, m.norm_name, GroupNorm(groups, cout))
+    return m
+
+
 class GFLHead(nn.Module):
     # what the ``gfl_cls`` logits are: their sigmoid is the joint class-IoU score (QFL's target)
     cls_logits = "joint"
@@ -61,13 +85,12 @@ class GFLHead(nn.Module):
         self.num_classes = num_classes
         self.reg_max = reg_max
         groups = math.gcd(norm_groups, feat_channels)  # GroupNorm needs a divisor
-        norm = dict(type="GN", num_groups=groups, requires_grad=True)
         self.cls_convs = nn.ModuleList()
         self.reg_convs = nn.ModuleList()
         for i in range(stacked_convs):
             c = in_channels if i == 0 else feat_channels
-            self.cls_convs.append(ConvModule(c, feat_channels, 3, padding=1, norm_cfg=norm))
-            self.reg_convs.append(ConvModule(c, feat_channels, 3, padding=1, norm_cfg=norm))
+            self.cls_convs.append(_conv_gn(c, feat_channels, groups))
+            self.reg_convs.append(_conv_gn(c, feat_channels, groups))
         last = feat_channels if stacked_convs else in_channels
         self.gfl_cls = nn.Conv2d(last, num_classes, 3, padding=1)
         self.gfl_reg = nn.Conv2d(last, 4 * (reg_max + 1), 3, padding=1)
