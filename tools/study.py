@@ -13,6 +13,8 @@ ld_v1          LD on the main (ATSS-positive) region only: ``distill.vlr = kd = 
 ld_v2          LD + VLR + class KD from the teacher's ``ld`` cache (the pipeline's terms)
 ld_v2_diou     as ld_v2 with the true-DIoU VLR definition (a cache dumped for it)
 online         as ld_v2 with the teacher run every step (``--online-teacher``), same seeds
+ld_v2_fp32     as ld_v2 from an fp32 cache of the same teacher (separates the 8-bit codec's
+               effect from run-to-run divergence in the cached-vs-online comparison)
 self_ld        Self-LD: the teacher is the seed-``--seeds[0]`` baseline student itself
 ta             from a teacher assistant's cache (TA trained from the teacher's cache)
 ensemble       from ``ldpipe cache merge`` of the teacher's and a second teacher's
@@ -43,6 +45,7 @@ ROWS = {
     "ld_v2": "LD v2: LD + VLR + class KD",
     "ld_v2_diou": "LD v2, true-DIoU VLR region",
     "online": "LD v2, online teacher",
+    "ld_v2_fp32": "LD v2, fp32 cache",
     "self_ld": "Self-LD (LD v2 terms)",
     "ta": "LD v2 via a TA",
     "ensemble": "LD v2 from 2 teachers' merged cache",
@@ -114,6 +117,8 @@ class Study:
         caches = {"ld_v1": cache, "ld_v2": cache}
         if "ld_v2_diou" in want:
             caches["ld_v2_diou"] = self.dump("teacher_diou", "teacher", t, DIOU)
+        if "ld_v2_fp32" in want:
+            caches["ld_v2_fp32"] = self.dump("teacher_fp32", "teacher", t, ["-o", "cache.codec=fp32"])
         if "ta" in want:
             ta = self.train("train-ta", "ta", self.path("ta"), cache=cache, deps=["dump-teacher"])
             self.evaluate("eval-ta", "ta", ta)
@@ -128,8 +133,8 @@ class Study:
                      ["dump-teacher", "dump-teacher2"], pipeline=False)
             caches["ensemble"] = merged
         first = self.seeds[0]
-        for row in self.rows:
-            for s in self.seeds:
+        for s in self.seeds:  # seed-major: a stopped study has whole seeds of every row
+            for row in self.rows:
                 seed = ["-o", f"train.seed={s}"]
                 wd = self.path("students", row, f"seed{s}")
                 extra = DIOU if row == "ld_v2_diou" else []
@@ -260,14 +265,21 @@ def _chart(path: str, out: dict) -> None:
     rows = out["rows"]
     fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
     xs = range(len(rows))
-    ax.bar(xs, [r["AP"][0] for r in rows], yerr=[r["AP"][1] for r in rows], capsize=4, color="#8fb3d9")
+    # means with +- std bars and every seed as a dot, on an axis zoomed to the data: bars
+    # from 0 would hide differences of a point or two
+    ax.errorbar(xs, [r["AP"][0] for r in rows], yerr=[r["AP"][1] for r in rows], fmt="s", ms=6,
+                capsize=5, color="#2b6ca3", zorder=2, label="mean +- std")
     for x, r in zip(xs, rows):
-        ax.scatter([x] * len(r["seeds"]), [m["AP"] for m in r["seeds"].values()], s=12, color="k", zorder=3)
+        ax.scatter([x + 0.12] * len(r["seeds"]), [m["AP"] for m in r["seeds"].values()], s=12,
+                   color="k", zorder=3, label="seeds" if x == 0 else None)
+        ax.annotate(f"{r['AP'][0]:.1f}", (x, r["AP"][0]), xytext=(-22, 0), textcoords="offset points",
+                    va="center", fontsize=7)
     ax.axhline(out["teacher"]["AP"], ls="--", color="grey", lw=1, label=f"teacher {out['teacher']['AP']:.1f}")
     ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=25, ha="right", fontsize=7)
-    ax.set_ylabel("AP (%), mean +- std; dots: seeds")
+    ax.set_ylabel("AP (%)")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_title(f"{os.path.basename(out['pipeline'])}: students over seeds {out['seeds']}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -275,8 +287,10 @@ def _chart(path: str, out: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("pipeline")
-    ap.add_argument("--work-dir", required=True)
+    ap.add_argument("pipeline", nargs="?")
+    ap.add_argument("--work-dir")
+    ap.add_argument("--replot", nargs=2, metavar=("STUDY_JSON", "PNG"),
+                    help="Draw the chart of a study.json again (e.g. docs/bccd_study.json) and exit.")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--jobs", type=int, default=1)
@@ -285,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-o", "--override", action="append", default=[], dest="overrides")
     ap.add_argument("--dry-run", action="store_true", help="Print the jobs and exit.")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot[0]) as fh:
+            _chart(args.replot[1], json.load(fh))
+        return
+    if not (args.pipeline and args.work_dir):
+        ap.error("give PIPELINE and --work-dir (or --replot)")
     study = Study(args.pipeline, args.work_dir, args.seeds, args.rows, args.overrides,
                   args.teacher_checkpoint)
     study.plan()
