@@ -364,6 +364,8 @@ def _chart(path: str, entries: list[dict], title: str,
     else:
         fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     width = 0.8 / max(len(entries), 1)
+    top = max([e[m] * 100 for e in entries for m in metrics] or [1.0])
+    ax.set_ylim(0, top * 1.4)  # headroom: the legend sits above the tallest bar's label
     for i, e in enumerate(entries):
         xs = [j + i * width for j in range(len(metrics))]
         bars = ax.bar(xs, [e[m] * 100 for m in metrics], width, label=f"{e['role']} ({e['backbone']})")
@@ -371,7 +373,7 @@ def _chart(path: str, entries: list[dict], title: str,
     ax.set_xticks([j + width * (len(entries) - 1) / 2 for j in range(len(metrics))], metrics)
     ax.set_ylabel("COCO-style AP (%)")
     ax.set_title(f"{title}: teacher -> student localization distillation")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
