@@ -269,3 +269,29 @@ def test_preloaded_reader_equals_shard_reads(caches):
             x, y = whole.read(i, v), direct.read(i, v)
             assert torch.equal(x["anchor"], y["anchor"]) and torch.equal(x["box"], y["box"])
             assert torch.equal(x["cls"], y["cls"]) and x["geometry"] == y["geometry"]
+
+
+def test_step_divergence_benchmark_trains_cached_and_online_alike(synth, teacher_ckpt, caches, tmp_path):
+    """benchmarks.step_divergence: whole `train-student` runs, step by step; the fp32 cache's
+    first step is the online teacher's (the same targets), and a repeated run is identical."""
+    import json as _json
+
+    from benchmarks import step_divergence
+
+    over = [f"data.root={synth}", "train.workers=0", "data.train_scales=[[160, 160]]",
+            "data.test_scale=[160, 160]", "train.batch_size=2"]
+    over += [f"models.{m}.{kv}" for m in ("teacher", "student") for kv in TINY]
+    over.append("models.teacher.channels=24")
+    out = tmp_path / "div.json"
+    args = [os.path.join(ROOT, "pipelines", "demo.toml"), "--teacher", teacher_ckpt,
+            "--cache", f"fp32={caches['fp32']}", "--cache", f"int8={caches['int8']}", "--iters", "3",
+            "--repeat", "--workdir", str(tmp_path / "runs"), "--json", str(out)]
+    for o in over:
+        args += ["-o", o]
+    step_divergence.main(args)
+    losses = _json.loads(out.read_text())["losses"]
+    assert sorted(losses, key=int) == ["1", "2", "3"]
+    first = losses["1"]
+    assert first["fp32"] == pytest.approx(first["online"], rel=1e-5)
+    assert first["int8"] == pytest.approx(first["online"], rel=1e-2)
+    assert all(v["fp32 again"] == v["fp32"] for v in losses.values())  # bitwise reproducible

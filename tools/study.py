@@ -263,7 +263,7 @@ def _chart(path: str, out: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = out["rows"]
-    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 3.8), dpi=110)
     xs = range(len(rows))
     # means with +- std bars and every seed as a dot, on an axis zoomed to the data: bars
     # from 0 would hide differences of a point or two
@@ -279,7 +279,7 @@ def _chart(path: str, out: dict) -> None:
     ax.set_ylabel("AP (%)")
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_title(f"{os.path.basename(out['pipeline'])}: students over seeds {out['seeds']}")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
