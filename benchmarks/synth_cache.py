@@ -138,7 +138,7 @@ def build(out: str, images: int, num_classes: int = 80, per_unit: int = 64,
     t0, total_rows = time.perf_counter(), 0
     for u in range(m.num_units):
         items = unit_items(u, m, rows if u in full else small_rows, pool)
-        data = assemble_unit(items, m.codec, m.num_variants)
+        data = assemble_unit(items, m.codec, m.num_variants, m.box_step)
         write_unit(root, u, data, m.compressor, m.chunk_rows)
         total_rows += int(data.anchor.shape[0])
         if progress:

@@ -33,7 +33,7 @@ def parts(root, units, m) -> dict:
     clock = time.process_time
     for u, items in units:
         a = clock()
-        data = assemble_unit(items, m.codec, m.num_variants)
+        data = assemble_unit(items, m.codec, m.num_variants, m.box_step)
         b = clock()
         for name in ("anchor", "box", "cls"):
             content_sha(to_disk(name, getattr(data, name)))
@@ -74,7 +74,7 @@ def main() -> None:
         create_or_resume(out, m, overwrite=True)
         root = open_root(out, "a")
         t0, c0 = time.perf_counter(), time.process_time()
-        w = UnitWriter(root, m.compressor, m.chunk_rows, m.codec, m.num_variants, threads=k)
+        w = UnitWriter(root, m.compressor, m.chunk_rows, m.codec, m.num_variants, threads=k, box_step=m.box_step)
         for u, items in units:
             w.put(u, items)
         w.close()

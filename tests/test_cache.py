@@ -273,11 +273,13 @@ def test_codecs_keep_the_ld_loss_of_a_trained_teacher(trained_caches, cache_at):
 
 
 def _sharpened_losses(lp: torch.Tensor, k: float, T: float, gen: torch.Generator,
-                      weights: torch.Tensor) -> list[tuple[float, float]]:
+                      weights: torch.Tensor, step: float = 0.0) -> list[tuple[float, float]]:
     """(fp32, int8) loss pairs of the teacher ``lp`` sharpened ``k`` times (logits x k), for a
-    far and a near student; weighted sum of per-row KDs as the LD/VLR/KD terms reduce them."""
+    far and a near student; weighted sum of per-row KDs as the LD/VLR/KD terms reduce them.
+    ``step``: the int8 codec's smallest step (the dump's: ``BOX_STEP`` for box rows, 0 for cls)."""
     sharp = torch.log_softmax(lp.double() * k, dim=-1).float()
-    int8 = C.decode(*_enc(sharp, "int8"), "int8")
+    e = C.encode(sharp, "int8", step)
+    int8 = C.decode(e.values, e.scale, "int8")
     out = []
     for student in (torch.randn(sharp.shape, generator=gen) * 3.0,
                     sharp + torch.randn(sharp.shape, generator=gen)):
@@ -301,16 +303,46 @@ def test_int8_holds_for_sharpened_teachers(trained_caches, monkeypatch):
     ones, iou = torch.ones(box.shape[0]), torch.rand(box.shape[0], generator=gen)
     assert box.min() > -C.CLIP
     deepest = {}
+    assert C.BOX_STEP == 0.125 and CacheReader(trained_caches["int8"]).manifest.box_step == C.BOX_STEP
     for k in (1.0, 3.0, 5.0):
         deepest[k] = float(torch.log_softmax(box.double() * k, -1).min())
-        for name, rows, T, w in (("LD", box, 10.0, ones), ("VLR", box, 10.0, iou),
-                                 ("KD", cls, 2.0, ones)):
-            for ref, got in _sharpened_losses(rows, k, T, gen, w):
-                assert abs(got - ref) / ref <= 0.01, (name, k, ref, got)
+        # box rows as the dump stores them (on the 1/8-nat grid) and over their own range
+        for name, rows, T, w, step in (("LD", box, 10.0, ones, C.BOX_STEP), ("VLR", box, 10.0, iou, C.BOX_STEP),
+                                       ("LD", box, 10.0, ones, 0.0), ("KD", cls, 2.0, ones, 0.0)):
+            for ref, got in _sharpened_losses(rows, k, T, gen, w, step):
+                assert abs(got - ref) / ref <= 0.01, (name, k, step, ref, got)
     assert deepest[5.0] < -40 < deepest[1.0] / 2  # the sharpened rows do reach past the old clip
     monkeypatch.setattr(C, "CLIP", 40.0)  # the former codec distorts them
     errors = [abs(got - ref) / ref for ref, got in _sharpened_losses(box, 5.0, 10.0, gen, ones)]
     assert max(errors) > 0.01, errors
+
+
+def test_int8_box_step_is_recorded_and_makes_the_cache_smaller(make_tiny_pipe, trained_tiny_teacher,
+                                                                 trained_caches, tmp_path):
+    """cache.int8_box_step: the 1/8-nat grid (default) against each row over its own range (0):
+    both recorded in the manifest and shown by `cache info`, told apart by their cache ids, the
+    grid's box bytes smaller, and every stored box value within half a step of the fp32 one."""
+    from ldpipe.config import ConfigError
+    own = str(tmp_path / "own.zarr")
+    dump_teacher(make_tiny_pipe("cache.region=ld", "cache.codec=int8", "cache.int8_box_step=0"),
+                 "teacher", trained_tiny_teacher, own, device="cpu", progress=False)
+    grid = trained_caches["int8"]
+    a, b = info(grid), info(own)
+    assert (a["codec_step"], b["codec_step"]) == (0.125, 0.0)
+    assert "box step >= 0.125 nat" in format_info(a) and "each row over its own range" in format_info(b)
+    assert a["cache_id"] != b["cache_id"] and a["anchors_per_sample"] == b["anchors_per_sample"]
+    assert a["stored_bytes_by_part"]["box"] < 0.9 * b["stored_bytes_by_part"]["box"]
+    ref, r8 = CacheReader(trained_caches["fp32"]), CacheReader(grid)
+    for rec in ref.table:
+        i, v = int(rec[F["image_index"]]), int(rec[F["variant"]])
+        x, d = ref.read(i, v), r8.read(i, v)
+        _, ia, ib = np.intersect1d(x["anchor"].numpy(), d["anchor"].numpy(), return_indices=True)
+        want, got = x["box"][torch.from_numpy(ia)], d["box"][torch.from_numpy(ib)]
+        step = (-want.min(-1, keepdim=True).values / 255).clamp(min=0.125)
+        assert ((got - want).abs() <= 0.5 * step.half().float() + 1e-4).all()
+    for bad in ("2.0", "-0.1", "true"):
+        with pytest.raises(ConfigError, match="int8_box_step"):
+            make_tiny_pipe(f"cache.int8_box_step={bad}")
 
 
 def _rewrite_unit0(path: str, transform) -> None:

@@ -214,6 +214,7 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
         "teacher_entropy_nats": ent_sum / ent_count if ent_count else None,
         "max_entropy_nats": math.log(reg_bins),
         "codec_clip": clip,
+        "codec_step": m.box_step if m.codec == "int8" else None,
         "clipped_fraction": clipped / stored_values if stored_values else (0.0 if clip else None),
         "stats_samples": k,
         "created": m.created,
@@ -246,7 +247,10 @@ def format_info(d: dict) -> str:
         *([f"head          {arch['head'].get('type')} {arch['head']}; class log-probs are of its "
            f"{d.get('cls_logits') or 'joint'} logits"] if arch.get("head") else []),
         f"region        {region.get('policy')}" + (f"  [{assigners}]" if assigners else ""),
-        f"codec         {d['codec']} + {d['compressor']}, class log-probs "
+        f"codec         {d['codec']}"
+        + (f" (box step >= {d['codec_step']:g} nat)" if d.get("codec_step") else
+           " (each row over its own range)" if d.get("codec") == "int8" else "")
+        + f" + {d['compressor']}, class log-probs "
         f"{'stored' if d['store_cls'] else 'not stored'}, {d['samples_per_shard']} samples/unit",
         f"stored        {mb(d['stored_bytes'])} in all, {mb(d['bytes_per_sample'])} per sample "
         f"(" + ", ".join(f"{k} {mb(v)}" for k, v in d["stored_bytes_by_part"].items()) + ")",

@@ -23,7 +23,7 @@ from .. import __version__
 from ..config import ModelConfig, Pipeline, resolve_backbone
 from ..models.anchors import Grid, make_grid
 from ..models.detector import HEADS, backbone_label
-from .codec import LEGACY_CLIP, bytes_per_value, clip_of, row_extra
+from .codec import LEGACY_CLIP, MAX_INT8_STEP, bytes_per_value, clip_of, row_extra
 
 FORMAT = "ldpipe-teacher-cache"
 FORMAT_VERSION = 2
@@ -115,6 +115,10 @@ class Manifest:
     # the encoder's clip in nats (codec.clip_of); None for fp32, and absent from caches written
     # before it was recorded (then codec.LEGACY_CLIP applies: int8 clipped at 40)
     codec_clip: float | None = None
+    # int8: the box rows' smallest quantisation step in nats (cache.int8_box_step); None for
+    # other codecs, and absent from caches written before it existed (then 0: every row over
+    # its own range)
+    codec_step: float | None = None
     # what the stored ``cls`` rows are the log-softmax of (docs/cache-format.md, section 3):
     # absent/None = "joint" (GFL teachers, and every cache from before GFocalV2): logits whose
     # sigmoid is the joint class-IoU score; "class" (GFocalV2 teachers): the ``gfl_cls`` logits
@@ -136,8 +140,9 @@ class Manifest:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["codec_clip"] is None:
-            del d["codec_clip"]
+        for key in ("codec_clip", "codec_step"):
+            if d[key] is None:
+                del d[key]
         if d["cls_logits"] is None:
             del d["cls_logits"]
         return d
@@ -145,6 +150,11 @@ class Manifest:
     def clip(self) -> float | None:
         """The encoder's clip (legacy caches: what the ldpipe that wrote them used)."""
         return self.codec_clip if self.codec_clip is not None else LEGACY_CLIP.get(self.codec)
+
+    @property
+    def box_step(self) -> float:
+        """The int8 box rows' smallest step (0: per-row range, as caches without it)."""
+        return float(self.codec_step or 0.0)
 
     def cls_meaning(self) -> str:
         """``"joint"`` or ``"class"``: what the ``cls`` rows are (see ``cls_logits``)."""
@@ -158,7 +168,7 @@ class Manifest:
     # ------------------------------------------------------------ identity
     def identity(self) -> dict:
         d = self.to_dict()
-        return {k: d[k] for k in IDENTITY + ("codec_clip",) if k in d}
+        return {k: d[k] for k in IDENTITY + ("codec_clip", "codec_step") if k in d}
 
     def compute_id(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -167,7 +177,7 @@ class Manifest:
         """Human lines for each identity field that differs (``self``: the existing cache)."""
         out = []
         old_id, new_id = self.identity(), new.identity()
-        for key in [*IDENTITY, "codec_clip"]:
+        for key in [*IDENTITY, "codec_clip", "codec_step"]:
             a, b = old_id.get(key), new_id.get(key)
             if a == b:
                 continue
@@ -267,6 +277,10 @@ def check_numbers(m: "Manifest", url: str) -> None:
         bad("num_samples", m.num_samples)
     if m.num_units != math.ceil(m.num_samples / m.samples_per_shard):
         bad("num_units", m.num_units)
+    step = m.codec_step
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float))
+                             or not 0 <= step <= MAX_INT8_STEP):
+        bad("codec_step", step)
 
 
 # ---------------------------------------------------------------------- building
@@ -324,6 +338,7 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         lineage=(ckpt_meta.get("ldpipe") or {}).get("lineage") or {},
     )
     m.codec_clip = clip_of(cache.codec)
+    m.codec_step = float(cache.int8_box_step) if cache.codec == "int8" else None
     if HEADS[cfg.head.type].cls_logits != "joint":
         m.cls_logits = HEADS[cfg.head.type].cls_logits
     m.cache_id = m.compute_id()

@@ -36,7 +36,7 @@ from .store import (UnitData, committed_units, create_or_resume, first_line, fro
                     open_cache, open_root, pack_rows, unit_name, unpack_rows, write_index, write_unit)
 
 # identity fields the sources must share (everything but the teacher)
-SHARED = ("geometry", "data", "region", "codec", "codec_clip", "compressor", "store_cls",
+SHARED = ("geometry", "data", "region", "codec", "codec_clip", "codec_step", "compressor", "store_cls",
           "samples_per_shard", "chunk_rows")
 
 
@@ -124,13 +124,15 @@ def _check_same_rows(ref: dict, other: dict, m: Manifest, name_a: str, name_b: s
                              "cache.region and cache.readers")
 
 
-def merge_unit(units: list[dict], codec: str, store_cls: bool) -> UnitData:
-    """The merged arrays of one unit from the sources' (rows already checked to align)."""
+def merge_unit(units: list[dict], codec: str, store_cls: bool, box_step: float = 0.0) -> UnitData:
+    """The merged arrays of one unit from the sources' (rows already checked to align;
+    ``box_step``: the sources' int8 box step, kept by the output)."""
     ref = units[0]
     out = {}
     for name in ("box", "cls") if store_cls else ("box",):
         rows = [unpack_rows(np.ascontiguousarray(from_disk(name, u[name])), codec) for u in units]
-        out[name] = pack_rows(C.encode(average_log_probs(rows), codec)) if rows[0].shape[0] else \
+        step = box_step if name == "box" else 0.0
+        out[name] = pack_rows(C.encode(average_log_probs(rows), codec, step)) if rows[0].shape[0] else \
             np.ascontiguousarray(from_disk(name, ref[name]))
     return UnitData(ref["samples"], ref["scale"], ref["anchor"], out["box"], out.get("cls"))
 
@@ -169,7 +171,7 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
         if u in done:
             continue
         units = [_read_unit(r, url, u, arrays) for url, r, _ in sources]
-        write_unit(root, u, merge_unit(units, base.codec, base.store_cls), base.compressor,
+        write_unit(root, u, merge_unit(units, base.codec, base.store_cls, base.box_step), base.compressor,
                    base.chunk_rows)
     if not (len(done) == base.num_units and index_complete(root, base.num_samples)):
         write_index(root, base.compressor)

@@ -169,8 +169,10 @@ class UnitData:
     cls: np.ndarray | None  # [rows, C'] or None
 
 
-def assemble_unit(items: list[SampleRows], codec: str, num_variants: int) -> UnitData:
-    """Sort a unit's samples and pack them into the unit arrays (encoding the values)."""
+def assemble_unit(items: list[SampleRows], codec: str, num_variants: int,
+                  box_step: float = 0.0) -> UnitData:
+    """Sort a unit's samples and pack them into the unit arrays (encoding the values;
+    ``box_step``: the int8 box rows' smallest step, the manifest's ``codec_step``)."""
     items = sorted(items, key=lambda t: t.sample)
     table = np.zeros((len(items), len(SAMPLE_FIELDS)), dtype=np.int64)
     scale = np.zeros((len(items), 2), dtype=np.float64)
@@ -192,7 +194,7 @@ def assemble_unit(items: list[SampleRows], codec: str, num_variants: int) -> Uni
             classes.append(it.cls)
         start += n
     anchor = np.concatenate(anchors).astype(np.int32) if anchors else np.zeros(0, np.int32)
-    box = pack_rows(C.encode(torch.cat(boxes), codec)) if boxes else None
+    box = pack_rows(C.encode(torch.cat(boxes), codec, box_step)) if boxes else None
     cls = pack_rows(C.encode(torch.cat(classes), codec)) if has_cls else None
     return UnitData(table, scale, anchor, box, cls)
 

@@ -129,6 +129,10 @@ def validate(pipe: Pipeline) -> None:
         value = getattr(pipe.cache, key)
         if value not in allowed:
             raise ConfigError(f"{src}: cache.{key} must be {_alternatives(allowed)}, got {value!r}")
+    step = pipe.cache.int8_box_step
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step <= 1:
+        raise ConfigError(f"{src}: cache.int8_box_step must be a number of nats in [0, 1] "
+                          f"(0 = each row over its own range), got {step!r}")
     check_values(pipe)
 
 

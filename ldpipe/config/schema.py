@@ -209,6 +209,9 @@ class DistillConfig:
 class CacheConfig:
     region: str = "ld"  # one of REGION_POLICIES
     codec: str = "int8"  # one of CODECS
+    # int8: the box rows' smallest quantisation step in nats (ldpipe.cache.codec; 0 = each row
+    # over its own range, as caches before it); a common step lets neighbouring rows compress
+    int8_box_step: float = 0.125
     store_cls: bool = True
     compressor: str = "zstd"  # one of COMPRESSORS
     samples_per_shard: int = 64

@@ -109,8 +109,9 @@ class UnitWriter:
     """
 
     def __init__(self, root, compressor: str, chunk_rows: int, codec: str, num_variants: int,
-                 threads: int = 1, url: str = "the cache") -> None:
+                 threads: int = 1, url: str = "the cache", box_step: float = 0.0) -> None:
         self.root, self.compressor, self.chunk_rows, self.codec = root, compressor, chunk_rows, codec
+        self.box_step = box_step
         self.num_variants, self.url = num_variants, url
         self.q: queue.Queue = queue.Queue(maxsize=2 * max(1, threads))
         self.error: BaseException | None = None
@@ -132,7 +133,7 @@ class UnitWriter:
                 continue
             try:
                 u, items = job
-                write_unit(self.root, u, assemble_unit(items, self.codec, self.num_variants),
+                write_unit(self.root, u, assemble_unit(items, self.codec, self.num_variants, self.box_step),
                            self.compressor, self.chunk_rows)
             except OSError as exc:  # a full disk, a lost mount: name it, keep what is committed
                 self.error = write_failed(self.url, f"units/{u:06d}", exc)
@@ -209,7 +210,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
         if cache_cfg.writer_threads < 1:
             raise ConfigError(f"cache.writer_threads must be at least 1, got {cache_cfg.writer_threads}")
         writer = UnitWriter(root, cache_cfg.compressor, manifest.chunk_rows, cache_cfg.codec, nv,
-                            threads=cache_cfg.writer_threads, url=out)
+                            threads=cache_cfg.writer_threads, url=out, box_step=manifest.box_step)
         pending: dict[int, list[SampleRows]] = {}
         n_images = 0
         t0 = time.time()
