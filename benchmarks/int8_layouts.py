@@ -11,8 +11,10 @@ chunks of ``--chunk`` rows (as the store writes them) under four layouts:
 * ``delta``  - rows first, byte-wise delta over the flattened chunk;
 * ``Tdelta`` - rows last + delta along the rows: what format version 2 stores.
 
-Schemes: per-edge float16 scale (the format's codec), one scale per anchor, the row maximum
-shifted to 0, and coarser fixed minimum steps.  For each it also reports the LD-loss error
+Schemes: per-edge float16 scale over the row's own range (``cache.int8_box_step = 0``), one
+scale per anchor, the row maximum shifted to 0, and smallest steps of 1/16, 1/8 (the codec's
+default grid) and 1/4 nat.  ``--sharpen 1,3,5`` repeats the table for the teacher's logits x k
+(a sharper, converged teacher).  For each it also reports the LD-loss error
 against fp32 (``kd_kl`` at T = 10) for a far student (N(0, 9) logits) and a near one (the
 teacher + N(0, 1)): relative error of the summed loss / mean per-edge relative error.
 """
@@ -72,27 +74,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cache", help="an fp32 cache")
     ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--sharpen", default="1", help="comma-separated factors k: the teacher's "
+                    "logits x k (a sharper, converged teacher), each a table")
+    ap.add_argument("--samples", type=int, default=0, help="first N samples only (0 = all)")
     args = ap.parse_args()
     r = CacheReader(args.cache)
     if r.manifest.codec != "fp32":
         raise SystemExit(f"{args.cache}: codec {r.manifest.codec}, need an fp32 cache")
-    box = torch.cat([r.read(int(rec[F["image_index"]]), int(rec[F["variant"]]), with_cls=False)["box"]
-                     for rec in r.table])
-    x = box.clamp(min=-CLIP)
-    rows = box.shape[0]
-    print(f"{args.cache}: {len(r.table)} samples, {rows} box rows; bytes per row (raw -> zstd)")
-    print("| scheme | raw | plain | T | delta | Tdelta | far: sum / mean edge | near: sum / mean edge |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    table = r.table[: args.samples] if args.samples > 0 else r.table
+    base = torch.cat([r.read(int(rec[F["image_index"]]), int(rec[F["variant"]]), with_cls=False)["box"]
+                      for rec in table])
+    rows = base.shape[0]
     schemes = [("per-edge scale (format)", "edge", False, 0.0), ("per-anchor scale", "anchor", False, 0.0),
                ("per-edge, max shifted to 0", "edge", True, 0.0),
-               ("per-edge, step >= 1/16", "edge", True, 1 / 16), ("per-edge, step >= 1/8", "edge", True, 1 / 8)]
-    for name, per, shift, min_step in schemes:
-        packed, dec = quantise(x, per, shift, min_step)
-        sizes = [compressed(packed, args.chunk, t, d) / rows for t, d in
-                 ((False, False), (True, False), (False, True), (True, True))]
-        (fs, fm), (ns, nm) = ld_errors(box, dec)
-        print(f"| {name} | {packed.shape[1]} | " + " | ".join(f"{v:.1f}" for v in sizes) +
-              f" | {fs:.1e} / {fm:.1e} | {ns:.1e} / {nm:.1e} |")
+               ("per-edge, step >= 1/16", "edge", False, 1 / 16),
+               ("per-edge, step >= 1/8 (codec default)", "edge", False, 1 / 8),
+               ("per-edge, step >= 1/8, max shifted to 0", "edge", True, 1 / 8),
+               ("per-edge, step >= 1/4", "edge", False, 1 / 4)]
+    for k in (float(v) for v in args.sharpen.split(",")):
+        box = torch.log_softmax(base.double() * k, dim=-1).float() if k != 1 else base
+        x = box.clamp(min=-CLIP)
+        print(f"{args.cache}: {len(table)} samples, {rows} box rows, logits x {k:g}; "
+              "bytes per row (raw -> zstd); LD-loss error (T = 10) vs fp32")
+        print("| scheme | raw | plain | T | delta | Tdelta | far: sum / mean edge | near: sum / mean edge |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, per, shift, min_step in schemes:
+            packed, dec = quantise(x, per, shift, min_step)
+            sizes = [compressed(packed, args.chunk, t, d) / rows for t, d in
+                     ((False, False), (True, False), (False, True), (True, True))]
+            (fs, fm), (ns, nm) = ld_errors(box, dec)
+            print(f"| {name} | {packed.shape[1]} | " + " | ".join(f"{v:.1f}" for v in sizes) +
+                  f" | {fs:.1e} / {fm:.1e} | {ns:.1e} / {nm:.1e} |")
+        print()
 
 
 if __name__ == "__main__":
