@@ -331,6 +331,12 @@ def test_int8_box_step_is_recorded_and_makes_the_cache_smaller(make_tiny_pipe, t
     assert (a["codec_step"], b["codec_step"]) == (0.125, 0.0)
     assert "box step >= 0.125 nat" in format_info(a) and "each row over its own range" in format_info(b)
     assert a["cache_id"] != b["cache_id"] and a["anchors_per_sample"] == b["anchors_per_sample"]
+    # step 0 writes what caches before the setting wrote: no field, the same identity
+    assert "codec_step" not in CacheReader(own).manifest.to_dict()
+    with pytest.raises(CacheError, match=r"to resume it, -o cache.int8_box_step=0"):
+        dump_teacher(make_tiny_pipe("cache.region=ld", "cache.codec=int8"), "teacher",
+                     trained_tiny_teacher, own, device="cpu", progress=False)
+    assert CacheReader(own).manifest.cache_id == b["cache_id"]  # refused before anything was written
     assert a["stored_bytes_by_part"]["box"] < 0.9 * b["stored_bytes_by_part"]["box"]
     ref, r8 = CacheReader(trained_caches["fp32"]), CacheReader(grid)
     for rec in ref.table:

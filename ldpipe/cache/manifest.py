@@ -116,8 +116,8 @@ class Manifest:
     # before it was recorded (then codec.LEGACY_CLIP applies: int8 clipped at 40)
     codec_clip: float | None = None
     # int8: the box rows' smallest quantisation step in nats (cache.int8_box_step); None for
-    # other codecs, and absent from caches written before it existed (then 0: every row over
-    # its own range)
+    # other codecs and for step 0 (every row over its own range), which is what caches written
+    # before the setting existed did
     codec_step: float | None = None
     # what the stored ``cls`` rows are the log-softmax of (docs/cache-format.md, section 3):
     # absent/None = "joint" (GFL teachers, and every cache from before GFocalV2): logits whose
@@ -186,6 +186,10 @@ class Manifest:
                     if a.get(sub) != b.get(sub):
                         out.append(f"{key}.{sub}: cache has {_short(a.get(sub))}, "
                                    f"this run has {_short(b.get(sub))}")
+            elif key == "codec_step" and self.codec == new.codec == "int8":
+                out.append(f"codec_step (cache.int8_box_step): cache has {self.box_step:g} nat"
+                           f"{' (written before the setting existed)' if a is None else ''}, this run "
+                           f"has {new.box_step:g}; to resume it, -o cache.int8_box_step={self.box_step:g}")
             else:
                 out.append(f"{key}: cache has {_short(a)}, this run has {_short(b)}")
         return out
@@ -338,7 +342,8 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         lineage=(ckpt_meta.get("ldpipe") or {}).get("lineage") or {},
     )
     m.codec_clip = clip_of(cache.codec)
-    m.codec_step = float(cache.int8_box_step) if cache.codec == "int8" else None
+    # step 0 is what caches before the setting did: no field, so their identity (and id) is kept
+    m.codec_step = float(cache.int8_box_step) if cache.codec == "int8" and cache.int8_box_step > 0 else None
     if HEADS[cfg.head.type].cls_logits != "joint":
         m.cls_logits = HEADS[cfg.head.type].cls_logits
     m.cache_id = m.compute_id()
