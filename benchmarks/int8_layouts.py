@@ -78,6 +78,12 @@ def main() -> None:
                     "logits x k (a sharper, converged teacher), each a table")
     ap.add_argument("--samples", type=int, default=0, help="first N samples only (0 = all)")
     args = ap.parse_args()
+    try:
+        factors = [float(v) for v in args.sharpen.split(",")]
+    except ValueError:
+        ap.error(f"--sharpen wants comma-separated numbers, got {args.sharpen!r}")
+    if any(k <= 0 for k in factors):
+        ap.error(f"--sharpen factors must be > 0, got {args.sharpen!r}")
     r = CacheReader(args.cache)
     if r.manifest.codec != "fp32":
         raise SystemExit(f"{args.cache}: codec {r.manifest.codec}, need an fp32 cache")
@@ -91,7 +97,7 @@ def main() -> None:
                ("per-edge, step >= 1/8 (codec default)", "edge", False, 1 / 8),
                ("per-edge, step >= 1/8, max shifted to 0", "edge", True, 1 / 8),
                ("per-edge, step >= 1/4", "edge", False, 1 / 4)]
-    for k in (float(v) for v in args.sharpen.split(",")):
+    for k in factors:
         box = torch.log_softmax(base.double() * k, dim=-1).float() if k != 1 else base
         x = box.clamp(min=-CLIP)
         print(f"{args.cache}: {len(table)} samples, {rows} box rows, logits x {k:g}; "

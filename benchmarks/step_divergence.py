@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             ap.error(f"--cache wants NAME=PATH, got {spec!r}")
+        if name == "online" or name in dict(caches) or name.endswith(" again"):
+            ap.error(f"--cache names must be unique and not 'online', got {name!r}")
         caches.append((name, path))
 
     def run(name: str, source: list[str]) -> dict[int, float]:

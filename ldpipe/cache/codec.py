@@ -35,13 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import CODECS
+from ..config import CODECS, INT8_BOX_STEP
 
 CLIP = 250.0
 FP16_CLIP = 60000.0
 LEGACY_CLIP = {"fp32": None, "fp16": FP16_CLIP, "int8": 40.0}  # caches without codec_clip
-BOX_STEP = 0.125  # default cache.int8_box_step (nats); caches without codec_step used 0
-MAX_INT8_STEP = 1.0  # a larger step would move a value by more than 0.05 at T = 10
+BOX_STEP = INT8_BOX_STEP  # default cache.int8_box_step (nats); caches without codec_step used 0
 
 
 @dataclass

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import __version__
-from ..config import ModelConfig, Pipeline, resolve_backbone
+from ..config import MAX_INT8_BOX_STEP, ModelConfig, Pipeline, resolve_backbone
 from ..models.anchors import Grid, make_grid
 from ..models.detector import HEADS, backbone_label
-from .codec import LEGACY_CLIP, MAX_INT8_STEP, bytes_per_value, clip_of, row_extra
+from .codec import LEGACY_CLIP, bytes_per_value, clip_of, row_extra
 
 FORMAT = "ldpipe-teacher-cache"
 FORMAT_VERSION = 2
@@ -283,7 +283,7 @@ def check_numbers(m: "Manifest", url: str) -> None:
         bad("num_units", m.num_units)
     step = m.codec_step
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float))
-                             or not 0 <= step <= MAX_INT8_STEP):
+                             or not 0 <= step <= MAX_INT8_BOX_STEP):
         bad("codec_step", step)
 
 

@@ -19,7 +19,7 @@ from .schema import HEAD_TYPES
 from .schema import (BOX_LOSSES, BOX_NORMS, CODECS, COMPRESSORS, DATA_FORMATS, DISTILL_TERMS,
                      REGION_POLICIES, RESNET_DEPTHS, VLR_REGIONS, ConfigError, Pipeline, _build)
 from .schema import BACKBONE_DEPTHS, BACKBONE_TYPES, DCN_TYPES, BackboneConfig, ModelConfig
-from .schema import NMS_KINDS
+from .schema import MAX_INT8_BOX_STEP, NMS_KINDS
 
 
 # ---------------------------------------------------------------------- parsing
@@ -130,8 +130,8 @@ def validate(pipe: Pipeline) -> None:
         if value not in allowed:
             raise ConfigError(f"{src}: cache.{key} must be {_alternatives(allowed)}, got {value!r}")
     step = pipe.cache.int8_box_step
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step <= 1:
-        raise ConfigError(f"{src}: cache.int8_box_step must be a number of nats in [0, 1] "
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step <= MAX_INT8_BOX_STEP:
+        raise ConfigError(f"{src}: cache.int8_box_step must be a number of nats in [0, {MAX_INT8_BOX_STEP:g}] "
                           f"(0 = each row over its own range), got {step!r}")
     check_values(pipe)
 

@@ -21,6 +21,9 @@ RESNET_DEPTHS = (18, 34, 50, 101)
 REGION_POLICIES = ("main", "ld", "overlap", "dense")
 CODECS = ("fp32", "fp16", "int8")
 COMPRESSORS = ("zstd", "blosc")
+# cache.int8_box_step: default and largest value, in nats (ldpipe.cache.codec)
+INT8_BOX_STEP = 0.125
+MAX_INT8_BOX_STEP = 1.0  # half of it moves a value by 0.05 at T = 10
 DISTILL_TERMS = ("ld", "vlr", "kd")
 BOX_LOSSES = ("giou", "ciou")
 BOX_NORMS = ("sum", "clamp")
@@ -211,7 +214,7 @@ class CacheConfig:
     codec: str = "int8"  # one of CODECS
     # int8: the box rows' smallest quantisation step in nats (ldpipe.cache.codec; 0 = each row
     # over its own range, as caches before it); a common step lets neighbouring rows compress
-    int8_box_step: float = 0.125
+    int8_box_step: float = INT8_BOX_STEP
     store_cls: bool = True
     compressor: str = "zstd"  # one of COMPRESSORS
     samples_per_shard: int = 64
@@ -338,4 +341,4 @@ __all__ = [
     "AssignerConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig",
     "LossConfig", "ModelConfig", "Pipeline", "TestConfig", "TrainConfig",
 ]
-__all__ += ["HEAD_TYPES", "HeadConfig"]
+__all__ += ["HEAD_TYPES", "HeadConfig", "INT8_BOX_STEP", "MAX_INT8_BOX_STEP"]
