@@ -8,6 +8,11 @@ R-50-like students (the same depths, every width divided by ``256 / --channels``
 images (``ldpipe data synth``) at ``--size`` px, 2 variants (no flip / flip).  The teacher's
 weights are random (time and memory do not depend on them).
 
+The replica keeps the COCO programme's proportion of dumped to read samples: a training epoch
+draws one variant of every image, so ``--iters`` iterations of ``--batch`` are
+``iters x batch / images`` epochs (60 x 2 / 10 = 12, the 1x schedule), and each student reads
+6x the ``2 x images`` samples the dump wrote, as 12 COCO epochs against a 2-variant dump do.
+
 * online LD: ``ldpipe train-student --online-teacher`` for each student (the teacher forward
   runs every step);
 * ldpipe: ``ldpipe dump-teacher`` once (both variants), then ``ldpipe train-student --cache``
@@ -15,7 +20,12 @@ weights are random (time and memory do not depend on them).
 
 Every stage runs as its own process (``--stage``), which reports its wall seconds, CPU seconds
 (user + system, all threads) and peak resident memory (VmHWM); the teacher's parameter bytes
-are printed next to the students' peaks.  Prints one JSON line with the totals and ratios.
+are printed next to the students' peaks.  Each stage's wall time is also split into ``loop_s``
+(the dump's batch loop until its last unit is committed; the sum of a training run's epoch
+times) and ``setup_s`` (the rest: imports, model and data set construction, checkpoint files):
+the loops are what grows with a real data set and schedule, the setup is paid once per process
+however long it runs, so a replica that is 10^4 times shorter than the programme inflates it.
+Prints one JSON line with the totals and ratios of both.
 """
 from __future__ import annotations
 
@@ -34,10 +44,16 @@ from .common import REPO, emit, machine_info, peak_rss_mb
 STUDENTS = (("s18", 18), ("s34", 34), ("s50", 50))
 
 
+def schedule(iters: int, batch: int, images: int) -> tuple[int, int]:
+    """(epochs, iterations per epoch) of ``iters`` iterations: an epoch visits every image once
+    (one variant drawn per image, ``VariantSampler``), i.e. ``ceil(images / batch)`` batches."""
+    per_epoch = max(1, -(-images // batch))
+    return -(-iters // per_epoch), min(iters, per_epoch)
+
+
 def pipeline_toml(root: str, size: int, width: int, channels: int, iters: int, batch: int,
-                  samples: int, stacked_convs: int = 2) -> str:
-    per_epoch = max(1, samples // batch)
-    epochs = -(-iters // per_epoch)
+                  images: int, stacked_convs: int = 2) -> str:
+    epochs, per_epoch = schedule(iters, batch, images)
     models = "".join(f"""
 [models.{name}]
 depth = {depth}
@@ -60,13 +76,14 @@ flip = true
 
 [train]
 epochs = {epochs}
-max_iters_per_epoch = {min(iters, per_epoch)}
+max_iters_per_epoch = {per_epoch}
 batch_size = {batch}
 lr = 0.01
 warmup_iters = 10
 steps = []
 workers = 0
 log_interval = 100000
+keep_checkpoints = 1
 {models}
 [distill]
 kd_weight = 1.0
@@ -93,12 +110,31 @@ def stage(args: list[str]) -> None:
                           "peak_rss_mb": peak_rss_mb()}))
 
 
+def loop_seconds(args: list[str], stdout: str) -> tuple[float, int]:
+    """(loop seconds, iterations or samples) of a finished stage: the dump's own ``seconds``
+    (its summary line on stdout), or the epoch times and last iteration of a training run's
+    ``metrics.jsonl``."""
+    if args[0] == "dump-teacher":
+        for line in stdout.splitlines():
+            if line.startswith("{") and '"cache_id"' in line:
+                d = json.loads(line)
+                return float(d["seconds"]), int(d["rank_images"])
+        raise ValueError("the dump printed no summary line")
+    work_dir = args[args.index("--work-dir") + 1]
+    with open(os.path.join(work_dir, "metrics.jsonl")) as fh:
+        epochs = [r for r in map(json.loads, fh) if r.get("type") == "epoch"]
+    return sum(r["time_s"] for r in epochs), (epochs[-1]["iter"] if epochs else 0)
+
+
 def run_stage(args: list[str], env: dict) -> dict:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.programme", "--stage", json.dumps(args)],
                           cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"stage {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["loop_s"], out["work"] = loop_seconds(args, proc.stdout)
+    out["setup_s"] = out["seconds"] - out["loop_s"]
+    return out
 
 
 def main() -> None:
@@ -129,7 +165,7 @@ def main() -> None:
     synthesize(root, n_train=args.images, n_val=4, seed=0)
     pfile = os.path.join(work, "programme.toml")
     with open(pfile, "w") as fh:
-        fh.write(pipeline_toml(root, args.size, args.width, args.channels, args.iters, args.batch, 2 * args.images,
+        fh.write(pipeline_toml(root, args.size, args.width, args.channels, args.iters, args.batch, args.images,
                               args.stacked_convs))
     pipe = load_pipeline(pfile, [])
     torch.manual_seed(0)
@@ -150,13 +186,19 @@ def main() -> None:
                                          "--work-dir", os.path.join(work, f"online_{name}"), *dev], env)
         res["ldpipe"][name] = run_stage(["train-student", pfile, "--model", name, "--cache", cache,
                                          "--work-dir", os.path.join(work, f"cached_{name}"), *dev], env)
-    totals = {mode: {k: sum(s[k] for s in stages.values()) for k in ("seconds", "cpu_s")}
-              for mode, stages in res.items()}
-    out = {"iters_per_student": args.iters, "samples": args.images * 2, "size": args.size,
+    keys = ("seconds", "cpu_s", "loop_s", "setup_s")
+    totals = {mode: {k: sum(s[k] for s in stages.values()) for k in keys} for mode, stages in res.items()}
+    epochs, _ = schedule(args.iters, args.batch, args.images)
+    iters = {n: res["ldpipe"][n]["work"] for n, _ in STUDENTS}
+    if any(i != args.iters for i in iters.values()):
+        sys.exit(f"the students ran {iters} iterations, not --iters {args.iters}")
+    out = {"iters_per_student": args.iters, "epochs": epochs, "samples": args.images * 2,
+           "student_reads_per_dumped_sample": args.iters * args.batch / (2 * args.images),
+           "size": args.size,
            "width": args.width, "channels": args.channels, "stacked_convs": args.stacked_convs,
            "batch": args.batch, "device": args.device,
            "teacher_param_bytes": teacher_bytes, "stages": res, "totals": totals,
-           "online_over_ldpipe": {k: totals["online"][k] / totals["ldpipe"][k] for k in ("seconds", "cpu_s")},
+           "online_over_ldpipe": {k: totals["online"][k] / totals["ldpipe"][k] for k in keys},
            "student_peak_rss_mb": {mode: {n: res[mode][n]["peak_rss_mb"] for n, _ in STUDENTS}
                                    for mode in ("online", "ldpipe")},
            "machine": machine_info(torch.device(args.device))}

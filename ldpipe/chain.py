@@ -163,7 +163,7 @@ class Chain:
             return
         argv = self._begin(stage)
         self.echo(f"[chain] run {stage.name}: ldpipe {' '.join(argv)}")
-        t0 = time.time()
+        t0 = time.perf_counter()
         self.run_argv(argv)
         self._end(stage, t0)
 
@@ -178,7 +178,7 @@ class Chain:
         fh = open(log_path, "w")
         proc = subprocess.Popen([sys.executable, "-m", "ldpipe", *argv], stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        return _Background(stage, proc, fh, log_path, time.time())
+        return _Background(stage, proc, fh, log_path, time.perf_counter())
 
     def wait_stage(self, bg: "_Background | None") -> None:
         if bg is None:
@@ -190,7 +190,7 @@ class Chain:
                 tail = [ln.rstrip() for ln in fh.readlines()[-5:]]
             raise ChainError(f"stage {bg.stage.name} failed (exit code {rc}); its log is "
                              f"{bg.log_path}:\n  " + "\n  ".join(tail))
-        self.echo(f"[chain] done {bg.stage.name} ({time.time() - bg.t0:.0f} s)")
+        self.echo(f"[chain] done {bg.stage.name} ({time.perf_counter() - bg.t0:.0f} s)")
         self._end(bg.stage, bg.t0)
 
     def _begin(self, stage: Stage) -> list[str]:
@@ -208,7 +208,7 @@ class Chain:
 
     def _end(self, stage: Stage, t0: float) -> None:
         self._write(self._stamp_path(stage, "done"),
-                    {"key": stage.key, "inputs": stage.inputs, "seconds": round(time.time() - t0, 2)})
+                    {"key": stage.key, "inputs": stage.inputs, "seconds": round(time.perf_counter() - t0, 2)})
         self.ran.append(stage.name)
 
     # ------------------------------------------------------------ stages

@@ -94,3 +94,30 @@ def test_coco_scale_writer_rate_and_loader_rate_run_tiny(tmp_path):
                          "--batch", "2", "--reads", "8").strip().splitlines()[-1])
     assert [x["workers"] for x in r["by_workers"]] == [0, 2]
     assert all(x["samples"] == 6 and x["samples_per_s"] > 0 for x in r["by_workers"])  # 8 - first batch
+
+
+def test_programme_schedule_and_stage_split(tmp_path):
+    """benchmarks.programme: a training epoch is one batch pass over the *images* (one variant
+    drawn per image), so 60 iterations of 2 over 10 images are 12 epochs and every student
+    reads 6x the 20 dumped samples; each stage's loop time comes from the dump's summary line
+    or the run's epoch records."""
+    from benchmarks.programme import loop_seconds, pipeline_toml, schedule
+
+    from ldpipe.config import load_pipeline
+    assert schedule(60, 2, 10) == (12, 5) and schedule(300, 2, 100) == (6, 50)
+    assert schedule(61, 2, 10) == (13, 5) and schedule(4, 3, 10) == (1, 4)
+    pfile = tmp_path / "p.toml"
+    pfile.write_text(pipeline_toml(str(tmp_path), 64, 8, 16, 60, 2, 10))
+    pipe = load_pipeline(str(pfile), [])
+    assert pipe.train.epochs == 12 and pipe.train.max_iters_per_epoch == 5
+    assert pipe.train.epochs * pipe.train.max_iters_per_epoch * pipe.train.batch_size == 6 * (2 * 10)
+    dump_out = 'progress\n{"cache": "c", "samples": 20, "rank_images": 20, "seconds": 8.25, "cache_id": "x"}\n'
+    assert loop_seconds(["dump-teacher", "p"], dump_out) == (8.25, 20)
+    with pytest.raises(ValueError):
+        loop_seconds(["dump-teacher", "p"], "no summary")
+    work = tmp_path / "s"
+    work.mkdir()
+    (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"type": "epoch", "iter": 5, "time_s": 6.5}, {"type": "train", "iter": 5, "time_s": 99},
+        {"type": "epoch", "iter": 10, "time_s": 7.0})))
+    assert loop_seconds(["train-student", "p", "--work-dir", str(work)], "") == (13.5, 10)

@@ -148,6 +148,53 @@ def test_info_does_not_list_every_object(s3, one_rank):
     assert d["units_committed"] == 12 and d["complete"]
 
 
+def _gets(log, part: str) -> list[str]:
+    """GET requests below ``part`` in the server's log (206 lines come colour-coded)."""
+    return [ln for ln in log.lines if re.search(rf"GET /\S*{part}", ln)]
+
+
+def test_a_sample_read_from_s3_is_one_get_per_array(s3, one_rank):
+    """Once a unit is open (its shard indexes read), a sample costs one ranged GET per value
+    array and nothing else."""
+    from ldpipe.cache import CacheReader
+
+    reader = CacheReader(one_rank, preload_bytes=0)
+    reader.read(5, 0)  # opens the cache and unit 5 (samples 10, 11), reads its shard indexes
+    s3["log"].lines.clear()
+    reader.read(5, 1)
+    arrays = sorted(re.search(r"/units/\d{6}/(\w+)/c/", ln).group(1) for ln in _gets(s3["log"], "/units/"))
+    assert arrays == ["anchor", "box", "cls"], s3["log"].lines
+    assert not [ln for ln in s3["log"].lines if "HEAD /" in ln or "list-type" in ln], s3["log"].lines
+
+
+def test_row_range_on_s3_is_one_get_where_zarr_makes_one_per_chunk(s3):
+    """A row range spanning several inner chunks: one GET for ``ShardRows`` (index kept),
+    the index plus one GET per chunk for zarr's slice; the same values."""
+    import numpy as np
+    import torch
+    import zarr
+
+    from ldpipe.cache.shards import shard_rows
+    from ldpipe.cache.store import SampleRows, assemble_unit, write_unit
+    g = torch.Generator().manual_seed(0)
+    meta = {"index": 0, "image_id": 1, "img_shape": (64, 64), "pad_shape": (64, 64),
+            "ori_shape": (64, 64), "flip": False, "scale_factor": (1.0, 1.0)}
+    rows = SampleRows(0, meta, torch.arange(60, dtype=torch.int32),
+                      torch.log_softmax(torch.randn(60, 4, 17, generator=g), -1), None)
+    root = zarr.open_group(f"s3://{BUCKET}/rows.zarr", mode="w", zarr_format=3)
+    write_unit(root, 0, assemble_unit([rows], "int8", 2), "zstd", 8)
+    box = root["units/000000/box"]
+    fast = shard_rows(box, 2, "rows.zarr: units/000000/box")
+    fast.index()
+    s3["log"].lines.clear()
+    got = fast.rows(3, 30)  # chunks 0-3 of 8 rows
+    assert len(_gets(s3["log"], "/units/000000/box/c/")) == 1, s3["log"].lines
+    s3["log"].lines.clear()
+    want = box[..., 3:30]
+    assert len(_gets(s3["log"], "/units/000000/box/c/")) >= 5, s3["log"].lines  # index + 4 chunks
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.slow
 def test_killed_dump_on_s3_resumes_to_the_same_bits(s3, one_rank, tiny_overrides, tiny_teacher_ckpt):
     url = f"s3://{BUCKET}/killed.zarr"

@@ -15,8 +15,9 @@ import zarr
 
 from .integrity import check_index, check_unit, check_unit_arrays, missing_objects
 from .manifest import F, CacheError, Manifest
-from .store import (first_line, from_disk, index_complete, load_index, open_cache, unit_name,
-                    unpack_rows)
+from .shards import ShardRows, shard_rows
+from .store import (ROWS_LAST, first_line, from_disk, index_complete, load_index, open_cache,
+                    unit_name, unpack_rows)
 
 VALUE_ARRAYS = ("anchor", "box", "cls")
 
@@ -25,8 +26,10 @@ class UnitArrays:
     """The ``anchor``/``box``/``cls`` arrays of recently used units (LRU).
 
     ``decoded=True`` reads a unit whole into memory when first used (numpy arrays in
-    the stored orientation); otherwise the zarr arrays are kept open and slices are
-    read on demand.  ``keep=None`` never evicts.  A unit that cannot be read is a
+    the stored orientation); otherwise the arrays are kept open and slices are read on
+    demand.  Either way an array in the layout ldpipe writes is read through
+    :class:`~ldpipe.cache.shards.ShardRows` (one byte-range read per slice), any other
+    through zarr.  ``keep=None`` never evicts.  A unit that cannot be read is a
     :class:`CacheError` naming the unit and array; so is one whose committed arrays or
     shards are missing or empty (zarr would read them as zeros), and, read whole, one
     whose content differs from its commit checksum (``ldpipe.cache.integrity``).
@@ -53,7 +56,9 @@ class UnitArrays:
         try:
             for name in VALUE_ARRAYS:
                 if name in commit["sha256"]:
-                    arrays[name] = g[name][...] if self.decoded else g[name]
+                    arrays[name] = self._open_array(g[name], name, f"{self.url}: {where}/{name}")
+        except CacheError:
+            raise
         except Exception as exc:
             raise CacheError(f"{self.url}: {where}/{name} cannot be read ({first_line(exc)}); "
                              f"run `ldpipe cache verify {self.url}`") from None
@@ -63,6 +68,19 @@ class UnitArrays:
         while self.keep is not None and len(self.units) > self.keep:
             self.units.popitem(last=False)
         return arrays
+
+    def _open_array(self, z: zarr.Array, name: str, where: str):
+        fast = shard_rows(z, z.ndim - 1 if name in ROWS_LAST else 0, where)
+        if not self.decoded:
+            return fast or z
+        return fast.rows(0, fast.shape[fast.axis]) if fast is not None else z[...]
+
+
+def _take(arr, name: str, sl: slice) -> np.ndarray:
+    """Rows ``sl`` of a unit array (decoded numpy, :class:`ShardRows` or zarr), stored orientation."""
+    if isinstance(arr, ShardRows):
+        return arr.rows(sl.start, sl.stop)
+    return arr[sl] if name not in ROWS_LAST else arr[..., sl]
 
 
 def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True,
@@ -80,9 +98,11 @@ def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True
                          f"({', '.join(n for n in ('anchor', 'box') if n not in arrays)})")
     out, name = {"cls": None}, "anchor"
     try:
-        out["anchor"] = torch.from_numpy(np.asarray(arrays["anchor"][sl]).astype(np.int64))
+        out["anchor"] = torch.from_numpy(np.asarray(_take(arrays["anchor"], "anchor", sl)).astype(np.int64))
         for name in ("box", "cls") if with_cls and "cls" in arrays else ("box",):
-            out[name] = unpack_rows(from_disk(name, arrays[name][..., sl]), codec)
+            out[name] = unpack_rows(from_disk(name, _take(arrays[name], name, sl)), codec)
+    except CacheError as exc:
+        raise CacheError(f"{exc}; run `ldpipe cache verify {url}`") from None
     except Exception as exc:
         raise CacheError(f"{where}/{name}: rows of sample {int(rec[F['sample']])} cannot be read "
                          f"({first_line(exc)}); run `ldpipe cache verify {url}`") from None

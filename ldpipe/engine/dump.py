@@ -213,7 +213,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
                             threads=cache_cfg.writer_threads, url=out, box_step=manifest.box_step)
         pending: dict[int, list[SampleRows]] = {}
         n_images = 0
-        t0 = time.time()
+        t0 = time.perf_counter()  # durations: monotonic, not the wall clock
         bar = runtime.progress_bar(total=sum(len(b) for b in batches), desc=f"dump {model_name}",
                                    unit="img", disable=not (progress and info.is_main))
         try:
@@ -226,7 +226,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
                             writer.put(u, pending.pop(u))
                     n_images += len(batch["metas"])
                     bar.update(len(batch["metas"]))
-                    bar.set_postfix(img_s=f"{n_images / max(time.time() - t0, 1e-9):.1f}")
+                    bar.set_postfix(img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
         finally:
             bar.close()
             writer.close()
@@ -234,7 +234,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
             raise CacheError(f"{out}: units {sorted(pending)} were left incomplete (internal error)")
         runtime.barrier()
         summary = {"cache": out, "samples": total, "units": num_units, "rank_images": n_images,
-                   "seconds": round(time.time() - t0, 3), "cache_id": manifest.cache_id}
+                   "seconds": round(time.perf_counter() - t0, 3), "cache_id": manifest.cache_id}
         if info.is_main:
             committed = committed_units(root)
             missing = [u for u in range(num_units) if u not in committed]

@@ -316,7 +316,7 @@ def _run(pipe: Pipeline, model_name: str, work_dir: str, resume: bool, hook: Hoo
         bar = runtime.progress_bar(total=iters_per_epoch, desc=f"{model_name} epoch {epoch + 1}/{sched.epochs}",
                                    disable=not (progress and info.is_main), leave=False,
                                    initial=skip if first else 0)
-        t_epoch = time.time()
+        t_epoch = time.perf_counter()  # a duration: monotonic, not the wall clock
         running: dict[str, float] = dict(running0) if first else {}
         batches = iter(loader)
         if rng is not None:  # an iter checkpoint: the state after that iteration
@@ -357,7 +357,7 @@ def _run(pipe: Pipeline, model_name: str, work_dir: str, resume: bool, hook: Hoo
             log.warning("%s epoch %d: skipped %d undecodable image(s) on rank %d (e.g. %s)",
                         model_name, epoch + 1, len(skipped), info.rank, skipped[0])
         if info.is_main:
-            elapsed = time.time() - t_epoch
+            elapsed = time.perf_counter() - t_epoch
             _append_json(metrics_path, {"type": "epoch", "model": model_name, "epoch": epoch + 1,
                                         "iter": global_it, "time_s": round(elapsed, 3),
                                         "it_per_s": round(n / max(elapsed, 1e-9), 3), **summary})

@@ -1,0 +1,161 @@
+"""Row ranges of a unit's sharded arrays, read with one byte-range request per sample.
+
+Every unit array is one Zarr v3 shard of inner chunks along the row axis
+(``docs/cache-format.md``).  zarr-python reads a slice of it correctly, but spends about 2 ms
+per ``__getitem__`` and 0.5-0.8 ms per inner chunk in its generic asynchronous machinery, most
+of a random read's cost on the CPU (docs/benchmarks.md, "Reading").  :class:`ShardRows` reads
+the same bytes the way the sharding specification lays them out: the shard index (an array of
+``(offset, nbytes)`` pairs, little-endian uint64, at the end of the shard, followed by its
+crc32c) is read once per array and kept; a row range is then one contiguous byte-range read of
+the chunks it touches, each checked against its crc32c and decoded by the very codecs zarr
+uses (numcodecs' Zstd / Blosc and Delta, google-crc32c).
+
+It only takes arrays whose codec chain it knows - the chains ``ldpipe.cache.store`` writes -
+and :func:`shard_rows` returns ``None`` for anything else, so the caller falls back to zarr.
+``tests/test_cache.py`` compares it with zarr's reads value for value.
+"""
+from __future__ import annotations
+
+import os
+
+import google_crc32c
+import numcodecs
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.numcodecs import Delta
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from .manifest import CacheError
+
+EMPTY = 2**64 - 1  # the sharding index's marker of a chunk that was never written
+CRC_BYTES = 4
+
+
+class ShardRows:
+    """Reads ``[start, stop)`` rows of one single-shard unit array (rows on ``axis``)."""
+
+    def __init__(self, arr: zarr.Array, axis: int, inner: int, filters: list, compressor,
+                 where: str) -> None:
+        self.arr, self.axis, self.inner, self.where = arr, axis, inner, where
+        self.shape = arr.shape
+        self.dtype = np.dtype(arr.dtype).newbyteorder("<")
+        self.filters, self.compressor = filters, compressor
+        chunk = list(arr.shape)
+        chunk[axis] = inner
+        self.chunk_shape = tuple(chunk)
+        rows = arr.shape[axis]
+        self.n_chunks = -(-rows // inner) if rows else 0
+        self.key = arr.metadata.encode_chunk_key((0,) * len(arr.shape))
+        store, base = arr.store_path.store, arr.store_path.path
+        self.store, self.full_key = store, f"{base}/{self.key}" if base else self.key
+        self.path = os.path.join(str(store.root), self.full_key) if isinstance(store, LocalStore) else None
+        self._index: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ bytes
+    def _read(self, start: int | None, length: int) -> bytes:
+        """``length`` bytes at ``start`` of the shard (``start=None``: its last ``length``)."""
+        try:
+            if self.path is not None:
+                with open(self.path, "rb") as fh:
+                    fh.seek(-length if start is None else start, os.SEEK_END if start is None else os.SEEK_SET)
+                    data = fh.read(length)
+            else:
+                from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+                req = SuffixByteRequest(length) if start is None else RangeByteRequest(start, start + length)
+                buf = sync(self.store.get(self.full_key, prototype=default_buffer_prototype(), byte_range=req))
+                data = b"" if buf is None else buf.to_bytes()
+        except (FileNotFoundError, OSError) as exc:
+            raise CacheError(f"{self.where}: shard {self.key} cannot be read ({exc})") from None
+        if len(data) != length:
+            raise CacheError(f"{self.where}: shard {self.key} is shorter than its index says "
+                             f"({len(data)} of {length} bytes)")
+        return data
+
+    @staticmethod
+    def _checked(data: bytes | memoryview, what: str) -> bytes:
+        body = bytes(data[:-CRC_BYTES])
+        stored = int.from_bytes(data[-CRC_BYTES:], "little")
+        if google_crc32c.value(body) != stored:
+            raise CacheError(f"{what} fails its crc32c checksum (damaged)")
+        return body
+
+    def index(self) -> np.ndarray:
+        """``[n_chunks, 2]`` (offset, nbytes) of the inner chunks along the rows."""
+        if self._index is None:
+            raw = self._read(None, 16 * self.n_chunks + CRC_BYTES)
+            body = self._checked(raw, f"{self.where}: the shard index of {self.key}")
+            self._index = np.frombuffer(body, dtype="<u8").reshape(self.n_chunks, 2)
+        return self._index
+
+    # ----------------------------------------------------------------- values
+    def _decode(self, data: bytes | memoryview, k: int) -> np.ndarray:
+        body = self._checked(data, f"{self.where}: chunk {k} of {self.key}")
+        raw = self.compressor.decode(body)
+        for f in reversed(self.filters):
+            raw = f.decode(raw)
+        out = np.frombuffer(raw, dtype=self.dtype)
+        if out.size != int(np.prod(self.chunk_shape)):
+            raise CacheError(f"{self.where}: chunk {k} of {self.key} decodes to {out.size} values, "
+                             f"not {int(np.prod(self.chunk_shape))} (damaged)")
+        return out.reshape(self.chunk_shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` in the stored orientation, as zarr would return them."""
+        if not 0 <= start <= stop <= self.shape[self.axis]:
+            raise CacheError(f"{self.where}: rows {start}:{stop} are outside its "
+                             f"{self.shape[self.axis]} rows")
+        if start == stop:
+            shape = list(self.shape)
+            shape[self.axis] = 0
+            return np.zeros(shape, self.dtype)
+        k0, k1 = start // self.inner, (stop - 1) // self.inner
+        idx = self.index()[k0:k1 + 1]
+        if (idx == EMPTY).any():
+            raise CacheError(f"{self.where}: chunk {k0 + int(np.nonzero((idx == EMPTY).any(1))[0][0])} "
+                             f"of {self.key} was never written (damaged)")
+        lo, hi = int(idx[:, 0].min()), int((idx[:, 0] + idx[:, 1]).max())
+        blob = memoryview(self._read(lo, hi - lo))
+        parts = [self._decode(blob[int(o) - lo:int(o) - lo + int(n)], k0 + j)
+                 for j, (o, n) in enumerate(idx)]
+        whole = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.axis)
+        sl = [slice(None)] * len(self.shape)
+        sl[self.axis] = slice(start - k0 * self.inner, stop - k0 * self.inner)
+        return whole[tuple(sl)]
+
+
+def shard_rows(arr: zarr.Array, axis: int, where: str) -> ShardRows | None:
+    """A :class:`ShardRows` for ``arr`` if its layout and codecs are the ones ldpipe writes
+    (one shard; inner chunks split only the row axis; [Delta], Bytes, Zstd|Blosc, Crc32c;
+    index at the end with Bytes, Crc32c), else ``None``."""
+    codecs = arr.metadata.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sh = codecs[0]
+    if sh.index_location != ShardingCodecIndexLocation.end or [type(c) for c in sh.index_codecs] != \
+            [BytesCodec, Crc32cCodec]:
+        return None
+    shape, chunk = arr.shape, sh.chunk_shape
+    shard = arr.shards
+    if shard is None or any(s > b for s, b in zip(shape, shard)) or any(
+            c != s for i, (c, s) in enumerate(zip(chunk, shard)) if i != axis) or shard[axis] % chunk[axis]:
+        return None
+    inner = list(sh.codecs)
+    filters = []
+    while inner and isinstance(inner[0], Delta):
+        filters.append(numcodecs.get_codec(dict(inner.pop(0).codec_config, id="delta")))
+    if len(inner) != 3 or not isinstance(inner[0], BytesCodec) or not isinstance(inner[2], Crc32cCodec):
+        return None
+    if np.dtype(arr.dtype).itemsize > 1 and inner[0].endian is not None and inner[0].endian.value != "little":
+        return None
+    comp = inner[1]
+    if isinstance(comp, ZstdCodec):
+        compressor = numcodecs.Zstd()
+    elif isinstance(comp, BloscCodec):
+        compressor = numcodecs.Blosc()
+    else:
+        return None
+    return ShardRows(arr, axis, chunk[axis], filters, compressor, where)
