@@ -28,8 +28,12 @@ $(DEMO_DATA)/annotations/val.json: ldpipe/data/synth.py | $(VENV)/.installed
 demo: $(VENV)/.installed $(DEMO_DATA)/annotations/val.json
 	$(VENV)/bin/ldpipe chain pipelines/demo.toml --work-dir $(DEMO_DIR) -o data.root=$(DEMO_DATA)
 
+# two pytest workers (pytest-xdist), each test file on one of them: 400 tests in 6.7 min
+# instead of 10.4 in one process on the 2-core development VM (2026-12-03)
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 mutation: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'

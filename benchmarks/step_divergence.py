@@ -45,7 +45,8 @@ def _train(pipeline: str, model: str, work_dir: str, source: list[str], iters: i
     for o in overrides:
         cmd += ["-o", o]
     print("[step_divergence]", " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:  # ldpipe said why, above
+        sys.exit(f"step_divergence: the {os.path.basename(work_dir)} run failed (see its error above)")
     return _losses(work_dir)
 
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     root = args.workdir or tempfile.mkdtemp(prefix="ldpipe_stepdiv_")
+    if args.workdir and os.path.isdir(root) and os.listdir(root):
+        ap.error(f"--workdir {root} is not empty: each run needs a fresh work dir below it")
     caches = []
     for spec in args.cache:
         name, sep, path = spec.partition("=")

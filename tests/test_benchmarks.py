@@ -121,3 +121,11 @@ def test_programme_schedule_and_stage_split(tmp_path):
         {"type": "epoch", "iter": 5, "time_s": 6.5}, {"type": "train", "iter": 5, "time_s": 99},
         {"type": "epoch", "iter": 10, "time_s": 7.0})))
     assert loop_seconds(["train-student", "p", "--work-dir", str(work)], "") == (13.5, 10)
+
+
+def test_step_divergence_refuses_a_used_workdir(tmp_path, capsys):
+    from benchmarks import step_divergence
+    (tmp_path / "online").mkdir()
+    with pytest.raises(SystemExit) as e:
+        step_divergence.main(["p.toml", "--teacher", "t.pth", "--cache", "a=c.zarr", "--workdir", str(tmp_path)])
+    assert e.value.code == 2 and "is not empty" in capsys.readouterr().err

@@ -55,6 +55,28 @@ def reader_assigners(pipe: Pipeline, model_name: str) -> list[dict]:
     return [spec.entry(readers) for spec, readers in models.items()]
 
 
+def own_assigner_note(pipe: Pipeline, model_name: str, assigners: list[dict]) -> str | None:
+    """A warning when the dumped model's own assigner setting is one that no reader uses.
+
+    The ``main`` / ``ld`` region is computed for the models that read the cache
+    (:func:`reader_assigners`), so ``-o models.teacher.assigner.vlr_region=diou`` alone changes
+    nothing in a dump; this says so, naming the readers' settings.  ``None`` when the setting
+    is among the readers' or the policy does not depend on it."""
+    if pipe.cache.region not in ("main", "ld"):
+        return None
+    a = pipe.model(model_name).assigner
+    own = AssignerSpec(a.topk, a.ignore_iof_thr, a.vlr_region)
+    specs = [AssignerSpec.of_entry(e) for e in assigners]
+    if own in specs:
+        return None
+    readers = "; ".join(f"{', '.join(e['models'])}: vlr_region={s.vlr_region}, topk={s.topk}, "
+                        f"ignore_iof_thr={s.ignore_iof_thr}" for e, s in zip(assigners, specs))
+    return (f"models.{model_name}.assigner (vlr_region={own.vlr_region}, topk={own.topk}, "
+            f"ignore_iof_thr={own.ignore_iof_thr}) does not shape this cache: its "
+            f"'{pipe.cache.region}' region is computed for the models that read it ({readers}); "
+            "set their assigner (models.NAME.assigner.*) or cache.readers to change it")
+
+
 def region_index(policy: str, gt: torch.Tensor, ignore: torch.Tensor | None,
                  pad_shape: tuple[int, int], strides, anchor_scale: float,
                  assigners: list[AssignerSpec]) -> torch.Tensor:

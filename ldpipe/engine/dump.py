@@ -26,7 +26,7 @@ import torch
 from ..cache import codec as C
 from ..cache import manifest as M
 from ..cache.manifest import CacheError
-from ..cache.region import AssignerSpec, reader_assigners, region_index
+from ..cache.region import AssignerSpec, own_assigner_note, reader_assigners, region_index
 from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
                            index_complete, open_root, write_index, write_unit)
 from ..config import ConfigError, Pipeline
@@ -175,6 +175,9 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     per_unit = cache_cfg.samples_per_shard
     num_units = math.ceil(total / per_unit)
     assigners = reader_assigners(pipe, model_name)
+    note = own_assigner_note(pipe, model_name, assigners)
+    if note and info.is_main:
+        log.warning(note)
 
     model = build_model(cfg, len(split.classes))
     ckpt_meta = load_weights(model, checkpoint)
