@@ -7,10 +7,12 @@ Builds (``benchmarks.synth_cache``, the real writer) an ``ld``/int8 cache at 133
 synthetic values: 2,500-4,200 rows per sample (BCCD's measured ``ld`` rows at 1333x800), 4 x 17
 bins, ``--classes`` classes, ``--images`` x 2 variants; its decoded rows exceed the reader's
 128 MiB preload limit, so every read decodes the sample's rows from the shards, as on COCO.
-Each setting reads the same random order of samples through ``ldpipe.cache.CacheReader`` (what
-``ldpipe.distill.loader.CacheTargets`` calls in the training loader's workers) in a
-``torch.utils.data.DataLoader`` of ``--batch`` samples and, with ``--device cuda``, copies each
-batch to the GPU (pinned memory).  Reported per worker count: samples/s after the first batch,
+Each setting reads the same random order of samples through ``ldpipe.cache.CacheReader`` in a
+``torch.utils.data.DataLoader`` of ``--batch`` samples, as training does
+(``ldpipe.distill.loader.CacheTargets``): on a GPU the workers hand over the rows as stored
+(8-bit rows for int8) and the main process copies each batch to the device (pinned memory) and
+decodes it there (``codec.decode_packed``); on the CPU the workers decode (numpy).
+``--decode-in main|workers`` forces one of the two.  Reported per worker count: samples/s after the first batch,
 p50/p99 of the wait for each batch, and (0 workers) CPU ms per sample.  The rate to compare
 with is the issue's estimate for an R-18 GFL student at 1333x800: 60-100 images/s per H100
 (not measured here).
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from ldpipe.cache import CacheReader
+from ldpipe.cache.codec import decode_packed
 from ldpipe.cache.manifest import F
 
 from .common import emit, machine_info, percentile, resolve_device
@@ -35,23 +38,23 @@ GPU_RATE = (60.0, 100.0)  # the issue's estimate, images/s of an R-18 GFL studen
 
 
 class CachedRows(torch.utils.data.Dataset):
-    def __init__(self, url: str, keys: list[tuple[int, int]]) -> None:
-        self.reader, self.keys = CacheReader(url), keys
+    def __init__(self, url: str, keys: list[tuple[int, int]], decode: bool = False) -> None:
+        self.reader, self.keys, self.decode = CacheReader(url), keys, decode
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, k: int) -> dict:
         i, v = self.keys[k]
-        return self.reader.read(i, v)
+        return self.reader.read(i, v, decode=self.decode)
 
 
 def collate(items: list[dict]) -> list[dict]:
     return items
 
 
-def run(url: str, keys, workers: int, batch: int, device) -> dict:
-    ds = CachedRows(url, keys)
+def run(url: str, keys, workers: int, batch: int, device, decode_in: str = "main") -> dict:
+    ds = CachedRows(url, keys, decode=decode_in == "workers")
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda",
                                          persistent_workers=False)
@@ -59,10 +62,15 @@ def run(url: str, keys, workers: int, batch: int, device) -> dict:
     c0 = time.process_time()
     t = time.perf_counter()
     for got in loader:
+        for d in got:  # what CachedTeacher.prepare does with each sample's rows
+            d["anchor"].to(device, non_blocking=True)
+            for k in ("box", "cls"):
+                if d.get(k) is None:
+                    continue
+                x = d[k].to(device, non_blocking=True)
+                if "codec" in d:
+                    decode_packed(x, d["codec"])
         if device.type == "cuda":
-            for d in got:
-                d["box"].to(device, non_blocking=True)
-                d["anchor"].to(device, non_blocking=True)
             torch.cuda.synchronize(device)
         now = time.perf_counter()
         if t_first is None:
@@ -72,7 +80,7 @@ def run(url: str, keys, workers: int, batch: int, device) -> dict:
             n += len(got)
         t = now
     elapsed = time.perf_counter() - t_first if t_first else 0.0
-    out = {"workers": workers, "samples": n, "seconds": elapsed,
+    out = {"workers": workers, "decode_in": decode_in, "samples": n, "seconds": elapsed,
            "samples_per_s": n / elapsed if elapsed else None,
            "batch_wait_p50_ms": percentile(waits, 50), "batch_wait_p99_ms": percentile(waits, 99)}
     if workers == 0:
@@ -90,10 +98,14 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=1024, help="cache.chunk_rows of the built cache")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cache", default=None, help="an existing cache to read instead of building one")
+    ap.add_argument("--decode-in", default="auto", choices=["auto", "main", "workers"],
+                    help="where the rows are decoded (auto: as training does - main on a GPU, workers on the CPU)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = resolve_device(args.device)
+    if args.decode_in == "auto":
+        args.decode_in = "main" if device.type == "cuda" else "workers"
     work = args.workdir or tempfile.mkdtemp(prefix="loader_rate_")
     url = args.cache or os.path.join(work, "big.zarr")
     built = None
@@ -113,7 +125,7 @@ def main() -> None:
               "chunk_rows": reader.manifest.chunk_rows,
               "batch": args.batch, "device": str(device), "build": built, "by_workers": []}
     for w in [int(x) for x in args.workers.split(",")]:
-        result["by_workers"].append(run(url, keys, w, args.batch, device))
+        result["by_workers"].append(run(url, keys, w, args.batch, device, args.decode_in))
     best = max(r["samples_per_s"] or 0 for r in result["by_workers"])
     result["gpu_student_images_per_s_estimate"] = list(GPU_RATE)
     result["best_over_3x_one_gpu"] = [best / (3 * r) for r in GPU_RATE]

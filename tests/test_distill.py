@@ -123,6 +123,32 @@ def test_cached_equals_online(synth, caches, online_result, codec, tol):
     assert rel <= tol, rel
 
 
+@pytest.mark.parametrize("codec", ["int8", "fp16"])
+def test_rows_handed_over_as_stored_train_bit_for_bit(synth, caches, online_result, codec):
+    """On a GPU the loader hands the rows over as stored (uint8 for int8) and the step decodes
+    them on its device: the same losses and gradients, bit for bit, as rows decoded in the
+    workers (what a CPU run does)."""
+    import torch as _t
+    pipe = tiny_pipe(synth)
+    split = load_split(pipe, "train")
+    ref_samples, _ = online_result
+    keys = [(s["meta"]["index"], s["meta"]["variant_index"]) for s in ref_samples]
+    runs = []
+    for decode in (True, False):
+        ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches[codec], decode=decode))
+        samples = [ds[k] for k in keys]
+        box = samples[0]["teacher"]["box"]
+        assert box.dtype == (_t.float32 if decode else {"int8": _t.uint8, "fp16": _t.float16}[codec])
+        runs.append(_step(pipe, CachedTeacher(pipe, caches[codec]), samples, split))
+    (la, ga), (lb, gb) = runs
+    assert la == lb and _t.equal(ga, gb)
+    hook = CachedTeacher(pipe, caches[codec])
+    hook.setup(_t.device("cpu"), False)
+    assert hook.sample_extra().decode
+    hook.setup(_t.device("cuda"), False)  # (only the attribute: nothing runs on a GPU here)
+    assert not hook.sample_extra().decode
+
+
 def test_int8_ld_loss_within_one_percent(synth, caches, online_result):
     pipe = tiny_pipe(synth)
     split = load_split(pipe, "train")

@@ -114,3 +114,24 @@ def test_damaged_chunks_and_short_shards_are_named(tmp_path):
     shard.unlink()
     with pytest.raises(CacheError, match=r"units/000000/box: shard c/0/0/0 cannot be read"):
         shard_rows(z, 2, "c: units/000000/box").rows(0, 1)
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp16", "fp32"])
+def test_rows_as_stored_decode_bit_for_bit_where_they_are_used(tmp_path, codec):
+    """The loader hands stored rows (int8 with their scale bytes) to the step, which decodes
+    them with ``decode_packed``: the same bits as the reader's own decoding, a quarter of the
+    bytes for int8."""
+    from ldpipe.cache.codec import decode_packed
+    root = _write(str(tmp_path / "c"), codec, "zstd", 16)
+    arrays = UnitArrays(root, "c", decoded=False).get(0)
+    for rec in root["units/000000/samples"][...]:
+        done = sample_rows(arrays, rec, codec)
+        raw = sample_rows(arrays, rec, codec, decode=False)
+        assert raw["codec"] == codec and torch.equal(raw["anchor"], done["anchor"])
+        for k in ("box", "cls"):
+            assert raw[k].is_contiguous() and raw[k].shape[0] == done[k].shape[0]
+            assert raw[k].dtype == {"int8": torch.uint8, "fp16": torch.float16, "fp32": torch.float32}[codec]
+            got = decode_packed(raw[k], codec)
+            assert got.dtype == torch.float32 and torch.equal(got, done[k]), k
+    with pytest.raises(ValueError, match="two trailing scale bytes"):
+        decode_packed(torch.zeros(3, 4, 17), "int8")

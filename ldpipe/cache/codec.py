@@ -29,6 +29,7 @@ peak's weight, which changed the LD loss of sharp teachers by up to tens of perc
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +90,30 @@ def decode(values: np.ndarray, scale: np.ndarray | None, codec: str) -> torch.Te
         out = np.asarray(values).astype(np.float32)
         out *= -np.asarray(scale, dtype=np.float32)[..., None]
         return torch.from_numpy(out)
+    raise ValueError(f"unknown codec {codec!r}")
+
+
+def decode_packed(packed: torch.Tensor, codec: str) -> torch.Tensor:
+    """:func:`decode` of stored rows as they leave the cache (``int8``: ``q`` followed by the
+    row's float16 scale in its last two bytes, little-endian), in torch on the tensor's device.
+
+    The training loader hands these 8-bit rows from its workers to the step, a quarter of the
+    bytes of float32, and the step decodes them where it computes (on a GPU: after the copy).
+    Bit for bit :func:`decode`: one float32 product per value, exactly rounded on every device.
+    """
+    if codec in ("fp32", "fp16"):
+        return packed.float()
+    if codec == "int8":
+        if packed.dtype != torch.uint8 or packed.shape[-1] < 2:
+            raise ValueError(f"int8 rows must be uint8 with two trailing scale bytes, got "
+                             f"{packed.dtype} {tuple(packed.shape)}")
+        k = packed.shape[-1] - 2
+        raw = packed.new_empty((*packed.shape[:-1], 2)).copy_(packed[..., k:])  # own storage
+        if sys.byteorder == "little":
+            scale = raw.view(torch.float16).float()  # [..., 1]
+        else:  # the stored scale is little-endian: let numpy read it
+            scale = torch.from_numpy(raw.cpu().numpy().view("<f2").astype(np.float32)).to(packed.device)
+        return packed[..., :k].float() * -scale
     raise ValueError(f"unknown codec {codec!r}")
 
 

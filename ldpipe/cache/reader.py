@@ -84,8 +84,12 @@ def _take(arr, name: str, sl: slice) -> np.ndarray:
 
 
 def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True,
-                url: str = "", unit: int | None = None) -> dict:
-    """Decoded rows of the sample ``rec`` (an index row) from its unit's arrays."""
+                url: str = "", unit: int | None = None, decode: bool = True) -> dict:
+    """Decoded rows of the sample ``rec`` (an index row) from its unit's arrays.
+
+    ``decode=False``: ``box`` / ``cls`` as stored (rows first, contiguous; ``int8`` rows keep
+    their scale bytes), with ``codec`` naming how to decode them
+    (:func:`ldpipe.cache.codec.decode_packed`)."""
     start, count = int(rec[F["row_start"]]), int(rec[F["row_count"]])
     sl = slice(start, start + count)
     where = f"{url}: units/{unit_name(unit)}" if unit is not None else f"{url}: a unit"
@@ -100,7 +104,10 @@ def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True
     try:
         out["anchor"] = torch.from_numpy(np.asarray(_take(arrays["anchor"], "anchor", sl)).astype(np.int64))
         for name in ("box", "cls") if with_cls and "cls" in arrays else ("box",):
-            out[name] = unpack_rows(from_disk(name, _take(arrays[name], name, sl)), codec)
+            raw = from_disk(name, _take(arrays[name], name, sl))
+            out[name] = unpack_rows(raw, codec) if decode else torch.from_numpy(np.ascontiguousarray(raw))
+        if not decode:
+            out["codec"] = codec
     except CacheError as exc:
         raise CacheError(f"{exc}; run `ldpipe cache verify {url}`") from None
     except Exception as exc:
@@ -201,12 +208,13 @@ class CacheReader:
                              f"{st['manifest'].num_samples} samples (an unfinished dump: rerun it)")
         return st["table"][i], st["scale"][i], int(st["unit_of"][i])
 
-    def read(self, image_index: int, variant: int, with_cls: bool = True) -> dict:
-        """Decoded targets of one sample: anchor index, box and class log-probs, geometry."""
+    def read(self, image_index: int, variant: int, with_cls: bool = True, decode: bool = True) -> dict:
+        """Decoded targets of one sample: anchor index, box and class log-probs, geometry
+        (``decode=False``: the rows as stored, see :func:`sample_rows`)."""
         rec, scale, u = self._locate(image_index, variant)
         with self._lock:
             arrays = self._open()["units"].get(u)
-        out = sample_rows(arrays, rec, self.manifest.codec, with_cls, self.url, u)
+        out = sample_rows(arrays, rec, self.manifest.codec, with_cls, self.url, u, decode)
         out["geometry"] = geometry_of(rec, scale)
         return out
 

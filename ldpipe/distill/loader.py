@@ -15,13 +15,16 @@ from ..cache import CacheError, CacheReader
 
 
 class CacheTargets:
-    def __init__(self, url: str, with_cls: bool = True) -> None:
+    """``decode=False``: the rows travel as stored (``codec`` names them) and the training
+    step decodes them on its device (``ldpipe.cache.codec.decode_packed``)."""
+
+    def __init__(self, url: str, with_cls: bool = True, decode: bool = True) -> None:
         self.reader = CacheReader(url)
-        self.with_cls = with_cls
+        self.with_cls, self.decode = with_cls, decode
 
     def __call__(self, meta: dict) -> dict:
         index, variant = meta["index"], meta["variant_index"]
-        got = self.reader.read(index, variant, with_cls=self.with_cls)
+        got = self.reader.read(index, variant, with_cls=self.with_cls, decode=self.decode)
         geo = got.pop("geometry")
         for key in ("img_shape", "pad_shape", "ori_shape"):
             if tuple(geo[key]) != tuple(meta[key]):

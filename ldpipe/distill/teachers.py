@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import CacheError, CacheReader
+from ..cache.codec import decode_packed
 from ..cache.compat import check_compatible, class_kd_problem
 from ..config import Pipeline, enabled_terms
 from ..data import Variant
@@ -71,7 +72,12 @@ class CachedTeacher(_DistillBase):
         self.manifest = self.reader.manifest
 
     def sample_extra(self):
-        return CacheTargets(self.url, with_cls="kd" in self.terms)
+        # a GPU step gets the rows as stored (8 bits a value for int8: a quarter of the bytes
+        # through the workers' shared memory and the copy) and decodes them on the device;
+        # a CPU step gets them decoded by the workers (numpy, one thread each), which is
+        # cheaper there than decoding in the training process (docs/benchmarks.md, "Reading")
+        on_gpu = getattr(self, "device", None) is not None and self.device.type == "cuda"
+        return CacheTargets(self.url, with_cls="kd" in self.terms, decode=not on_gpu)
 
     def variants(self, pipe: Pipeline) -> list[Variant]:
         return [Variant(v["scale_idx"], v["flip"]) for v in self.manifest.geometry.variants]
@@ -108,13 +114,19 @@ class CachedTeacher(_DistillBase):
             anchors = t["anchor"].to(device)
             n = anchors.shape[0]
             rows[bt.own_to_batch[b][anchors]] = torch.arange(offset, offset + n, device=device)
-            boxes.append(t["box"].to(device, non_blocking=True))
+            boxes.append(_rows(t, "box", device))
             if t["cls"] is not None:
-                classes.append(t["cls"].to(device, non_blocking=True))
+                classes.append(_rows(t, "cls", device))
             offset += n
         box = torch.cat(boxes) if boxes else torch.zeros(0, 4, 1, device=device)
         cls = torch.cat(classes) if classes else None
         return rows, box, cls
+
+
+def _rows(t: dict, name: str, device: torch.device) -> torch.Tensor:
+    """A sample's cached rows on ``device``, decoded there when they came as stored."""
+    x = t[name].to(device, non_blocking=True)
+    return decode_packed(x, t["codec"]) if "codec" in t else x
 
 
 class OnlineTeacher(_DistillBase):
