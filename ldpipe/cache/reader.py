@@ -105,7 +105,7 @@ def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True
         out["anchor"] = torch.from_numpy(np.asarray(_take(arrays["anchor"], "anchor", sl)).astype(np.int64))
         for name in ("box", "cls") if with_cls and "cls" in arrays else ("box",):
             raw = from_disk(name, _take(arrays[name], name, sl))
-            out[name] = unpack_rows(raw, codec) if decode else torch.from_numpy(np.ascontiguousarray(raw))
+            out[name] = unpack_rows(raw, codec) if decode else torch.from_numpy(np.array(raw, order="C"))  # own, writable copy
         if not decode:
             out["codec"] = codec
     except CacheError as exc:

@@ -12,7 +12,7 @@ uses (numcodecs' Zstd / Blosc and Delta, google-crc32c).
 
 It only takes arrays whose codec chain it knows - the chains ``ldpipe.cache.store`` writes -
 and :func:`shard_rows` returns ``None`` for anything else, so the caller falls back to zarr.
-``tests/test_cache.py`` compares it with zarr's reads value for value.
+``tests/test_shards.py`` compares it with zarr's reads value for value.
 """
 from __future__ import annotations
 
