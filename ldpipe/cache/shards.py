@@ -1,9 +1,10 @@
 """Row ranges of a unit's sharded arrays, read with one byte-range request per sample.
 
 Every unit array is one Zarr v3 shard of inner chunks along the row axis
-(``docs/cache-format.md``).  zarr-python reads a slice of it correctly, but spends about 2 ms
-per ``__getitem__`` and 0.5-0.8 ms per inner chunk in its generic asynchronous machinery, most
-of a random read's cost on the CPU (docs/benchmarks.md, "Reading").  :class:`ShardRows` reads
+(``docs/cache-format.md``).  zarr-python reads a slice of it correctly, but fetches and decodes
+the shard index again for every slice and then each inner chunk with its own request, through
+its generic asynchronous machinery: most of a random read's CPU (docs/benchmarks.md, "Reading":
+24 -> 6.4 ms per sample with this module).  :class:`ShardRows` reads
 the same bytes the way the sharding specification lays them out: the shard index (an array of
 ``(offset, nbytes)`` pairs, little-endian uint64, at the end of the shard, followed by its
 crc32c) is read once per array and kept; a row range is then one contiguous byte-range read of
@@ -23,6 +24,7 @@ import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.codecs.numcodecs import Delta
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
@@ -40,13 +42,14 @@ class ShardRows:
 
     def __init__(self, arr: zarr.Array, axis: int, inner: int, filters: list, compressor,
                  where: str) -> None:
-        self.arr, self.axis, self.inner, self.where = arr, axis, inner, where
+        self.axis, self.inner, self.where = axis, inner, where
         self.shape = arr.shape
         self.dtype = np.dtype(arr.dtype).newbyteorder("<")
         self.filters, self.compressor = filters, compressor
         chunk = list(arr.shape)
         chunk[axis] = inner
         self.chunk_shape = tuple(chunk)
+        self.chunk_size = int(np.prod(chunk))
         rows = arr.shape[axis]
         self.n_chunks = -(-rows // inner) if rows else 0
         self.key = arr.metadata.encode_chunk_key((0,) * len(arr.shape))
@@ -64,11 +67,10 @@ class ShardRows:
                     fh.seek(-length if start is None else start, os.SEEK_END if start is None else os.SEEK_SET)
                     data = fh.read(length)
             else:
-                from zarr.abc.store import RangeByteRequest, SuffixByteRequest
                 req = SuffixByteRequest(length) if start is None else RangeByteRequest(start, start + length)
                 buf = sync(self.store.get(self.full_key, prototype=default_buffer_prototype(), byte_range=req))
                 data = b"" if buf is None else buf.to_bytes()
-        except (FileNotFoundError, OSError) as exc:
+        except OSError as exc:
             raise CacheError(f"{self.where}: shard {self.key} cannot be read ({exc})") from None
         if len(data) != length:
             raise CacheError(f"{self.where}: shard {self.key} is shorter than its index says "
@@ -98,9 +100,9 @@ class ShardRows:
         for f in reversed(self.filters):
             raw = f.decode(raw)
         out = np.frombuffer(raw, dtype=self.dtype)
-        if out.size != int(np.prod(self.chunk_shape)):
+        if out.size != self.chunk_size:
             raise CacheError(f"{self.where}: chunk {k} of {self.key} decodes to {out.size} values, "
-                             f"not {int(np.prod(self.chunk_shape))} (damaged)")
+                             f"not {self.chunk_size} (damaged)")
         return out.reshape(self.chunk_shape)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
