@@ -172,7 +172,7 @@ def eval_cmd(pipeline, model_name, checkpoint, split_name, out, results, batch_s
 def train_student_cmd(pipeline, model_name, cache, work_dir, online_teacher, teacher_model, resume,
                       overwrite, device, overrides):
     """Train a student with localization distillation from a teacher cache."""
-    from .distill import train_student
+    from .engine.student import train_student
     if (cache is None) == (online_teacher is None):
         raise click.UsageError("give --cache CACHE, or --online-teacher CKPT for the online mode")
     pipe = _pipe(pipeline, overrides)

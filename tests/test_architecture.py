@@ -8,7 +8,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "ldpipe"
 
 # room -> the rooms it may import (besides itself).  Layers, bottom up:
-#   config | metrics, data, models | cache | engine | distill | chain | cli
+#   config | metrics, data, models | cache | distill | engine | chain | cli
 BELOW_CACHE = {"root", "config", "data", "models", "metrics"}
 ALLOWED = {
     "root": {"config"},  # ldpipe/__init__.py (version only) and config/
@@ -17,8 +17,8 @@ ALLOWED = {
     "data": {"root", "config"},
     "models": {"root", "config"},
     "cache": {"root", "config", "models"},
-    "engine": BELOW_CACHE | {"cache"},
-    "distill": BELOW_CACHE | {"cache", "engine"},
+    "distill": BELOW_CACHE | {"cache"},  # target sources, criteria: below the runners
+    "engine": BELOW_CACHE | {"cache", "distill"},
     "chain": BELOW_CACHE | {"cache", "engine", "distill"},
     "cli": BELOW_CACHE | {"cache", "engine", "distill", "chain"},
 }
@@ -81,7 +81,7 @@ def test_graph_is_read():
     graph = _imports()
     assert "ldpipe.cache.store" in graph and "ldpipe.cli" in graph
     assert "ldpipe.cache.codec" in graph["ldpipe.cache.store"]  # ``from . import codec as C``
-    assert "ldpipe.engine.train" in graph["ldpipe.distill.teachers"]
+    assert "ldpipe.distill.criterion" in graph["ldpipe.engine.train"]
 
 
 def test_each_room_imports_only_rooms_below_it():
@@ -128,3 +128,23 @@ def test_no_import_cycles():
 def test_modules_stay_small():
     sizes = {_module_name(p): len(p.read_text().splitlines()) for p in PKG.rglob("*.py")}
     assert not {m: n for m, n in sizes.items() if n > 400}, sizes
+
+
+def test_benchmark_files_stay_small():
+    bench = PKG.parent / "benchmarks"
+    sizes = {str(p.relative_to(bench)): len(p.read_text().splitlines()) for p in bench.rglob("*.py")}
+    assert sizes and not {m: n for m, n in sizes.items() if n > 400}, sizes
+
+
+def test_distillation_is_a_criterion_not_a_hook():
+    """The loop reaches distillation only through the criterion it is given: no ``Hook``
+    class (the old six-method extension point) anywhere, and the training loop imports no
+    teacher source."""
+    hooks = [f"{_module_name(p)}.{node.name}" for p in PKG.rglob("*.py")
+             for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.ClassDef)
+             and node.name == "Hook"]
+    assert not hooks, hooks
+    graph = _imports()
+    assert not {t for t in graph["ldpipe.engine.train"] | graph["ldpipe.engine.step"]
+                if t.startswith(("ldpipe.distill.cached", "ldpipe.distill.online"))}
+    assert {t for t in graph["ldpipe.engine.student"] if t.startswith("ldpipe.distill")}

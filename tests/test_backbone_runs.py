@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from ldpipe.cache import CacheReader
 from ldpipe.cli import main as cli
-from ldpipe.distill import train_student
+from ldpipe.engine.student import train_student
 from ldpipe.engine.dump import dump_teacher
 from ldpipe.models import build_model
 from ldpipe.models.checkpoint import save_checkpoint

@@ -110,12 +110,12 @@ def test_predict_names_a_missing_or_unreadable_image(tiny_overrides, tiny_teache
 def test_a_checkpoint_is_read_once(make_tiny_pipe, tiny_teacher_ckpt, monkeypatch):
     """Loading a detector for predict/export reads the checkpoint file once (it held the
     classes, the weights and the meta: three reads of one file before)."""
-    from ldpipe.engine.predict import load_detector
+    from ldpipe.engine.predict import open_detector
     from ldpipe.models import checkpoint
     reads = []
     real = checkpoint.torch.load
     monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
-    model, classes, meta = load_detector(make_tiny_pipe(), "teacher", tiny_teacher_ckpt, torch.device("cpu"))
+    model, classes, meta = open_detector(make_tiny_pipe(), "teacher", tiny_teacher_ckpt, torch.device("cpu"))
     assert len(reads) == 1 and classes and not model.training
     assert isinstance(meta, dict)
 

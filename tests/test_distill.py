@@ -8,9 +8,9 @@ import torch
 
 from ldpipe.cache import CacheError
 from ldpipe.engine.dump import dump_teacher
-from ldpipe.config import load_pipeline
+from ldpipe.config import enabled_terms, load_pipeline
 from ldpipe.data import DetectionDataset, load_split, synthesize
-from ldpipe.distill import CachedTeacher, OnlineTeacher
+from ldpipe.distill import CachedTeacher, DistillCriterion, OnlineTeacher
 from ldpipe.distill.loader import CacheTargets
 from ldpipe.engine.runtime import seed_everything
 from ldpipe.engine.train import TrainCollate, step_losses
@@ -82,6 +82,10 @@ def _variants(pipe):
     return train_variants(pipe)
 
 
+def _criterion(pipe, teacher):
+    return DistillCriterion(pipe.distill, enabled_terms(pipe), teacher)
+
+
 def _step(pipe, hook, samples, split):
     cfg = pipe.model("student")
     seed_everything(0)
@@ -89,7 +93,7 @@ def _step(pipe, hook, samples, split):
     collate = TrainCollate(cfg, len(split.classes), with_vlr=True)
     batch = collate(samples)
     hook.check(pipe, "student", split)
-    losses = step_losses(model, model, batch, torch.device("cpu"), False, hook)
+    losses = step_losses(model, model, batch, torch.device("cpu"), False, _criterion(pipe, hook))
     distill = {k: v for k, v in losses.items() if k in ("loss_ld", "loss_ld_vlr", "loss_kd")}
     total = sum(distill.values())
     model.zero_grad()
@@ -143,10 +147,8 @@ def test_rows_handed_over_as_stored_train_bit_for_bit(synth, caches, online_resu
     (la, ga), (lb, gb) = runs
     assert la == lb and _t.equal(ga, gb)
     hook = CachedTeacher(pipe, caches[codec])
-    hook.setup(_t.device("cpu"), False)
-    assert hook.sample_extra().decode
-    hook.setup(_t.device("cuda"), False)  # (only the attribute: nothing runs on a GPU here)
-    assert not hook.sample_extra().decode
+    assert hook.sample_extra(_t.device("cpu")).decode
+    assert not hook.sample_extra(_t.device("cuda")).decode  # (only the type: nothing runs on a GPU)
 
 
 def test_int8_ld_loss_within_one_percent(synth, caches, online_result):
@@ -205,7 +207,7 @@ def test_missing_anchor_is_an_error(synth, caches):
     model = build_model(cfg, len(split.classes))
     hook = CachedTeacher(pipe, caches["fp32"])
     with pytest.raises(CacheError, match=f"image_id={sample['meta']['image_id']}"):
-        step_losses(model, model, batch, torch.device("cpu"), False, hook)
+        step_losses(model, model, batch, torch.device("cpu"), False, _criterion(pipe, hook))
 
 
 def test_geometry_mismatch_is_an_error(synth, caches):

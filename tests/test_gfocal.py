@@ -15,7 +15,8 @@ from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.manifest import architecture
 from ldpipe.config import ConfigError, HeadConfig, ModelConfig, load_pipeline
 from ldpipe.data import DetectionDataset, load_split, train_variants
-from ldpipe.distill import OnlineTeacher, train_student
+from ldpipe.distill import OnlineTeacher
+from ldpipe.engine.student import train_student
 from ldpipe.engine.dump import dump_teacher
 from ldpipe.engine.runtime import seed_everything
 from ldpipe.engine.train import TrainCollate, step_losses
@@ -296,7 +297,8 @@ def test_ld_into_a_gfocal_student_reads_the_joint_score_and_class_logits(gfocal_
     pipe2 = make_tiny_pipe(*BASE, "models.student.head.type=GFocalHead")
     cfg = pipe2.model("student")
     split = load_split(pipe2, "train")
-    from ldpipe.distill import CachedTeacher
+    from ldpipe.config import enabled_terms
+    from ldpipe.distill import CachedTeacher, DistillCriterion
     from ldpipe.distill.loader import CacheTargets
     hook = CachedTeacher(pipe2, cache)
     hook.check(pipe2, "student", split)
@@ -307,18 +309,18 @@ def test_ld_into_a_gfocal_student_reads_the_joint_score_and_class_logits(gfocal_
     batch = TrainCollate(cfg, len(split.classes), with_vlr=True)([sample])
     seen = {}
 
-    class Spy(CachedTeacher):
-        def losses(self, model, batch, out, bt, extras):
-            seen.update(out=out, extras=extras)
-            return super().losses(model, batch, out, bt, extras)
+    class Spy(DistillCriterion):
+        def distill_terms(self, batch, out, bt, pos):
+            seen.update(out=out, pos=pos)
+            return super().distill_terms(batch, out, bt, pos)
 
-    spy = Spy(pipe2, cache)
+    spy = Spy(pipe2.distill, enabled_terms(pipe2), hook)
     losses = step_losses(model, model, batch, torch.device("cpu"), False, spy)
-    out, extras = seen["out"], seen["extras"]
-    pos = extras["pos"]
+    out, positives = seen["out"], seen["pos"]
+    pos = positives.index
     assert pos.numel() > 0
-    assert torch.equal(extras["pos_weight"], out.flat_scores().detach().max(dim=1).values[pos])
-    assert not torch.allclose(extras["pos_weight"], out.flat_cls().sigmoid().max(dim=1).values[pos])
+    assert torch.equal(positives.weight, out.flat_scores().detach().max(dim=1).values[pos])
+    assert not torch.allclose(positives.weight, out.flat_cls().sigmoid().max(dim=1).values[pos])
     model.zero_grad()
     losses["loss_cls"].backward()
     assert model.bbox_head.reg_conf[0].weight.grad.abs().sum() > 0

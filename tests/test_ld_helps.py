@@ -26,7 +26,7 @@ from ldpipe.cache import codec as C
 from ldpipe.cache.store import SampleRows
 from ldpipe.config import load_pipeline
 from ldpipe.data import TEST_VARIANT, DetectionDataset, load_split, synthesize
-from ldpipe.distill import train_student
+from ldpipe.engine.student import train_student
 from ldpipe.engine import dump as dump_mod
 from ldpipe.engine.train import TrainCollate, train
 from ldpipe.models import batch_targets, build_model

@@ -254,8 +254,8 @@ def test_gfl_head_loss_one_positive_by_hand():
     assert losses["loss_bbox"].item() == pytest.approx(want_bbox, rel=1e-4)
     assert losses["loss_dfl"].item() == pytest.approx(want_dfl, rel=1e-4)
     assert losses["loss_cls"].item() == pytest.approx(want_cls, rel=1e-4)
-    assert extras["pos"].tolist() == [0]
-    assert extras["pos_weight"].tolist() == pytest.approx([w], rel=1e-6)
+    assert extras.index.tolist() == [0]
+    assert extras.weight.tolist() == pytest.approx([w], rel=1e-6)
 
 
 def _random_case(n: int, pos: list[int], seed: int):
@@ -371,6 +371,6 @@ def test_gfl_head_loss_no_positives():
     assert losses["loss_bbox"].item() == 0.0 and losses["loss_dfl"].item() == 0.0
     want = (quality_focal_loss(cls.detach(), labels, torch.zeros(5)) * lw).sum() / 1.0
     assert losses["loss_cls"].item() == pytest.approx(want.item(), rel=1e-5)
-    assert extras["pos"].numel() == 0
+    assert extras.index.numel() == 0
     sum(losses.values()).backward()
     assert reg.grad is not None and torch.count_nonzero(reg.grad) == 0

@@ -124,7 +124,7 @@ def test_int8_merge_from_the_cli_is_the_average_within_a_step(caches, tmp_path):
 
 
 def test_student_trains_from_the_merged_cache(caches, make_tiny_pipe, tmp_path):
-    from ldpipe.distill import train_student
+    from ldpipe.engine.student import train_student
     out = str(tmp_path / "m.zarr")
     merge([caches("int8", 0), caches("int8", 1)], out)
     pipe = make_tiny_pipe(*STUDENT, "train.epochs=1", "train.batch_size=2", "train.max_iters_per_epoch=2",

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from ldpipe.cli import main as cli
 from ldpipe.config.resolve import resolved_dict
-from ldpipe.engine.train import Hook, train
+from ldpipe.distill import GFLCriterion
+from ldpipe.engine.train import TrainJob, train
 from ldpipe.engine.workdir import WorkDirError, check_work_dir, git_state
 from ldpipe.models.checkpoint import file_sha256, load_file
 
@@ -99,17 +100,18 @@ def test_git_state_outside_a_checkout_says_so(tmp_path):
     assert state["available"] is False and state["reason"]
 
 
-class _Kill(Hook):
-    """Interrupts training (as a kill would) when step ``at`` begins."""
+class _Kill(GFLCriterion):
+    """Interrupts training (as a kill would) in step ``at``."""
 
     def __init__(self, at: int) -> None:
+        super().__init__()
         self.at, self.calls = at, 0
 
-    def losses(self, model, batch, out, bt, extras):
+    def __call__(self, model, batch, out, bt):
         self.calls += 1
         if self.calls == self.at:
             raise KeyboardInterrupt
-        return {}
+        return super().__call__(model, batch, out, bt)
 
 
 def test_mid_epoch_checkpoint_resumes_bitwise(make_tiny_pipe, tmp_path):
@@ -120,7 +122,7 @@ def test_mid_epoch_checkpoint_resumes_bitwise(make_tiny_pipe, tmp_path):
     wd = str(tmp_path / "b")
     ckpt = make_tiny_pipe(*SHORT, "train.epochs=3", "train.checkpoint_interval=2")
     with pytest.raises(KeyboardInterrupt):
-        train(ckpt, "teacher", wd, device="cpu", progress=False, hook=_Kill(at=6))
+        train(ckpt, "teacher", wd, device="cpu", progress=False, job=TrainJob(_Kill(at=6)))
     assert os.path.realpath(os.path.join(wd, "latest.pth")).endswith("iter_4.pth")
     loop = load_file(os.path.join(wd, "latest.pth"))["loop"]
     assert (loop["epoch"], loop["iter"], loop["epoch_iter"]) == (1, 4, 1)

@@ -55,7 +55,8 @@ def test_cached_rows_land_on_the_right_batch_anchors(make_tiny_pipe, tiny_teache
     per_image = sum(h * w for h, w in sizes)
     assert bt.labels.shape[0] == 3 * per_image
     assert len({int(f) // per_image for f in flat}) == 3, "set-up: every image has anchors to read"
-    t_box, t_cls = hook.teacher_at(src, batch, flat)
+    got = src.at(flat)
+    t_box, t_cls = got.box, got.cls
 
     teacher = build_model(pipe.model("teacher"), n_cls)
     load_weights(teacher, tiny_teacher_ckpt)

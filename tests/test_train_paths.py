@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from ldpipe.engine.dump import dump_teacher
 from ldpipe.cli import main as cli
-from ldpipe.distill import train_student
+from ldpipe.engine.student import train_student
 from ldpipe.engine.train import train
 from ldpipe.models import build_model
 from ldpipe.models.checkpoint import file_sha256, load_file, save_checkpoint

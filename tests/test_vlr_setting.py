@@ -56,7 +56,7 @@ def test_setting_changes_the_vlr_loss(synth, vlr_caches):
         pipe = _pipe(synth, region, "cache.codec=fp32")
         split = load_split(pipe, "train")
         hook = CachedTeacher(pipe, vlr_caches[region])
-        samples = _same_shape_batch(pipe, split, hook.sample_extra())
+        samples = _same_shape_batch(pipe, split, hook.sample_extra(torch.device("cpu")))
         losses[region], _ = _step(pipe, hook, samples, split)
     assert losses["reference"]["loss_ld"] == pytest.approx(losses["diou"]["loss_ld"], rel=1e-6)
     assert losses["reference"]["loss_ld_vlr"] != pytest.approx(losses["diou"]["loss_ld_vlr"], rel=1e-3)

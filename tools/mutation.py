@@ -56,7 +56,7 @@ MODULES: dict[str, list[str]] = {
     "ldpipe/metrics/report.py": ["tests/test_eval.py", "tests/test_guards.py"],
     # slowest: each mutant's tests dump a small cache
     "ldpipe/cache/compat.py": ["tests/test_refusals.py", "tests/test_vlr_setting.py"],
-    "ldpipe/distill/teachers.py": ["tests/test_teacher_rows.py"],
+    "ldpipe/distill/cached.py": ["tests/test_teacher_rows.py"],
     # issue 9's modules (not yet run through mutmut: no mutation score recorded for them)
     "ldpipe/models/nms.py": ["tests/test_nms.py"],
     "ldpipe/models/dcn.py": ["tests/test_backbones.py"],

@@ -19,9 +19,8 @@ import torch
 from ..cache.manifest import architecture
 from ..config import ConfigError, Pipeline
 from ..data import TEST_VARIANT, DetectionDataset, boxes_to_original, collate, load_split
-from ..models import build_model
-from ..models.checkpoint import load_weights
-from .runtime import amp_context
+from ..models import load_detector
+from .runtime import amp_context, resolve_device
 
 
 def cpu_name() -> str:
@@ -47,15 +46,12 @@ def benchmark(pipe: Pipeline, model_name: str, checkpoint: str | None, images: i
     """Inference rate of ``model_name`` (weights from ``checkpoint``; None: random init)."""
     if images < 1 or warmup < 0:
         raise ConfigError(f"benchmark: --images must be >= 1 and --warmup >= 0, got {images}, {warmup}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     if fp16 and dev.type != "cuda":
         raise ConfigError(f"benchmark: --fp16 needs a CUDA device (got {dev.type})")
     cfg = pipe.model(model_name)
     split = load_split(pipe, split_name)
-    model = build_model(cfg, len(split.classes))
-    if checkpoint:
-        load_weights(model, checkpoint)
-    model.to(dev).eval()
+    model, _ = load_detector(cfg, len(split.classes), checkpoint, dev)
     dataset = DetectionDataset(split, pipe, [TEST_VARIANT])
     infer_s = load_s = 0.0
     with torch.no_grad():

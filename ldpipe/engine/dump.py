@@ -32,9 +32,9 @@ from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or
 from ..config import ConfigError, Pipeline
 from ..config.checks import check_run_args
 from ..data import DetectionDataset, collate, load_split, padded_shape, train_variants
-from ..models import GFL, build_model
+from ..models import GFL, load_detector
 from ..models.anchors import grid_to_batch_index, make_grid
-from ..models.checkpoint import file_sha256, load_weights
+from ..models.checkpoint import file_sha256
 from . import runtime
 from .dumplock import DumpLock
 
@@ -179,9 +179,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     if note and info.is_main:
         log.warning(note)
 
-    model = build_model(cfg, len(split.classes))
-    ckpt_meta = load_weights(model, checkpoint)
-    model.to(info.device).eval()
+    model, ckpt_meta = load_detector(cfg, len(split.classes), checkpoint, info.device)
     manifest = M.build(pipe, model_name, checkpoint, file_sha256(checkpoint), ckpt_meta, split,
                        split_name, variants, assigners, num_units)
 

@@ -39,7 +39,7 @@ from torch import nn
 from ..config import Pipeline, to_dict
 from ..models import GFL
 from ..models.checkpoint import SAFETENSORS_META, CheckpointError, file_sha256
-from .predict import load_detector
+from .predict import open_detector
 
 log = logging.getLogger("ldpipe.export")
 
@@ -199,7 +199,7 @@ def export_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, out: str
         _need(["onnx", "onnxruntime"] + (["onnxscript"] if dynamo else []), "onnx", "ONNX export")
     if fmt == "safetensors":
         _need(["safetensors"], "safetensors", "safetensors export")
-    model, classes, src_meta = load_detector(pipe, model_name, checkpoint, torch.device("cpu"))
+    model, classes, src_meta = open_detector(pipe, model_name, checkpoint, torch.device("cpu"))
     meta = _meta(pipe, model_name, classes, src_meta, checkpoint, fmt, fp16)
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)

@@ -11,10 +11,9 @@ import torch
 from ..config import Pipeline
 from ..config.checks import check_run_args
 from ..data import TEST_VARIANT, DetectionDataset, FixedSampler, boxes_to_original, collate, load_split
-from ..models import GFL, build_model
-from ..models.checkpoint import load_weights
+from ..models import GFL, load_detector
 from ..metrics import build_coco_gt, evaluate, write_results
-from .runtime import amp_context, progress_bar
+from .runtime import amp_context, progress_bar, resolve_device
 
 log = logging.getLogger("ldpipe.eval")
 
@@ -79,11 +78,9 @@ def evaluate_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, split_
                         device: str | None = None, batch_size: int = 4,
                         progress: bool = True) -> dict:
     check_run_args(batch_size)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     split = load_split(pipe, split_name)
-    model = build_model(pipe.model(model_name), len(split.classes))
-    load_weights(model, checkpoint)
-    model.to(dev)
+    model, _ = load_detector(pipe.model(model_name), len(split.classes), checkpoint, dev)
     metrics, dets = evaluate_model(model, pipe, split, dev, batch_size=batch_size, progress=progress)
     metrics.update({"model": model_name, "checkpoint": os.path.abspath(checkpoint),
                     "split": split_name})

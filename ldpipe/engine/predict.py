@@ -19,10 +19,10 @@ import torch
 
 from ..config import Pipeline
 from ..data import TEST_VARIANT, DataError, Record, collate, load_image, load_split, make_sample
-from ..models import GFL, build_model
-from ..models.checkpoint import load_file, load_weights
+from ..models import GFL, load_detector
+from ..models.checkpoint import load_file
 from .infer import detect_batch
-from .runtime import progress_bar
+from .runtime import progress_bar, resolve_device
 
 log = logging.getLogger("ldpipe.predict")
 
@@ -46,15 +46,15 @@ def checkpoint_classes(pipe: Pipeline, checkpoint: str, obj: dict | None = None)
     return list(load_split(pipe, "val").classes)
 
 
-def load_detector(pipe: Pipeline, model_name: str, checkpoint: str,
+def open_detector(pipe: Pipeline, model_name: str, checkpoint: str,
                   device: torch.device) -> tuple[GFL, list[str], dict]:
     """The model ``model_name`` with the weights of ``checkpoint`` (strict), in eval mode;
-    its class names and the checkpoint's ``meta``."""
+    its class names (from the checkpoint, else the pipeline or its val split) and the
+    checkpoint's ``meta`` (:func:`ldpipe.models.load_detector` once the classes are known)."""
     obj = load_file(checkpoint)  # read once for the classes, the weights and the meta
     classes = checkpoint_classes(pipe, checkpoint, obj)
-    model = build_model(pipe.model(model_name), len(classes))
-    meta = load_weights(model, checkpoint, obj)
-    return model.to(device).eval(), classes, meta
+    model, meta = load_detector(pipe.model(model_name), len(classes), checkpoint, device, obj)
+    return model, classes, meta
 
 
 def collect_images(paths: list[str]) -> list[str]:
@@ -126,9 +126,9 @@ def predict_images(pipe: Pipeline, model_name: str, checkpoint: str, images: lis
     """
     from PIL import Image
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     files = collect_images(list(images))
-    model, classes, _ = load_detector(pipe, model_name, checkpoint, dev)
+    model, classes, _ = open_detector(pipe, model_name, checkpoint, dev)
     os.makedirs(out_dir, exist_ok=True)
     names = _png_names(files, out_dir)
     entries = []

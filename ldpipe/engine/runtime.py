@@ -4,7 +4,6 @@ One code path for 1 process and for torchrun on the CPU (gloo) or CUDA (NCCL).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import sys
@@ -15,6 +14,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from ..config import ConfigError
+
+from ..models.device_ops import amp_context, mean_over_ranks  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -33,19 +36,38 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
+    """The one device rule of every command: ``None`` = CUDA when available, else the CPU;
+    ``'cpu'``; ``'cuda'`` / ``'cuda:N'`` (a torchrun rank takes ``cuda:LOCAL_RANK`` for a bare
+    ``'cuda'``).  Anything else, or CUDA on a machine without it, is a :class:`ConfigError`
+    naming the value."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise ConfigError(f"--device {device!r}: choose 'cpu', 'cuda' or 'cuda:N'")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: CUDA was requested but is not available here "
+                          "(use --device cpu)")
+    n = torch.cuda.device_count()
+    ordinal = int(index) if index else local_rank
+    if ordinal >= n:
+        raise ConfigError(f"--device {device!r}: this machine has {n} CUDA device(s)")
+    return torch.device(f"cuda:{ordinal}")
+
+
 def init(device: str | None = None) -> DistInfo:
     """Start the process group when launched by torchrun (``WORLD_SIZE`` > 1).
 
-    ``device``: 'cpu', 'cuda' or None (CUDA when available).  Each rank takes
-    ``cuda:LOCAL_RANK``.
+    ``device``: as :func:`resolve_device`; each rank takes ``cuda:LOCAL_RANK``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("CUDA was requested but is not available")
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, local)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -53,25 +75,9 @@ def init(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    t = t.detach().clone().float()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / dist.get_world_size()
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def amp_context(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA when ``enabled`` (a no-op context otherwise)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16)
 
 
 def progress_bar(**kwargs) -> tqdm:

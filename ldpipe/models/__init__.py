@@ -1,6 +1,6 @@
 """The teacher/student detector: GFL on ResNet + FPN, and its targets and losses."""
-from .detector import GFL, DenseOutput, build_model
-from .targets import BatchTargets, ImageTargets, batch_targets, image_targets
+from .detector import GFL, DenseOutput, build_model, load_detector
+from .targets import BatchTargets, ImageTargets, PositiveSet, batch_targets, image_targets
 
-__all__ = ["GFL", "BatchTargets", "DenseOutput", "ImageTargets", "batch_targets", "build_model",
-           "image_targets"]
+__all__ = ["GFL", "BatchTargets", "DenseOutput", "ImageTargets", "PositiveSet", "batch_targets",
+           "build_model", "image_targets", "load_detector"]

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import BackboneConfig, ModelConfig, resolve_backbone
 from .anchors import grid_anchors
 from .backbone import ResNet
+from .checkpoint import load_weights
 from .res2net import Res2Net
 from .fpn import FPN
 from .gfl_head import GFLHead
@@ -145,6 +146,18 @@ def build_head(cfg: ModelConfig, num_classes: int) -> GFLHead:
 
 def build_model(cfg: ModelConfig, num_classes: int) -> GFL:
     return GFL(cfg, num_classes)
+
+
+def load_detector(cfg: ModelConfig, num_classes: int, checkpoint: str | None,
+                  device: torch.device, obj: dict | None = None) -> tuple[GFL, dict]:
+    """The one way every runner gets a trained model: built from ``cfg``, the weights of
+    ``checkpoint`` loaded strictly (``None``: keep the initialisation, benchmarks), moved to
+    ``device`` and put in eval mode; returns it and the checkpoint's ``meta``.  ``obj``: the
+    file's :func:`~ldpipe.models.checkpoint.load_file` dict when the caller read it already
+    (a file is read once)."""
+    model = build_model(cfg, num_classes)
+    meta = load_weights(model, checkpoint, obj) if checkpoint else {}
+    return model.to(device).eval(), meta
 
 
 def build_backbone(b: BackboneConfig) -> ResNet:

@@ -31,7 +31,7 @@ from ..config import LossConfig, TestConfig
 from .boxes import aligned_iou, anchor_centers, bbox2distance, distance2bbox
 from .losses import BOX_LOSS, distribution_focal_loss, quality_focal_loss
 from .nms import suppress
-from .targets import BatchTargets
+from .targets import BatchTargets, PositiveSet
 
 if TYPE_CHECKING:
     from .detector import DenseOutput
@@ -123,7 +123,7 @@ class GFLHead(nn.Module):
 
     # ------------------------------------------------------------------ losses
     def loss(self, out: DenseOutput, targets: BatchTargets, cfg: LossConfig,
-             reduce=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+             reduce=None) -> tuple[dict[str, torch.Tensor], PositiveSet]:
         """GFL losses of a batch, on its batch-flat anchors.
 
         Args:
@@ -132,8 +132,8 @@ class GFLHead(nn.Module):
             reduce: callable averaging a scalar tensor over DDP ranks (or None).
 
         Returns:
-            ``(losses, extras)`` where extras holds what distillation reuses:
-            ``pos`` (indices), ``pos_weight`` (detached max class score).
+            ``(losses, positives)``: ``loss_cls``, ``loss_bbox``, ``loss_dfl`` and the
+            :class:`~ldpipe.models.targets.PositiveSet` they used (what LD reuses).
         """
         reduce = reduce or (lambda t: t)
         cls_flat = out.flat_cls()
@@ -174,7 +174,7 @@ class GFLHead(nn.Module):
         qfl = quality_focal_loss(qfl_in, labels, score, cfg.qfl_beta, activated=activated)
         loss_cls = cfg.qfl_weight * (qfl * targets.label_weights).sum() / num_total
         losses = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_dfl": loss_dfl}
-        return losses, {"pos": pos, "pos_weight": weight}
+        return losses, PositiveSet(pos, weight)
 
     # --------------------------------------------------------------- inference
     @torch.no_grad()

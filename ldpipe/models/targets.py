@@ -51,6 +51,14 @@ def image_targets(gt: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor |
     return ImageTargets(grid, out_labels, weights, targets, vlr, num_classes)
 
 
+@dataclass(frozen=True)
+class PositiveSet:
+    """The batch's ATSS positives as the GFL losses weighted them (what LD reuses)."""
+
+    index: torch.Tensor  # [P] int64 batch-flat anchor rows of the positives
+    weight: torch.Tensor  # [P] the student's detached max class (or joint) score at each
+
+
 @dataclass
 class BatchTargets:
     """Per-image targets scattered into the batch's flattened anchor layout."""

@@ -1,0 +1,93 @@
+"""The cached teacher: targets from a ``dump-teacher`` cache; the teacher is never built.
+
+Each sample's rows are read in the loader workers (:class:`~ldpipe.distill.loader.CacheTargets`)
+and travel with the batch as ``batch["teacher"]``; :meth:`CachedTeacher.prepare` maps the
+batch-flat anchors onto those rows once per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import CacheError, CacheReader
+from ..cache.codec import decode_packed
+from ..cache.compat import check_compatible
+from ..config import Pipeline, enabled_terms
+from ..data import Variant
+from ..models import BatchTargets
+from .loader import CacheTargets
+from .sources import TargetSource, TeacherBatch, TeacherRows
+
+
+class CachedTeacher(TargetSource):
+    """Teacher targets from the cache at ``cache_url``, for the LD terms ``pipe`` enables."""
+
+    def __init__(self, pipe: Pipeline, cache_url: str) -> None:
+        self.url = cache_url
+        self.terms = enabled_terms(pipe)
+        self.reader = CacheReader(cache_url)
+        self.manifest = self.reader.manifest
+
+    def sample_extra(self, device: torch.device) -> CacheTargets:
+        # a GPU step gets the rows as stored (8 bits a value for int8: a quarter of the bytes
+        # through the workers' shared memory and the copy) and decodes them on the device;
+        # a CPU step gets them decoded by the workers (numpy, one thread each), which is
+        # cheaper there than decoding in the training process (docs/benchmarks.md, "Reading")
+        return CacheTargets(self.url, with_cls="kd" in self.terms, decode=device.type != "cuda")
+
+    def variants(self, pipe: Pipeline) -> list[Variant]:
+        return [Variant(v["scale_idx"], v["flip"]) for v in self.manifest.geometry.variants]
+
+    def check(self, pipe: Pipeline, model_name: str, split) -> None:
+        check_compatible(self.manifest, self.url, self.reader.table.shape[0], pipe, model_name,
+                         split, self.terms)
+
+    def lineage(self) -> dict:
+        return self.manifest.lineage_entry(self.url)
+
+    def prepare(self, batch: dict, bt: BatchTargets, device: torch.device) -> "CachedBatch":
+        """Row of the batch's cached teacher targets for each batch-flat anchor (-1: not cached)."""
+        n_total = bt.labels.shape[0]
+        rows = torch.full((n_total,), -1, dtype=torch.long, device=device)
+        boxes, classes, offset = [], [], 0
+        for b, t in enumerate(batch["teacher"]):
+            anchors = t["anchor"].to(device)
+            n = anchors.shape[0]
+            rows[bt.own_to_batch[b][anchors]] = torch.arange(offset, offset + n, device=device)
+            boxes.append(_rows(t, "box", device))
+            if t["cls"] is not None:
+                classes.append(_rows(t, "cls", device))
+            offset += n
+        box = torch.cat(boxes) if boxes else torch.zeros(0, 4, 1, device=device)
+        cls = torch.cat(classes) if classes else None
+        return CachedBatch(rows, box, cls, self.url, self.manifest.region.policy, batch["metas"])
+
+
+@dataclass
+class CachedBatch(TeacherBatch):
+    """A batch's cached rows and, per batch-flat anchor, the row holding it (-1: not stored)."""
+
+    rows: torch.Tensor  # [B*N] int64
+    box: torch.Tensor  # [R, 4, reg_max + 1]
+    cls: torch.Tensor | None  # [R, C]
+    url: str
+    policy: str
+    metas: list
+
+    def at(self, flat: torch.Tensor, need_cls: bool = True) -> TeacherRows:
+        r = self.rows[flat]
+        if (r < 0).any():
+            bad = flat[r < 0][0]
+            meta = self.metas[int(bad // (self.rows.shape[0] // len(self.metas)))]
+            raise CacheError(
+                f"{self.url}: sample image_id={meta['image_id']} variant {meta['variant']} lacks "
+                f"{int((r < 0).sum())} anchors the losses need (region policy "
+                f"{self.policy!r} does not cover them)")
+        return TeacherRows(self.box[r], self.cls[r] if (need_cls and self.cls is not None) else None)
+
+
+def _rows(t: dict, name: str, device: torch.device) -> torch.Tensor:
+    """A sample's cached rows on ``device``, decoded there when they came as stored."""
+    x = t[name].to(device, non_blocking=True)
+    return decode_packed(x, t["codec"]) if "codec" in t else x
