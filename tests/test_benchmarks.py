@@ -29,7 +29,7 @@ def bench(*args: str) -> str:
 @pytest.mark.slow
 def test_dump_bench_then_ld_error_and_int8_layouts(tmp_path):
     work, out = tmp_path / "db", tmp_path / "db.json"
-    bench("benchmarks.dump_bench", "pipelines/demo.toml", "--random", "--synth", "8", "--reps", "1",
+    bench("benchmarks.timings.dump_bench", "pipelines/demo.toml", "--random", "--synth", "8", "--reps", "1",
           "--policies", "ld", "--codecs", "fp32,int8", "--threads", "1", "--keep",
           "--workdir", str(work), "--json", str(out), *TINY)
     d = json.loads(out.read_text())
@@ -39,20 +39,20 @@ def test_dump_bench_then_ld_error_and_int8_layouts(tmp_path):
     assert sizes["ld", "int8"]["vs_dense_fp16"] < 0.5 * sizes["ld", "fp32"]["vs_dense_fp16"]
 
     fp32 = sizes["ld", "fp32"]["store"]  # the configured ld/int8 one is a timed run's store
-    err = json.loads(bench("benchmarks.ld_error", fp32, sizes["ld", "int8"]["store"]))
+    err = json.loads(bench("benchmarks.studies.ld_error", fp32, sizes["ld", "int8"]["store"]))
     assert err["samples"] == 16 and err["edges"] > 0
     for student in ("random", "near"):
         assert 0 <= err[student]["relative_error"] < 0.01
         assert err[student]["ld_reference"] > 0
 
-    parts = bench("benchmarks.dump_parts", "pipelines/demo.toml", fp32, "--images", "4",
+    parts = bench("benchmarks.studies.dump_parts", "pipelines/demo.toml", fp32, "--images", "4",
                   "-o", f"data.root={work / 'synth'}", *TINY)
     ms = dict(line.strip("|").split("|") for line in parts.splitlines()
               if line.startswith("| ") and not line.startswith("| part"))
     assert set(k.strip() for k in ms) == {"load", "region main", "region ld", "encode", "write"}
     assert all(float(v) > 0 for v in ms.values())
 
-    table = bench("benchmarks.int8_layouts", fp32)
+    table = bench("benchmarks.studies.int8_layouts", fp32)
     row = next(line for line in table.splitlines() if line.startswith("| per-edge scale (format)"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "76"  # 4 x 17 codes + 4 x 2 scale bytes per anchor
@@ -62,7 +62,7 @@ def test_dump_bench_then_ld_error_and_int8_layouts(tmp_path):
 @pytest.mark.slow
 def test_step_bench_reports_three_modes(tmp_path):
     out = tmp_path / "sb.json"
-    bench("benchmarks.step_bench", "--teacher-depth", "18", "--student-depth", "18", "--channels", "16",
+    bench("benchmarks.timings.step_bench", "--teacher-depth", "18", "--student-depth", "18", "--channels", "16",
           "--stacked-convs", "1", "--base-width", "8", "--size", "128", "--batch", "2", "--steps", "2",
           "--warmup", "1", "--reps", "1", "--threads", "1", "--workdir", str(tmp_path / "w"),
           "--json", str(out))
@@ -78,30 +78,30 @@ def test_step_bench_reports_three_modes(tmp_path):
 
 def test_coco_scale_writer_rate_and_loader_rate_run_tiny(tmp_path):
     """The scale benchmarks on tiny settings: their JSON has what docs/benchmarks.md reads."""
-    d = json.loads(bench("benchmarks.coco_scale", "--images", "24", "--per-unit", "8", "--full-units", "1",
+    d = json.loads(bench("benchmarks.timings.coco_scale", "--images", "24", "--per-unit", "8", "--full-units", "1",
                          "--reads", "5").strip().splitlines()[-1])
     assert d["samples"] == 48 and d["units"] == 6 and d["verify_ok"] and d["info_samples"] == 48
     assert d["open_s"] > 0 and d["rss_mb"] is not None and d["reads"] == 5
     assert 2500 <= d["read_rows_per_sample"] <= 4200  # the reads come from the full-size unit
     assert 0 < d["read_p50_ms"] <= d["read_p99_ms"]
-    idx = json.loads(bench("benchmarks.coco_scale", "--images", "500", "--index-only").strip().splitlines()[-1])
+    idx = json.loads(bench("benchmarks.timings.coco_scale", "--images", "500", "--index-only").strip().splitlines()[-1])
     assert idx["samples"] == 1000 and idx["open_s"] > 0
-    w = json.loads(bench("benchmarks.writer_rate", "--units", "2", "--per-unit", "2", "--threads", "1,2",
+    w = json.loads(bench("benchmarks.timings.writer_rate", "--units", "2", "--per-unit", "2", "--threads", "1,2",
                          "--classes", "3").strip().splitlines()[-1])
     assert w["samples"] == 4 and set(w["by_threads"]) == {"1", "2"}
     assert all(r["rows_per_s"] > 0 for r in w["by_threads"].values()) and w["needed_rows_per_s"] > 0
-    r = json.loads(bench("benchmarks.loader_rate", "--images", "4", "--classes", "3", "--workers", "0,2",
+    r = json.loads(bench("benchmarks.timings.loader_rate", "--images", "4", "--classes", "3", "--workers", "0,2",
                          "--batch", "2", "--reads", "8").strip().splitlines()[-1])
     assert [x["workers"] for x in r["by_workers"]] == [0, 2]
     assert all(x["samples"] == 6 and x["samples_per_s"] > 0 for x in r["by_workers"])  # 8 - first batch
 
 
 def test_programme_schedule_and_stage_split(tmp_path):
-    """benchmarks.programme: a training epoch is one batch pass over the *images* (one variant
+    """benchmarks.timings.programme: a training epoch is one batch pass over the *images* (one variant
     drawn per image), so 60 iterations of 2 over 10 images are 12 epochs and every student
     reads 6x the 20 dumped samples; each stage's loop time comes from the dump's summary line
     or the run's epoch records."""
-    from benchmarks.programme import loop_seconds, pipeline_toml, schedule
+    from benchmarks.timings.programme import loop_seconds, pipeline_toml, schedule
 
     from ldpipe.config import load_pipeline
     assert schedule(60, 2, 10) == (12, 5) and schedule(300, 2, 100) == (6, 50)
@@ -124,7 +124,7 @@ def test_programme_schedule_and_stage_split(tmp_path):
 
 
 def test_step_divergence_refuses_a_used_workdir(tmp_path, capsys):
-    from benchmarks import step_divergence
+    from benchmarks.studies import step_divergence
     (tmp_path / "online").mkdir()
     with pytest.raises(SystemExit) as e:
         step_divergence.main(["p.toml", "--teacher", "t.pth", "--cache", "a=c.zarr", "--workdir", str(tmp_path)])

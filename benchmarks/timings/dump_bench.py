@@ -1,6 +1,6 @@
 """Benchmark ``dump-teacher``: overhead over pure inference, bytes per sample, read latency.
 
-    python -m benchmarks.dump_bench PIPELINE (--checkpoint CKPT | --random) [--model teacher]
+    python -m benchmarks.timings.dump_bench PIPELINE (--checkpoint CKPT | --random) [--model teacher]
         [-o key=value ...] [--device cpu|cuda] [--images N] [--synth N] [--reps 3]
         [--quick | --policies main,ld --codecs fp16,int8] [--read-samples 300] [--json OUT]
 
@@ -38,14 +38,14 @@ import tempfile
 from ldpipe.config import CODECS
 from ldpipe.config import REGION_POLICIES as POLICIES
 
-from .common import (command_line, fmt, machine_info, md_table, median, now, percentile,
+from ..common import (command_line, fmt, machine_info, md_table, median, now, percentile,
                      quiet_logs, ratio, resolve_device, run_child, sync, write_json)
 
 QUICK = (("ld", "fp16"), ("ld", "int8"), ("dense", "fp16"), ("dense", "int8"))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dump_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.timings.dump_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pipeline", help="pipeline TOML (e.g. pipelines/demo.toml)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -259,7 +259,7 @@ def read_latency_main(argv: list[str]) -> None:
 def read_latency(stores: list[str], n: int, seed: int) -> dict:
     if n <= 1 or not stores:
         return {}
-    return run_child("benchmarks.dump_bench",
+    return run_child("benchmarks.timings.dump_bench",
                      ["_read_latency", json.dumps({"stores": stores, "n": n, "seed": seed})])
 
 

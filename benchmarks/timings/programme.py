@@ -1,6 +1,6 @@
 """The whole-programme saving: three students from one teacher, online LD vs ldpipe (one dump + cached).
 
-    python -m benchmarks.programme [--iters 300] [--images 100] [--size 128] [--width 8]
+    python -m benchmarks.timings.programme [--iters 300] [--images 100] [--size 128] [--width 8]
                                    [--channels 32] [--stacked-convs 2] [--device cpu|cuda] [--json OUT]
 
 A scaled-down replica of the LD paper's COCO table: an R-101-like teacher and R-18 / R-34 /
@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from .common import REPO, emit, machine_info, peak_rss_mb
+from ..common import REPO, emit, machine_info, peak_rss_mb
 
 STUDENTS = (("s18", 18), ("s34", 34), ("s50", 50))
 
@@ -127,7 +127,7 @@ def loop_seconds(args: list[str], stdout: str) -> tuple[float, int]:
 
 
 def run_stage(args: list[str], env: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.programme", "--stage", json.dumps(args)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.timings.programme", "--stage", json.dumps(args)],
                           cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"stage {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")

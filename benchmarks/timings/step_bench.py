@@ -1,6 +1,6 @@
 """Benchmark one training step: plain GFL vs cached LD vs online LD.
 
-    python -m benchmarks.step_bench [--device cpu|cuda] [--teacher-depth 101]
+    python -m benchmarks.timings.step_bench [--device cpu|cuda] [--teacher-depth 101]
         [--student-depth 18] [--size 320] [--batch 2] [--steps 10] [--warmup 3]
         [--reps 3] [--json OUT]
 
@@ -42,7 +42,7 @@ import tempfile
 
 from ldpipe.config import CODECS, REGION_POLICIES
 
-from .common import (as_device, command_line, fmt, machine_info, md_table, median, now, peak_rss_mb,
+from ..common import (as_device, command_line, fmt, machine_info, md_table, median, now, peak_rss_mb,
                      quiet_logs, ratio, resolve_device, rss_mb, run_child, sync, write_json)
 
 MODES = ("plain", "cached", "online")
@@ -50,7 +50,7 @@ LOSS_KEYS = ("loss_cls", "loss_bbox", "loss_dfl", "loss_ld", "loss_ld_vlr", "los
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.step_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.timings.step_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--teacher-depth", type=int, default=101, choices=(18, 34, 50, 101))
@@ -342,7 +342,7 @@ def main(argv=None) -> None:
         for r in range(args.reps):
             order = modes if r % 2 == 0 else list(reversed(modes))
             for m in order:
-                res = run_child("benchmarks.step_bench", ["_worker", m, setup_arg])
+                res = run_child("benchmarks.timings.step_bench", ["_worker", m, setup_arg])
                 runs[m].append(res)
                 mem = (f"cuda peak {res['cuda_max_allocated_mb']:.0f} MiB" if device.type == "cuda"
                        else f"peak RSS {res['peak_rss_mb']:.0f} MiB (+{res['peak_rss_delta_mb']:.0f})")
@@ -386,7 +386,7 @@ def main(argv=None) -> None:
 
         inter = None
         if not args.no_interleaved and len(modes) > 1:
-            res = run_child("benchmarks.step_bench", ["_interleaved", ",".join(modes), setup_arg])
+            res = run_child("benchmarks.timings.step_bench", ["_interleaved", ",".join(modes), setup_arg])
             rounds = res["rounds"]
             inter = {"rounds": rounds, "modes": {}}
             for m in modes:
