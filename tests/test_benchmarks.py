@@ -101,15 +101,18 @@ def test_programme_schedule_and_stage_split(tmp_path):
     drawn per image), so 60 iterations of 2 over 10 images are 12 epochs and every student
     reads 6x the 20 dumped samples; each stage's loop time comes from the dump's summary line
     or the run's epoch records."""
-    from benchmarks.timings.programme import loop_seconds, pipeline_toml, schedule
+    from benchmarks.timings.programme import PIPELINE, loop_seconds, pipeline_overrides, schedule
 
     from ldpipe.config import load_pipeline
     assert schedule(60, 2, 10) == (12, 5) and schedule(300, 2, 100) == (6, 50)
     assert schedule(61, 2, 10) == (13, 5) and schedule(4, 3, 10) == (1, 4)
-    pfile = tmp_path / "p.toml"
-    pfile.write_text(pipeline_toml(str(tmp_path), 64, 8, 16, 60, 2, 10))
-    pipe = load_pipeline(str(pfile), [])
+    pipe = load_pipeline(PIPELINE, pipeline_overrides(str(tmp_path), 64, 8, 16, 60, 2, 10))
     assert pipe.train.epochs == 12 and pipe.train.max_iters_per_epoch == 5
+    assert pipe.data.root == str(tmp_path) and pipe.data.train_scales == [[64, 64]]
+    assert {n: (m.depth, m.base_width, m.channels) for n, m in pipe.models.items()} == {
+        "teacher": (101, 8, 16), "s18": (18, 8, 16), "s34": (34, 8, 16), "s50": (50, 8, 16)}
+    defaults = load_pipeline(PIPELINE).raw  # the file's values are the options' defaults
+    assert load_pipeline(PIPELINE, pipeline_overrides("data/synth", 128, 8, 32, 300, 2, 100)).raw == defaults
     assert pipe.train.epochs * pipe.train.max_iters_per_epoch * pipe.train.batch_size == 6 * (2 * 10)
     dump_out = 'progress\n{"cache": "c", "samples": 20, "rank_images": 20, "seconds": 8.25, "cache_id": "x"}\n'
     assert loop_seconds(["dump-teacher", "p"], dump_out) == (8.25, 20)
@@ -129,3 +132,46 @@ def test_step_divergence_refuses_a_used_workdir(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         step_divergence.main(["p.toml", "--teacher", "t.pth", "--cache", "a=c.zarr", "--workdir", str(tmp_path)])
     assert e.value.code == 2 and "is not empty" in capsys.readouterr().err
+
+
+def test_step_bench_pipeline_follows_its_options(tmp_path):
+    """benchmarks/pipelines/step_bench.toml holds the defaults; the options reach the pipeline
+    as -o overrides (a data root with quotes and spaces stays one string)."""
+    from benchmarks.timings.step_bench import parse_args
+    from benchmarks.timings.step_setup import PIPELINE, pipeline_overrides
+
+    from ldpipe.config import load_pipeline
+    root = str(tmp_path / "a \"quoted\" dir")
+    args = parse_args(["--size", "128", "--batch", "3", "--amp", "off", "--teacher-depth", "34",
+                       "--base-width", "8", "--channels", "16", "--stacked-convs", "1", "--codec", "fp16"])
+    pipe = load_pipeline(PIPELINE, pipeline_overrides(args, root))
+    assert pipe.name == "step-bench" and pipe.data.root == root and pipe.data.test_scale == [128, 128]
+    assert (pipe.train.batch_size, pipe.train.amp, pipe.cache.batch_size) == (3, False, 3)
+    assert (pipe.cache.region, pipe.cache.codec) == ("ld", "fp16")
+    t, s = pipe.model("teacher"), pipe.model("student")
+    assert (t.depth, s.depth) == (34, 18)
+    assert all((m.base_width, m.channels, m.stacked_convs) == (8, 16, 1) for m in (t, s))
+    defaults = load_pipeline(PIPELINE).raw  # the file's values are the options' defaults
+    assert load_pipeline(PIPELINE, pipeline_overrides(parse_args([]), defaults["data"]["root"])).raw == defaults
+
+
+BENCH = ROOT / "benchmarks"
+
+
+def test_benchmark_modules_stay_small():
+    """The repository's 400-line rule holds in benchmarks/ too."""
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in BENCH.rglob("*.py")}
+    assert len(sizes) > 15 and not {f: n for f, n in sizes.items() if n > 400}, sizes
+
+
+def test_benchmark_pipelines_load():
+    """Every pipeline file under benchmarks/ loads on its own (its values are its script's defaults)."""
+    from ldpipe.config import load_pipeline
+    files = sorted(BENCH.rglob("*.toml"))
+    assert {p.name for p in files} >= {"synth_data.toml", "step_bench.toml", "programme.toml"}
+    for path in files:
+        if path.name != "synth_data.toml":  # a [data] section only: the others extend it
+            pipe = load_pipeline(path)
+            assert pipe.bases and pipe.models, path
+        else:
+            assert load_pipeline(path).data.format == "coco"

@@ -5,9 +5,9 @@
         [--reps 3] [--json OUT]
 
 Set-up (this process): a synthetic data set (``--batch x --distinct-batches`` training
-images, sides 0.9-1.1 x ``--size``), a pipeline with mmdetection's widths for both models
-(base width 64, 256 channels, 4 stacked convs, reg_max 16) at input scale
-``[size, size]``, a randomly initialised teacher (saved with ``save_checkpoint``; its
+images, sides 0.9-1.1 x ``--size``), the pipeline ``benchmarks/pipelines/step_bench.toml``
+(by default mmdetection's widths for both models: base width 64, 256 channels, 4 stacked
+convs, reg_max 16) with the options as ``-o`` overrides, input scale ``[size, size]``, a randomly initialised teacher (saved with ``save_checkpoint``; its
 head's weights are drawn wider than GFL's init so its distributions are not flat) and a
 cache dumped from it with ``dump_teacher`` (``--region``/``--codec``, default ld/int8).
 

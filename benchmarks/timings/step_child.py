@@ -30,7 +30,7 @@ class Bench:
         self.rss_base = rss_mb()  # after imports (and the CUDA context), before models and data
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        pipe = self.pipe = load_pipeline(setup["pipeline"])
+        pipe = self.pipe = load_pipeline(setup["pipeline"], setup["overrides"])
         split = load_split(pipe, "train")
         cfg = self.cfg = pipe.model("student")
         sched = pipe.train_for("student")

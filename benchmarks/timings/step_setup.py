@@ -4,46 +4,25 @@ from __future__ import annotations
 
 import os
 
-from ..common import now
+from ..common import PIPELINES, now, override
 
 
-PIPELINE = """\
-name = "step-bench"
+PIPELINE = str(PIPELINES / "step_bench.toml")  # extends synth_data.toml; values: the defaults
 
-[data]
-format = "coco"
-root = "{root}"
-train = "annotations/train.json"
-val = "annotations/val.json"
-train_images = "images/train"
-val_images = "images/val"
-train_scales = [[{size}, {size}]]
-test_scale = [{size}, {size}]
-flip = true
 
-[train]
-batch_size = {batch}
-workers = 0
-amp = {amp}
-
-[models.teacher]
-depth = {teacher_depth}
-base_width = {base_width}
-channels = {channels}
-stacked_convs = {stacked_convs}
-
-[models.student]
-depth = {student_depth}
-base_width = {base_width}
-channels = {channels}
-stacked_convs = {stacked_convs}
-
-[cache]
-region = "{region}"
-codec = "{codec}"
-samples_per_shard = 64
-batch_size = {batch}
-"""
+def pipeline_overrides(args, root: str) -> list[str]:
+    """The ``-o`` overrides that make ``PIPELINE`` this run's: data root and input size, batch,
+    AMP, both models' depths and widths, the cache's region and codec."""
+    size, batch = args.size, args.batch
+    out = [override("data.root", root), override("data.train_scales", [[size, size]]),
+           override("data.test_scale", [size, size]), override("train.batch_size", batch),
+           override("train.amp", args.amp == "auto")]
+    for name, depth in (("teacher", args.teacher_depth), ("student", args.student_depth)):
+        out += [override(f"models.{name}.depth", depth), override(f"models.{name}.base_width", args.base_width),
+                override(f"models.{name}.channels", args.channels),
+                override(f"models.{name}.stacked_convs", args.stacked_convs)]
+    return out + [override("cache.region", args.region), override("cache.codec", args.codec),
+                  override("cache.batch_size", batch)]
 
 
 # ------------------------------------------------------------------ set-up (parent)
@@ -58,14 +37,8 @@ def make_setup(args, work: str, device) -> dict:
     root = os.path.join(work, "synth")
     n_train = args.batch * args.distinct_batches
     synthesize(root, n_train=n_train, n_val=1, seed=args.seed, size=args.size)
-    toml = os.path.join(work, "step_bench.toml")
-    with open(toml, "w") as fh:
-        fh.write(PIPELINE.format(root=root, size=args.size, batch=args.batch,
-                                 amp="true" if args.amp == "auto" else "false",
-                                 teacher_depth=args.teacher_depth, student_depth=args.student_depth,
-                                 base_width=args.base_width, channels=args.channels,
-                                 stacked_convs=args.stacked_convs, region=args.region, codec=args.codec))
-    pipe = load_pipeline(toml)
+    overrides = pipeline_overrides(args, root)
+    pipe = load_pipeline(PIPELINE, overrides)
     split = load_split(pipe, "train")
     torch.manual_seed(args.seed + 1)
     teacher = build_model(pipe.model("teacher"), len(split.classes))
@@ -79,7 +52,7 @@ def make_setup(args, work: str, device) -> dict:
     t0 = now()
     summary = dump_teacher(pipe, "teacher", ckpt, cache, device=device.type, workers=0, progress=False)
     dump_s = now() - t0
-    return {"pipeline": toml, "teacher_ckpt": ckpt, "cache": cache, "device": device.type,
+    return {"pipeline": PIPELINE, "overrides": overrides, "teacher_ckpt": ckpt, "cache": cache, "device": device.type,
             "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
             "distinct_batches": args.distinct_batches, "seed": args.seed, "threads": args.threads,
             "dump_s": dump_s, "dump_samples": summary["samples"]}
