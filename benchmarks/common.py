@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PIPELINES = REPO / "benchmarks" / "pipelines"  # the benchmarks' own pipeline files
 
 
 # ------------------------------------------------------------------ memory
@@ -98,6 +99,13 @@ def md_table(header: list[str], rows: list[list]) -> str:
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ pipelines
+def override(key: str, value) -> str:
+    """``KEY=VALUE`` for ``load_pipeline`` / ``-o``, the value written as a TOML literal (a JSON
+    string, number, boolean or array is one): strings stay strings whatever they contain."""
+    return f"{key}={json.dumps(value)}"
 
 
 # ------------------------------------------------------------------ machine

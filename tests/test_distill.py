@@ -300,11 +300,11 @@ def test_preloaded_reader_equals_shard_reads(caches):
 
 
 def test_step_divergence_benchmark_trains_cached_and_online_alike(synth, teacher_ckpt, caches, tmp_path):
-    """benchmarks.step_divergence: whole `train-student` runs, step by step; the fp32 cache's
+    """benchmarks.studies.step_divergence: whole `train-student` runs, step by step; the fp32 cache's
     first step is the online teacher's (the same targets), and a repeated run is identical."""
     import json as _json
 
-    from benchmarks import step_divergence
+    from benchmarks.studies import step_divergence
 
     over = [f"data.root={synth}", "train.workers=0", "data.train_scales=[[160, 160]]",
             "data.test_scale=[160, 160]", "train.batch_size=2"]

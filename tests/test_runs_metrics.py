@@ -19,7 +19,7 @@ if ROOT not in sys.path:
 
 
 def test_both_back_ends_give_identical_ap():
-    from benchmarks.coco_eval_bench import synthetic_case
+    from benchmarks.timings.coco_eval_bench import synthetic_case
     records, names, dets = synthetic_case(images=30, classes=4, max_gts=6, dets=15, seed=3)
     a = coco_metrics(records, names, copy.deepcopy(dets), backend="pycocotools")
     b = coco_metrics(records, names, copy.deepcopy(dets), backend="faster-coco-eval")
@@ -49,7 +49,7 @@ def test_back_end_choice(monkeypatch):
 
 def test_benchmark_script_runs(tmp_path):
     out = tmp_path / "b.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.coco_eval_bench", "--images", "5",
+    subprocess.run([sys.executable, "-m", "benchmarks.timings.coco_eval_bench", "--images", "5",
                     "--reps", "1", "--json", str(out)], check=True, capture_output=True, cwd=ROOT)
     d = json.loads(out.read_text())
     assert d["stats_max_abs_diff"] < 1e-12 and d["speedup"] > 0 and d["per_class_max_abs_diff"] < 1e-12

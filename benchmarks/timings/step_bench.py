@@ -1,13 +1,13 @@
 """Benchmark one training step: plain GFL vs cached LD vs online LD.
 
-    python -m benchmarks.step_bench [--device cpu|cuda] [--teacher-depth 101]
+    python -m benchmarks.timings.step_bench [--device cpu|cuda] [--teacher-depth 101]
         [--student-depth 18] [--size 320] [--batch 2] [--steps 10] [--warmup 3]
         [--reps 3] [--json OUT]
 
 Set-up (this process): a synthetic data set (``--batch x --distinct-batches`` training
-images, sides 0.9-1.1 x ``--size``), a pipeline with mmdetection's widths for both models
-(base width 64, 256 channels, 4 stacked convs, reg_max 16) at input scale
-``[size, size]``, a randomly initialised teacher (saved with ``save_checkpoint``; its
+images, sides 0.9-1.1 x ``--size``), the pipeline ``benchmarks/pipelines/step_bench.toml``
+(by default mmdetection's widths for both models: base width 64, 256 channels, 4 stacked
+convs, reg_max 16) with the options as ``-o`` overrides, input scale ``[size, size]``, a randomly initialised teacher (saved with ``save_checkpoint``; its
 head's weights are drawn wider than GFL's init so its distributions are not flat) and a
 cache dumped from it with ``dump_teacher`` (``--region``/``--codec``, default ld/int8).
 
@@ -30,6 +30,9 @@ teacher's forward, plus the LD terms' forward) is also timed on its own.  Memory
 process's peak RSS (``VmHWM``) and its increase over the RSS after imports (torch, ldpipe,
 zarr); CUDA - ``max_memory_allocated``.  An extra process alternates all modes step by step
 on one student (``--no-interleaved`` skips it): its per-round ratios resist load drift.
+
+Code: this file (options, the run order, the report), ``step_setup.py`` (data, pipeline,
+teacher, cache), ``step_child.py`` (the child processes and their timed steps).
 """
 from __future__ import annotations
 
@@ -42,15 +45,17 @@ import tempfile
 
 from ldpipe.config import CODECS, REGION_POLICIES
 
-from .common import (as_device, command_line, fmt, machine_info, md_table, median, now, peak_rss_mb,
-                     quiet_logs, ratio, resolve_device, rss_mb, run_child, sync, write_json)
+from ..common import (command_line, fmt, machine_info, md_table, median, quiet_logs, ratio, resolve_device,
+                      run_child, write_json)
+from .step_child import interleaved_main, worker_main
+from .step_setup import make_setup
 
 MODES = ("plain", "cached", "online")
 LOSS_KEYS = ("loss_cls", "loss_bbox", "loss_dfl", "loss_ld", "loss_ld_vlr", "loss_kd")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.step_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.timings.step_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--teacher-depth", type=int, default=101, choices=(18, 34, 50, 101))
@@ -77,235 +82,6 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", default="")
     return p.parse_args(argv)
-
-
-PIPELINE = """\
-name = "step-bench"
-
-[data]
-format = "coco"
-root = "{root}"
-train = "annotations/train.json"
-val = "annotations/val.json"
-train_images = "images/train"
-val_images = "images/val"
-train_scales = [[{size}, {size}]]
-test_scale = [{size}, {size}]
-flip = true
-
-[train]
-batch_size = {batch}
-workers = 0
-amp = {amp}
-
-[models.teacher]
-depth = {teacher_depth}
-base_width = {base_width}
-channels = {channels}
-stacked_convs = {stacked_convs}
-
-[models.student]
-depth = {student_depth}
-base_width = {base_width}
-channels = {channels}
-stacked_convs = {stacked_convs}
-
-[cache]
-region = "{region}"
-codec = "{codec}"
-samples_per_shard = 64
-batch_size = {batch}
-"""
-
-
-# ------------------------------------------------------------------ set-up (parent)
-def make_setup(args, work: str, device) -> dict:
-    import torch
-    from ldpipe.engine.dump import dump_teacher
-    from ldpipe.config import load_pipeline
-    from ldpipe.data import load_split, synthesize
-    from ldpipe.models import build_model
-    from ldpipe.models.checkpoint import save_checkpoint
-
-    root = os.path.join(work, "synth")
-    n_train = args.batch * args.distinct_batches
-    synthesize(root, n_train=n_train, n_val=1, seed=args.seed, size=args.size)
-    toml = os.path.join(work, "step_bench.toml")
-    with open(toml, "w") as fh:
-        fh.write(PIPELINE.format(root=root, size=args.size, batch=args.batch,
-                                 amp="true" if args.amp == "auto" else "false",
-                                 teacher_depth=args.teacher_depth, student_depth=args.student_depth,
-                                 base_width=args.base_width, channels=args.channels,
-                                 stacked_convs=args.stacked_convs, region=args.region, codec=args.codec))
-    pipe = load_pipeline(toml)
-    split = load_split(pipe, "train")
-    torch.manual_seed(args.seed + 1)
-    teacher = build_model(pipe.model("teacher"), len(split.classes))
-    with torch.no_grad():  # non-flat teacher distributions (GFL's init gives near-uniform ones)
-        for conv in (teacher.bbox_head.gfl_reg, teacher.bbox_head.gfl_cls):
-            conv.weight.normal_(0.0, 3.0 / conv.weight[0].numel() ** 0.5)
-    ckpt = os.path.join(work, "teacher.pth")
-    save_checkpoint(ckpt, teacher, {"ldpipe": {"model": "teacher", "random": True}})
-    del teacher
-    cache = os.path.join(work, "cache.zarr")
-    t0 = now()
-    summary = dump_teacher(pipe, "teacher", ckpt, cache, device=device.type, workers=0, progress=False)
-    dump_s = now() - t0
-    return {"pipeline": toml, "teacher_ckpt": ckpt, "cache": cache, "device": device.type,
-            "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-            "distinct_batches": args.distinct_batches, "seed": args.seed, "threads": args.threads,
-            "dump_s": dump_s, "dump_samples": summary["samples"]}
-
-
-# ------------------------------------------------------------------ children
-class Bench:
-    """Data, student, optimizer and hooks of one child process."""
-
-    def __init__(self, setup: dict, modes: list[str]) -> None:
-        import torch
-        if setup["threads"]:
-            torch.set_num_threads(setup["threads"])
-        from ldpipe.config import load_pipeline
-        from ldpipe.data import DetectionDataset, VariantSampler, load_split
-        from ldpipe.engine.runtime import seed_everything
-        from ldpipe.engine.train import TrainCollate, TrainStep
-        from ldpipe.models import build_model
-        import ldpipe.distill  # noqa: F401  (zarr & co. before the RSS baseline, in every mode)
-
-        self.setup = setup
-        self.device = device = as_device(setup["device"])
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            torch.cuda.init()
-        self.rss_base = rss_mb()  # after imports (and the CUDA context), before models and data
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        pipe = self.pipe = load_pipeline(setup["pipeline"])
-        split = load_split(pipe, "train")
-        cfg = self.cfg = pipe.model("student")
-        sched = pipe.train_for("student")
-        self.hooks = {m: self._hook(m, split) for m in modes}
-        # every hook here uses the training variants (a cache's are the dump's: the same)
-        first = self.hooks[modes[0]]
-        variants = first.variants(pipe)
-        self.dataset = DetectionDataset(split, pipe, variants)
-        extras = [h.sample_extra() for h in self.hooks.values()]
-        self.extra = next((e for e in extras if e is not None), None)
-        self.collate = {vlr: TrainCollate(cfg, len(split.classes), vlr)
-                        for vlr in {h.with_vlr for h in self.hooks.values()}}
-        pairs = VariantSampler(len(self.dataset), len(variants), shuffle=True, seed=setup["seed"]).pairs()
-        bsz = setup["batch"]
-        batches = [pairs[i:i + bsz] for i in range(0, len(pairs), bsz)][:setup["distinct_batches"]]
-        self.batches = [b for b in batches if len(b) == bsz] or batches
-
-        seed_everything(setup["seed"])
-        self.model = build_model(cfg, len(split.classes)).to(device)
-        self.model.train()
-        self.train_step = TrainStep(self.model, sched, device, sched.amp and device.type == "cuda")
-        self.hook_s = 0.0
-
-    def _hook(self, mode: str, split):
-        from ldpipe.distill import CachedTeacher, OnlineTeacher
-        from ldpipe.engine.train import Hook
-        if mode == "plain":
-            hook = Hook()
-        elif mode == "cached":
-            hook = CachedTeacher(self.pipe, self.setup["cache"])
-        elif mode == "online":
-            hook = OnlineTeacher(self.pipe, "teacher", self.setup["teacher_ckpt"])
-        else:
-            raise SystemExit(f"unknown mode {mode!r}")
-        hook.check(self.pipe, "student", split)
-        orig = hook.losses
-
-        def timed_losses(*a, **k):  # the hook's forward part: teacher targets + LD loss terms
-            sync(self.device)
-            t0 = now()
-            out = orig(*a, **k)
-            sync(self.device)
-            self.hook_s = now() - t0
-            return out
-
-        hook.losses = timed_losses
-        if mode == "online":
-            # OnlineTeacher.check() puts the teacher on dist.init()'s default device (CUDA when
-            # available), not on the training device: follow --device explicitly
-            hook.net.to(self.device)
-        return hook
-
-    def batches_for(self, it: int) -> tuple[dict, float]:
-        """Collated batches of step ``it`` (by with_vlr) and the time spent reading cache rows."""
-        samples = [self.dataset[k] for k in self.batches[it % len(self.batches)]]
-        t_fetch = 0.0
-        if self.extra is not None:  # the loader's part of cached LD: read the teacher rows
-            t0 = now()
-            extras = [self.extra(s["meta"]) for s in samples]
-            t_fetch = now() - t0
-            for s, e in zip(samples, extras):
-                s.update(e)
-        out = {vlr: fn(samples) for vlr, fn in self.collate.items()}
-        if self.device.type == "cuda":  # as the training DataLoader (pin_memory=True) hands them over
-            from torch.utils.data._utils.pin_memory import pin_memory
-            out = {vlr: pin_memory(b) for vlr, b in out.items()}
-        return out, t_fetch
-
-    def step(self, mode: str, batch: dict, it: int) -> tuple[float, dict]:
-        """One timed training step, as ``ldpipe.engine.train.train`` runs it."""
-        sync(self.device)
-        t0 = now()
-        values, _ = self.train_step(batch, self.hooks[mode], 0, it)
-        sync(self.device)
-        values.pop("loss")
-        return now() - t0, values
-
-    def memory(self) -> dict:
-        import torch
-        out = {"rss_base_mb": self.rss_base, "peak_rss_mb": peak_rss_mb()}
-        out["peak_rss_delta_mb"] = (out["peak_rss_mb"] - self.rss_base) if self.rss_base is not None else None
-        if self.device.type == "cuda":
-            out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-            out["cuda_max_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2 ** 20
-        return out
-
-
-def worker_main(argv: list[str]) -> None:
-    """Child: ``_worker MODE SETUP_JSON`` - one mode only; prints one JSON line."""
-    mode, setup = argv[0], json.loads(argv[1])
-    quiet_logs()
-    b = Bench(setup, [mode])
-    step_s, fetch_s, hook_s, first_losses = [], [], [], None
-    for it in range(setup["warmup"] + setup["steps"]):
-        batches, t_fetch = b.batches_for(it)
-        dt, values = b.step(mode, batches[b.hooks[mode].with_vlr], it)
-        if it == 0:
-            first_losses = values
-        if it >= setup["warmup"]:
-            step_s.append(dt)
-            fetch_s.append(t_fetch)
-            hook_s.append(b.hook_s)
-    print(json.dumps({"mode": mode, "step_s": step_s, "fetch_s": fetch_s, "hook_s": hook_s,
-                      "step_median_s": median(step_s), "fetch_median_s": median(fetch_s),
-                      "hook_median_s": median(hook_s),
-                      "first_losses": first_losses, **b.memory()}))
-
-
-def interleaved_main(argv: list[str]) -> None:
-    """Child: ``_interleaved MODES SETUP_JSON`` - every mode on every batch, round-robin
-    (order rotating each round), one student; per-round paired times."""
-    modes, setup = argv[0].split(","), json.loads(argv[1])
-    quiet_logs()
-    b = Bench(setup, modes)
-    rounds = []
-    for it in range(setup["warmup"] + setup["steps"]):
-        batches, t_fetch = b.batches_for(it)
-        k = it % len(modes)
-        times, hook = {}, {}
-        for m in modes[k:] + modes[:k]:
-            times[m], _ = b.step(m, batches[b.hooks[m].with_vlr], it)
-            hook[m] = b.hook_s
-        if it >= setup["warmup"]:
-            rounds.append({"times": times, "hook": hook, "fetch": t_fetch})
-    print(json.dumps({"modes": modes, "rounds": rounds}))
 
 
 # ------------------------------------------------------------------ main
@@ -342,7 +118,7 @@ def main(argv=None) -> None:
         for r in range(args.reps):
             order = modes if r % 2 == 0 else list(reversed(modes))
             for m in order:
-                res = run_child("benchmarks.step_bench", ["_worker", m, setup_arg])
+                res = run_child("benchmarks.timings.step_bench", ["_worker", m, setup_arg])
                 runs[m].append(res)
                 mem = (f"cuda peak {res['cuda_max_allocated_mb']:.0f} MiB" if device.type == "cuda"
                        else f"peak RSS {res['peak_rss_mb']:.0f} MiB (+{res['peak_rss_delta_mb']:.0f})")
@@ -386,7 +162,7 @@ def main(argv=None) -> None:
 
         inter = None
         if not args.no_interleaved and len(modes) > 1:
-            res = run_child("benchmarks.step_bench", ["_interleaved", ",".join(modes), setup_arg])
+            res = run_child("benchmarks.timings.step_bench", ["_interleaved", ",".join(modes), setup_arg])
             rounds = res["rounds"]
             inter = {"rounds": rounds, "modes": {}}
             for m in modes:

@@ -1,6 +1,6 @@
 """Benchmark ``dump-teacher``: overhead over pure inference, bytes per sample, read latency.
 
-    python -m benchmarks.dump_bench PIPELINE (--checkpoint CKPT | --random) [--model teacher]
+    python -m benchmarks.timings.dump_bench PIPELINE (--checkpoint CKPT | --random) [--model teacher]
         [-o key=value ...] [--device cpu|cuda] [--images N] [--synth N] [--reps 3]
         [--quick | --policies main,ld --codecs fp16,int8] [--read-samples 300] [--json OUT]
 
@@ -22,14 +22,14 @@
 
 ``--images N`` keeps the first N images of the split (given to ``dump_teacher`` as its
 ``split``; nothing else changes).
+
+Code: this file (options, the run order, the report), ``dump_runs.py`` (set-up and the two
+timed runs), ``dump_stores.py`` (bytes per sample, read latency).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -38,14 +38,16 @@ import tempfile
 from ldpipe.config import CODECS
 from ldpipe.config import REGION_POLICIES as POLICIES
 
-from .common import (command_line, fmt, machine_info, md_table, median, now, percentile,
-                     quiet_logs, ratio, resolve_device, run_child, sync, write_json)
+from ..common import (command_line, fmt, machine_info, md_table, median, quiet_logs, ratio,
+                      resolve_device, write_json)
+from .dump_runs import amp_arg, load_pipe, random_checkpoint, run_dump, run_inference, truncated_split
+from .dump_stores import cache_stats, read_latency, read_latency_main, store_bytes
 
 QUICK = (("ld", "fp16"), ("ld", "int8"), ("dense", "fp16"), ("dense", "int8"))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dump_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.timings.dump_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pipeline", help="pipeline TOML (e.g. pipelines/demo.toml)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -86,181 +88,6 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the work dir")
     p.add_argument("--json", default="", help="write the results as JSON here")
     return p.parse_args(argv)
-
-
-# ------------------------------------------------------------------ set-up helpers
-def load_pipe(args, *extra: str):
-    from ldpipe.config import load_pipeline
-    return load_pipeline(args.pipeline, list(args.override) + list(extra))
-
-
-def truncated_split(pipe, split_name: str, n: int):
-    from ldpipe.data import load_split
-    split = load_split(pipe, split_name)
-    if n <= 0 or n >= len(split.records):
-        return split
-    fp = hashlib.sha256(f"{split.fingerprint}:first{n}".encode()).hexdigest()
-    return dataclasses.replace(split, records=split.records[:n], image_ids=split.image_ids[:n],
-                               fingerprint=fp)
-
-
-def random_checkpoint(pipe, model_name: str, num_classes: int, path: str, spread: float, seed: int):
-    import torch
-    from ldpipe.models import build_model
-    from ldpipe.models.checkpoint import save_checkpoint
-    torch.manual_seed(seed)
-    model = build_model(pipe.model(model_name), num_classes)
-    if spread > 0:
-        with torch.no_grad():
-            for conv in (model.bbox_head.gfl_reg, model.bbox_head.gfl_cls):
-                fan_in = conv.weight[0].numel()
-                conv.weight.normal_(0.0, spread / fan_in ** 0.5)
-    save_checkpoint(path, model, {"ldpipe": {"model": model_name, "random": True}})
-
-
-def amp_arg(args):
-    return {"auto": None, "on": True, "off": False}[args.amp]
-
-
-# ------------------------------------------------------------------ the two timed runs
-def run_inference(pipe, model_name: str, ckpt: str, split, device, batches: list, workers: int,
-                  amp) -> dict:
-    """Forward passes only, over ``batches`` (the (image, variant) batches the dump made)."""
-    import torch
-    from ldpipe.data import DetectionDataset, collate, train_variants
-    from ldpipe.engine.runtime import amp_context, worker_init
-    from ldpipe.models import build_model
-    from ldpipe.models.checkpoint import load_weights
-
-    t0 = now()
-    cfg = pipe.model(model_name)
-    variants = train_variants(pipe)
-    model = build_model(cfg, len(split.classes))
-    load_weights(model, ckpt)
-    model.to(device).eval()
-    loader = torch.utils.data.DataLoader(
-        DetectionDataset(split, pipe, variants), batch_sampler=batches, num_workers=workers,
-        collate_fn=collate, pin_memory=device.type == "cuda", worker_init_fn=worker_init)
-    use_amp = (device.type == "cuda") if amp is None else (amp and device.type == "cuda")
-    n = 0
-    t_loop = now()
-    with torch.no_grad():
-        for batch in loader:
-            img = batch["img"].to(device, non_blocking=True)
-            with amp_context(device, use_amp):
-                model(img)
-            n += img.shape[0]
-    sync(device)
-    t1 = now()
-    return {"total_s": t1 - t0, "loop_s": t1 - t_loop, "samples": n}
-
-
-def run_dump(pipe, model_name: str, ckpt: str, split, out: str, device, batch_size: int,
-             workers: int, amp, split_name: str = "train") -> dict:
-    """A dump of ``split`` into a fresh store; also returns its (image, variant) batches."""
-    import math
-    from ldpipe.data import train_variants
-    from ldpipe.engine.dump import dump_teacher, unit_batches
-    per_unit = pipe.cache.samples_per_shard
-    variants = train_variants(pipe)
-    units = list(range(math.ceil(len(split.records) * len(variants) / per_unit)))
-    batches = unit_batches(pipe, split, variants, units, per_unit, batch_size or pipe.cache.batch_size)
-    t0 = now()
-    summary = dump_teacher(pipe, model_name, ckpt, out, split_name, device=device.type,
-                           batch_size=batch_size, workers=workers, amp=amp, progress=False,
-                           split=split)
-    t1 = now()
-    return {"total_s": t1 - t0, "loop_s": float(summary["seconds"]), "samples": summary["samples"],
-            "batches": batches}
-
-
-# ------------------------------------------------------------------ sizes
-def store_bytes(path: str) -> dict:
-    """Bytes of every file under ``path``, total and by array (units/*/NAME, index, metadata)."""
-    parts: dict[str, int] = {}
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            full = os.path.join(dirpath, f)
-            size = os.path.getsize(full)
-            total += size
-            rel = os.path.relpath(full, path).split(os.sep)
-            if rel[0] == "units" and len(rel) >= 4:
-                key = rel[2]
-            elif rel[0] == "index":
-                key = "index"
-            else:
-                key = "metadata"
-            if rel[-1] == "zarr.json" and key != "index":
-                key = "metadata"
-            parts[key] = parts.get(key, 0) + size
-    return {"total": total, "parts": parts}
-
-
-def cache_stats(path: str) -> dict:
-    """Samples, stored rows and the dense fp16 size of each sample's own grid."""
-    import numpy as np
-    from ldpipe.cache import CacheReader
-    from ldpipe.cache.manifest import F
-    reader = CacheReader(path)
-    m = reader.manifest
-    geo = m.geometry
-    table = reader.table
-    per_anchor = 4 * geo.reg_bins + geo.num_classes
-    dense = []
-    grids: dict = {}
-    for rec in table:
-        pad = (int(rec[F["pad_h"]]), int(rec[F["pad_w"]]))
-        if pad not in grids:
-            grids[pad] = geo.grid(pad).num_anchors
-        dense.append(grids[pad] * per_anchor * 2)
-    rows = table[:, F["row_count"]].astype(np.float64)
-    anchors = np.array([grids[(int(r[F["pad_h"]]), int(r[F["pad_w"]]))] for r in table], np.float64)
-    return {"samples": int(table.shape[0]), "rows_per_sample": float(rows.mean()),
-            "anchors_per_sample": float(anchors.mean()),
-            "region_fraction": float((rows / anchors).mean()),
-            "dense_fp16_bytes_per_sample": float(np.mean(dense)),
-            "policy": m.region.policy, "codec": m.codec, "store_cls": m.store_cls}
-
-
-# ------------------------------------------------------------------ read latency (child)
-def read_latency_main(argv: list[str]) -> None:
-    """Child process: ``_read_latency JSON`` with {"stores": [...], "n": N, "seed": S}."""
-    import random
-    cfg = json.loads(argv[0])
-    quiet_logs()
-    import torch
-    torch.set_num_threads(1)  # as in loader workers (ldpipe.engine.runtime.worker_init)
-    from ldpipe.cache import CacheReader
-    from ldpipe.cache.manifest import F
-    out = {}
-    for path in cfg["stores"]:
-        reader = CacheReader(path)
-        rng = random.Random(cfg["seed"])
-        t0 = now()
-        table = reader.table  # opens the store, loads the index
-        t_open = now() - t0
-        keys = [(int(r[F["image_index"]]), int(r[F["variant"]])) for r in table]
-        picks = [rng.choice(keys) for _ in range(cfg["n"])]
-        t0 = now()
-        reader.read(*picks[0])
-        first = now() - t0
-        times = []
-        for key in picks[1:]:
-            t0 = now()
-            reader.read(*key)
-            times.append((now() - t0) * 1e3)
-        out[path] = {"open_ms": t_open * 1e3, "first_read_ms": first * 1e3, "n": len(times),
-                     "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99),
-                     "mean_ms": sum(times) / max(len(times), 1)}
-    print(json.dumps(out))
-
-
-def read_latency(stores: list[str], n: int, seed: int) -> dict:
-    if n <= 1 or not stores:
-        return {}
-    return run_child("benchmarks.dump_bench",
-                     ["_read_latency", json.dumps({"stores": stores, "n": n, "seed": seed})])
 
 
 # ------------------------------------------------------------------ main

@@ -1,8 +1,8 @@
 """Throughput of the dump's writer alone (encode, compress, checksum, commit), 1..N threads.
 
-    python -m benchmarks.writer_rate [--units 6] [--per-unit 16] [--threads 1,2,4] [--json OUT]
+    python -m benchmarks.timings.writer_rate [--units 6] [--per-unit 16] [--threads 1,2,4] [--json OUT]
 
-No teacher runs: finished units of synthetic ``ld`` rows at 1333x800 (``benchmarks.synth_cache``:
+No teacher runs: finished units of synthetic ``ld`` rows at 1333x800 (``benchmarks.timings.synth_cache``:
 2,500-4,200 rows per sample, 4 x 17 bins, ``--classes`` classes) are handed to the dump's own
 ``UnitWriter`` (``ldpipe.engine.dump``), which runs ``assemble_unit`` (int8 encode) and
 ``write_unit`` (zarr shards + zstd + crc32c, sha256 commit) on its threads, into a fresh local
@@ -23,7 +23,7 @@ from ldpipe.cache.store import assemble_unit, content_sha, create_or_resume, ope
 from ldpipe.engine.dump import UnitWriter
 
 from . import synth_cache as S
-from .common import emit, machine_info
+from ..common import emit, machine_info
 
 
 def parts(root, units, m) -> dict:

@@ -7,7 +7,7 @@ false positives), then runs :func:`ldpipe.metrics.coco_metrics` with each back e
 (the 12 COCO numbers) is identical, and the largest per-class AP difference; ``--json OUT`` writes it all with the
 command line and the machine.
 
-    python -m benchmarks.coco_eval_bench --images 2000 --reps 3 --json results/coco_eval.json
+    python -m benchmarks.timings.coco_eval_bench --images 2000 --reps 3 --json results/coco_eval.json
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ pycocotools) and prints one JSON line: per kind AP / AP50 / AP75, the post-proce
 per image (decode + NMS + rescale; median of ``--reps`` passes) and images/s = images /
 (forward time + post-processing time), plus the machine.
 
-    python -m benchmarks.nms_compare PIPELINE --model M --checkpoint C [--images N] [--json OUT]
+    python -m benchmarks.timings.nms_compare PIPELINE --model M --checkpoint C [--images N] [--json OUT]
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Reading a cache too large to preload through a DataLoader, 0/2/4/8 workers: samples/s and p99.
 
-    python -m benchmarks.loader_rate [--images 200] [--workers 0,2,4,8] [--chunk-rows 1024]
+    python -m benchmarks.timings.loader_rate [--images 200] [--workers 0,2,4,8] [--chunk-rows 1024]
                                      [--device cpu|cuda] [--json OUT]
 
-Builds (``benchmarks.synth_cache``, the real writer) an ``ld``/int8 cache at 1333x800 with
+Builds (``benchmarks.timings.synth_cache``, the real writer) an ``ld``/int8 cache at 1333x800 with
 synthetic values: 2,500-4,200 rows per sample (BCCD's measured ``ld`` rows at 1333x800), 4 x 17
 bins, ``--classes`` classes, ``--images`` x 2 variants; its decoded rows exceed the reader's
 128 MiB preload limit, so every read decodes the sample's rows from the shards, as on COCO.
@@ -32,7 +32,7 @@ from ldpipe.cache import CacheReader
 from ldpipe.cache.codec import decode_packed
 from ldpipe.cache.manifest import F
 
-from .common import emit, machine_info, percentile, resolve_device
+from ..common import emit, machine_info, percentile, resolve_device
 
 GPU_RATE = (60.0, 100.0)  # the issue's estimate, images/s of an R-18 GFL student per H100
 

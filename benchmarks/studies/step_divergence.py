@@ -7,7 +7,7 @@ An fp32 cache holds what the online teacher computes, so its column is the contr
 it drifts as far as the int8 column, the drift is the training's own sensitivity (floating
 point summation order, chaotic dynamics), not the cache.
 
-    .venv/bin/python -m benchmarks.step_divergence pipelines/bccd_study.toml \\
+    .venv/bin/python -m benchmarks.studies.step_divergence pipelines/bccd_study.toml \\
         --teacher W/teacher/latest.pth --cache fp32=W/caches/teacher_fp32.zarr \\
         --cache int8=W/caches/teacher.zarr --iters 30 -o data.root=../shared/datasets/bccd
 
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-from .common import command_line, fmt, machine_info, md_table, write_json
+from ..common import command_line, fmt, machine_info, md_table, write_json
 
 
 def _losses(work_dir: str) -> dict[int, float]:

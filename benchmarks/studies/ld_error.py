@@ -1,6 +1,6 @@
 """LD-loss error of one cache against another (e.g. int8 vs fp32 of the same teacher).
 
-    python -m benchmarks.ld_error REFERENCE.zarr OTHER.zarr [--T 10] [--seed 0]
+    python -m benchmarks.studies.ld_error REFERENCE.zarr OTHER.zarr [--T 10] [--seed 0]
 
 Over every sample both hold (same anchors required), the per-edge LD loss
 ``kd_kl(student, teacher, T)`` with the teacher read from each cache, for two fixed students:

@@ -26,7 +26,7 @@ from ldpipe.cache import manifest as M
 from ldpipe.cache.store import SampleRows, assemble_unit, create_or_resume, open_root, write_index, write_unit
 from ldpipe.config import load_pipeline
 
-from .common import REPO
+from ..common import REPO
 
 ORI_SHAPES = ((480, 640), (640, 480), (427, 640))  # (h, w) of COCO-like originals
 SCALE = (1333, 800)

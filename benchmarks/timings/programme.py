@@ -1,12 +1,14 @@
 """The whole-programme saving: three students from one teacher, online LD vs ldpipe (one dump + cached).
 
-    python -m benchmarks.programme [--iters 300] [--images 100] [--size 128] [--width 8]
-                                   [--channels 32] [--stacked-convs 2] [--device cpu|cuda] [--json OUT]
+    python -m benchmarks.timings.programme [--iters 300] [--images 100] [--size 128] [--width 8]
+                                           [--channels 32] [--stacked-convs 2] [--device cpu|cuda] [--json OUT]
 
 A scaled-down replica of the LD paper's COCO table: an R-101-like teacher and R-18 / R-34 /
 R-50-like students (the same depths, every width divided by ``256 / --channels``), synthetic
 images (``ldpipe data synth``) at ``--size`` px, 2 variants (no flip / flip).  The teacher's
-weights are random (time and memory do not depend on them).
+weights are random (time and memory do not depend on them).  The pipeline is
+``benchmarks/pipelines/programme.toml`` with the options as ``-o`` overrides, passed to every
+stage's command.
 
 The replica keeps the COCO programme's proportion of dumped to read samples: a training epoch
 draws one variant of every image, so ``--iters`` iterations of ``--batch`` are
@@ -39,9 +41,10 @@ import sys
 import tempfile
 import time
 
-from .common import REPO, emit, machine_info, peak_rss_mb
+from ..common import PIPELINES, REPO, emit, machine_info, override, peak_rss_mb
 
 STUDENTS = (("s18", 18), ("s34", 34), ("s50", 50))
+PIPELINE = str(PIPELINES / "programme.toml")  # extends synth_data.toml; values: the defaults
 
 
 def schedule(iters: int, batch: int, images: int) -> tuple[int, int]:
@@ -51,50 +54,23 @@ def schedule(iters: int, batch: int, images: int) -> tuple[int, int]:
     return -(-iters // per_epoch), min(iters, per_epoch)
 
 
-def pipeline_toml(root: str, size: int, width: int, channels: int, iters: int, batch: int,
-                  images: int, stacked_convs: int = 2) -> str:
+def pipeline_overrides(root: str, size: int, width: int, channels: int, iters: int, batch: int,
+                       images: int, stacked_convs: int = 2) -> list[str]:
+    """The ``-o`` overrides that make ``PIPELINE`` this run's: data root and size, the schedule
+    of ``iters`` iterations, the batch, every model's widths (their depths are the file's)."""
     epochs, per_epoch = schedule(iters, batch, images)
-    models = "".join(f"""
-[models.{name}]
-depth = {depth}
-base_width = {width}
-channels = {channels}
-stacked_convs = {stacked_convs}
-""" for name, depth in (("teacher", 101), *STUDENTS))
-    return f"""name = "programme"
+    out = [override("data.root", root), override("data.train_scales", [[size, size]]),
+           override("data.test_scale", [size, size]), override("train.epochs", epochs),
+           override("train.max_iters_per_epoch", per_epoch), override("train.batch_size", batch)]
+    for name, _ in (("teacher", 101), *STUDENTS):
+        out += [override(f"models.{name}.base_width", width), override(f"models.{name}.channels", channels),
+                override(f"models.{name}.stacked_convs", stacked_convs)]
+    return out + [override("cache.batch_size", batch)]
 
-[data]
-format = "coco"
-root = "{root}"
-train = "annotations/train.json"
-val = "annotations/val.json"
-train_images = "images/train"
-val_images = "images/val"
-train_scales = [[{size}, {size}]]
-test_scale = [{size}, {size}]
-flip = true
 
-[train]
-epochs = {epochs}
-max_iters_per_epoch = {per_epoch}
-batch_size = {batch}
-lr = 0.01
-warmup_iters = 10
-steps = []
-workers = 0
-log_interval = 100000
-keep_checkpoints = 1
-{models}
-[distill]
-kd_weight = 1.0
-
-[cache]
-region = "ld"
-codec = "int8"
-samples_per_shard = 16
-batch_size = {batch}
-readers = ["s18", "s34", "s50"]
-"""
+def with_overrides(command: list[str], overrides: list[str]) -> list[str]:
+    """An ldpipe command line (``COMMAND PIPELINE ...``) with ``-o KEY=VALUE`` for each override."""
+    return [*command, *(x for o in overrides for x in ("-o", o))]
 
 
 def stage(args: list[str]) -> None:
@@ -127,7 +103,7 @@ def loop_seconds(args: list[str], stdout: str) -> tuple[float, int]:
 
 
 def run_stage(args: list[str], env: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.programme", "--stage", json.dumps(args)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.timings.programme", "--stage", json.dumps(args)],
                           cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"stage {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
@@ -163,11 +139,10 @@ def main() -> None:
     work = args.workdir or tempfile.mkdtemp(prefix="programme_")
     root = os.path.join(work, "synth")
     synthesize(root, n_train=args.images, n_val=4, seed=0)
-    pfile = os.path.join(work, "programme.toml")
-    with open(pfile, "w") as fh:
-        fh.write(pipeline_toml(root, args.size, args.width, args.channels, args.iters, args.batch, args.images,
-                              args.stacked_convs))
-    pipe = load_pipeline(pfile, [])
+    pfile = PIPELINE
+    overrides = pipeline_overrides(root, args.size, args.width, args.channels, args.iters, args.batch,
+                                   args.images, args.stacked_convs)
+    pipe = load_pipeline(pfile, overrides)
     torch.manual_seed(0)
     teacher = build_model(pipe.model("teacher"), 4)  # the synthetic set has 4 classes
     teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
@@ -179,13 +154,15 @@ def main() -> None:
     cache = os.path.join(work, "teacher.zarr")
     res: dict = {"online": {}, "ldpipe": {}}
     # alternate the modes student by student, so a change of machine load hits both alike
-    res["ldpipe"]["dump"] = run_stage(["dump-teacher", pfile, "--model", "teacher", "--checkpoint", ckpt,
-                                       "--out", cache, *dev], env)
+    res["ldpipe"]["dump"] = run_stage(with_overrides(["dump-teacher", pfile, "--model", "teacher", "--checkpoint",
+                                                      ckpt, "--out", cache, *dev], overrides), env)
     for name, _ in STUDENTS:
-        res["online"][name] = run_stage(["train-student", pfile, "--model", name, "--online-teacher", ckpt,
-                                         "--work-dir", os.path.join(work, f"online_{name}"), *dev], env)
-        res["ldpipe"][name] = run_stage(["train-student", pfile, "--model", name, "--cache", cache,
-                                         "--work-dir", os.path.join(work, f"cached_{name}"), *dev], env)
+        res["online"][name] = run_stage(with_overrides(
+            ["train-student", pfile, "--model", name, "--online-teacher", ckpt,
+             "--work-dir", os.path.join(work, f"online_{name}"), *dev], overrides), env)
+        res["ldpipe"][name] = run_stage(with_overrides(
+            ["train-student", pfile, "--model", name, "--cache", cache,
+             "--work-dir", os.path.join(work, f"cached_{name}"), *dev], overrides), env)
     keys = ("seconds", "cpu_s", "loop_s", "setup_s")
     totals = {mode: {k: sum(s[k] for s in stages.values()) for k in keys} for mode, stages in res.items()}
     epochs, _ = schedule(args.iters, args.batch, args.images)

@@ -1,6 +1,6 @@
 """How 8-bit box rows compress under different scale choices and byte layouts.
 
-    python -m benchmarks.int8_layouts FP32_CACHE [--chunk 1024]
+    python -m benchmarks.studies.int8_layouts FP32_CACHE [--chunk 1024]
 
 Reads every box row of an fp32 cache (log-probabilities ``[rows, 4, B]``), quantises them
 with several 8-bit schemes and measures, per stored row, the Zstd-3 compressed bytes of

@@ -1,6 +1,6 @@
 """Per-sample read time of a cache with and without whole-unit preloading (values must be equal).
 
-    python -m benchmarks.read_modes [CACHE] [--reads 300]   (default: the demo chain's TA cache)
+    python -m benchmarks.studies.read_modes [CACHE] [--reads 300]   (default: the demo chain's TA cache)
 """
 from __future__ import annotations
 

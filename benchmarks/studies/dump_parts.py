@@ -1,6 +1,6 @@
 """Where the dump's extra CPU time per sample goes (beyond the teacher's forward).
 
-    python -m benchmarks.dump_parts PIPELINE [CACHE] [-o key=value ...] [--images 16] [--codec int8]
+    python -m benchmarks.studies.dump_parts PIPELINE [CACHE] [-o key=value ...] [--images 16] [--codec int8]
 
 One torch thread, as in the loader workers.  Per sample, in milliseconds:
 

@@ -1,9 +1,9 @@
 """A COCO-sized teacher cache: open time and memory of a fresh reader, read latency, verify, info.
 
-    python -m benchmarks.coco_scale [--images 118287] [--full-units 4] [--per-unit 256]
+    python -m benchmarks.timings.coco_scale [--images 118287] [--full-units 4] [--per-unit 256]
                                     [--workdir DIR] [--keep] [--json OUT]
 
-Writes (through the real writer, ``benchmarks.synth_cache``) an ``ld``/int8 cache of
+Writes (through the real writer, ``benchmarks.timings.synth_cache``) an ``ld``/int8 cache of
 ``--images`` x 2 variants at 1333x800 with 80 classes and synthetic values, then
 
 * ``open_s`` / ``rss_mb``: in a fresh process (as a DataLoader worker or a DDP rank starts),
@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from .common import REPO, emit, machine_info, percentile, rss_mb
+from ..common import REPO, emit, machine_info, percentile, rss_mb
 
 
 def child(url: str, reads: int, full: list[int]) -> None:
@@ -107,7 +107,7 @@ def main() -> None:
            "full_units": len(full), "rows": built["rows"], "write_s": time.perf_counter() - t0,
            "stored_bytes": du(url)}
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.coco_scale", "--child", url, "--reads",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.timings.coco_scale", "--child", url, "--reads",
                            str(args.reads), "--child-full", ",".join(map(str, full))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:

@@ -1,6 +1,6 @@
 """Region sizes of the two VLR definitions on a pipeline's training split (no teacher needed).
 
-    python -m benchmarks.vlr_regions PIPELINE [-o key=value ...] [--images N]
+    python -m benchmarks.studies.vlr_regions PIPELINE [-o key=value ...] [--images N]
 
 For every (image, variant) sample: the anchors of the ``main`` region (ATSS positives), of
 the ``ld`` region with ``vlr_region = "reference"`` (the LD code's test, intersection over the
