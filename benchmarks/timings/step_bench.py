@@ -14,9 +14,9 @@ cache dumped from it with ``dump_teacher`` (``--region``/``--codec``, default ld
 Each mode runs in its own fresh subprocess (so peak memory is per mode), repeated
 ``--reps`` times in alternating order (plain, cached, online, online, cached, plain, ...):
 
-* ``plain``  - GFL training, ``Hook()``;
+* ``plain``  - GFL training, ``GFLCriterion()``;
 * ``cached`` - ``CachedTeacher`` on the cache; the batch's teacher targets are fetched with
-  the hook's ``CacheTargets`` right before the step, timed separately ("fetch");
+  the source's ``CacheTargets`` right before the step, timed separately ("fetch");
 * ``online`` - ``OnlineTeacher``: the teacher runs on every batch.
 
 Every process builds the same student (same seed), sees the same batches (the same
@@ -25,7 +25,7 @@ one ``ldpipe.engine.train.TrainStep`` - the very step ``train`` runs (lr schedul
 losses, finiteness check, backward with GradScaler under AMP on CUDA, update, per-loss ``float()``).
 Loading images and computing ATSS targets (``TrainCollate``) are done before each step and
 not timed: in training, loader workers overlap them.  Times are per-step medians after
-``--warmup`` steps, then the median over reps; ``hook.losses`` (teacher targets or the online
+``--warmup`` steps, then the median over reps; ``DistillCriterion.distill_terms`` (teacher targets or the online
 teacher's forward, plus the LD terms' forward) is also timed on its own.  Memory: CPU - the
 process's peak RSS (``VmHWM``) and its increase over the RSS after imports (torch, ldpipe,
 zarr); CUDA - ``max_memory_allocated``.  An extra process alternates all modes step by step

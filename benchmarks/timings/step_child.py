@@ -9,7 +9,7 @@ from ..common import as_device, median, now, peak_rss_mb, quiet_logs, rss_mb, sy
 
 # ------------------------------------------------------------------ children
 class Bench:
-    """Data, student, optimizer and hooks of one child process."""
+    """Data, student, optimizer and the criteria (one per mode) of one child process."""
 
     def __init__(self, setup: dict, modes: list[str]) -> None:
         import torch
@@ -18,6 +18,7 @@ class Bench:
         from ldpipe.config import load_pipeline
         from ldpipe.data import DetectionDataset, VariantSampler, load_split
         from ldpipe.engine.runtime import seed_everything
+        from ldpipe.distill import TargetSource
         from ldpipe.engine.train import TrainCollate, TrainStep
         from ldpipe.models import build_model
         import ldpipe.distill  # noqa: F401  (zarr & co. before the RSS baseline, in every mode)
@@ -34,12 +35,12 @@ class Bench:
         split = load_split(pipe, "train")
         cfg = self.cfg = pipe.model("student")
         sched = pipe.train_for("student")
-        self.hooks = {m: self._hook(m, split) for m in modes}
-        # every hook here uses the training variants (a cache's are the dump's: the same)
-        first = self.hooks[modes[0]]
-        variants = first.variants(pipe)
+        sources = {m: self._source(m, split) for m in modes}
+        self.hooks = {m: self._criterion(src) for m, src in sources.items()}
+        # every mode here uses the training variants (a cache's are the dump's: the same)
+        variants = next((s for s in sources.values() if s is not None), TargetSource()).variants(pipe)
         self.dataset = DetectionDataset(split, pipe, variants)
-        extras = [h.sample_extra() for h in self.hooks.values()]
+        extras = [s.sample_extra(device) for s in sources.values() if s is not None]
         self.extra = next((e for e in extras if e is not None), None)
         self.collate = {vlr: TrainCollate(cfg, len(split.classes), vlr)
                         for vlr in {h.with_vlr for h in self.hooks.values()}}
@@ -54,21 +55,32 @@ class Bench:
         self.train_step = TrainStep(self.model, sched, device, sched.amp and device.type == "cuda")
         self.hook_s = 0.0
 
-    def _hook(self, mode: str, split):
+    def _source(self, mode: str, split):
+        """The teacher target source of ``mode`` (None: plain GFL training), checked."""
         from ldpipe.distill import CachedTeacher, OnlineTeacher
-        from ldpipe.engine.train import Hook
         if mode == "plain":
-            hook = Hook()
-        elif mode == "cached":
-            hook = CachedTeacher(self.pipe, self.setup["cache"])
+            return None
+        if mode == "cached":
+            source = CachedTeacher(self.pipe, self.setup["cache"])
         elif mode == "online":
-            hook = OnlineTeacher(self.pipe, "teacher", self.setup["teacher_ckpt"])
+            sched = self.pipe.train_for("student")
+            source = OnlineTeacher(self.pipe, "teacher", self.setup["teacher_ckpt"], self.device,
+                                   sched.amp and self.device.type == "cuda")
         else:
             raise SystemExit(f"unknown mode {mode!r}")
-        hook.check(self.pipe, "student", split)
-        orig = hook.losses
+        source.check(self.pipe, "student", split)
+        return source
 
-        def timed_losses(*a, **k):  # the hook's forward part: teacher targets + LD loss terms
+    def _criterion(self, source):
+        """GFL's losses (plain) or the distillation criterion, its LD part timed."""
+        from ldpipe.config import enabled_terms
+        from ldpipe.distill import DistillCriterion, GFLCriterion
+        if source is None:
+            return GFLCriterion()
+        crit = DistillCriterion(self.pipe.distill, enabled_terms(self.pipe), source)
+        orig = crit.distill_terms
+
+        def timed_terms(*a, **k):  # the distillation part: teacher targets + LD loss terms
             sync(self.device)
             t0 = now()
             out = orig(*a, **k)
@@ -76,12 +88,8 @@ class Bench:
             self.hook_s = now() - t0
             return out
 
-        hook.losses = timed_losses
-        if mode == "online":
-            # OnlineTeacher.check() puts the teacher on dist.init()'s default device (CUDA when
-            # available), not on the training device: follow --device explicitly
-            hook.net.to(self.device)
-        return hook
+        crit.distill_terms = timed_terms
+        return crit
 
     def batches_for(self, it: int) -> tuple[dict, float]:
         """Collated batches of step ``it`` (by with_vlr) and the time spent reading cache rows."""
@@ -103,7 +111,8 @@ class Bench:
         """One timed training step, as ``ldpipe.engine.train.train`` runs it."""
         sync(self.device)
         t0 = now()
-        values, _ = self.train_step(batch, self.hooks[mode], 0, it)
+        self.train_step.criterion = self.hooks[mode]
+        values, _ = self.train_step(batch, 0, it)
         sync(self.device)
         values.pop("loss")
         return now() - t0, values
