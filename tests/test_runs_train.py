@@ -14,8 +14,11 @@ from click.testing import CliRunner
 from ldpipe.cli import main as cli
 from ldpipe.config.resolve import resolved_dict
 from ldpipe.distill import GFLCriterion
-from ldpipe.engine.train import TrainJob, train
+from ldpipe.config import ConfigError
+from ldpipe.engine.runtime import resolve_device
+from ldpipe.engine.train import LoopState, TrainJob, train
 from ldpipe.engine.workdir import WorkDirError, check_work_dir, git_state
+from ldpipe.models import checkpoint
 from ldpipe.models.checkpoint import file_sha256, load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +130,12 @@ def test_mid_epoch_checkpoint_resumes_bitwise(make_tiny_pipe, tmp_path):
     loop = load_file(os.path.join(wd, "latest.pth"))["loop"]
     assert (loop["epoch"], loop["iter"], loop["epoch_iter"]) == (1, 4, 1)
     assert sorted(os.listdir(wd)).count("iter_2.pth") == 0  # older iteration files are removed
-    resumed = train(ckpt, "teacher", wd, resume=True, device="cpu", progress=False)
+    reads = []
+    real = checkpoint.torch.load
+    with pytest.MonkeyPatch.context() as mp:  # a resume reads its checkpoint once
+        mp.setattr(checkpoint.torch, "load", lambda *a, **k: reads.append(str(a[0])) or real(*a, **k))
+        resumed = train(ckpt, "teacher", wd, resume=True, device="cpu", progress=False)
+    assert reads == [os.path.join(wd, "latest.pth")]
     a, b = load_file(straight)["state_dict"], load_file(resumed)["state_dict"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -215,3 +223,24 @@ def test_tensorboard_scalars_and_a_clean_skip_without_it(make_tiny_pipe, tmp_pat
     assert any("tensorboard package is not installed" in r.getMessage() for r in caplog.records)
     assert os.path.exists(os.path.join(wd, "latest.pth"))
     assert not os.path.exists(os.path.join(wd, "tensorboard"))
+
+
+def test_loop_state_round_trip_and_older_checkpoints():
+    """The loop state is written and read in one place; a checkpoint of the older layout (an
+    epoch checkpoint held epoch/iter/best/val_pending only) reads with the missing defaults."""
+    state = LoopState(2, 17, 3, {"loss": 1.5}, 0.25, True)
+    assert LoopState.from_dict(state.to_dict()) == state
+    old = LoopState.from_dict({"epoch": 4, "iter": 40, "best": None, "val_pending": False})
+    assert old == LoopState(4, 40, 0, {}, None, False)
+    assert LoopState.from_dict({}) == LoopState()
+
+
+@pytest.mark.parametrize("bad", ["tpu", "cuda:x", "cpu:1", "gpu"])
+def test_one_device_rule_names_a_bad_device(bad):
+    with pytest.raises(ConfigError, match=f"--device '{bad}'"):
+        resolve_device(bad)
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="not available"):
+            resolve_device("cuda")
+        assert resolve_device(None) == torch.device("cpu")
