@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from ldpipe.cli import main as cli
 from ldpipe.config.resolve import resolved_dict
 from ldpipe.engine.train import Hook, train
-from ldpipe.engine.workdir import WorkDirError, check_work_dir, git_state
+from ldpipe.engine.workdir import WorkDirError, check_work_dir
 from ldpipe.models.checkpoint import file_sha256, load_file
+from ldpipe.provenance import git_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
