@@ -35,9 +35,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .cache import CacheReader
+from .cache import CacheError, CacheReader
 from .cache.region import reader_assigners
 from .config import ConfigError, Pipeline, resolve_backbone, to_dict
+from .files import atomic_write
 from .models.checkpoint import file_sha256
 from .models.detector import backbone_label
 
@@ -145,10 +146,7 @@ class Chain:
             return None
 
     def _write(self, path: str, obj: dict) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(obj, indent=2, sort_keys=True))
 
     def _skip(self, stage: Stage) -> bool:
         done = self._read(self._stamp_path(stage, "done"))
@@ -216,9 +214,13 @@ class Chain:
         return file_sha256(path) if os.path.exists(path) else "missing"
 
     def _cache_id(self, url: str) -> str:
+        """The cache's id, or ``"missing"`` when there is no readable cache at ``url`` yet:
+        the cache layer's :class:`CacheError` (absent, incomplete, corrupt: it wraps what
+        zarr raises) or an ``OSError`` reading its files.  Anything else is a bug and
+        propagates (it used to read as "missing" and silently rerun every later stage)."""
         try:
             return CacheReader(url).manifest.cache_id
-        except Exception:
+        except (CacheError, OSError):
             return "missing"
 
     def train_stage(self, model: str, cache: str | None, tag: str) -> str:

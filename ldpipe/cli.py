@@ -10,6 +10,7 @@ import sys
 import click
 
 from .config import ConfigError, load_pipeline
+from .errors import LdpipeError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -46,7 +47,8 @@ def _pipe(pipeline: str, overrides: tuple[str, ...]):
 
 
 class _Group(click.Group):
-    """Turns expected errors (bad input) into one clear line and exit code 1."""
+    """Turns expected errors (bad input: any :class:`~ldpipe.errors.LdpipeError`, a missing
+    file, a full or read-only disk) into ``Error: <message>`` and exit code 1."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         argv = ["ldpipe" if info_name in (None, "main", "__main__.py") else info_name, *args]
@@ -55,13 +57,9 @@ class _Group(click.Group):
         return ctx
 
     def invoke(self, ctx):
-        from .cache import CacheError
-        from .data import DataError
-        from .models.checkpoint import CheckpointError
-        expected = (ConfigError, DataError, CheckpointError, CacheError, FileNotFoundError)
         try:
             return super().invoke(ctx)
-        except expected as exc:
+        except (LdpipeError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:  # a full disk, a read-only or lost mount: say which path
             if exc.errno not in _WRITE_ERRNOS:
@@ -240,7 +238,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 @json_option
 def cache_info_cmd(cache, as_json):
     """Counts, sizes and compression, regions, teacher entropy and lineage of CACHE."""
-    from .cache.inspect import format_info, info
+    from .cache.info import format_info, info
     result = info(cache)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else format_info(result))
 

@@ -8,11 +8,14 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "ldpipe"
 
 # room -> the rooms it may import (besides itself).  Layers, bottom up:
-#   config | metrics, data, models | cache | distill | engine | chain | cli
+#   root | config | metrics, data, models | cache | distill | engine | chain | cli
+# ``root``: ldpipe/__init__.py (the version) and the shared leaf modules beside it, which
+# import nothing from ldpipe but the version
+ROOT_MODULES = {"errors", "files", "provenance"}
 BELOW_CACHE = {"root", "config", "data", "models", "metrics"}
 ALLOWED = {
-    "root": {"config"},  # ldpipe/__init__.py (version only) and config/
-    "config": set(),
+    "root": set(),
+    "config": {"root"},
     "metrics": set(),  # standalone: nothing from ldpipe at all
     "data": {"root", "config"},
     "models": {"root", "config"},
@@ -33,7 +36,7 @@ def _module_name(path: Path) -> str:
 
 def _room(module: str) -> str:
     parts = module.split(".")
-    if len(parts) == 1:
+    if len(parts) == 1 or parts[1] in ROOT_MODULES:
         return "root"
     room = parts[1]
     return {"__main__": "cli"}.get(room, room)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from ldpipe.cache import codec as C
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.diff import diff
-from ldpipe.cache.inspect import format_info, info
+from ldpipe.cache.info import format_info, info
 from ldpipe.cache.manifest import F
 from ldpipe.cache.store import committed_units, open_root
 from ldpipe.cache.verify import verify

@@ -158,3 +158,27 @@ def test_given_teacher_checkpoint_is_used_not_trained(data, tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert _ran(out.stdout) == ["eval-teacher", "dump-teacher", "train-student-ld", "eval-student-ld"]
     assert f"given checkpoint {ckpt}" in out.stdout
+
+
+def test_cache_id_reads_missing_only_for_a_missing_cache(tmp_path, monkeypatch):
+    """No cache (absent, or a folder that is not one) reads as "missing"; a bug inside the
+    reader propagates instead of silently rerunning every stage after the dump."""
+    from ldpipe import chain as chain_mod
+    from ldpipe.config import load_pipeline
+    pipe = load_pipeline(DEMO, [])
+    ch = chain_mod.Chain(DEMO, (), pipe, str(tmp_path / "wd"), run_argv=lambda argv: None)
+    (tmp_path / "not_a_cache").mkdir()
+    assert ch._cache_id(str(tmp_path / "absent.zarr")) == "missing"
+    assert ch._cache_id(str(tmp_path / "not_a_cache")) == "missing"
+
+    class Broken:
+        def __init__(self, url):
+            pass
+
+        @property
+        def manifest(self):
+            raise TypeError("a programming error")
+
+    monkeypatch.setattr(chain_mod, "CacheReader", Broken)
+    with pytest.raises(TypeError, match="a programming error"):
+        ch._cache_id(str(tmp_path / "absent.zarr"))

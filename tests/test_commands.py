@@ -176,48 +176,80 @@ def test_export_slim_checkpoint_reloads_to_the_same_outputs(fmt, make_tiny_pipe,
         assert (a - b).abs().max() < 0.05 * a.abs().max() and not torch.equal(a, b)
 
 
-def test_export_onnx_equals_torch_and_fails_loudly(make_tiny_pipe, tiny_overrides, full_checkpoint,
-                                                   synth_root, tmp_path):
-    """The ONNX graph's outputs equal torch's within 1e-4 (checked by the command, and here on a
-    real image at another size); a graph that does not match is an error, and no file is left."""
+GFOCAL = "models.teacher.head.type=GFocalHead"
+
+
+@pytest.fixture(scope="module")
+def gfocal_checkpoint(make_tiny_pipe, tmp_path_factory):
+    """A tiny GFocalV2 teacher whose DGQP is far from its near-constant initial output."""
+    torch.manual_seed(2)
+    model = build_model(make_tiny_pipe(GFOCAL).model("teacher"), 4)
+    with torch.no_grad():
+        for conv in (model.bbox_head.reg_conf[0], model.bbox_head.reg_conf[2]):
+            conv.weight.normal_(0, 0.5)
+            conv.bias.normal_(0, 0.5)
+    path = str(tmp_path_factory.mktemp("gfocal") / "gfocal.pth")
+    save_checkpoint(path, model, {"ldpipe": {"classes": ["a", "b", "c", "d"]}})
+    return path
+
+
+@pytest.mark.parametrize("head", ["GFLHead", "GFocalHead"])
+def test_export_onnx_equals_torch_and_fails_loudly(head, make_tiny_pipe, tiny_overrides, full_checkpoint,
+                                                   gfocal_checkpoint, synth_root, tmp_path):
+    """The ONNX graph of each head type gives the model's own forward (``cls``, ``reg``, for
+    GFocalV2 ``quality``) and its detection scores within 1e-4 (checked by the command, and
+    here on a real image at another size); a graph that does not match is an error, and no
+    file is left."""
     import onnx
     import onnxruntime as ort
 
     from ldpipe.data import TEST_VARIANT, load_split, make_sample, load_image
-    from ldpipe.engine.export import DenseMaps, ExportError, export_checkpoint, verify_onnx
-    pipe = make_tiny_pipe()
+    from ldpipe.engine.export import ONNX_OUTPUTS, DenseTensors, ExportError, export_checkpoint, verify_onnx
+    extra = (GFOCAL,) if head == "GFocalHead" else ()
+    ckpt = gfocal_checkpoint if head == "GFocalHead" else full_checkpoint
+    pipe = make_tiny_pipe(*extra)
     out = str(tmp_path / "t.onnx")
-    res = _run("export", DEMO_PIPELINE, "--model", "teacher", "--checkpoint", full_checkpoint,
-               "--out", out, *_o(*tiny_overrides))
+    res = _run("export", DEMO_PIPELINE, "--model", "teacher", "--checkpoint", ckpt,
+               "--out", out, *_o(*tiny_overrides, *extra))
     summary = json.loads(res.output.strip().splitlines()[-1])
     assert summary["onnx_max_abs_diff"] <= 1e-4
+    assert summary["onnx_outputs"] == list(ONNX_OUTPUTS[head])
     assert sorted(os.listdir(tmp_path)) == ["t.onnx"]  # no temporary or external-data files
 
     model = build_model(pipe.model("teacher"), 4)
-    load_weights(model, full_checkpoint)
-    maps = DenseMaps(model.eval())
+    load_weights(model, ckpt)
+    model.eval()
     rec = load_split(pipe, "val").records[0]
-    pipe_big = make_tiny_pipe("data.test_scale=[288, 224]")
+    pipe_big = make_tiny_pipe("data.test_scale=[288, 224]", *extra)
     img = make_sample(rec, load_image(rec.file_name), TEST_VARIANT, pipe_big)["img"][None]
     assert tuple(img.shape[2:]) not in [tuple(s[2:]) for s in summary["onnx_checked_inputs"]]
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"img": img.numpy()})
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"img": img.numpy()})))
+    assert list(got) == list(ONNX_OUTPUTS[head])
     with torch.no_grad():
-        ref = maps(img)
-    assert [o.name for o in session.get_outputs()] == maps.output_names()
-    assert len(got) == 2 * len(model.strides)
-    for g, r in zip(got, ref):
-        assert g.shape == tuple(r.shape)
-        assert np.abs(g - r.numpy()).max() <= 1e-4
-    assert ref[len(model.strides)].shape[1] == 4 * model.reg_bins
+        dense = model(img)  # the model's own forward, not the export wrapper
+    ref = {"cls": dense.cls, "reg": dense.reg, "scores": dense.scores()}
+    if head == "GFocalHead":
+        ref["quality"] = dense.quality
+        # the DGQP matters: the scores are sigmoid(cls) x quality, well below sigmoid(cls)
+        assert (dense.scores() / dense.cls.sigmoid()).max() < 0.9
+    h, w = img.shape[2:]
+    n = sum(-(-h // s) * -(-w // s) for s in model.strides)  # ceil(H/s) x ceil(W/s) per level
+    assert got["reg"].shape == (1, n, 4, model.reg_bins) and got["scores"].shape == (1, n, 4)
+    for name, r in ref.items():
+        assert got[name].shape == tuple(r.shape), name
+        assert np.abs(got[name] - r.numpy()).max() <= 1e-4, name
     props = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
     assert props["ldpipe_classes"] == ["a", "b", "c", "d"] and props["ldpipe_strides"] == model.strides
+    assert props["ldpipe_head"] == head and props["ldpipe_outputs"] == list(ONNX_OUTPUTS[head])
+    if head == "GFocalHead":
+        return
 
     # the check sees a graph that is not the model's ...
     with torch.no_grad():
         model.bbox_head.gfl_reg.bias.add_(1e-3)
     with pytest.raises(ExportError, match="differs from torch's"):
-        verify_onnx(maps, out, [img])
+        verify_onnx(DenseTensors(model), out, [img])
     # ... and a failed check leaves no file
     bad = str(tmp_path / "bad.onnx")
     with pytest.raises(ExportError, match="differs from torch's"):

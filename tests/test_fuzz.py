@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ldpipe.cache import CacheError, CacheReader
-from ldpipe.cache.inspect import info
+from ldpipe.cache.info import info
 from ldpipe.cache.verify import verify
 from ldpipe.cli import main as cli
 from ldpipe.config import load_pipeline

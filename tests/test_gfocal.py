@@ -238,7 +238,7 @@ def test_gfocal_cache_stores_class_logits_and_says_so(gfocal_teacher):
     from ldpipe.cache import open_cache
     root, _ = open_cache(cache)
     assert json.dumps(m.to_dict()) == json.dumps(root.attrs["ldpipe_cache"])  # round trip
-    from ldpipe.cache.inspect import format_info, info
+    from ldpipe.cache.info import format_info, info
     d = info(cache, max_samples=2)
     assert d["cls_logits"] == "class" and "head          GFocalHead" in format_info(d)
     split = load_split(pipe, "train")

@@ -17,9 +17,10 @@ from ldpipe.distill import GFLCriterion
 from ldpipe.config import ConfigError
 from ldpipe.engine.runtime import resolve_device
 from ldpipe.engine.train import LoopState, TrainJob, train
-from ldpipe.engine.workdir import WorkDirError, check_work_dir, git_state
+from ldpipe.engine.workdir import WorkDirError, check_work_dir
 from ldpipe.models import checkpoint
 from ldpipe.models.checkpoint import file_sha256, load_file
+from ldpipe.provenance import git_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")

@@ -28,7 +28,7 @@ pytest.importorskip("s3fs", reason="s3fs is not installed (pip install '.[s3]')"
 boto3 = pytest.importorskip("boto3", reason="boto3 (with moto) is not installed (pip install '.[s3]')")
 
 from ldpipe.cache.diff import diff  # noqa: E402
-from ldpipe.cache.inspect import info  # noqa: E402
+from ldpipe.cache.info import info  # noqa: E402
 from ldpipe.cache.store import committed_units, open_root  # noqa: E402
 from ldpipe.cache.verify import verify  # noqa: E402
 from ldpipe.cli import main as cli  # noqa: E402

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ldpipe.cache.diff import diff
-from ldpipe.cache.inspect import info, sized_objects
+from ldpipe.cache.info import info, sized_objects
 from ldpipe.cache.reader import SamplePositions, read_index
 from ldpipe.cache.store import open_cache
 from ldpipe.cache.verify import verify

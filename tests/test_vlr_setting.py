@@ -8,7 +8,7 @@ import torch
 
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.diff import diff
-from ldpipe.cache.inspect import format_info, info
+from ldpipe.cache.info import format_info, info
 from ldpipe.data import load_split
 from ldpipe.distill import CachedTeacher
 from ldpipe.engine.dump import dump_teacher

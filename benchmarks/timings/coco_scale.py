@@ -12,7 +12,7 @@ Writes (through the real writer, ``benchmarks.timings.synth_cache``) an ``ld``/i
 * ``read_p50_ms`` / ``read_p99_ms``: that process reading ``--reads`` random samples of the
   full-size units (decoded rows, no preloading: the cache is far larger than 128 MiB);
 * ``verify_s``: ``ldpipe.cache.verify`` of the whole cache (units on a thread pool);
-* ``info_s``: ``ldpipe.cache.inspect.info``.
+* ``info_s``: ``ldpipe.cache.info.info``.
 
 What is synthetic: every value.  What is full size: the index and metadata of every sample
 (the per-sample table, scale factors, unit map, the manifest's image ids) and every unit's
@@ -89,7 +89,7 @@ def main() -> None:
 
     import torch
 
-    from ldpipe.cache.inspect import info
+    from ldpipe.cache.info import info
     from ldpipe.cache.verify import verify
 
     from . import synth_cache as S

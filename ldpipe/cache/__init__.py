@@ -4,7 +4,7 @@ A pure format library (it imports only ``config`` and ``models``): which anchors
 stored (:mod:`.region`), how values are encoded (:mod:`.codec`), the typed manifest
 (:mod:`.manifest`), writing units (:mod:`.store`), reading samples (:mod:`.reader`),
 whether a cache can serve a student (:mod:`.compat`) and ``ldpipe cache
-info|verify|diff`` (:mod:`.inspect`, :mod:`.verify`, :mod:`.diff`).  The runner that
+info|verify|diff`` (:mod:`.info`, :mod:`.verify`, :mod:`.diff`).  The runner that
 fills a cache is ``ldpipe.engine.dump``.
 """
 from .manifest import CacheError, Manifest

@@ -15,9 +15,10 @@ import math
 import numpy as np
 import zarr
 
+from ..errors import first_line
 from .codec import row_extra
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
-from .store import content_sha, first_line, unit_name
+from .store import content_sha, unit_name
 
 def _hint(url: str) -> str:
     return f"run `ldpipe cache verify {url}`"

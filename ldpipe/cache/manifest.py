@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import __version__
+from ..errors import LdpipeError
+from ..provenance import versions
 from ..config import MAX_INT8_BOX_STEP, ModelConfig, Pipeline, resolve_backbone
 from ..models.anchors import Grid, make_grid
 from ..models.detector import HEADS, backbone_label
@@ -40,7 +41,7 @@ SAMPLE_FIELDS = ("sample", "image_index", "image_id", "variant", "row_start", "r
 F = {name: i for i, name in enumerate(SAMPLE_FIELDS)}
 
 
-class CacheError(ValueError):
+class CacheError(LdpipeError):
     """A cache is missing, corrupt, incomplete or incompatible; the message says which."""
 
 
@@ -299,12 +300,8 @@ def architecture(cfg: ModelConfig) -> dict:
     return arch
 
 
-def versions() -> dict:
-    import numcodecs
-    import torch
-    import zarr
-    return {"ldpipe": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
-            "numcodecs": numcodecs.__version__, "python": sys.version.split()[0]}
+#: the libraries whose versions a manifest records (besides ldpipe and python)
+MANIFEST_LIBRARIES = ("torch", "zarr", "numcodecs")
 
 
 def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str, ckpt_meta: dict,
@@ -337,7 +334,7 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         command=" ".join(sys.argv),
         pipeline={"source": pipe.source, "name": pipe.name},
         checkpoint_path=checkpoint,
-        versions=versions(),
+        versions=versions(MANIFEST_LIBRARIES),
         # the cache this teacher was itself trained from (and its own lineage), if any
         lineage=(ckpt_meta.get("ldpipe") or {}).get("lineage") or {},
     )

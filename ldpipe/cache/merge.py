@@ -30,9 +30,11 @@ import sys
 import numpy as np
 import torch
 
+from ..errors import first_line
+from ..provenance import versions
 from . import codec as C
-from .manifest import F, CacheError, Manifest, TeacherInfo, _short, versions
-from .store import (UnitData, committed_units, create_or_resume, first_line, from_disk, index_complete,
+from .manifest import MANIFEST_LIBRARIES, F, CacheError, Manifest, TeacherInfo, _short
+from .store import (UnitData, committed_units, create_or_resume, from_disk, index_complete,
                     open_cache, open_root, pack_rows, unit_name, unpack_rows, write_index, write_unit)
 
 # identity fields the sources must share (everything but the teacher)
@@ -85,7 +87,7 @@ def ensemble_manifest(sources: list[tuple[str, Manifest]]) -> Manifest:
     m.command = " ".join(sys.argv)
     m.pipeline = {"source": "", "name": "cache merge"}
     m.checkpoint_path = ""
-    m.versions = versions()
+    m.versions = versions(MANIFEST_LIBRARIES)
     m.cache_id = m.compute_id()
     return m
 

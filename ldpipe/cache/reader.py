@@ -13,10 +13,11 @@ import numpy as np
 import torch
 import zarr
 
+from ..errors import first_line
 from .integrity import check_index, check_unit, check_unit_arrays, missing_objects
 from .manifest import F, CacheError, Manifest
 from .shards import ShardRows, shard_rows
-from .store import (ROWS_LAST, first_line, from_disk, index_complete, load_index, open_cache,
+from .store import (ROWS_LAST, from_disk, index_complete, load_index, open_cache,
                     unit_name, unpack_rows)
 
 VALUE_ARRAYS = ("anchor", "box", "cls")

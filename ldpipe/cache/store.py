@@ -38,6 +38,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import Delta
 
 from ..config import COMPRESSORS
+from ..errors import first_line
 from . import codec as C
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 
@@ -65,12 +66,6 @@ def open_root(url: str, mode: str = "r") -> zarr.Group:
         return zarr.open_group(url, mode=mode, zarr_format=3, storage_options=_storage_options(url))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
         raise CacheError(f"no teacher cache at {url}") from None
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` of an exception, for one-line errors."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def open_cache(url: str) -> tuple[zarr.Group, Manifest]:

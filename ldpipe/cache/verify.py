@@ -17,12 +17,13 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
+from ..errors import first_line
 from . import geometry_check
 from .codec import row_extra
+from .info import is_listable, stored_objects
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
-from .store import (committed_units, content_sha, first_line, from_disk, index_complete,
+from .store import (committed_units, content_sha, from_disk, index_complete,
                     open_cache, unit_name, unpack_rows)
-from .inspect import is_listable, stored_objects
 
 MAX_ERRORS = 200
 # |logsumexp(row)| allowed for decoded log-probabilities, per codec (fp16 keeps ~3 decimal

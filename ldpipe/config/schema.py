@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import LdpipeError
 
 # The vocabularies of the pipeline file, defined once (the modules that implement them
 # import these: ldpipe.cache.region, ldpipe.cache.codec, ldpipe.cache.store).
@@ -36,7 +37,7 @@ HEAD_TYPES = ("GFLHead", "GFocalHead")  # GFL (v1) and GFocalV2 (its DGQP branch
 NMS_KINDS = ("nms", "voting_cluster_diounms")
 
 
-class ConfigError(ValueError):
+class ConfigError(LdpipeError):
     """A pipeline file or override is invalid; the message names file and key."""
 
 

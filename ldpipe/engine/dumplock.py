@@ -28,6 +28,7 @@ import time
 import fsspec
 
 from ..cache.manifest import CacheError
+from ..files import atomic_write
 
 log = logging.getLogger("ldpipe.dump")
 HEARTBEAT_S = 30.0
@@ -119,10 +120,7 @@ class DumpLock:
     def _overwrite(self) -> None:
         data = self._record()
         if self.local:
-            tmp = f"{self.path}.{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, self.path)
+            atomic_write(self.path, data)
         else:
             self.fs.pipe_file(self.path, data)
 

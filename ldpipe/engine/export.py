@@ -4,16 +4,27 @@
   back with :func:`ldpipe.models.checkpoint.load_weights` like any checkpoint.
 * ``safetensors`` - the same tensors in the safetensors format (nothing in it can execute),
   the ``meta`` dict as JSON in its metadata; the same loader reads it.
-* ``onnx`` - the network's raw dense outputs: per FPN level the class logits
-  ``cls_s<stride>`` ``[B, C, H/s, W/s]`` and the edge-distribution logits ``reg_s<stride>``
-  ``[B, 4 * (reg_max + 1), H/s, W/s]`` (edges left, top, right, bottom); box decoding and NMS
-  stay in Python (:meth:`ldpipe.models.GFL.predict`).  Batch, height and width are dynamic
-  (height and width multiples of 32, as the data pipeline pads them).  The graph's
-  metadata records classes, strides, ``reg_max``, ``anchor_scale`` and the input
-  normalisation.  Before the file is put in place, onnxruntime runs it on two inputs of
-  different sizes and every output must equal torch's within ``atol`` (1e-4; relative to the
-  output's largest magnitude where that exceeds 1), else an
-  :class:`ExportError` and no file.  The graph is traced by torch's TorchScript exporter
+* ``onnx`` - the model's own forward (:meth:`ldpipe.models.GFL.forward`, its
+  :class:`~ldpipe.models.detector.DenseOutput`) as named tensors over the ``N`` anchors of
+  the batch's grid (level by level, strides ascending, row-major within a level; level
+  ``s`` has ``ceil(H/s) x ceil(W/s)`` anchors), all float32 (:data:`ONNX_OUTPUTS`):
+
+  - ``cls`` ``[B, N, C]``: the ``gfl_cls`` class logits (``DenseOutput.cls``);
+  - ``reg`` ``[B, N, 4, reg_max + 1]``: the edge-distribution logits, edges left, top,
+    right, bottom (``DenseOutput.reg``);
+  - ``quality`` ``[B, N, 1]``: GFocalV2's DGQP quality in (0, 1) (``DenseOutput.quality``;
+    ``GFocalHead`` models only);
+  - ``scores`` ``[B, N, C]``: the detection scores ``DenseOutput.scores()`` - ``sigmoid(cls)``
+    for GFL, ``sigmoid(cls) x quality`` for GFocalV2 - what the test path ranks.
+
+  Box decoding and NMS stay in Python (:meth:`ldpipe.models.GFL.predict`).  Batch, height
+  and width are dynamic (height and width multiples of 32, as the data pipeline pads them).
+  The graph's metadata records classes, head type, strides, ``reg_max``, ``anchor_scale``,
+  the output names and the input normalisation.  Before the file is put in place,
+  onnxruntime runs it on two inputs of different sizes and every output must equal torch's
+  (:class:`DenseTensors`, the wrapper that was exported) within ``atol`` (1e-4; relative to
+  the output's largest magnitude where that exceeds 1), else an :class:`ExportError` and no
+  file.  The graph is traced by torch's TorchScript exporter
   (``dynamo=False``; deprecated since torch 2.9 but quicker: measured on the 2-core AMD EPYC,
   torch 2.14.1, the export call for a ResNet-18 width-8 model took 2.7 s against 22 s, and
   the whole ``ldpipe export`` of the demo teacher 53 s against 119 s on the loaded machine);
@@ -66,21 +77,26 @@ def export_format(out: str, fmt: str | None) -> str:
     return SUFFIXES[suffix]
 
 
-class DenseMaps(nn.Module):
-    """The detector up to its raw outputs: ``(cls_s8, ..., cls_s128, reg_s8, ..., reg_s128)``."""
+#: the ONNX outputs of each head type, in order (shapes in the module docstring)
+ONNX_OUTPUTS = {"GFLHead": ("cls", "reg", "scores"), "GFocalHead": ("cls", "reg", "quality", "scores")}
+
+
+class DenseTensors(nn.Module):
+    """:meth:`GFL.forward` as a tuple of tensors (``torch.onnx`` exports tensors, not a
+    :class:`~ldpipe.models.detector.DenseOutput`): :meth:`output_names` in order."""
 
     def __init__(self, model: GFL) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        m = self.model
-        cls_maps, reg_maps = m.bbox_head(m.neck(m.backbone(img)[1:]))
-        return (*cls_maps, *reg_maps)
-
     def output_names(self) -> list[str]:
-        s = self.model.strides
-        return [f"cls_s{x}" for x in s] + [f"reg_s{x}" for x in s]
+        return list(ONNX_OUTPUTS[self.model.cfg.head.type])
+
+    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``img`` ``[B, 3, H, W]`` -> ``cls`` ``[B, N, C]``, ``reg`` ``[B, N, 4, reg_max + 1]``,
+        (``quality`` ``[B, N, 1]``,) ``scores`` ``[B, N, C]``."""
+        out = self.model(img)
+        return (out.cls, out.reg, *(() if out.quality is None else (out.quality,)), out.scores())
 
 
 def _slim_state(model: nn.Module, fp16: bool) -> dict[str, torch.Tensor]:
@@ -118,7 +134,7 @@ def check_inputs(pipe: Pipeline, seed: int = 0) -> list[torch.Tensor]:
             torch.randn(2, 3, side + d, side + 2 * d, generator=gen)]
 
 
-def verify_onnx(maps: DenseMaps, path: str, inputs: list[torch.Tensor], atol: float = ONNX_ATOL) -> float:
+def verify_onnx(maps: DenseTensors, path: str, inputs: list[torch.Tensor], atol: float = ONNX_ATOL) -> float:
     """The largest ``|onnxruntime - torch|`` over every output and input; an
     :class:`ExportError` naming the output and input when it exceeds ``atol`` (times the
     output's largest magnitude where that is over 1: float32 rounding grows with it) or is NaN."""
@@ -154,7 +170,9 @@ def _onnx_metadata(path: str, out: str, model: GFL, classes: list[str], pipe: Pi
     import onnx
     proto = onnx.load(path)  # loads external data too
     d = pipe.data
-    props = {"ldpipe_classes": classes, "ldpipe_strides": list(model.strides),
+    props = {"ldpipe_classes": classes, "ldpipe_head": model.cfg.head.type,
+             "ldpipe_outputs": list(ONNX_OUTPUTS[model.cfg.head.type]),
+             "ldpipe_strides": list(model.strides),
              "ldpipe_reg_max": model.cfg.reg_max, "ldpipe_anchor_scale": model.cfg.anchor_scale,
              "ldpipe_input": {"mean": list(d.mean), "std": list(d.std), "to_rgb": d.to_rgb,
                               "test_scale": list(d.test_scale), "pad_divisor": d.pad_divisor},
@@ -165,7 +183,7 @@ def _onnx_metadata(path: str, out: str, model: GFL, classes: list[str], pipe: Pi
     onnx.save(proto, out)
 
 
-def _export_onnx(maps: DenseMaps, path: str, example: torch.Tensor, dynamo: bool) -> None:
+def _export_onnx(maps: DenseTensors, path: str, example: torch.Tensor, dynamo: bool) -> None:
     names = maps.output_names()
     if dynamo:
         from torch.export import Dim
@@ -178,7 +196,7 @@ def _export_onnx(maps: DenseMaps, path: str, example: torch.Tensor, dynamo: bool
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # GroupNorm's size check
-            axes = {n: {0: "batch", 2: f"h_{n}", 3: f"w_{n}"} for n in names}
+            axes = {n: {0: "batch", 1: "anchors"} for n in names}
             torch.onnx.export(maps, (example,), path, dynamo=False, input_names=["img"],
                               output_names=names, opset_version=17,
                               dynamic_axes={"img": {0: "batch", 2: "height", 3: "width"}, **axes})
@@ -216,7 +234,7 @@ def export_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, out: str
             save_file(_slim_state(model, fp16), tmp,
                       metadata={SAFETENSORS_META: json.dumps(meta, default=str)})
         else:
-            maps = DenseMaps(model).eval()
+            maps = DenseTensors(model).eval()
             inputs = check_inputs(pipe)
             raw = os.path.join(work, "raw.onnx")
             _export_onnx(maps, raw, inputs[0], dynamo)

@@ -19,6 +19,7 @@ import torch
 
 from ..config import Pipeline
 from ..data import TEST_VARIANT, DataError, Record, collate, load_image, load_split, make_sample
+from ..files import atomic_write
 from ..models import GFL, load_detector
 from ..models.checkpoint import load_file
 from .infer import detect_batch
@@ -146,10 +147,7 @@ def predict_images(pipe: Pipeline, model_name: str, checkpoint: str, images: lis
                             "class": classes[int(c)]} for b, s, c in zip(boxes, scores, labels)]})
     result = {"model": model_name, "checkpoint": os.path.abspath(checkpoint), "classes": classes,
               "score_thr": score_thr, "bbox_format": "xyxy (original image pixels)", "images": entries}
-    tmp = os.path.join(out_dir, f".{JSON_NAME}.tmp.{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(tmp, os.path.join(out_dir, JSON_NAME))
+    atomic_write(os.path.join(out_dir, JSON_NAME), json.dumps(result, indent=1))
     log.info("%d images, %d detections >= %.2f -> %s", len(entries),
              sum(len(e["detections"]) for e in entries), score_thr, out_dir)
     return result

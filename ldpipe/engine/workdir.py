@@ -15,16 +15,15 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
-from importlib import metadata
 
 from ..config import Pipeline
 from ..config.resolve import resolved_dict, to_toml
+from ..files import atomic_write
 from ..models.checkpoint import CheckpointError
+from ..provenance import git_state, versions
 
 #: What a training run writes into its work dir (``--overwrite`` deletes exactly these).
 RUN_OUTPUTS = ("latest.pth", "epoch_*.pth", "iter_*.pth", "best.pth", ".latest.*", "*.pth.tmp.*",
@@ -91,7 +90,7 @@ def trim_metrics(path: str, last_iter: int) -> int:
         lines = [line for line in fh if line.strip()]
     keep = [line for line in lines if json.loads(line).get("iter", 0) <= last_iter]
     if len(keep) != len(lines):
-        _write_atomic(path, "".join(keep))
+        atomic_write(path, "".join(keep))
     return len(lines) - len(keep)
 
 
@@ -105,40 +104,6 @@ def val_records(path: str, model_name: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- provenance
-def versions() -> dict[str, str]:
-    """Versions of ldpipe, its main libraries and Python."""
-    out = {}
-    for dist in ("ldpipe", "torch", "torchvision", "zarr", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    out["python"] = platform.python_version()
-    return out
-
-
-def git_state(path: str | None = None) -> dict:
-    """Commit and dirty flag of the git checkout holding ``path`` (default: ldpipe's source);
-    ``{'available': False, 'reason': ...}`` without git or outside a checkout."""
-    path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True,
-                              timeout=20, check=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except FileNotFoundError:
-        return {"available": False, "reason": "git is not installed"}
-    except subprocess.CalledProcessError as exc:
-        reason = (exc.stderr or "").strip().splitlines()[:1] or ["git failed"]
-        return {"available": False, "reason": f"{path}: {reason[0]}"}
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"available": False, "reason": f"git: {exc}"}
-    return {"available": True, "commit": commit, "dirty": dirty, "path": path}
-
-
 def provenance(pipe: Pipeline, command: list[str] | None = None) -> dict:
     """What a run needs to be reproduced: resolved pipeline, command line, versions, git."""
     return {
@@ -147,7 +112,7 @@ def provenance(pipe: Pipeline, command: list[str] | None = None) -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pipeline_files": [pipe.source, *pipe.bases],
         "overridden": list(pipe.overridden),
-        "versions": versions(),
+        "versions": versions(("torch", "torchvision", "zarr", "numpy")),
         "git": git_state(),
         "pipeline": resolved_dict(pipe),
     }
@@ -156,14 +121,7 @@ def provenance(pipe: Pipeline, command: list[str] | None = None) -> dict:
 def write_run_files(work_dir: str, pipe: Pipeline, record: dict) -> None:
     """``pipeline.toml``, ``run.json`` and a line of ``runs.jsonl`` in ``work_dir``."""
     header = (f"# resolved pipeline of {pipe.source} (command: {' '.join(record['command'])})\n\n")
-    _write_atomic(os.path.join(work_dir, "pipeline.toml"), header + to_toml(record["pipeline"]))
-    _write_atomic(os.path.join(work_dir, "run.json"), json.dumps(record, indent=2) + "\n")
+    atomic_write(os.path.join(work_dir, "pipeline.toml"), header + to_toml(record["pipeline"]))
+    atomic_write(os.path.join(work_dir, "run.json"), json.dumps(record, indent=2) + "\n")
     with open(os.path.join(work_dir, "runs.jsonl"), "a") as fh:
         fh.write(json.dumps(record) + "\n")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -17,9 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LdpipeError, first_line
+from ..files import replacing
 
-class CheckpointError(ValueError):
-    pass
+
+class CheckpointError(LdpipeError):
+    """A checkpoint that cannot be read, does not match the model, or cannot be written."""
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
@@ -47,9 +50,8 @@ def load_file(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: cannot be loaded safely with weights_only=True ({first}). "
+            f"{path}: cannot be loaded safely with weights_only=True ({first_line(exc, typed=False)}). "
             "ldpipe never executes code from checkpoint files; save only the tensors, e.g. "
             "torch.save({'state_dict': ckpt['state_dict']}, 'clean.pth') in a trusted environment."
         ) from None
@@ -75,8 +77,7 @@ def load_safetensors(path: str) -> dict:
             raw = (fh.metadata() or {}).get(SAFETENSORS_META, "{}")
         meta = json.loads(raw)
     except Exception as exc:  # the library raises its own error types for damaged files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable safetensors file ({first})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc, typed=False)})") from None
     return {"meta": meta if isinstance(meta, dict) else {}, "state_dict": state}
 
 
@@ -122,16 +123,11 @@ def save_checkpoint(path: str, model: nn.Module, meta: dict[str, Any], **extra: 
     module = model.module if hasattr(model, "module") else model
     obj = {"meta": meta, "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
     obj.update(extra)
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:  # a failed write removes its temporary file
+            torch.save(obj, tmp)
     except (OSError, RuntimeError) as exc:  # ENOSPC: torch reports some as RuntimeError
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0]
+        reason = getattr(exc, "strerror", None) or first_line(exc, typed=False)
         raise CheckpointError(f"cannot write checkpoint {path}: {reason}; the checkpoints written "
                               "before are kept (latest.pth still names the newest complete one): "
                               "free space and rerun with --resume") from None
