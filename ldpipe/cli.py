@@ -119,16 +119,20 @@ def data_synth(out: str, n_train: int, n_val: int, seed: int, size: int, min_siz
 @click.option("--model", "model_name", required=True, help="Model name in the pipeline file.")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--resume", is_flag=True, help="Continue from WORK_DIR/latest.pth.")
+@click.option("--resume-anyway", is_flag=True,
+              help="With --resume: continue even if the recorded run differs in kind, model, "
+                   "pipeline file or teacher (refused otherwise, naming both).")
 @overwrite_run_option
 @click.option("--init", "init_from", default=None, help="Initialise weights from a checkpoint.")
 @device_option
 @override_option
-def train_cmd(pipeline, model_name, work_dir, resume, overwrite, init_from, device, overrides):
+def train_cmd(pipeline, model_name, work_dir, resume, resume_anyway, overwrite, init_from, device,
+              overrides):
     """Train a detector without distillation (teachers, baselines)."""
     from .engine.train import train
     pipe = _pipe(pipeline, overrides)
     path = train(pipe, model_name, work_dir, resume=resume, device=device, init_from=init_from,
-                 overwrite=overwrite, command=_command())
+                 overwrite=overwrite, command=_command(), resume_anyway=resume_anyway)
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"checkpoint: {path}")
 
@@ -164,11 +168,14 @@ def eval_cmd(pipeline, model_name, checkpoint, split_name, out, results, batch_s
 @click.option("--teacher-model", default="teacher", show_default=True,
               help="Pipeline model of the online teacher.")
 @click.option("--resume", is_flag=True, help="Continue from WORK_DIR/latest.pth.")
+@click.option("--resume-anyway", is_flag=True,
+              help="With --resume: continue even if the recorded run differs in kind, model, "
+                   "pipeline file or teacher (refused otherwise, naming both).")
 @overwrite_run_option
 @device_option
 @override_option
 def train_student_cmd(pipeline, model_name, cache, work_dir, online_teacher, teacher_model, resume,
-                      overwrite, device, overrides):
+                      resume_anyway, overwrite, device, overrides):
     """Train a student with localization distillation from a teacher cache."""
     from .engine.student import train_student
     if (cache is None) == (online_teacher is None):
@@ -176,7 +183,7 @@ def train_student_cmd(pipeline, model_name, cache, work_dir, online_teacher, tea
     pipe = _pipe(pipeline, overrides)
     path = train_student(pipe, model_name, work_dir, cache=cache, online_teacher=online_teacher,
                          teacher_model=teacher_model, resume=resume, device=device,
-                         overwrite=overwrite, command=_command())
+                         overwrite=overwrite, command=_command(), resume_anyway=resume_anyway)
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"checkpoint: {path}")
 

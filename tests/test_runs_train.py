@@ -57,9 +57,13 @@ def test_used_work_dir_is_refused_and_old_checkpoints_stay(tiny_overrides, tmp_p
     assert (wd / "metrics.jsonl").read_text() == metrics
 
     (wd / "notes.txt").write_text("mine")
+    (wd / "epoch_7.pth").write_text("a user's own file with a checkpoint's name")
     res = runner.invoke(cli, [*base, "--overwrite", *_args(tiny_overrides, "train.seed=5")])
     assert res.exit_code == 0, res.output
     assert file_sha256(str(wd / "epoch_1.pth")) != before["epoch_1.pth"]
+    # only what the run recorded writing goes: the user's epoch_7.pth stays
+    assert (wd / "epoch_7.pth").read_text().startswith("a user's own file")
+    assert (wd / ".ldpipe-outputs").read_text().split() == ["epoch_1.pth"]
     assert len(_records(str(wd))) == 3  # a fresh metrics.jsonl, not appended to
     assert (wd / "notes.txt").read_text() == "mine"
     assert len((wd / "runs.jsonl").read_text().splitlines()) == 1
@@ -245,3 +249,32 @@ def test_one_device_rule_names_a_bad_device(bad):
         with pytest.raises(ConfigError, match="not available"):
             resolve_device("cuda")
         assert resolve_device(None) == torch.device("cpu")
+
+
+def test_resume_continues_only_the_same_run(tiny_overrides, tmp_path):
+    """``--resume`` on a work dir whose run is another one (here: another model) is refused
+    naming both; ``--resume-anyway`` continues it."""
+    wd = tmp_path / "w"
+    runner = CliRunner()
+    base = ["train", DEMO, "--work-dir", str(wd), "--device", "cpu", *_args(tiny_overrides)]
+    assert runner.invoke(cli, [*base, "--model", "teacher"]).exit_code == 0
+    res = runner.invoke(cli, [*base, "--model", "student", "--resume"])
+    assert res.exit_code == 1 and res.output.startswith("Error: --resume:")
+    assert "model: recorded 'teacher', now 'student'" in res.output and "--resume-anyway" in res.output
+    res = runner.invoke(cli, [*base, "--model", "teacher", "--resume", "-o", "train.epochs=2"])
+    assert res.exit_code == 0, res.output  # the same run: continues
+    res = runner.invoke(cli, [*base, "--model", "student", "--resume", "--resume-anyway"])
+    assert res.exit_code != 1 or "--resume:" not in res.output
+
+
+def test_run_identity_names_kind_and_teacher(tmp_path):
+    from ldpipe.engine.workdir import resume_problem, run_identity
+    plain = {"ldpipe": {"model": "student", "pipeline": "p.toml", "lineage": {},
+                        "provenance": {"cwd": str(tmp_path)}}}
+    cached = {"ldpipe": {**plain["ldpipe"], "lineage": {"cache": {"cache_id": "abc"}}}}
+    other = {"ldpipe": {**plain["ldpipe"], "lineage": {"cache": {"cache_id": "def"}}}}
+    assert run_identity(plain)["kind"] == "train" and run_identity(cached)["kind"] == "train-student"
+    assert run_identity(plain)["pipeline"] == os.path.realpath(str(tmp_path / "p.toml"))
+    assert resume_problem(cached, cached, "x.pth") is None
+    assert "kind: recorded 'train', now 'train-student'" in resume_problem(plain, cached, "x.pth")
+    assert "teacher: recorded 'abc', now 'def'" in resume_problem(cached, other, "x.pth")

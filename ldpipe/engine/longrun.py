@@ -162,6 +162,7 @@ class Validator:
         if improved:
             self.best = ap
             best_meta = {**meta, "ldpipe": {**meta["ldpipe"], "best": {"epoch": epoch, "bbox_mAP": ap}}}
+            workdir.record_output(self.work_dir, "best.pth")
             save_checkpoint(os.path.join(self.work_dir, "best.pth"), model, best_meta)
         log.info("%s epoch %d val: bbox_mAP=%.4f (best %.4f%s)", self.model_name, epoch, ap,
                  self.best, ", saved best.pth" if improved else "")

@@ -27,7 +27,8 @@ def distill_job(pipe: Pipeline, model_name: str, teacher: TargetSource, device) 
 def train_student(pipe: Pipeline, model_name: str, work_dir: str, cache: str | None = None,
                   online_teacher: str | None = None, teacher_model: str = "teacher",
                   resume: bool = False, device: str | None = None, progress: bool = True,
-                  overwrite: bool = False, command: list[str] | None = None) -> str:
+                  overwrite: bool = False, command: list[str] | None = None,
+                  resume_anyway: bool = False) -> str:
     """Train ``model_name`` with LD from a cache (or, for comparison, an online teacher's
     checkpoint); returns the final checkpoint's path."""
     if (cache is None) == (online_teacher is None):
@@ -38,4 +39,5 @@ def train_student(pipe: Pipeline, model_name: str, work_dir: str, cache: str | N
     teacher = (CachedTeacher(pipe, cache) if cache is not None
                else OnlineTeacher(pipe, teacher_model, online_teacher, dev, use_amp))
     return train(pipe, model_name, work_dir, resume=resume, job=distill_job(pipe, model_name, teacher, dev),
-                 device=device, progress=progress, overwrite=overwrite, command=command)
+                 device=device, progress=progress, overwrite=overwrite, command=command,
+                 resume_anyway=resume_anyway)

@@ -88,13 +88,16 @@ def link_latest(work_dir: str, name: str) -> None:
 
 def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
           job: TrainJob | None = None, device: str | None = None, init_from: str | None = None,
-          progress: bool = True, overwrite: bool = False, command: list[str] | None = None) -> str:
+          progress: bool = True, overwrite: bool = False, command: list[str] | None = None,
+          resume_anyway: bool = False) -> str:
     """Train one model of the pipeline with ``job`` (default: plain GFL training); returns the
     path of the final checkpoint.
 
     A ``work_dir`` holding files is refused unless ``resume`` (continue the run there, also
     from a mid-epoch ``iter_N.pth``) or ``overwrite`` (delete that run's outputs first);
-    ``command`` is the command line recorded in the provenance (default ``sys.argv``)."""
+    ``command`` is the command line recorded in the provenance (default ``sys.argv``).  A
+    resume continues only the same run (kind, model, pipeline file, teacher: see
+    :func:`ldpipe.engine.workdir.resume_problem`) unless ``resume_anyway``."""
     job = job or TrainJob()
     info = runtime.init(device)
     sched = pipe.train_for(model_name)
@@ -103,7 +106,7 @@ def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
     runtime.seed_everything(sched.seed + info.rank)
     os.makedirs(work_dir, exist_ok=True)
     prov = workdir.provenance(pipe, command)
-    gone = workdir.clear_run_outputs(work_dir) if overwrite and info.is_main else []
+    gone, kept = workdir.clear_run_outputs(work_dir) if overwrite and info.is_main else ([], [])
     if info.is_main:
         workdir.write_run_files(work_dir, pipe, prov)
     runtime.barrier()
@@ -112,13 +115,17 @@ def train(pipe: Pipeline, model_name: str, work_dir: str, resume: bool = False,
         if gone:
             log.info("--overwrite: deleted %d earlier outputs of %s (%s)", len(gone), work_dir,
                      ", ".join(gone[:4]) + (", ..." if len(gone) > 4 else ""))
+        if kept:
+            log.warning("--overwrite: kept %s in %s: no run recorded writing %s (%s)",
+                        ", ".join(kept[:4]) + (", ..." if len(kept) > 4 else ""), work_dir,
+                        "it" if len(kept) == 1 else "them", workdir.LEDGER)
         if info.is_main:
             git = prov["git"]
             log.info("%s: run.json, pipeline.toml written (ldpipe %s, git %s)", work_dir,
                      prov["versions"]["ldpipe"], f"{git['commit'][:10]}{' dirty' if git['dirty'] else ''}"
                      if git["available"] else f"unavailable: {git['reason']}")
         loop = _Loop(pipe, model_name, work_dir, job, info, init_from, progress, prov, runlog)
-        return loop.run(resume)
+        return loop.run(resume, resume_anyway)
     finally:
         runlog.close()
 
@@ -166,13 +173,18 @@ class _Loop:
         }}
 
     # ------------------------------------------------------------------ resume
-    def _resume(self) -> tuple[LoopState, dict | None]:
+    def _resume(self, anyway: bool) -> tuple[LoopState, dict | None]:
         """The state of ``latest.pth`` (weights, optimizer and loop; one read of the file) and
         its random state; a fresh state when there is none yet."""
         latest = os.path.join(self.work_dir, "latest.pth")
         state, rng = LoopState(), None
         if os.path.exists(latest):
             obj = load_file(latest)
+            problem = workdir.resume_problem(obj.get("meta") or {}, self.meta, latest)
+            if problem and not anyway:
+                raise workdir.WorkDirError(problem)
+            if problem and self.info.is_main:
+                log.warning("%s (--resume-anyway: continuing)", problem)
             self.step.restore(latest, obj)
             state, rng = LoopState.from_dict(obj.get("loop", {})), obj.get("rng")
             self.validator.best = state.best
@@ -186,8 +198,8 @@ class _Loop:
         return state, rng
 
     # --------------------------------------------------------------- the run
-    def run(self, resume: bool) -> str:
-        state, rng = self._resume() if resume else (LoopState(), None)
+    def run(self, resume: bool, resume_anyway: bool = False) -> str:
+        state, rng = self._resume(resume_anyway) if resume else (LoopState(), None)
         if state.val_pending and self.validator.interval:  # killed between checkpoint and val
             self._validate(state)
         for epoch in range(state.epoch, self.sched.epochs):
@@ -277,6 +289,7 @@ class _Loop:
 
     def _save(self, name: str, state: LoopState) -> None:
         self.meta["ldpipe"].update(epoch=state.epoch, iter=state.iter)
+        workdir.record_output(self.work_dir, name)  # before the file exists: never unrecorded
         save_checkpoint(os.path.join(self.work_dir, name), self.model, self.meta, **self.step.state(),
                         loop=state.to_dict(), rng=longrun.rng_state())
         link_latest(self.work_dir, name)

@@ -2,7 +2,9 @@
 
 A training run refuses a work dir that already holds files unless it is told what to do
 with them: ``--resume`` continues the run found there, ``--overwrite`` deletes ldpipe's
-outputs of that run (:data:`RUN_OUTPUTS`; other files stay) and starts over.
+outputs of that run (the fixed :data:`RUN_FILES` and the checkpoints the run recorded in its
+ledger, :data:`LEDGER`; other files stay, also a user's own ``epoch_3.pth``) and starts over.
+``--resume`` continues only the same run: :func:`resume_problem` names what differs.
 
 Every run writes into its work dir ``pipeline.toml`` (the resolved pipeline, loadable as a
 pipeline file), ``run.json`` (this invocation's :func:`provenance`) and appends the same
@@ -25,10 +27,17 @@ from ..files import atomic_write
 from ..models.checkpoint import CheckpointError
 from ..provenance import git_state, versions
 
-#: What a training run writes into its work dir (``--overwrite`` deletes exactly these).
-RUN_OUTPUTS = ("latest.pth", "epoch_*.pth", "iter_*.pth", "best.pth", ".latest.*", "*.pth.tmp.*",
-               "metrics.jsonl", "train.log", "run.json", "runs.jsonl", "pipeline.toml",
-               "tensorboard")
+#: The files every training run writes under these fixed names (``--overwrite`` deletes them).
+RUN_FILES = ("latest.pth", "metrics.jsonl", "train.log", "run.json", "runs.jsonl",
+             "pipeline.toml", "tensorboard", ".ldpipe-outputs")
+#: Names of checkpoints a run writes (``epoch_N.pth``, ...): ``--overwrite`` and the pruning
+#: delete such a file only when the run recorded writing it (:data:`LEDGER`), so a user's own
+#: ``epoch_3.pth`` beside a run survives; temp files of a killed write (``NAME.tmp.PID``,
+#: ``.latest.PID``) go with their recorded name.
+CHECKPOINT_NAMES = ("epoch_*.pth", "iter_*.pth", "best.pth")
+#: The work dir's ledger: one name per line of every checkpoint a run wrote there.
+LEDGER = ".ldpipe-outputs"
+RUN_OUTPUTS = RUN_FILES + CHECKPOINT_NAMES  # (what a run may write, for the docs and tests)
 
 
 class WorkDirError(CheckpointError):
@@ -51,33 +60,68 @@ def check_work_dir(work_dir: str, resume: bool, overwrite: bool) -> None:
                            "choose another --work-dir")
 
 
-def clear_run_outputs(work_dir: str) -> list[str]:
-    """Delete what an earlier run wrote into ``work_dir`` (:data:`RUN_OUTPUTS`); returns the
-    names deleted."""
-    gone = []
+def record_output(work_dir: str, name: str) -> None:
+    """Add checkpoint ``name`` to the work dir's ledger (once)."""
+    if name not in recorded_outputs(work_dir):
+        with open(os.path.join(work_dir, LEDGER), "a") as fh:
+            fh.write(name + "\n")
+
+
+def recorded_outputs(work_dir: str) -> set[str]:
+    """The checkpoint names runs recorded writing into ``work_dir``."""
+    try:
+        with open(os.path.join(work_dir, LEDGER)) as fh:
+            return {line.strip() for line in fh if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
+def _ours(name: str, recorded: set[str]) -> bool:
+    if name in RUN_FILES or name.startswith(".latest."):
+        return True
+    if any(fnmatch.fnmatch(name, p) for p in CHECKPOINT_NAMES):
+        return name in recorded
+    base, sep, pid = name.rpartition(".tmp.")
+    return bool(sep) and pid.isdigit() and (base in recorded or base in RUN_FILES
+                                            or any(fnmatch.fnmatch(base, p) for p in CHECKPOINT_NAMES))
+
+
+def clear_run_outputs(work_dir: str) -> tuple[list[str], list[str]]:
+    """Delete what earlier runs wrote into ``work_dir``: the fixed :data:`RUN_FILES` and the
+    checkpoints of the ledger (and temp files of interrupted writes).  Returns the names
+    deleted and the checkpoint-like names kept because no run recorded them (a user's files,
+    or checkpoints of a run before the ledger existed)."""
+    gone, kept = [], []
+    recorded = recorded_outputs(work_dir)
     for name in sorted(os.listdir(work_dir)) if os.path.isdir(work_dir) else []:
-        if any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS):
-            path = os.path.join(work_dir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-            gone.append(name)
-    return gone
+        if not _ours(name, recorded):
+            if any(fnmatch.fnmatch(name, p) for p in CHECKPOINT_NAMES):
+                kept.append(name)
+            continue
+        path = os.path.join(work_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        gone.append(name)
+    return gone, kept
 
 
 def prune_epoch_checkpoints(work_dir: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` ``epoch_N.pth`` files (also those of earlier runs)."""
+    """Delete all but the newest ``keep`` recorded ``epoch_N.pth`` files."""
+    recorded = recorded_outputs(work_dir)
     epochs = sorted(int(f[6:-4]) for f in os.listdir(work_dir)
-                    if f.startswith("epoch_") and f.endswith(".pth") and f[6:-4].isdigit())
+                    if f.startswith("epoch_") and f.endswith(".pth") and f[6:-4].isdigit()
+                    and f in recorded)
     for e in epochs[:-keep]:
         os.remove(os.path.join(work_dir, f"epoch_{e}.pth"))
 
 
 def remove_iter_checkpoints(work_dir: str, keep: str) -> None:
-    """Delete ``iter_N.pth`` files other than ``keep`` (they only serve to resume)."""
+    """Delete recorded ``iter_N.pth`` files other than ``keep`` (they only serve to resume)."""
+    recorded = recorded_outputs(work_dir)
     for f in os.listdir(work_dir):
-        if f.startswith("iter_") and f.endswith(".pth") and f != keep:
+        if f.startswith("iter_") and f.endswith(".pth") and f != keep and f in recorded:
             os.remove(os.path.join(work_dir, f))
 
 
@@ -125,3 +169,32 @@ def write_run_files(work_dir: str, pipe: Pipeline, record: dict) -> None:
     atomic_write(os.path.join(work_dir, "run.json"), json.dumps(record, indent=2) + "\n")
     with open(os.path.join(work_dir, "runs.jsonl"), "a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+def run_identity(meta: dict) -> dict:
+    """What makes a checkpoint's run *that* run (from its ``meta['ldpipe']``): its kind
+    (``train`` / ``train-student``), model, pipeline file and teacher (cache id or online
+    teacher checkpoint hash)."""
+    own = meta.get("ldpipe") or {}
+    lineage = own.get("lineage") or {}
+    cwd = (own.get("provenance") or {}).get("cwd") or os.getcwd()
+    src = own.get("pipeline") or ""
+    teacher = ((lineage.get("cache") or {}).get("cache_id")
+               or (lineage.get("online_teacher") or {}).get("sha256"))
+    kind = "train-student" if ("cache" in lineage or "online_teacher" in lineage) else "train"
+    return {"kind": kind, "model": own.get("model"),
+            "pipeline": os.path.realpath(os.path.join(cwd, src)) if src else "",
+            "teacher": teacher}
+
+
+def resume_problem(recorded: dict, ours: dict, path: str) -> str | None:
+    """Why ``--resume`` from checkpoint ``path`` (its meta ``recorded``) would continue another
+    run than the one asked for (meta ``ours``), or None."""
+    a, b = run_identity(recorded), run_identity(ours)
+    diff = [f"{k}: recorded {a[k]!r}, now {b[k]!r}" for k in ("kind", "model", "pipeline", "teacher")
+            if a[k] != b[k]]
+    if not diff:
+        return None
+    return (f"--resume: {path} is another run ({'; '.join(diff)}); resume it with the command "
+            "that started it, choose another --work-dir, or pass --resume-anyway to continue "
+            "it as this run")
