@@ -290,14 +290,21 @@ def config_show_cmd(pipeline, overrides):
     from .config.resolve import show
     click.echo(show(_pipe(pipeline, overrides)), nl=False)
 # ---------------------------------------------------------------- predict / export / cache show
+def _unit_interval(ctx, param, value: float) -> float:
+    """A score threshold: a number in [0, 1] (NaN and infinities are refused by name)."""
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise click.BadParameter(f"{value!r} is not a score in [0, 1]")
+    return value
+
+
 @main.command("predict")
 @pipeline_arg
 @click.option("--model", "model_name", required=True, help="Model name in the pipeline file.")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for one PNG per image and detections.json.")
-@click.option("--score-thr", default=0.3, show_default=True, type=float,
-              help="Draw and list detections scoring at least this.")
+@click.option("--score-thr", default=0.3, show_default=True, type=float, callback=_unit_interval,
+              help="Draw and list detections scoring at least this (0 to 1).")
 @click.argument("images", nargs=-1, required=True)
 @device_option
 @override_option

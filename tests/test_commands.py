@@ -343,3 +343,12 @@ def test_cache_show_cli_and_its_errors(tiny_overrides, small_cache, tmp_path):
     # a pipeline over other data (the 12-image training split) is refused, naming the fingerprint
     res = _run(*base, "--image", image_id, *_o(*tiny_overrides, "cache.codec=fp32"), ok=False)
     assert "fingerprint" in _error(res)
+
+
+@pytest.mark.parametrize("thr", ["nan", "inf", "-0.1", "1.5"])
+def test_predict_refuses_a_score_threshold_outside_0_1(thr, tiny_teacher_ckpt, tmp_path):
+    res = CliRunner().invoke(cli, ["predict", DEMO_PIPELINE, "--model", "teacher", "--checkpoint",
+                                   tiny_teacher_ckpt, "--out", str(tmp_path / "p"), "--score-thr",
+                                   thr, str(tmp_path / "a.png")])
+    assert res.exit_code == 2 and "--score-thr" in res.output and "not a score in [0, 1]" in res.output
+    assert not (tmp_path / "p").exists()
