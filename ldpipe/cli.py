@@ -10,7 +10,7 @@ import sys
 import click
 
 from .config import ConfigError, load_pipeline
-from .errors import LdpipeError
+from .errors import LdpipeError, original_message
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -59,8 +59,8 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (LdpipeError, FileNotFoundError) as exc:
-            raise click.ClickException(str(exc)) from None
+        except (LdpipeError, FileNotFoundError) as exc:  # also one raised in a loader worker
+            raise click.ClickException(original_message(exc)) from None
         except OSError as exc:  # a full disk, a read-only or lost mount: say which path
             if exc.errno not in _WRITE_ERRNOS:
                 raise

@@ -7,6 +7,8 @@ code that caught ``ValueError`` around these calls still does.
 """
 from __future__ import annotations
 
+import re
+
 
 class LdpipeError(ValueError):
     """Bad input that ldpipe names (file, key, value) in its message."""
@@ -19,3 +21,22 @@ def first_line(exc: BaseException, typed: bool = True) -> str:
     if not text:
         return type(exc).__name__
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if typed else text.splitlines()[0]
+
+
+_WORKER = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.\n")
+
+
+def original_message(exc: BaseException) -> str:
+    """The message of ``exc`` as it was raised: an error raised inside a DataLoader worker
+    reaches the training process re-raised with the same type but the message
+    ``Caught X in DataLoader worker process N.`` + the worker's traceback; this returns the
+    worker's own message (what follows the traceback's ``...X: `` line), the message itself
+    otherwise."""
+    text = str(exc)
+    m = _WORKER.match(text)
+    if not m:
+        return text
+    last = None
+    for last in re.finditer(rf"^(?:[A-Za-z_][\w.]*\.)?{re.escape(m.group(1))}: ", text, re.M):
+        pass
+    return text[last.end():].rstrip("\n") if last else text

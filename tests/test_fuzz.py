@@ -157,7 +157,10 @@ def test_undamaged_cache_passes_the_checks(cache):
     assert info(cache)["complete"] and verify(cache)["ok"]
 
 
-def test_train_student_stops_on_a_deleted_box_shard(cache, data_root, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_train_student_stops_on_a_deleted_box_shard(cache, data_root, tmp_path, workers):
+    """Also when the unit is read in a DataLoader worker (``train.workers = 1``): the worker's
+    error arrives as its own one line, not torch's "Caught CacheError in DataLoader worker"."""
     path = tmp_path / "c"
     shutil.copytree(cache, path)
     _remove("units/000001/box/c/*/*/*")(path)
@@ -166,8 +169,9 @@ def test_train_student_stops_on_a_deleted_box_shard(cache, data_root, tmp_path):
     args = ["train-student", DEMO_PIPELINE, "--model", "student", "--cache", str(path),
             "--work-dir", str(tmp_path / "s"), "--device", "cpu", *student,
             *sum((["-o", o] for o in coco_overrides(data_root, SHARD)), []),
-            "-o", "models.student.train={}"]
-    error_line(CliRunner().invoke(cli, args), "units/000001/box")
+            "-o", "models.student.train={}", "-o", f"train.workers={workers}"]
+    line = error_line(CliRunner().invoke(cli, args), "units/000001/box")
+    assert "DataLoader worker" not in line and "Traceback" not in line
     assert not (tmp_path / "s" / "latest.pth").exists()
 
 
