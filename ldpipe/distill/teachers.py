@@ -98,7 +98,7 @@ class CachedTeacher(_DistillBase):
             img = int(bad // (rows.shape[0] // len(batch["metas"])))
             meta = batch["metas"][img]
             raise CacheError(
-                f"{self.url}: sample image_id={meta['image_id']} variant {meta['variant']} lacks "
+                f"{self.url}: sample image_id={meta.image_id} variant {meta.variant} lacks "
                 f"{int((r < 0).sum())} anchors the losses need (region policy "
                 f"{self.manifest.region.policy!r} does not cover them)")
         t_box = boxes[r]
