@@ -10,7 +10,7 @@ import logging
 
 from ..config import DISTILL_TERMS, REGION_POLICIES, Pipeline
 from ..models.detector import HEADS
-from .manifest import CacheError, Geometry, Manifest, _plain
+from .manifest import CacheError, Geometry, Manifest, plain_value
 
 log = logging.getLogger("ldpipe.cache")
 
@@ -42,8 +42,8 @@ def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
     problems = []
     for field, cached, mine in m.geometry.differences(ours, list(GEOMETRY_FIXES)):
         label, fix = GEOMETRY_FIXES[field]
-        problems.append(f"{label}: the cache has {_plain(cached)!r}, model {model_name!r} "
-                        f"has {_plain(mine)!r} ({fix.format(model=model_name)})")
+        problems.append(f"{label}: the cache has {plain_value(cached)!r}, model {model_name!r} "
+                        f"has {plain_value(mine)!r} ({fix.format(model=model_name)})")
     if m.data.fingerprint != split.fingerprint:
         problems.append(f"data set: the cache was made for data fingerprint {m.data.fingerprint[:16]} "
                         f"({m.data.num_images} images), this pipeline's training split has "

@@ -80,7 +80,7 @@ class Geometry:
         lists and tuples compare by their items."""
         out = []
         for f in fields or [f.name for f in dataclasses.fields(self)]:
-            a, b = _plain(getattr(self, f)), _plain(getattr(other, f))
+            a, b = plain_value(getattr(self, f)), plain_value(getattr(other, f))
             if a != b:
                 out.append((f, getattr(self, f), getattr(other, f)))
         return out
@@ -375,9 +375,9 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
     return m
 
 
-def _plain(v):
+def plain_value(v):
     """Nested lists for lists and tuples (JSON's view of a value)."""
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return [plain_value(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def _short(v) -> str:
