@@ -1,6 +1,7 @@
 """The teacher cache: dump, regions, codecs, crash safety, corruption, and ``ldpipe cache``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -82,7 +83,7 @@ def _teacher_unit(pipe, ckpt: str, unit: int) -> dict[tuple[int, int], tuple[tor
         dense = model(batch["img"])
     out = {}
     for b, s in enumerate(numbers):
-        own = make_grid(items[b]["meta"]["pad_shape"], cfg.strides, cfg.anchor_scale)
+        own = make_grid(items[b]["meta"].pad_shape, cfg.strides, cfg.anchor_scale)
         to_batch = grid_to_batch_index(list(own.sizes), dense.level_sizes)
         box = Fn.log_softmax(dense.reg[b, to_batch], dim=-1)
         cls = Fn.log_softmax(dense.cls[b, to_batch], dim=-1)
@@ -195,8 +196,8 @@ def test_regions_main_is_atss_positives_ld_contains_it_dense_is_everything(cache
     n_pos = 0
     for (i, v), d in main.items():
         s = ds[(i, v)]
-        pad = s["meta"]["pad_shape"]
-        assert d["geometry"]["pad_shape"] == pad
+        pad = s["meta"].pad_shape
+        assert d["geometry"].pad_shape == pad
         t = image_targets(s["gt_boxes"], s["gt_labels"], s["ignore_boxes"], pad, cfg.strides,
                           cfg.anchor_scale, len(split.classes), topk=reader_cfg.assigner.topk,
                           ignore_iof_thr=reader_cfg.assigner.ignore_iof_thr)
@@ -312,7 +313,8 @@ def test_int8_holds_for_sharpened_teachers(trained_caches, monkeypatch):
             for ref, got in _sharpened_losses(rows, k, T, gen, w, step):
                 assert abs(got - ref) / ref <= 0.01, (name, k, step, ref, got)
     assert deepest[5.0] < -40 < deepest[1.0] / 2  # the sharpened rows do reach past the old clip
-    monkeypatch.setattr(C, "CLIP", 40.0)  # the former codec distorts them
+    former = dataclasses.replace(C.codec_for("int8"), clip=C.LEGACY_INT8_CLIP)
+    monkeypatch.setitem(C.CODEC_TABLE, "int8", former)  # the former codec distorts them
     errors = [abs(got - ref) / ref for ref, got in _sharpened_losses(box, 5.0, 10.0, gen, ones)]
     assert max(errors) > 0.01, errors
 
@@ -360,7 +362,8 @@ def _rewrite_unit0(path: str, transform) -> None:
     for rec in r.table[r.table[:, F["sample"]] < m.samples_per_shard]:
         d = r.read(int(rec[F["image_index"]]), int(rec[F["variant"]]))
         g = d["geometry"]
-        meta = {"index": int(rec[F["image_index"]]), "image_id": int(rec[F["image_id"]]), **g}
+        meta = {"index": int(rec[F["image_index"]]), "image_id": int(rec[F["image_id"]]),
+                **dataclasses.asdict(g)}
         items.append(SampleRows(int(rec[F["sample"]]), meta, d["anchor"].to(torch.int32),
                                 transform(torch.log_softmax(d["box"], -1)), torch.log_softmax(d["cls"], -1)))
     write_unit(open_root(path, "a"), 0, assemble_unit(items, "int8", m.num_variants), m.compressor,

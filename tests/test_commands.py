@@ -316,7 +316,7 @@ def test_cache_show_plots_the_cached_distributions(make_tiny_pipe, tiny_teacher_
     # the default anchors lie in the largest GT box (ATSS positives of it)
     gt = sample["gt_boxes"]
     big = gt[((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])).argmax()]
-    anchors, _ = grid_tensors(m.geometry.grid(sample["meta"]["pad_shape"]))
+    anchors, _ = grid_tensors(m.geometry.grid(sample["meta"].pad_shape))
     c = (anchors[res["anchors"], :2] + anchors[res["anchors"], 2:]) / 2
     assert bool(((c[:, 0] > big[0]) & (c[:, 0] < big[2]) & (c[:, 1] > big[1]) & (c[:, 1] < big[3])).all())
 

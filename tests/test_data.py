@@ -56,7 +56,7 @@ def test_flip_consistency():
     pipe = _raw_pipe([w, h])  # scale factor exactly 1
     plain = make_sample(rec, image, Variant(0, False), pipe)
     flipped = make_sample(rec, image, Variant(0, True), pipe)
-    assert plain["meta"]["scale_factor"] == (1.0, 1.0)
+    assert plain["meta"].scale_factor == (1.0, 1.0)
     a, b = plain["img"], flipped["img"]
     assert torch.equal(a[:, :h, :w], torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32)))
     assert torch.equal(b[:, :h, :w], a[:, :h, :w].flip(-1))
@@ -83,16 +83,16 @@ def test_resize_scale_and_pad_known_numbers():
     s = make_sample(rec, image, TEST_VARIANT, pipe)
     m = s["meta"]
     # mmcv.rescale_size: factor = min(1333/640, 800/480) = 1.6667 -> int(640*f+0.5) = 1067
-    assert m["ori_shape"] == (480, 640)
-    assert m["img_shape"] == (800, 1067)
-    assert m["pad_shape"] == (800, 1088)  # 1067 -> next multiple of 32
+    assert m.ori_shape == (480, 640)
+    assert m.img_shape == (800, 1067)
+    assert m.pad_shape == (800, 1088)  # 1067 -> next multiple of 32
     assert tuple(s["img"].shape) == (3, 800, 1088)
-    ws, hs = m["scale_factor"]
+    ws, hs = m.scale_factor
     assert ws == pytest.approx(1067 / 640) and hs == pytest.approx(800 / 480)
     expect = np.array([[64 * ws, 48 * hs, 1067, 800], [10 * ws, 20 * hs, 30 * ws, 40 * hs]])
     np.testing.assert_allclose(s["gt_boxes"].numpy(), expect, rtol=1e-6)
     np.testing.assert_allclose(s["ignore_boxes"].numpy(), [[0, 0, 6 * ws, 6 * hs]], rtol=1e-6)
-    assert m["variant"] == "test" and m["flip"] is False
+    assert m.variant == "test" and m.flip is False
     # the padding is zeros, the content normalised (black -> -mean/std)
     assert torch.all(s["img"][:, :, 1067:] == 0)
     assert s["img"][0, 0, 0].item() == pytest.approx(-123.675 / 58.395, rel=1e-5)
@@ -102,9 +102,9 @@ def test_pad_to_multiple_of_32_and_downscale():
     image = np.zeros((300, 333, 3), np.uint8)
     pipe = _pipe(train_scales=[[320, 320]], pad_divisor=32)
     s = make_sample(_record(333, 300, [[0, 0, 333, 300]]), image, Variant(0, False), pipe)
-    hp, wp = s["meta"]["pad_shape"]
+    hp, wp = s["meta"].pad_shape
     assert hp % 32 == 0 and wp % 32 == 0
-    h2, w2 = s["meta"]["img_shape"]
+    h2, w2 = s["meta"].img_shape
     assert max(h2, w2) <= 320 and hp - h2 < 32 and wp - w2 < 32
     np.testing.assert_allclose(s["gt_boxes"].numpy(), [[0, 0, w2, h2]])
 
@@ -217,7 +217,7 @@ def test_bccd_voc_with_bad_boxes():
     ds = DetectionDataset(split, pipe, train_variants(pipe))
     for i in picks:
         s = ds[(i, 1)]
-        assert s["meta"]["ori_shape"] == (480, 640) and s["meta"]["index"] == i
+        assert s["meta"].ori_shape == (480, 640) and s["meta"].index == i
         wh = s["gt_boxes"][:, 2:] - s["gt_boxes"][:, :2]
         assert len(wh) == len(split.records[i].boxes) and bool((wh >= 1).all())
     test = load_split(pipe, "val")
@@ -312,7 +312,7 @@ def test_dataset_dataloader_end_to_end(tmp_path):
     variants = train_variants(pipe)
     # the extra hook tags each sample with its image's pixels, read independently of the meta
     # the loader returns, so a sample paired with another one's meta or variant is caught
-    ds = DetectionDataset(split, pipe, variants, extra=lambda m: {"key": (m["index"], m["variant"])})
+    ds = DetectionDataset(split, pipe, variants, extra=lambda m: {"key": (m.index, m.variant)})
     plain = DetectionDataset(split, pipe, variants)
     assert len(ds) == 6
     sampler = VariantSampler(len(ds), len(variants), seed=0)
@@ -322,12 +322,12 @@ def test_dataset_dataloader_end_to_end(tmp_path):
     for batch in loader:
         assert batch["img"].dim() == 4 and batch["img"].shape[0] == len(batch["metas"])
         for b, (m, k) in enumerate(zip(batch["metas"], batch["key"])):
-            assert k == (m["index"], m["variant"])
-            assert m["image_id"] == split.records[m["index"]].image_id
-            assert m["variant"] == variants[drawn[m["index"]]].key  # the sampler's draw
-            ref = plain[(m["index"], drawn[m["index"]])]["img"]
+            assert k == (m.index, m.variant)
+            assert m.image_id == split.records[m.index].image_id
+            assert m.variant == variants[drawn[m.index]].key  # the sampler's draw
+            ref = plain[(m.index, drawn[m.index])]["img"]
             h, w = ref.shape[-2:]
             assert torch.equal(batch["img"][b, :, :h, :w], ref)
-            seen.append(m["index"])
+            seen.append(m.index)
     assert sorted(seen) == list(range(6))
-    assert ds[3]["meta"]["variant"] == "s0n"  # int key = variant 0
+    assert ds[3]["meta"].variant == "s0n"  # int key = variant 0

@@ -70,7 +70,7 @@ def _same_shape_batch(pipe, split, extra):
     for i in range(len(ds)):
         for v in range(len(ds.variants)):
             s = ds[(i, v)]
-            by_shape.setdefault(tuple(s["meta"]["pad_shape"]), []).append(s)
+            by_shape.setdefault(tuple(s["meta"].pad_shape), []).append(s)
     group = max(by_shape.values(), key=len)
     assert len(group) >= 2
     with_gt = [s for s in group if len(s["gt_boxes"])]
@@ -116,7 +116,7 @@ def test_cached_equals_online(synth, caches, online_result, codec, tol):
     pipe = tiny_pipe(synth)
     split = load_split(pipe, "train")
     ref_samples, (ref_losses, ref_grads) = online_result
-    keys = [(s["meta"]["index"], s["meta"]["variant_index"]) for s in ref_samples]
+    keys = [(s["meta"].index, s["meta"].variant_index) for s in ref_samples]
     ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches[codec]))
     samples = [ds[k] for k in keys]
     losses, grads = _step(pipe, CachedTeacher(pipe, caches[codec]), samples, split)
@@ -136,7 +136,7 @@ def test_rows_handed_over_as_stored_train_bit_for_bit(synth, caches, online_resu
     pipe = tiny_pipe(synth)
     split = load_split(pipe, "train")
     ref_samples, _ = online_result
-    keys = [(s["meta"]["index"], s["meta"]["variant_index"]) for s in ref_samples]
+    keys = [(s["meta"].index, s["meta"].variant_index) for s in ref_samples]
     runs = []
     for decode in (True, False):
         ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches[codec], decode=decode))
@@ -155,7 +155,7 @@ def test_int8_ld_loss_within_one_percent(synth, caches, online_result):
     pipe = tiny_pipe(synth)
     split = load_split(pipe, "train")
     ref_samples, (ref_losses, _) = online_result
-    keys = [(s["meta"]["index"], s["meta"]["variant_index"]) for s in ref_samples]
+    keys = [(s["meta"].index, s["meta"].variant_index) for s in ref_samples]
     ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["int8"]))
     losses, _ = _step(pipe, CachedTeacher(pipe, caches["int8"]), [ds[k] for k in keys], split)
     for name in ("loss_ld", "loss_ld_vlr"):
@@ -206,7 +206,7 @@ def test_missing_anchor_is_an_error(synth, caches):
     batch = TrainCollate(cfg, len(split.classes), True)([sample])
     model = build_model(cfg, len(split.classes))
     hook = CachedTeacher(pipe, caches["fp32"])
-    with pytest.raises(CacheError, match=f"image_id={sample['meta']['image_id']}"):
+    with pytest.raises(CacheError, match=f"image_id={sample['meta'].image_id}"):
         step_losses(model, model, batch, torch.device("cpu"), False, _criterion(pipe, hook))
 
 
@@ -271,7 +271,7 @@ def test_multi_scale_variants_round_trip(synth, teacher_ckpt, tmp_path):
     ds = DetectionDataset(split, pipe, variants, extra=CacheTargets(cache))
     for v in range(4):
         s = ds[(1, v)]
-        assert max(s["meta"]["img_shape"]) == (160 if v < 2 else 128)
+        assert max(s["meta"].img_shape) == (160 if v < 2 else 128)
         assert s["teacher"]["anchor"].numel() > 0 or len(s["gt_boxes"]) == 0
     losses, _ = _step(pipe, hook, [ds[(i, 3)] for i in range(2)], split)
     # the 128 px flipped variant's rows are those of a single-scale 128 px dump (same teacher,

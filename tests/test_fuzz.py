@@ -311,7 +311,7 @@ def test_exif_orientation_against_the_annotated_size(tmp_path):
     _jpeg(root / "images" / "1.jpg", 64, 48, exif_orientation=6)
     pipe = coco_pipe(root)
     ds = DetectionDataset(load_split(pipe, "train"), pipe, train_variants(pipe))
-    assert ds[0]["meta"]["ori_shape"] == (48, 64)
+    assert ds[0]["meta"].ori_shape == (48, 64)
     with pytest.raises(DataError) as err:  # annotated on the unrotated pixels: refused
         ds[1]
     msg = str(err.value)
@@ -322,7 +322,7 @@ def test_exif_orientation_against_the_annotated_size(tmp_path):
     _jpeg(root / "images" / "1.jpg", 64, 48, exif_orientation=6)
     pipe = coco_pipe(root)
     ds = DetectionDataset(load_split(pipe, "train"), pipe, train_variants(pipe))
-    assert ds[1]["meta"]["ori_shape"] == (64, 48)
+    assert ds[1]["meta"].ori_shape == (64, 48)
 
 
 def test_zero_byte_image_is_an_error_or_skipped_when_asked(tmp_path, tiny_teacher_ckpt, caplog):

@@ -16,7 +16,7 @@ from torchvision.ops import box_iou, distance_box_iou
 from ldpipe.cache import codec as C
 from ldpipe.config import TestConfig as HeadTestConfig
 from ldpipe.config import load_pipeline
-from ldpipe.data import boxes_to_original
+from ldpipe.data import SampleMeta, boxes_to_original
 from ldpipe.metrics import voc_map
 from ldpipe.engine.train import Schedule
 from ldpipe.models import build_model
@@ -198,7 +198,7 @@ def test_head_predict_decodes_known_boxes():
     anchors = [grid_tensors(make_grid((16, 24), [8], 8.0))[0],
                grid_tensors(make_grid((16, 32), [16], 8.0))[0]]
     assert [a.shape[0] for a in anchors] == [6, 2]
-    metas = [{"img_shape": (30, 36)}]
+    metas = [(30, 36)]  # img_shapes
     cfg = HeadTestConfig(score_thr=0.05, nms_pre=1000, nms_iou=0.6, max_per_img=100)
     out = head.predict(out_maps, anchors, strides, metas, cfg)[0]
     sig = torch.sigmoid
@@ -224,8 +224,9 @@ def test_model_predict_and_boxes_to_original():
              (3, 0, 0, 0, 2.0, [0, 0, 1, 1])]  # stride 64, centre (0, 0): (0, 0, 64, 64)
     dense = _maps(sizes, 3, model.cfg.reg_max, cells)
     model.forward = lambda img: dense  # known head outputs
-    meta = {"img_shape": (60, 64), "flip": True, "scale_factor": (2.0, 0.5), "ori_shape": (200, 30)}
-    out = model.predict(torch.zeros(1, 3, 64, 64), [meta])[0]
+    meta = SampleMeta(image_id=1, file_name="x.jpg", variant="s0f", img_shape=(60, 64), pad_shape=(64, 64),
+                      flip=True, scale_factor=(2.0, 0.5), ori_shape=(200, 30))
+    out = model.predict(torch.zeros(1, 3, 64, 64), [meta.img_shape])[0]
     assert out["boxes"].tolist() == [[32.0, 16.0, 64.0, 48.0], [0.0, 0.0, 64.0, 60.0]]
     assert out["labels"].tolist() == [2, 0]
     assert torch.equal(out["scores"], torch.sigmoid(torch.tensor([3.0, 2.0])))
@@ -241,7 +242,8 @@ def test_region_index_policies_by_brute_force():
     """Which anchors each cache region keeps, against references computed here: ``main`` the
     union of the ATSS positives of every reader's assigner, ``ld`` adds the VLR (brute force),
     ``overlap`` every anchor with IoU > 0, ``dense`` all."""
-    from ldpipe.cache.region import AssignerSpec, region_index
+    from ldpipe.cache.region import region_index
+    from ldpipe.config import AssignerConfig
     rng = random.Random(5)
     pad, strides = (192, 256), [8, 16, 32, 64, 128]
     grid = make_grid(pad, strides, 8.0)
@@ -251,7 +253,7 @@ def test_region_index_policies_by_brute_force():
         x, y = rng.uniform(0, 250 - side), rng.uniform(0, 190 - side)
         boxes.append([x, y, x + side, y + side * 0.8])
     gt = torch.tensor(boxes)
-    specs = [AssignerSpec(9, -1.0), AssignerSpec(12, -1.0)]
+    specs = [AssignerConfig(9, -1.0), AssignerConfig(12, -1.0)]
     pos = torch.zeros(anchors.shape[0], dtype=torch.bool)
     vlr = torch.zeros_like(pos)
     for spec in specs:

@@ -25,7 +25,7 @@ import torch
 from ldpipe.cache import codec as C
 from ldpipe.cache.store import SampleRows
 from ldpipe.config import load_pipeline
-from ldpipe.data import TEST_VARIANT, DetectionDataset, load_split, synthesize
+from ldpipe.data import TEST_VARIANT, DetectionDataset, load_split, sample_number, synthesize
 from ldpipe.engine.student import train_student
 from ldpipe.engine import dump as dump_mod
 from ldpipe.engine.train import TrainCollate, train
@@ -71,7 +71,7 @@ def oracle_rows(shuffle: bool = False):
         out = []
         for b, meta in enumerate(batch["metas"]):
             gt, labels, idx = batch["gt_boxes"][b].float(), batch["gt_labels"][b], batch["region"][b]
-            grid = make_grid(meta["pad_shape"], cfg.strides, cfg.anchor_scale)
+            grid = make_grid(meta.pad_shape, cfg.strides, cfg.anchor_scale)
             anchors, strides = grid_tensors(grid)
             res = atss_assign(anchors, grid.num_level_anchors, gt, batch["ignore_boxes"][b],
                               cfg.assigner.topk, cfg.assigner.ignore_iof_thr)
@@ -85,7 +85,7 @@ def oracle_rows(shuffle: bool = False):
             if shuffle:
                 perm = torch.randperm(idx.shape[0], generator=torch.Generator().manual_seed(b))
                 box, cls = box[perm], cls[perm]
-            out.append(SampleRows(meta["index"] * num_variants + meta["variant_index"], meta,
+            out.append(SampleRows(sample_number(meta.index, meta.variant_index, num_variants), meta,
                                   idx.to(torch.int32), box, cls if store_cls else None))
         return out
 

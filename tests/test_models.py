@@ -350,11 +350,10 @@ def test_forward_shapes_and_predict(tiny_model):
     level = out.level_slices()[1]
     assert torch.equal(out.cls[1, level], cls_maps[1][1].permute(1, 2, 0).reshape(-1, 3))
     assert torch.equal(out.reg[1, level], reg_maps[1][1].permute(1, 2, 0).reshape(-1, 4, 17))
-    metas = [{"img_shape": (96, 128)}, {"img_shape": (70, 90)}]
-    out = tiny_model.predict(img, metas)
+    shapes = [(96, 128), (70, 90)]
+    out = tiny_model.predict(img, shapes)
     assert len(out) == 2
-    for res, meta in zip(out, metas):
-        h, w = meta["img_shape"]
+    for res, (h, w) in zip(out, shapes):
         boxes = res["boxes"]
         assert 0 < boxes.shape[0] <= 7
         assert res["scores"].shape == res["labels"].shape == (boxes.shape[0],)

@@ -163,7 +163,7 @@ def test_gfl_predict_uses_the_configured_nms(make_tiny_pipe):
     torch.manual_seed(0)
     model = build_model(pipe.model("teacher"), 4).eval()
     img = torch.randn(1, 3, 128, 160)
-    metas = [{"img_shape": (128, 160)}]
+    metas = [(128, 160)]  # img_shapes
     out = model(img)
     base = pipe.model("teacher").test
     # every candidate (IoU NMS at 1.0 keeps all distinct boxes), in score order

@@ -38,7 +38,7 @@ def test_cached_rows_land_on_the_right_batch_anchors(make_tiny_pipe, tiny_teache
     for i in range(len(ds)):
         s = ds[(i, i % 2)]
         if len(s["gt_boxes"]):
-            by_shape.setdefault(tuple(s["meta"]["pad_shape"]), []).append(s)
+            by_shape.setdefault(tuple(s["meta"].pad_shape), []).append(s)
     assert len(by_shape) >= 2, f"set-up: need two padded shapes, got {list(by_shape)}"
     first, second = (group for _, group in sorted(by_shape.items())[:2])
     # shapes X, Y, X: the middle image's rows start after a padded one
@@ -64,7 +64,7 @@ def test_cached_rows_land_on_the_right_batch_anchors(make_tiny_pipe, tiny_teache
     outs = []
     with torch.no_grad():
         for s in samples:  # each image alone, at its own padded size
-            assert tuple(s["img"].shape[-2:]) == tuple(s["meta"]["pad_shape"])
+            assert tuple(s["img"].shape[-2:]) == tuple(s["meta"].pad_shape)
             outs.append(teacher(s["img"][None]))
     rb = cfg.reg_max + 1
     for k, f in enumerate(flat.tolist()):

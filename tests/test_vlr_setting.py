@@ -87,12 +87,12 @@ def test_a_dense_cache_serves_both(synth, teacher_ckpt, tmp_path):
 def test_a_teacher_only_assigner_override_is_named_as_doing_nothing(synth):
     """The dump's region follows the readers' assigners: overriding only the teacher's is a
     warning that names both settings (and none when the settings agree or the policy is dense)."""
-    from ldpipe.cache.region import own_assigner_note, reader_assigners
+    from ldpipe.cache.region import own_assigner_note, reader_settings
     pipe = tiny_pipe(synth, "models.teacher.assigner.vlr_region=diou")
-    note = own_assigner_note(pipe, "teacher", reader_assigners(pipe, "teacher"))
+    note = own_assigner_note(pipe, "teacher", reader_settings(pipe, "teacher"))
     assert note and "models.teacher.assigner (vlr_region=diou" in note, note
     assert "student" in note and "vlr_region=reference" in note and "does not shape" in note, note
     same = _pipe(synth, "diou")
-    assert own_assigner_note(same, "teacher", reader_assigners(same, "teacher")) is None
+    assert own_assigner_note(same, "teacher", reader_settings(same, "teacher")) is None
     dense = tiny_pipe(synth, "models.teacher.assigner.vlr_region=diou", "cache.region=dense")
-    assert own_assigner_note(dense, "teacher", reader_assigners(dense, "teacher")) is None
+    assert own_assigner_note(dense, "teacher", reader_settings(dense, "teacher")) is None

@@ -24,9 +24,9 @@ import torch
 
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.manifest import F
-from ldpipe.cache.region import AssignerSpec, reader_assigners, region_index
+from ldpipe.cache.region import reader_settings, region_index
 from ldpipe.cache.store import SampleRows, assemble_unit, open_root, write_unit
-from ldpipe.config import CODECS, load_pipeline
+from ldpipe.config import CODECS, AssignerConfig, load_pipeline
 from ldpipe.data import DetectionDataset, load_split, train_variants
 
 
@@ -53,10 +53,10 @@ def main() -> None:
     n = min(args.images, len(ds))
     samples = []
     out = {"load": per_sample_ms(lambda: samples.extend(ds[(i, 0)] for i in range(n)), n)}
-    specs = [AssignerSpec(a["topk"], a["ignore_iof_thr"]) for a in reader_assigners(pipe, args.model)]
+    specs = [AssignerConfig(a.topk, a.ignore_iof_thr) for a in reader_settings(pipe, args.model)]
     for policy in ("main", "ld"):
         out[f"region {policy}"] = per_sample_ms(lambda: [
-            region_index(policy, s["gt_boxes"], s["ignore_boxes"], s["meta"]["pad_shape"],
+            region_index(policy, s["gt_boxes"], s["ignore_boxes"], s["meta"].pad_shape,
                          cfg.strides, cfg.anchor_scale, specs) for s in samples], n)
 
     if args.cache:
@@ -66,9 +66,9 @@ def main() -> None:
         for rec in table:
             d = reader.read(int(rec[F["image_index"]]), int(rec[F["variant"]]))
             g = d["geometry"]
-            meta = {"img_shape": g["img_shape"], "pad_shape": g["pad_shape"], "ori_shape": g["ori_shape"],
+            meta = {"img_shape": g.img_shape, "pad_shape": g.pad_shape, "ori_shape": g.ori_shape,
                     "index": int(rec[F["image_index"]]), "image_id": int(rec[F["image_id"]]),
-                    "flip": g["flip"], "scale_factor": g["scale_factor"]}
+                    "flip": g.flip, "scale_factor": g.scale_factor}
             items.append(SampleRows(int(rec[F["sample"]]), meta, d["anchor"].to(torch.int32), d["box"],
                                     d["cls"]))
         unit = {}

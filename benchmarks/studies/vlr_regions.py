@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from ldpipe.cache.region import AssignerSpec, region_index
-from ldpipe.config import load_pipeline
+from ldpipe.cache.region import region_index
+from ldpipe.config import AssignerConfig, load_pipeline
 from ldpipe.data import DetectionDataset, load_split, train_variants
 from ldpipe.models.anchors import grid_tensors, make_grid
 from ldpipe.models.assigner import atss_assign, vlr_weights
@@ -36,14 +36,14 @@ def main(argv=None) -> None:
     ds = DetectionDataset(split, pipe, variants)
     n = len(split.records) if args.images <= 0 else min(args.images, len(split.records))
     a = cfg.assigner
-    specs = {r: [AssignerSpec(a.topk, a.ignore_iof_thr, r)] for r in ("reference", "diou")}
+    specs = {r: [AssignerConfig(a.topk, a.ignore_iof_thr, r)] for r in ("reference", "diou")}
     tot = {"samples": 0, "grid_anchors": 0, "main": 0, "ld_reference": 0, "ld_diou": 0,
            "vlr_reference": 0, "vlr_diou": 0, "vlr_common": 0}
     t0 = time.time()
     for i in range(n):
         for v in range(len(variants)):
             s = ds[(i, v)]
-            gt, ig, pad = s["gt_boxes"].float(), s["ignore_boxes"], s["meta"]["pad_shape"]
+            gt, ig, pad = s["gt_boxes"].float(), s["ignore_boxes"], s["meta"].pad_shape
             grid = make_grid(pad, cfg.strides, cfg.anchor_scale)
             anchors, _ = grid_tensors(grid)
             tot["samples"] += 1

@@ -80,11 +80,11 @@ def main(argv=None) -> dict:
             for out, metas in outputs:
                 _sync(dev)
                 t0 = time.perf_counter()
-                det = model.postprocess(out, metas, cfg)[0]
+                det = model.postprocess(out, [m.img_shape for m in metas], cfg)[0]
                 boxes = boxes_to_original(det["boxes"].float().cpu(), metas[0])
                 _sync(dev)
                 t += time.perf_counter() - t0
-                dets.append({"image_id": metas[0]["image_id"],
+                dets.append({"image_id": metas[0].image_id,
                              "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                              "scores": det["scores"].float().cpu().numpy(),
                              "labels": det["labels"].cpu().numpy().astype(np.int64)})

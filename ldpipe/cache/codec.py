@@ -40,7 +40,7 @@ from ..config import CODECS, INT8_BOX_STEP
 
 CLIP = 250.0
 FP16_CLIP = 60000.0
-LEGACY_CLIP = {"fp32": None, "fp16": FP16_CLIP, "int8": 40.0}  # caches without codec_clip
+LEGACY_INT8_CLIP = 40.0  # what int8 caches without ``codec_clip`` in their manifest clipped at
 BOX_STEP = INT8_BOX_STEP  # default cache.int8_box_step (nats); caches without codec_step used 0
 
 
@@ -55,77 +55,148 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def encode(lp: torch.Tensor | np.ndarray, codec: str, min_step: float = 0.0) -> Encoded:
-    """Encode log-probabilities ``[..., K]`` (the last axis is one distribution).
+@dataclass(frozen=True)
+class Codec:
+    """Everything ldpipe knows about one value codec (one object per name: :func:`codec_for`).
 
-    ``min_step``: int8 only, the smallest quantisation step in nats (0: each row over its
-    own range)."""
-    x = torch.as_tensor(lp, dtype=torch.float32)
-    if codec == "fp32":
-        return Encoded(x.numpy().astype(np.float32, copy=False), None)
-    if codec == "fp16":
-        return Encoded(x.clamp(min=-FP16_CLIP).numpy().astype(np.float16), None)
-    if codec == "int8":
-        x = x.clamp(min=-CLIP)
+    A stored row is ``K`` values of ``dtype`` followed by ``trailer`` bytes (int8: the row's
+    float16 scale, little-endian); ``pack`` / ``unpack`` convert between :class:`Encoded` and
+    that layout (numpy, rows ``[..., K + trailer]``), ``decode_packed`` decodes it in torch on
+    the tensor's device, bit for bit ``unpack``."""
+
+    name: str
+    dtype: np.dtype  # the stored value type
+    bytes_per_value: int
+    trailer: int  # trailing bytes per stored row holding its scale (int8: one float16)
+    clip: float | None  # the most negative value the encoder keeps (None: no clipping)
+    legacy_clip: float | None  # the clip of caches whose manifest has no ``codec_clip``
+    norm_tol: float  # |logsumexp(row)| ``cache verify`` allows for a decoded row
+
+    # ------------------------------------------------------------ float codecs (fp32, fp16)
+    def encode(self, lp: torch.Tensor | np.ndarray, min_step: float = 0.0) -> Encoded:
+        """Encode log-probabilities ``[..., K]`` (the last axis is one distribution);
+        ``min_step``: int8 only, the smallest quantisation step in nats."""
+        x = torch.as_tensor(lp, dtype=torch.float32)
+        if self.clip is not None:
+            x = x.clamp(min=-self.clip)
+        return Encoded(x.numpy().astype(self.dtype, copy=False), None)
+
+    def decode(self, values: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
+        """Back to float32 log-probabilities ``[..., K]`` (a fresh copy), in numpy: a sample's
+        rows are too few for torch's intra-op threads, which cost more than they save there
+        (in a 2-thread process, 3-4x the CPU of one thread)."""
+        return torch.from_numpy(np.asarray(values).astype(np.float32))
+
+    def pack(self, enc: Encoded) -> np.ndarray:
+        """The stored rows ``[..., K + trailer]`` of encoded values."""
+        return enc.values
+
+    def stored_scale(self, raw: np.ndarray) -> np.ndarray | None:
+        """The per-row scales ``[...]`` (float16) of stored rows (None: the codec has none)."""
+        return None
+
+    def unpack(self, raw: np.ndarray) -> torch.Tensor:
+        """:meth:`decode` of stored rows ``[..., K + trailer]``."""
+        return self.decode(raw, None)
+
+    def decode_packed(self, packed: torch.Tensor) -> torch.Tensor:
+        """:meth:`unpack` of stored rows as they leave the cache, in torch on their device."""
+        return packed.float()
+
+
+@dataclass(frozen=True)
+class Int8Codec(Codec):
+    """8 bits per value plus one float16 scale per row: ``x ~= -q * scale``."""
+
+    def encode(self, lp: torch.Tensor | np.ndarray, min_step: float = 0.0) -> Encoded:
+        x = torch.as_tensor(lp, dtype=torch.float32).clamp(min=-self.clip)
         scale = ((-x.min(dim=-1).values).clamp(min=1e-6) / 255.0).clamp(min=float(min_step))
         scale16 = scale.to(torch.float16)
         # quantise against the scale that will be stored, so decode is consistent
         s = scale16.float().clamp(min=1e-8)
         q = torch.round(-x / s[..., None]).clamp(0, 255).to(torch.uint8)
         return Encoded(q.numpy(), scale16.numpy())
-    raise ValueError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
 
-
-def decode(values: np.ndarray, scale: np.ndarray | None, codec: str) -> torch.Tensor:
-    """Back to float32 log-probabilities (up to a per-row constant for int8).
-
-    In numpy, one thread: a sample's rows are too few for torch's intra-op threads, which
-    cost more than they save there (in a 2-thread process, 3-4x the CPU of one thread).
-    """
-    if codec in ("fp32", "fp16"):
-        return torch.from_numpy(np.asarray(values).astype(np.float32))  # always a fresh copy
-    if codec == "int8":
+    def decode(self, values: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
         if scale is None:
             raise ValueError("int8 values need their scales")
         out = np.asarray(values).astype(np.float32)
         out *= -np.asarray(scale, dtype=np.float32)[..., None]
         return torch.from_numpy(out)
-    raise ValueError(f"unknown codec {codec!r}")
 
+    def pack(self, enc: Encoded) -> np.ndarray:
+        scale_bytes = np.ascontiguousarray(enc.scale.astype("<f2")).view(np.uint8).reshape(*enc.scale.shape, 2)
+        return np.concatenate([enc.values, scale_bytes], axis=-1)
 
-def decode_packed(packed: torch.Tensor, codec: str) -> torch.Tensor:
-    """:func:`decode` of stored rows as they leave the cache (``int8``: ``q`` followed by the
-    row's float16 scale in its last two bytes, little-endian), in torch on the tensor's device.
+    def stored_scale(self, raw: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(raw[..., -self.trailer:]).view("<f2")[..., 0]
 
-    The training loader hands these 8-bit rows from its workers to the step, a quarter of the
-    bytes of float32, and the step decodes them where it computes (on a GPU: after the copy).
-    Bit for bit :func:`decode`: one float32 product per value, exactly rounded on every device.
-    """
-    if codec in ("fp32", "fp16"):
-        return packed.float()
-    if codec == "int8":
-        if packed.dtype != torch.uint8 or packed.shape[-1] < 2:
+    def unpack(self, raw: np.ndarray) -> torch.Tensor:
+        return self.decode(raw[..., :-self.trailer], self.stored_scale(raw))
+
+    def decode_packed(self, packed: torch.Tensor) -> torch.Tensor:
+        """Bit for bit :meth:`unpack`: one float32 product per value, exactly rounded on
+        every device."""
+        if packed.dtype != torch.uint8 or packed.shape[-1] < self.trailer:
             raise ValueError(f"int8 rows must be uint8 with two trailing scale bytes, got "
                              f"{packed.dtype} {tuple(packed.shape)}")
-        k = packed.shape[-1] - 2
-        raw = packed.new_empty((*packed.shape[:-1], 2)).copy_(packed[..., k:])  # own storage
+        k = packed.shape[-1] - self.trailer
+        raw = packed.new_empty((*packed.shape[:-1], self.trailer)).copy_(packed[..., k:])  # own storage
         if sys.byteorder == "little":
             scale = raw.view(torch.float16).float()  # [..., 1]
         else:  # the stored scale is little-endian: let numpy read it
             scale = torch.from_numpy(raw.cpu().numpy().view("<f2").astype(np.float32)).to(packed.device)
         return packed[..., :k].float() * -scale
-    raise ValueError(f"unknown codec {codec!r}")
+
+
+# |logsumexp(row)| tolerances: fp16 keeps ~3 decimal digits; int8 rounds every value by at most
+# half its row's step, which moves logsumexp by at most that much (``cache verify`` adds 0.51 x
+# the row's stored scale to the int8 tolerance)
+CODEC_TABLE: dict[str, Codec] = {
+    "fp32": Codec("fp32", np.dtype("float32"), 4, 0, None, None, 1e-4),
+    "fp16": Codec("fp16", np.dtype("float16"), 2, 0, FP16_CLIP, FP16_CLIP, 2e-2),
+    "int8": Int8Codec("int8", np.dtype("uint8"), 1, 2, CLIP, LEGACY_INT8_CLIP, 1e-3),
+}
+assert tuple(CODEC_TABLE) == tuple(CODECS)  # the config's vocabulary, one object each
+
+
+def codec_for(name: str) -> Codec:
+    """The :class:`Codec` called ``name``; ``ValueError`` naming the choices otherwise."""
+    try:
+        return CODEC_TABLE[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown codec {name!r} (choose from {', '.join(CODECS)})") from None
+
+
+# ---------------------------------------------------------------------- by name (thin wrappers)
+def encode(lp: torch.Tensor | np.ndarray, codec: str, min_step: float = 0.0) -> Encoded:
+    """:meth:`Codec.encode` of the codec called ``codec``."""
+    return codec_for(codec).encode(lp, min_step)
+
+
+def decode(values: np.ndarray, scale: np.ndarray | None, codec: str) -> torch.Tensor:
+    """:meth:`Codec.decode` of the codec called ``codec``."""
+    return codec_for(codec).decode(values, scale)
+
+
+def decode_packed(packed: torch.Tensor, codec: str) -> torch.Tensor:
+    """:meth:`Codec.decode_packed`: stored rows decoded in torch on the tensor's device.
+
+    The training loader hands these 8-bit rows from its workers to the step, a quarter of the
+    bytes of float32, and the step decodes them where it computes (on a GPU: after the copy);
+    bit for bit :func:`decode`."""
+    return codec_for(codec).decode_packed(packed)
 
 
 def bytes_per_value(codec: str) -> int:
-    return {"fp32": 4, "fp16": 2, "int8": 1}[codec]
+    return codec_for(codec).bytes_per_value
 
 
 def row_extra(codec: str) -> int:
     """Trailing bytes per stored row that hold the row's scale (int8: a float16)."""
-    return 2 if codec == "int8" else 0
+    return codec_for(codec).trailer
 
 
 def clip_of(codec: str) -> float | None:
     """The most negative value the encoder keeps (``None``: no clipping)."""
-    return {"fp32": None, "fp16": FP16_CLIP, "int8": CLIP}[codec]
+    return codec_for(codec).clip

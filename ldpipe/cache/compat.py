@@ -10,8 +10,7 @@ import logging
 
 from ..config import DISTILL_TERMS, REGION_POLICIES, Pipeline
 from ..models.detector import HEADS
-from .manifest import CacheError, Manifest
-from .region import AssignerSpec
+from .manifest import CacheError, Geometry, Manifest, plain_value
 
 log = logging.getLogger("ldpipe.cache")
 
@@ -21,26 +20,30 @@ SERVES = {policy: ({"ld", "kd"} if policy == "main" else set(DISTILL_TERMS))
           for policy in REGION_POLICIES}
 
 
+# the geometry fields a student must share with the cache: (label, how to fix), in check order
+# (num_classes follows from classes; the variants are checked per sample by the loader, so
+# ``ours`` is built without them)
+GEOMETRY_FIXES = {
+    "reg_max": ("reg_max", "set models.{model}.reg_max or dump again"),
+    "strides": ("strides", "set models.{model}.strides"),
+    "anchor_scale": ("anchor_scale", "set models.{model}.anchor_scale"),
+    "classes": ("classes", "the cache is for other classes"),
+    "input_scales": ("input scales", "set data.train_scales as the dump had it"),
+    "pad_divisor": ("pad_divisor", "set data.pad_divisor"),
+}
+
+
 def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
                            terms: set[str]) -> list[str]:
     """Every reason the cache of manifest ``m`` cannot train ``model_name`` on ``split``
     (``classes``, ``fingerprint``, ``records``) with the LD ``terms``."""
     cfg = pipe.model(model_name)
-    geo = m.geometry
+    ours = Geometry.of_pipeline(cfg, pipe, split.classes, [])
     problems = []
-
-    def differ(what: str, cache_value, ours, fix: str) -> None:
-        if cache_value != ours:
-            problems.append(f"{what}: the cache has {cache_value!r}, model {model_name!r} "
-                            f"has {ours!r} ({fix})")
-
-    differ("reg_max", geo.reg_max, cfg.reg_max, f"set models.{model_name}.reg_max or dump again")
-    differ("strides", list(geo.strides), list(cfg.strides), f"set models.{model_name}.strides")
-    differ("anchor_scale", geo.anchor_scale, cfg.anchor_scale, f"set models.{model_name}.anchor_scale")
-    differ("classes", list(geo.classes), list(split.classes), "the cache is for other classes")
-    differ("input scales", [list(s) for s in geo.input_scales],
-           [list(s) for s in pipe.data.train_scales], "set data.train_scales as the dump had it")
-    differ("pad_divisor", geo.pad_divisor, pipe.data.pad_divisor, "set data.pad_divisor")
+    for field, cached, mine in m.geometry.differences(ours, list(GEOMETRY_FIXES)):
+        label, fix = GEOMETRY_FIXES[field]
+        problems.append(f"{label}: the cache has {plain_value(cached)!r}, model {model_name!r} "
+                        f"has {plain_value(mine)!r} ({fix.format(model=model_name)})")
     if m.data.fingerprint != split.fingerprint:
         problems.append(f"data set: the cache was made for data fingerprint {m.data.fingerprint[:16]} "
                         f"({m.data.num_images} images), this pipeline's training split has "
@@ -60,7 +63,7 @@ def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
             problems.append(problem)
     if policy in ("main", "ld"):
         a = cfg.assigner
-        specs = [AssignerSpec.of_entry(e) for e in m.region.assigners]
+        specs = m.region.settings()
         served = [(s.topk, s.ignore_iof_thr) for s in specs]
         if (a.topk, a.ignore_iof_thr) not in served:
             problems.append(f"assigner: the {policy!r} region was computed for ATSS settings "

@@ -11,8 +11,12 @@ import torch
 import torch.nn.functional as Fn
 
 from .manifest import F, CacheError
-from .reader import UnitArrays, read_checked_index, sample_rows
+from .reader import UnitArrays, geometry_of, read_checked_index, sample_rows
 from .store import open_cache
+
+
+# what makes two caches' samples different inputs (not the source image's size or the scale)
+INPUT_FIELDS = ("img_shape", "pad_shape", "flip")
 
 
 def diff(a: str, b: str, T: float = 10.0) -> dict:
@@ -25,8 +29,8 @@ def diff(a: str, b: str, T: float = 10.0) -> dict:
     if bins_a != bins_b:
         raise CacheError(f"cannot compare {a} (reg_max {bins_a}) with {b} (reg_max {bins_b})")
     same_classes = ma.geometry.num_classes == mb.geometry.num_classes
-    ta, _, ua = read_checked_index(ra, a, ma)
-    tb, _, ub = read_checked_index(rb, b, mb)
+    ta, sa, ua = read_checked_index(ra, a, ma)
+    tb, sb, ub = read_checked_index(rb, b, mb)
     ka, kb = list(ma.variants), list(mb.variants)
 
     def keys(table, vkeys):
@@ -47,7 +51,7 @@ def diff(a: str, b: str, T: float = 10.0) -> dict:
     for key in common:
         i, j = index_a[key], index_b[key]
         reca, recb = ta[i], tb[j]
-        if any(reca[F[f]] != recb[F[f]] for f in ("pad_h", "pad_w", "img_h", "img_w", "flip")):
+        if geometry_of(reca, sa[i]).differences(geometry_of(recb, sb[j]), INPUT_FIELDS):
             geometry_mismatches += 1
         da = sample_rows(units_a.get(int(ua[i])), reca, ma.codec, have_cls, a, int(ua[i]))
         db = sample_rows(units_b.get(int(ub[j])), recb, mb.codec, have_cls, b, int(ub[j]))

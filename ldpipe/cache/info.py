@@ -17,7 +17,7 @@ from zarr.core.sync import sync
 from .integrity import check_unit
 from .manifest import CacheError, F
 from .reader import UnitArrays, read_checked_index, sample_rows
-from .region import LEGACY_VLR_REGION
+from .region import entry_setting
 from .store import committed_units, index_complete, open_cache, unit_name
 
 
@@ -231,9 +231,10 @@ def format_info(d: dict) -> str:
     t = d.get("teacher") or {}
     arch = t.get("architecture") or {}
     region = d.get("region") or {}
-    assigners = ", ".join(f"topk={a.get('topk')} iof={a.get('ignore_iof_thr')} "
-                          f"vlr={a.get('vlr_region', LEGACY_VLR_REGION)} ({'/'.join(a.get('models', []))})"
-                          for a in region.get("assigners") or [])
+    entries = region.get("assigners") or []
+    assigners = ", ".join(f"topk={s.topk} iof={s.ignore_iof_thr} vlr={s.vlr_region} "
+                          f"({'/'.join(e.get('models', []))})"
+                          for e, s in zip(entries, map(entry_setting, entries)))
     lines = [
         f"cache         {d['cache']}",
         f"cache_id      {d['cache_id']}   format {d['format']} v{d['format_version']}",

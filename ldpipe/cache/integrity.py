@@ -15,8 +15,9 @@ import math
 import numpy as np
 import zarr
 
+from ..config.sample import sample_number
 from ..errors import first_line
-from .codec import row_extra
+from .codec import codec_for
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 from .store import content_sha, unit_name
 
@@ -63,7 +64,7 @@ def check_index(table: np.ndarray, scale: np.ndarray, unit_of: np.ndarray, m: Ma
         return
     s = table[:, F["sample"]]
     nv = m.num_variants
-    expect = table[:, F["image_index"]] * nv + table[:, F["variant"]]
+    expect = sample_number(table[:, F["image_index"]], table[:, F["variant"]], nv)
     problems = []
     if (s < 0).any() or (s >= m.num_samples).any() or len(np.unique(s)) != n:
         problems.append(f"{where}/samples: sample numbers are not unique within 0..{m.num_samples - 1}")
@@ -135,5 +136,5 @@ def check_unit_arrays(arrays: dict, commit: dict, url: str, u: int) -> None:
 
 def _widths(m: Manifest) -> dict[str, tuple[int, ...]]:
     """The stored leading dimensions of ``box`` and ``cls`` (rows last)."""
-    extra = row_extra(m.codec)
+    extra = codec_for(m.codec).trailer
     return {"box": (4, m.geometry.reg_bins + extra), "cls": (m.geometry.num_classes + extra,)}

@@ -21,10 +21,11 @@ import numpy as np
 
 from ..errors import LdpipeError
 from ..provenance import versions
-from ..config import MAX_INT8_BOX_STEP, ModelConfig, Pipeline, resolve_backbone
+from ..config import MAX_INT8_BOX_STEP, AssignerConfig, ModelConfig, Pipeline, resolve_backbone
 from ..models.anchors import Grid, make_grid
 from ..models.detector import HEADS, backbone_label
-from .codec import LEGACY_CLIP, bytes_per_value, clip_of, row_extra
+from .codec import CODEC_TABLE, codec_for
+from .region import entry_setting
 
 FORMAT = "ldpipe-teacher-cache"
 FORMAT_VERSION = 2
@@ -65,6 +66,26 @@ class Geometry:
     pad_divisor: int
     variants: list[dict]  # {"key", "scale_idx", "flip"} per variant, in variant order
 
+    @classmethod
+    def of_pipeline(cls, cfg: ModelConfig, pipe: Pipeline, classes, variants) -> "Geometry":
+        """The geometry a model ``cfg`` of ``pipe`` sees over ``classes`` with the data set's
+        ``variants`` (what a dump records and what a student is compared with)."""
+        return cls(strides=list(cfg.strides), anchor_scale=cfg.anchor_scale, reg_max=cfg.reg_max,
+                   num_classes=len(classes), classes=list(classes),
+                   input_scales=[list(s) for s in pipe.data.train_scales],
+                   pad_divisor=pipe.data.pad_divisor,
+                   variants=[{"key": v.key, "scale_idx": v.scale_idx, "flip": v.flip} for v in variants])
+
+    def differences(self, other: "Geometry", fields=None) -> list[tuple[str, object, object]]:
+        """``(field, ours, theirs)`` for each field (of ``fields``; default all) that differs;
+        lists and tuples compare by their items."""
+        out = []
+        for f in fields or [f.name for f in dataclasses.fields(self)]:
+            a, b = plain_value(getattr(self, f)), plain_value(getattr(other, f))
+            if a != b:
+                out.append((f, getattr(self, f), getattr(other, f)))
+        return out
+
     @property
     def reg_bins(self) -> int:
         return self.reg_max + 1
@@ -86,8 +107,13 @@ class DataInfo:
 class RegionInfo:
     policy: str
     # {"topk", "ignore_iof_thr", "vlr_region", "models"} the main/ld regions were made for
-    # ("vlr_region" absent: a cache from before it was a setting, made with true DIoU)
+    # ("vlr_region" absent: a cache from before it was a setting, made with true DIoU), kept as
+    # stored; written by region.manifest_entries, read by settings()
     assigners: list[dict]
+
+    def settings(self) -> list[AssignerConfig]:
+        """The assigner settings the region was computed for, in entry order."""
+        return [entry_setting(e) for e in self.assigners]
 
 
 @dataclass
@@ -113,8 +139,8 @@ class Manifest:
     versions: dict
     lineage: dict = field(default_factory=dict)  # the cache the teacher was trained from, if any
     cache_id: str = ""
-    # the encoder's clip in nats (codec.clip_of); None for fp32, and absent from caches written
-    # before it was recorded (then codec.LEGACY_CLIP applies: int8 clipped at 40)
+    # the encoder's clip in nats (Codec.clip); None for fp32, and absent from caches written
+    # before it was recorded (then the codec's ``legacy_clip`` applies: int8 clipped at 40)
     codec_clip: float | None = None
     # int8: the box rows' smallest quantisation step in nats (cache.int8_box_step); None for
     # other codecs and for step 0 (every row over its own range), which is what caches written
@@ -150,7 +176,10 @@ class Manifest:
 
     def clip(self) -> float | None:
         """The encoder's clip (legacy caches: what the ldpipe that wrote them used)."""
-        return self.codec_clip if self.codec_clip is not None else LEGACY_CLIP.get(self.codec)
+        if self.codec_clip is not None:
+            return self.codec_clip
+        coder = CODEC_TABLE.get(self.codec)
+        return coder.legacy_clip if coder is not None else None
 
     @property
     def box_step(self) -> float:
@@ -202,7 +231,8 @@ class Manifest:
 
     def row_bytes(self) -> int:
         """Decoded bytes of one stored row (anchor index + box + class values)."""
-        extra, item = row_extra(self.codec), bytes_per_value(self.codec)
+        coder = codec_for(self.codec)
+        extra, item = coder.trailer, coder.bytes_per_value
         cls = (self.geometry.num_classes + extra) * item if self.store_cls else 0
         return 4 + 4 * (self.geometry.reg_bins + extra) * item + cls
 
@@ -313,12 +343,7 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         format=FORMAT,
         format_version=FORMAT_VERSION,
         teacher=TeacherInfo(model_name, architecture(cfg), checkpoint_sha),
-        geometry=Geometry(
-            strides=list(cfg.strides), anchor_scale=cfg.anchor_scale, reg_max=cfg.reg_max,
-            num_classes=len(split.classes), classes=list(split.classes),
-            input_scales=[list(s) for s in pipe.data.train_scales],
-            pad_divisor=pipe.data.pad_divisor,
-            variants=[{"key": v.key, "scale_idx": v.scale_idx, "flip": v.flip} for v in variants]),
+        geometry=Geometry.of_pipeline(cfg, pipe, split.classes, variants),
         data=DataInfo(pipe.data.format, split_name, split.fingerprint, len(split.records),
                       [int(i) for i in split.image_ids]),
         region=RegionInfo(cache.region, assigners),
@@ -338,13 +363,18 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         # the cache this teacher was itself trained from (and its own lineage), if any
         lineage=(ckpt_meta.get("ldpipe") or {}).get("lineage") or {},
     )
-    m.codec_clip = clip_of(cache.codec)
+    m.codec_clip = codec_for(cache.codec).clip
     # step 0 is what caches before the setting did: no field, so their identity (and id) is kept
     m.codec_step = float(cache.int8_box_step) if cache.codec == "int8" and cache.int8_box_step > 0 else None
     if HEADS[cfg.head.type].cls_logits != "joint":
         m.cls_logits = HEADS[cfg.head.type].cls_logits
     m.cache_id = m.compute_id()
     return m
+
+
+def plain_value(v):
+    """Nested lists for lists and tuples (JSON's view of a value)."""
+    return [plain_value(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def _short(v) -> str:

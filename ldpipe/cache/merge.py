@@ -33,13 +33,19 @@ import torch
 from ..errors import first_line
 from ..provenance import versions
 from . import codec as C
+from ..errors import first_line
 from .manifest import MANIFEST_LIBRARIES, F, CacheError, Manifest, TeacherInfo, _short
+from .reader import geometry_of
 from .store import (UnitData, committed_units, create_or_resume, from_disk, index_complete,
-                    open_cache, open_root, pack_rows, unit_name, unpack_rows, write_index, write_unit)
+                    open_cache, open_root, unit_name, write_index, write_unit)
 
 # identity fields the sources must share (everything but the teacher)
 SHARED = ("geometry", "data", "region", "codec", "codec_clip", "codec_step", "compressor", "store_cls",
           "samples_per_shard", "chunk_rows")
+
+
+# per-sample table columns two sources must share besides the geometry (reader.geometry_of)
+ROW_IDENTITY = ("sample", "image_index", "image_id", "variant", "row_start", "row_count")
 
 
 def average_log_probs(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -112,10 +118,10 @@ def _check_same_rows(ref: dict, other: dict, m: Manifest, name_a: str, name_b: s
         raise CacheError(f"units/{unit_name(u)}: {name_a} has {len(ta)} samples, {name_b} {len(tb)}")
     for ra, rb, sa, sb in zip(ta, tb, ref["scale"], other["scale"]):
         label = m.sample_label(ra)
-        bad = [f for f, i in F.items() if ra[i] != rb[i]] + (["scale_factor"] if not np.array_equal(sa, sb) else [])
+        bad = [(f, int(ra[F[f]]), int(rb[F[f]])) for f in ROW_IDENTITY if ra[F[f]] != rb[F[f]]]
+        bad += geometry_of(ra, sa).differences(geometry_of(rb, sb), rel_tol=0.0)
         if bad:
-            f = bad[0]
-            x, y = (sa.tolist(), sb.tolist()) if f == "scale_factor" else (int(ra[F[f]]), int(rb[F[f]]))
+            f, x, y = bad[0]
             what = "stored anchors" if f == "row_count" else f
             raise CacheError(f"{label}: {what} differ ({name_a}: {x}, {name_b}: {y}); merging needs "
                              "the same samples and the same region rows in every cache")
@@ -129,12 +135,12 @@ def _check_same_rows(ref: dict, other: dict, m: Manifest, name_a: str, name_b: s
 def merge_unit(units: list[dict], codec: str, store_cls: bool, box_step: float = 0.0) -> UnitData:
     """The merged arrays of one unit from the sources' (rows already checked to align;
     ``box_step``: the sources' int8 box step, kept by the output)."""
-    ref = units[0]
+    ref, coder = units[0], C.codec_for(codec)
     out = {}
     for name in ("box", "cls") if store_cls else ("box",):
-        rows = [unpack_rows(np.ascontiguousarray(from_disk(name, u[name])), codec) for u in units]
+        rows = [coder.unpack(np.ascontiguousarray(from_disk(name, u[name]))) for u in units]
         step = box_step if name == "box" else 0.0
-        out[name] = pack_rows(C.encode(average_log_probs(rows), codec, step)) if rows[0].shape[0] else \
+        out[name] = coder.pack(coder.encode(average_log_probs(rows), step)) if rows[0].shape[0] else \
             np.ascontiguousarray(from_disk(name, ref[name]))
     return UnitData(ref["samples"], ref["scale"], ref["anchor"], out["box"], out.get("cls"))
 

@@ -13,12 +13,14 @@ import numpy as np
 import torch
 import zarr
 
+from ..config.sample import SampleGeometry, sample_number
 from ..errors import first_line
+from .codec import codec_for
 from .integrity import check_index, check_unit, check_unit_arrays, missing_objects
 from .manifest import F, CacheError, Manifest
 from .shards import ShardRows, shard_rows
 from .store import (ROWS_LAST, from_disk, index_complete, load_index, open_cache,
-                    unit_name, unpack_rows)
+                    unit_name)
 
 VALUE_ARRAYS = ("anchor", "box", "cls")
 
@@ -103,10 +105,11 @@ def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True
                          f"({', '.join(n for n in ('anchor', 'box') if n not in arrays)})")
     out, name = {"cls": None}, "anchor"
     try:
+        coder = codec_for(codec) if decode else None
         out["anchor"] = torch.from_numpy(np.asarray(_take(arrays["anchor"], "anchor", sl)).astype(np.int64))
         for name in ("box", "cls") if with_cls and "cls" in arrays else ("box",):
             raw = from_disk(name, _take(arrays[name], name, sl))
-            out[name] = unpack_rows(raw, codec) if decode else torch.from_numpy(np.array(raw, order="C"))  # own, writable copy
+            out[name] = coder.unpack(raw) if decode else torch.from_numpy(np.array(raw, order="C"))  # own, writable copy
         if not decode:
             out["codec"] = codec
     except CacheError as exc:
@@ -191,17 +194,14 @@ class CacheReader:
     def num_variants(self) -> int:
         return self.manifest.num_variants
 
-    def sample_number(self, image_index: int, variant: int) -> int:
-        return image_index * self.num_variants + variant
-
     def has(self, image_index: int, variant: int) -> bool:
-        return self._open()["position"](self.sample_number(image_index, variant)) is not None
+        return self._open()["position"](sample_number(image_index, variant, self.num_variants)) is not None
 
     # -------------------------------------------------------------- reading
     def _locate(self, image_index: int, variant: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Index row, scale factor and unit of one sample."""
         st = self._open()
-        s = self.sample_number(image_index, variant)
+        s = sample_number(image_index, variant, self.num_variants)
         i = st["position"](s)
         if i is None:
             raise CacheError(f"{self.url}: sample (image {image_index}, variant {variant}) "
@@ -210,8 +210,8 @@ class CacheReader:
         return st["table"][i], st["scale"][i], int(st["unit_of"][i])
 
     def read(self, image_index: int, variant: int, with_cls: bool = True, decode: bool = True) -> dict:
-        """Decoded targets of one sample: anchor index, box and class log-probs, geometry
-        (``decode=False``: the rows as stored, see :func:`sample_rows`)."""
+        """Decoded targets of one sample: anchor index, box and class log-probs, ``geometry``
+        (a :class:`~ldpipe.data.meta.SampleGeometry`; ``decode=False``: the rows as stored, see :func:`sample_rows`)."""
         rec, scale, u = self._locate(image_index, variant)
         with self._lock:
             arrays = self._open()["units"].get(u)
@@ -249,9 +249,10 @@ class SamplePositions:
         return i if self.order is None else int(self.order[i])
 
 
-def geometry_of(rec: np.ndarray, scale: np.ndarray) -> dict:
-    return {"img_shape": (int(rec[F["img_h"]]), int(rec[F["img_w"]])),
-            "pad_shape": (int(rec[F["pad_h"]]), int(rec[F["pad_w"]])),
-            "ori_shape": (int(rec[F["ori_h"]]), int(rec[F["ori_w"]])),
-            "flip": bool(rec[F["flip"]]),
-            "scale_factor": (float(scale[0]), float(scale[1]))}
+def geometry_of(rec: np.ndarray, scale: np.ndarray) -> SampleGeometry:
+    """The stored geometry of the sample of index row ``rec`` and scale row ``scale``."""
+    return SampleGeometry(img_shape=(int(rec[F["img_h"]]), int(rec[F["img_w"]])),
+                          pad_shape=(int(rec[F["pad_h"]]), int(rec[F["pad_w"]])),
+                          ori_shape=(int(rec[F["ori_h"]]), int(rec[F["ori_w"]])),
+                          flip=bool(rec[F["flip"]]),
+                          scale_factor=(float(scale[0]), float(scale[1])))

@@ -38,6 +38,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import Delta
 
 from ..config import COMPRESSORS
+from ..config.sample import SampleGeometry, sample_pair
 from ..errors import first_line
 from . import codec as C
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
@@ -127,27 +128,14 @@ def content_sha(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def pack_rows(enc: C.Encoded) -> np.ndarray:
-    """int8: append the float16 scale as two trailing bytes of each row."""
-    if enc.scale is None:
-        return enc.values
-    scale_bytes = np.ascontiguousarray(enc.scale.astype("<f2")).view(np.uint8).reshape(*enc.scale.shape, 2)
-    return np.concatenate([enc.values, scale_bytes], axis=-1)
-
-
-def unpack_rows(raw: np.ndarray, codec: str) -> torch.Tensor:
-    if codec != "int8":
-        return C.decode(raw, None, codec)
-    scale = np.ascontiguousarray(raw[..., -2:]).view("<f2")[..., 0]
-    return C.decode(raw[..., :-2], scale, codec)
-
-
 @dataclass
 class SampleRows:
     """What the teacher gave for one sample: its geometry and its stored rows."""
 
-    sample: int  # image_index * num_variants + variant
-    meta: dict  # index, image_id, img_shape, pad_shape, ori_shape, flip, scale_factor
+    sample: int  # ldpipe.data.sample_number(image_index, variant_index, num_variants)
+    # the sample's ldpipe.data.SampleMeta (or a dict with its index, image_id, img_shape,
+    # pad_shape, ori_shape, flip and scale_factor keys), read by stored_identity
+    meta: object
     anchor: torch.Tensor  # int [n] sorted own-grid anchor indices
     box: torch.Tensor  # float32 [n, 4, reg_max + 1] edge log-probabilities
     cls: torch.Tensor | None  # float32 [n, C] class log-probabilities
@@ -164,6 +152,17 @@ class UnitData:
     cls: np.ndarray | None  # [rows, C'] or None
 
 
+def stored_identity(meta) -> tuple[int, int, SampleGeometry]:
+    """``(image index, image id, geometry)`` of a sample's meta, as the table stores them: an
+    ``ldpipe.data.SampleMeta`` (``index``, ``image_id``, ``geometry`` attributes; the cache may
+    not import the data package) or a dict of those keys and the geometry's fields."""
+    if not isinstance(meta, dict):
+        return meta.index, meta.image_id, meta.geometry
+    geo = SampleGeometry(tuple(meta["img_shape"]), tuple(meta["pad_shape"]), tuple(meta["ori_shape"]),
+                         bool(meta["flip"]), tuple(meta["scale_factor"]))
+    return meta["index"], meta["image_id"], geo
+
+
 def assemble_unit(items: list[SampleRows], codec: str, num_variants: int,
                   box_step: float = 0.0) -> UnitData:
     """Sort a unit's samples and pack them into the unit arrays (encoding the values;
@@ -176,21 +175,22 @@ def assemble_unit(items: list[SampleRows], codec: str, num_variants: int,
     has_cls = bool(items) and items[0].cls is not None
     for i, it in enumerate(items):
         n = int(it.anchor.shape[0])
-        meta = it.meta
-        ih, iw = meta["img_shape"]
-        ph, pw = meta["pad_shape"]
-        oh, ow = meta["ori_shape"]
-        table[i] = [it.sample, meta["index"], meta["image_id"], it.sample % num_variants, start, n,
-                    ih, iw, ph, pw, int(meta["flip"]), oh, ow]
-        scale[i] = meta["scale_factor"]
+        index, image_id, geo = stored_identity(it.meta)
+        ih, iw = geo.img_shape
+        ph, pw = geo.pad_shape
+        oh, ow = geo.ori_shape
+        table[i] = [it.sample, index, image_id, sample_pair(it.sample, num_variants)[1], start, n,
+                    ih, iw, ph, pw, int(geo.flip), oh, ow]
+        scale[i] = geo.scale_factor
         anchors.append(it.anchor.numpy())
         boxes.append(it.box)
         if has_cls:
             classes.append(it.cls)
         start += n
     anchor = np.concatenate(anchors).astype(np.int32) if anchors else np.zeros(0, np.int32)
-    box = pack_rows(C.encode(torch.cat(boxes), codec, box_step)) if boxes else None
-    cls = pack_rows(C.encode(torch.cat(classes), codec)) if has_cls else None
+    coder = C.codec_for(codec)
+    box = coder.pack(coder.encode(torch.cat(boxes), box_step)) if boxes else None
+    cls = coder.pack(coder.encode(torch.cat(classes))) if has_cls else None
     return UnitData(table, scale, anchor, box, cls)
 
 

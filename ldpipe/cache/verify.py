@@ -17,20 +17,19 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
+from ..config.sample import sample_pair
 from ..errors import first_line
 from . import geometry_check
-from .codec import row_extra
+from .codec import CODEC_TABLE, codec_for
 from .info import is_listable, stored_objects
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 from .store import (committed_units, content_sha, from_disk, index_complete,
-                    open_cache, unit_name, unpack_rows)
+                    open_cache, unit_name)
 
 MAX_ERRORS = 200
-# |logsumexp(row)| allowed for decoded log-probabilities, per codec (fp16 keeps ~3 decimal
-# digits); int8 rounds every value by at most half its row's step, which moves logsumexp by at
-# most that much: the tolerance is 0.51 x the row's stored scale (+ 1e-3)
-NORM_TOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-3}
-STORED_DTYPE = {"fp32": np.dtype("float32"), "fp16": np.dtype("float16"), "int8": np.dtype("uint8")}
+# |logsumexp(row)| allowed for decoded log-probabilities: the codec's ``norm_tol``, plus, for a
+# codec with per-row scales (int8, which rounds every value by at most half its row's step and so
+# moves logsumexp by at most that much), 0.51 x the row's stored scale
 
 
 def verify(url: str, workers: int | None = None) -> dict:
@@ -155,7 +154,7 @@ class _Verifier:
         if m.compute_id() != m.cache_id:
             self.error(f"{url}: manifest cache_id {m.cache_id} does not match its identity "
                        f"fields (expected {m.compute_id()}): the manifest was edited")
-        if m.codec not in NORM_TOL:
+        if m.codec not in CODEC_TABLE:
             self.error(f"{url}: unknown codec {m.codec!r}")
             return False
         nv, variants = m.num_variants, m.geometry.variants
@@ -246,7 +245,7 @@ class _Verifier:
         self.checked["rows"] += max(rows, 0)
         if data.get("anchor") is not None:
             self._anchors(u, table, data["anchor"], rows, rows_ok)
-        reg_bins, extra = m.geometry.reg_bins, row_extra(m.codec)
+        reg_bins, extra = m.geometry.reg_bins, codec_for(m.codec).trailer
         for name, want_shape in (("box", (4, reg_bins + extra, rows)),
                                  ("cls", (m.geometry.num_classes + extra, rows))):
             if data.get(name) is not None:
@@ -261,7 +260,8 @@ class _Verifier:
         if not np.array_equal(s, np.arange(lo, hi)):
             self.error(f"{un}/samples: sample numbers {s[:8].tolist()}... are not {lo}..{hi - 1}")
         ii, vi = table[:, F["image_index"]], table[:, F["variant"]]
-        numbering = (ii != s // nv) | (vi != s % nv)
+        want_ii, want_vi = sample_pair(s, nv)
+        numbering = (ii != want_ii) | (vi != want_vi)
         inside = (ii >= 0) & (ii < len(image_ids))
         ids = self._image_ids()
         wrong_id = ~numbering & (~inside | (table[:, F["image_id"]] != ids[np.where(inside, ii, 0)]))
@@ -318,20 +318,21 @@ class _Verifier:
     def _values(self, u: int, name: str, arr: np.ndarray, want_shape: tuple, table: np.ndarray,
                 rows: int, rows_ok: bool) -> None:
         m, un = self.m, f"units/{unit_name(u)}/{name}"
-        want_dtype = STORED_DTYPE[m.codec]
+        coder = codec_for(m.codec)
+        want_dtype = coder.dtype
         if arr.shape != want_shape or arr.dtype != want_dtype:
             self.error(f"{un}: shape {arr.shape} dtype {arr.dtype}, expected {want_shape} {want_dtype}")
             return
         if not rows:
             return
-        dec = unpack_rows(from_disk(name, arr), m.codec)
+        rows_first = from_disk(name, arr)
+        dec = coder.unpack(rows_first)
         finite = torch.isfinite(dec).reshape(dec.shape[0], -1).all(dim=1)
         lse = torch.logsumexp(dec.double(), dim=-1).abs()
-        tol = torch.full_like(lse, NORM_TOL[m.codec])
-        if m.codec == "int8":
-            rows_first = from_disk(name, arr)
-            step = np.ascontiguousarray(rows_first[..., -2:]).view("<f2")[..., 0].astype(np.float64)
-            tol = tol + 0.51 * torch.from_numpy(step)
+        tol = torch.full_like(lse, coder.norm_tol)
+        step = coder.stored_scale(rows_first)
+        if step is not None:
+            tol = tol + 0.51 * torch.from_numpy(step.astype(np.float64))
         excess = (lse - tol).reshape(dec.shape[0], -1).amax(dim=1)
         lse = lse.reshape(dec.shape[0], -1).amax(dim=1)
         bad_rows = torch.nonzero(~finite | (excess > 0)).squeeze(1)

@@ -97,8 +97,11 @@ class TrainConfig:
     tensorboard: bool = False  # scalars under WORK_DIR/tensorboard (pip install ldpipe[tensorboard])
 
 
-@dataclass
+@dataclass(frozen=True)
 class AssignerConfig:
+    """ATSS + VLR settings of a model; also what a cache's ``main`` / ``ld`` region was computed
+    for (the manifest's ``region.assigners``, ``ldpipe.cache.region``).  Frozen: a dict key."""
+
     topk: int = 9
     ignore_iof_thr: float = -1.0  # >0: anchors covered by ignore boxes are neither pos nor neg
     # how the valuable localization region (VLR) decides membership, 0.25 thr <= D < thr:

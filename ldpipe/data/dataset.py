@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ldpipe.config import Pipeline
 from ldpipe.data.decode import UndecodableImage, load_checked
+from ldpipe.data.meta import SampleMeta
 from ldpipe.data.records import Split
 from ldpipe.data.transforms import Variant, make_sample
 
@@ -27,7 +28,7 @@ Pair = tuple[int, int]
 class DetectionDataset(Dataset):
     """``dataset[(image_index, variant_index)]`` -> :func:`make_sample` output.
 
-    ``extra(meta)`` may add keys to each sample (e.g. cached teacher targets).
+    ``extra(meta)`` (a :class:`~ldpipe.data.meta.SampleMeta`) may add keys to each sample (e.g. cached teacher targets).
     A plain ``int`` key means variant 0.  An image no decoder reads is an error naming it,
     or, with ``skip_undecodable`` (default: ``data.skip_undecodable_images``), the item
     ``{"skipped": file_name}``, which :func:`collate` leaves out of the batch and lists in
@@ -35,7 +36,7 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, split: Split, pipe: Pipeline, variants: list[Variant],
-                 extra: Callable[[dict], dict] | None = None,
+                 extra: Callable[[SampleMeta], dict] | None = None,
                  skip_undecodable: bool | None = None) -> None:
         if not variants:
             raise ValueError("DetectionDataset needs at least one variant")
@@ -60,8 +61,7 @@ class DetectionDataset(Dataset):
             log.warning("skipping %s (data.skip_undecodable_images): %s", record.file_name, exc)
             return {"skipped": record.file_name}
         sample = make_sample(record, image, self.variants[vidx], self.pipe)
-        sample["meta"]["index"] = int(index)
-        sample["meta"]["variant_index"] = int(vidx)
+        sample["meta"] = sample["meta"].at(index, vidx)
         if self.extra is not None:
             sample.update(self.extra(sample["meta"]))
         return sample
@@ -133,7 +133,7 @@ def collate(batch: list[dict]) -> dict:
     """Stack images (zero-padded bottom/right to the batch maximum); lists for the rest.
 
     Returns ``img`` ``[B, 3, H, W]``, ``gt_boxes`` / ``gt_labels`` / ``ignore_boxes``
-    lists, ``metas`` (list of meta dicts), every other sample key as a list, and
+    lists, ``metas`` (list of :class:`~ldpipe.data.meta.SampleMeta`), every other sample key as a list, and
     ``skipped``: the files of skipped (undecodable) items.  A batch of skipped items only
     is ``{"img": None, "metas": [], "skipped": [...]}``.
     """

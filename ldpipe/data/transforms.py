@@ -15,6 +15,7 @@ import torch
 
 from ldpipe.config import Pipeline
 from ldpipe.data.decode import read_image
+from ldpipe.data.meta import SampleMeta
 from ldpipe.data.records import Record
 
 
@@ -84,8 +85,8 @@ def make_sample(record: Record, image: np.ndarray, variant: Variant, pipe: Pipel
     """The network input and targets of one (image, variant).
 
     ``img`` is a float32 tensor ``[3, Hp, Wp]``; ``gt_boxes`` / ``ignore_boxes`` are
-    float32 tensors in the resized (and flipped) frame, ``gt_labels`` int64.
-    ``meta['index']`` is left at -1 (the dataset sets it).
+    float32 tensors in the resized (and flipped) frame, ``gt_labels`` int64; ``meta`` a
+    :class:`SampleMeta` whose ``index`` / ``variant_index`` are left at -1 (the data set sets them).
     """
     d = pipe.data
     h, w = image.shape[:2]
@@ -106,17 +107,10 @@ def make_sample(record: Record, image: np.ndarray, variant: Variant, pipe: Pipel
                            np.asarray(d.std, dtype=np.float32), d.to_rgb)
     img = mmcv.impad_to_multiple(img, d.pad_divisor, pad_val=0)
     tensor = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
-    meta = {
-        "image_id": int(record.image_id),
-        "index": -1,
-        "variant": variant.key,
-        "file_name": record.file_name,
-        "ori_shape": (h, w),
-        "img_shape": (new_h, new_w),
-        "pad_shape": (int(img.shape[0]), int(img.shape[1])),
-        "scale_factor": (w_scale, h_scale),
-        "flip": bool(variant.flip),
-    }
+    meta = SampleMeta(image_id=int(record.image_id), file_name=record.file_name, variant=variant.key,
+                      ori_shape=(h, w), img_shape=(new_h, new_w),
+                      pad_shape=(int(img.shape[0]), int(img.shape[1])),
+                      scale_factor=(w_scale, h_scale), flip=bool(variant.flip))
     return {
         "img": tensor,
         "gt_boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
@@ -126,23 +120,23 @@ def make_sample(record: Record, image: np.ndarray, variant: Variant, pipe: Pipel
     }
 
 
-def boxes_to_original(boxes, meta: dict):
+def boxes_to_original(boxes, meta: SampleMeta):
     """Map ``[..., 4]`` xyxy boxes from the network frame back to the original image.
 
     Undoes the flip (about the resized width), then the scale; clips to
-    ``meta['ori_shape']``.  Accepts a tensor or an ndarray and returns the same kind.
+    ``meta.ori_shape``.  Accepts a tensor or an ndarray and returns the same kind.
     """
     is_tensor = isinstance(boxes, torch.Tensor)
     out = boxes.clone() if is_tensor else np.array(boxes, dtype=np.float32, copy=True)
-    if meta["flip"]:
-        width = meta["img_shape"][1]
+    if meta.flip:
+        width = meta.img_shape[1]
         x1 = out[..., 0].clone() if is_tensor else out[..., 0].copy()
         out[..., 0] = width - out[..., 2]
         out[..., 2] = width - x1
-    w_scale, h_scale = meta["scale_factor"]
+    w_scale, h_scale = meta.scale_factor
     out[..., 0::2] = out[..., 0::2] / w_scale
     out[..., 1::2] = out[..., 1::2] / h_scale
-    h, w = meta["ori_shape"]
+    h, w = meta.ori_shape
     if is_tensor:
         out[..., 0::2] = out[..., 0::2].clamp(0, w)
         out[..., 1::2] = out[..., 1::2].clamp(0, h)

@@ -81,7 +81,7 @@ class CachedBatch(TeacherBatch):
             bad = flat[r < 0][0]
             meta = self.metas[int(bad // (self.rows.shape[0] // len(self.metas)))]
             raise CacheError(
-                f"{self.url}: sample image_id={meta['image_id']} variant {meta['variant']} lacks "
+                f"{self.url}: sample image_id={meta.image_id} variant {meta.variant} lacks "
                 f"{int((r < 0).sum())} anchors the losses need (region policy "
                 f"{self.policy!r} does not cover them)")
         return TeacherRows(self.box[r], self.cls[r] if (need_cls and self.cls is not None) else None)

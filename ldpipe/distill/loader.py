@@ -9,9 +9,8 @@ resize, flip and padding must be the teacher's.
 """
 from __future__ import annotations
 
-import math
-
 from ..cache import CacheError, CacheReader
+from ..data.meta import SampleMeta
 
 
 class CacheTargets:
@@ -22,21 +21,12 @@ class CacheTargets:
         self.reader = CacheReader(url)
         self.with_cls, self.decode = with_cls, decode
 
-    def __call__(self, meta: dict) -> dict:
-        index, variant = meta["index"], meta["variant_index"]
-        got = self.reader.read(index, variant, with_cls=self.with_cls, decode=self.decode)
-        geo = got.pop("geometry")
-        for key in ("img_shape", "pad_shape", "ori_shape"):
-            if tuple(geo[key]) != tuple(meta[key]):
-                raise CacheError(self._where(meta) + f": {key} is {tuple(meta[key])} here but "
-                                 f"{tuple(geo[key])} in the cache: the teacher saw other geometry")
-        if bool(geo["flip"]) != bool(meta["flip"]):
-            raise CacheError(self._where(meta) + ": flip differs from the cached variant")
-        if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(geo["scale_factor"], meta["scale_factor"])):
-            raise CacheError(self._where(meta) + f": scale factor {meta['scale_factor']} here but "
-                             f"{geo['scale_factor']} in the cache")
+    def __call__(self, meta: SampleMeta) -> dict:
+        got = self.reader.read(meta.index, meta.variant_index, with_cls=self.with_cls, decode=self.decode)
+        cached = got.pop("geometry")
+        differ = meta.geometry.differences(cached)
+        if differ:
+            name, ours, theirs = differ[0]
+            raise CacheError(f"{self.reader.url}: sample {meta.label()}: {name} is {ours} here but "
+                             f"{theirs} in the cache: the teacher saw other geometry")
         return {"teacher": got}
-
-    def _where(self, meta: dict) -> str:
-        return (f"{self.reader.url}: sample image_id={meta['image_id']} ({meta.get('file_name')}) "
-                f"variant {meta['variant']}")

@@ -61,7 +61,7 @@ def benchmark(pipe: Pipeline, model_name: str, checkpoint: str | None, images: i
             _sync(dev)
             t1 = time.perf_counter()
             with amp_context(dev, fp16):
-                det = model.predict(batch["img"].to(dev), batch["metas"])[0]
+                det = model.predict(batch["img"].to(dev), [m.img_shape for m in batch["metas"]])[0]
             boxes_to_original(det["boxes"].float().cpu(), batch["metas"][0])
             _sync(dev)
             t2 = time.perf_counter()

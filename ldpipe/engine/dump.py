@@ -1,7 +1,7 @@
 """``ldpipe dump-teacher``: run the teacher once per (image, variant) and cache its outputs.
 
 Work is split into units of ``samples_per_shard`` consecutive samples
-(sample = image_index * num_variants + variant).  Each rank takes units
+(sample = ``ldpipe.data.sample_number``: image_index * num_variants + variant).  Each rank takes units
 ``u % world == rank``; a unit's batches never cross its boundary, so what a
 unit holds does not depend on where an earlier run stopped.  Region indices
 are computed in the loader workers on the CPU; the teacher runs batched (CUDA
@@ -26,12 +26,13 @@ import torch
 from ..cache import codec as C
 from ..cache import manifest as M
 from ..cache.manifest import CacheError
-from ..cache.region import AssignerSpec, own_assigner_note, reader_assigners, region_index
+from ..cache.region import manifest_entries, own_assigner_note, reader_settings, region_index
 from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
                            index_complete, open_root, write_index, write_unit)
-from ..config import ConfigError, Pipeline
+from ..config import AssignerConfig, ConfigError, Pipeline
 from ..config.checks import check_run_args
-from ..data import DetectionDataset, collate, load_split, padded_shape, train_variants
+from ..data import (DetectionDataset, collate, load_split, padded_shape, sample_number, sample_pair,
+                    train_variants)
 from ..models import GFL, load_detector
 from ..models.anchors import grid_to_batch_index, make_grid
 from ..models.checkpoint import file_sha256
@@ -44,7 +45,7 @@ log = logging.getLogger("ldpipe.dump")
 class DumpCollate:
     """Collate plus the region (own-grid anchor indices) of each sample."""
 
-    def __init__(self, policy: str, strides, anchor_scale: float, assigners: list[AssignerSpec]):
+    def __init__(self, policy: str, strides, anchor_scale: float, assigners: list[AssignerConfig]):
         self.policy, self.strides, self.anchor_scale = policy, list(strides), anchor_scale
         self.assigners = assigners
 
@@ -52,7 +53,7 @@ class DumpCollate:
         batch = collate(samples)
         if batch["skipped"]:  # the data set below never skips; kept for other callers
             raise CacheError(f"cannot dump undecodable images: {batch['skipped']}")
-        batch["region"] = [region_index(self.policy, g, ig, m["pad_shape"], self.strides,
+        batch["region"] = [region_index(self.policy, g, ig, m.pad_shape, self.strides,
                                         self.anchor_scale, self.assigners)
                            for g, ig, m in zip(batch["gt_boxes"], batch["ignore_boxes"], batch["metas"])]
         return batch
@@ -77,7 +78,7 @@ def unit_batches(pipe: Pipeline, split, variants, units: list[int], per_unit: in
         for shape in sorted(groups):
             samples = groups[shape]
             for i in range(0, len(samples), batch_size):
-                batches.append([(s // nv, s % nv) for s in samples[i:i + batch_size]])
+                batches.append([sample_pair(s, nv) for s in samples[i:i + batch_size]])
     return batches
 
 
@@ -90,11 +91,11 @@ def teacher_rows(model: GFL, batch: dict, device: torch.device, use_amp: bool, s
     cfg = model.cfg
     rows = []
     for b, (meta, idx) in enumerate(zip(batch["metas"], batch["region"])):
-        own = make_grid(meta["pad_shape"], cfg.strides, cfg.anchor_scale)
+        own = make_grid(meta.pad_shape, cfg.strides, cfg.anchor_scale)
         sel = grid_to_batch_index(list(own.sizes), out.level_sizes).to(device)[idx.to(device)]
         box = C.log_probs(out.reg[b, sel]).cpu()
         cls = C.log_probs(out.cls[b, sel]).cpu() if store_cls else None
-        rows.append(SampleRows(meta["index"] * num_variants + meta["variant_index"], meta,
+        rows.append(SampleRows(sample_number(meta.index, meta.variant_index, num_variants), meta,
                                idx.to(torch.int32), box, cls))
     return rows
 
@@ -174,14 +175,14 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     total = len(split.records) * nv
     per_unit = cache_cfg.samples_per_shard
     num_units = math.ceil(total / per_unit)
-    assigners = reader_assigners(pipe, model_name)
-    note = own_assigner_note(pipe, model_name, assigners)
+    readers = reader_settings(pipe, model_name)
+    note = own_assigner_note(pipe, model_name, readers)
     if note and info.is_main:
         log.warning(note)
 
     model, ckpt_meta = load_detector(cfg, len(split.classes), checkpoint, info.device)
     manifest = M.build(pipe, model_name, checkpoint, file_sha256(checkpoint), ckpt_meta, split,
-                       split_name, variants, assigners, num_units)
+                       split_name, variants, manifest_entries(readers), num_units)
 
     # one dump per --out at a time (rank 0 holds the lock for its whole torchrun job)
     lock = DumpLock(out) if info.is_main else None
@@ -199,12 +200,11 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
                      out, total, num_units, len(done), num_units - len(done), info.world_size)
 
         batches = unit_batches(pipe, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
-        specs = [AssignerSpec.of_entry(a) for a in assigners]
         loader = torch.utils.data.DataLoader(
             # a cache holds every sample: an undecodable image stops the dump, naming it
             DetectionDataset(split, pipe, variants, skip_undecodable=False), batch_sampler=batches,
             num_workers=pipe.train.workers if workers is None else workers,
-            collate_fn=DumpCollate(cache_cfg.region, cfg.strides, cfg.anchor_scale, specs),
+            collate_fn=DumpCollate(cache_cfg.region, cfg.strides, cfg.anchor_scale, list(readers)),
             pin_memory=info.device.type == "cuda", worker_init_fn=runtime.worker_init)
         use_amp = (info.device.type == "cuda") if amp is None else (amp and info.device.type == "cuda")
 

@@ -48,11 +48,11 @@ def detect_batch(model: GFL, batch: dict, device: torch.device) -> list[dict]:
     ``boxes`` ``[n, 4]`` xyxy float32, ``scores``, ``labels``), one dict per image."""
     img = batch["img"].to(device)
     with amp_context(device, device.type == "cuda"):
-        dets = model.predict(img, batch["metas"])
+        dets = model.predict(img, [m.img_shape for m in batch["metas"]])
     out = []
     for det, meta in zip(dets, batch["metas"]):
         boxes = boxes_to_original(det["boxes"].float().cpu(), meta)
-        out.append({"image_id": meta["image_id"],
+        out.append({"image_id": meta.image_id,
                     "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                     "scores": det["scores"].float().cpu().numpy(),
                     "labels": det["labels"].cpu().numpy().astype(np.int64)})

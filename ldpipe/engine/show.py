@@ -20,8 +20,7 @@ import torch
 
 from ..cache.manifest import CacheError, Manifest
 from ..cache.reader import CacheReader
-from ..cache.region import AssignerSpec
-from ..config import Pipeline
+from ..config import AssignerConfig, Pipeline
 from ..data import Variant, load_image, load_split, make_sample
 from ..models.anchors import grid_tensors
 from ..models.assigner import atss_assign
@@ -71,11 +70,11 @@ def _sample(pipe: Pipeline, reader: CacheReader, url: str, image_id: int, v: int
     record = split.records[index]
     sample = make_sample(record, load_image(record.file_name), Variant(int(g["scale_idx"]), bool(g["flip"])),
                          pipe)
-    geo = rows["geometry"]
-    for key in ("img_shape", "pad_shape"):
-        if tuple(sample["meta"][key]) != tuple(geo[key]):
-            raise CacheError(f"{url}: image {image_id} variant {m.variants[v]} has {key} {geo[key]} in "
-                             f"the cache but {sample['meta'][key]} with this pipeline (data.train_scales?)")
+    differ = sample["meta"].geometry.differences(rows["geometry"], ("img_shape", "pad_shape"))
+    if differ:
+        key, ours, cached = differ[0]
+        raise CacheError(f"{url}: image {image_id} variant {m.variants[v]} has {key} {cached} in "
+                         f"the cache but {ours} with this pipeline (data.train_scales?)")
     return rows, sample
 
 
@@ -87,7 +86,7 @@ def default_anchors(m: Manifest, anchors: torch.Tensor, num_level: list[int], gt
         raise CacheError("the sample has no GT boxes: choose anchors with --anchors")
     area = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
     g = int(area.argmax())
-    spec = AssignerSpec.of_entry(m.region.assigners[0]) if m.region.assigners else AssignerSpec()
+    spec = m.region.settings()[0] if m.region.assigners else AssignerConfig()
     res = atss_assign(anchors, num_level, gt, ignore, spec.topk, spec.ignore_iof_thr)
     iou = box_iou(anchors, gt[g:g + 1])[:, 0]
     is_stored = torch.zeros(anchors.shape[0], dtype=torch.bool)
@@ -121,7 +120,7 @@ def show_sample(pipe: Pipeline, url: str, image_id: int, out: str, variant: str 
     m = reader.manifest
     v = variant_index(m, variant)
     rows, sample = _sample(pipe, reader, url, image_id, v)
-    grid = m.geometry.grid(rows["geometry"]["pad_shape"])
+    grid = m.geometry.grid(rows["geometry"].pad_shape)
     all_anchors, all_strides = grid_tensors(grid)
     stored = rows["anchor"]
     gt, ignore = sample["gt_boxes"], sample["ignore_boxes"]

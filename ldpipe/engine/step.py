@@ -41,7 +41,7 @@ class TrainCollate:
         if not batch["metas"]:  # every item skipped (data.skip_undecodable_images)
             return batch
         batch["targets"] = [
-            image_targets(g, lb, ig, m["pad_shape"], self.strides, self.anchor_scale,
+            image_targets(g, lb, ig, m.pad_shape, self.strides, self.anchor_scale,
                           self.num_classes, self.topk, self.ignore_iof_thr, self.with_vlr,
                           self.vlr_region)
             for g, lb, ig, m in zip(batch["gt_boxes"], batch["gt_labels"],
@@ -114,7 +114,7 @@ class TrainStep:
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {float(loss)} at epoch {epoch + 1} iteration {it} "
-                f"(images {[m['image_id'] for m in batch['metas']]}); {fmt_values(losses)}")
+                f"(images {[m.image_id for m in batch['metas']]}); {fmt_values(losses)}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:

@@ -122,16 +122,18 @@ class GFL(nn.Module):
                            [tuple(m.shape[-2:]) for m in cls_maps], quality)
 
     @torch.no_grad()
-    def predict(self, img: torch.Tensor, metas: list[dict]) -> list[dict]:
-        """Detections in input coordinates per image: ``{'boxes', 'scores', 'labels'}``."""
-        return self.postprocess(self(img), metas)
+    def predict(self, img: torch.Tensor, img_shapes: list[tuple[int, int]]) -> list[dict]:
+        """Detections in input coordinates per image: ``{'boxes', 'scores', 'labels'}``
+        (``img_shapes``: each image's ``(h, w)`` before padding, ``SampleMeta.img_shape``;
+        boxes are clipped to it)."""
+        return self.postprocess(self(img), img_shapes)
 
     @torch.no_grad()
-    def postprocess(self, out: DenseOutput, metas: list[dict], test_cfg=None) -> list[dict]:
+    def postprocess(self, out: DenseOutput, img_shapes: list[tuple[int, int]], test_cfg=None) -> list[dict]:
         """Detections of given outputs, with ``test_cfg`` (default: ``cfg.test``)."""
         anchors = [grid_anchors([hw], [s], self.cfg.anchor_scale, out.cls.device)[0]
                    for hw, s in zip(out.level_sizes, self.strides)]
-        return self.bbox_head.predict(out, anchors, self.strides, metas, test_cfg or self.cfg.test)
+        return self.bbox_head.predict(out, anchors, self.strides, img_shapes, test_cfg or self.cfg.test)
 
 
 def build_head(cfg: ModelConfig, num_classes: int) -> GFLHead:

@@ -179,8 +179,9 @@ class GFLHead(nn.Module):
     # --------------------------------------------------------------- inference
     @torch.no_grad()
     def predict(self, out: DenseOutput, anchors_per_level: list[torch.Tensor], strides: list[int],
-                metas: list[dict], cfg: TestConfig) -> list[dict]:
-        """Boxes in input coordinates per image: ``{'boxes','scores','labels'}``.
+                img_shapes: list[tuple[int, int]], cfg: TestConfig) -> list[dict]:
+        """Boxes in input coordinates per image: ``{'boxes','scores','labels'}``
+        (``img_shapes``: each image's ``(h, w)`` before padding, which the boxes are clipped to).
 
         As mmdetection's GFL test path: per level keep the ``nms_pre`` anchors
         of highest max score, decode, clip to the image, then class-wise NMS
@@ -191,9 +192,8 @@ class GFLHead(nn.Module):
         results = []
         levels = out.level_slices()
         joint = out.scores()  # sigmoid(cls), times the DGQP quality for GFocalV2
-        for b, meta in enumerate(metas):
+        for b, (h_img, w_img) in enumerate(img_shapes):
             boxes_all, scores_all = [], []
-            h_img, w_img = meta["img_shape"]
             for sl, anchors, s in zip(levels, anchors_per_level, strides):
                 scores = joint[b, sl]
                 reg = out.reg[b, sl]
