@@ -23,7 +23,20 @@ override_option = click.option(
     "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
     help="Override a pipeline value by dotted path (repeatable), e.g. -o train.epochs=1.")
 pipeline_arg = click.argument("pipeline", type=click.Path(dir_okay=False))
-device_option = click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+def _check_device(ctx, param, value: str | None) -> str | None:
+    """``--device`` is checked where it is given, for every command, by the one device rule
+    (``ldpipe.engine.runtime.resolve_device``): 'tpu', or 'cuda' without CUDA, is one error."""
+    if value is not None:
+        from .engine.runtime import resolve_device
+        try:
+            resolve_device(value)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc).removeprefix(f"--device {value!r}: ")) from None
+    return value
+
+
+device_option = click.option("--device", default=None, callback=_check_device,
+                             help="cpu, cuda or cuda:N (default: cuda when available).")
 overwrite_run_option = click.option(
     "--overwrite", is_flag=True,
     help="WORK_DIR holds an earlier run: delete its outputs and start over (default: refuse).")

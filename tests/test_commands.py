@@ -352,3 +352,27 @@ def test_predict_refuses_a_score_threshold_outside_0_1(thr, tiny_teacher_ckpt, t
                                    thr, str(tmp_path / "a.png")])
     assert res.exit_code == 2 and "--score-thr" in res.output and "not a score in [0, 1]" in res.output
     assert not (tmp_path / "p").exists()
+
+
+def _commands_with_device(group=None, path=()):
+    import click
+    group = group or cli
+    for name, cmd in sorted(group.commands.items()):
+        if isinstance(cmd, click.Group):
+            yield from _commands_with_device(cmd, (*path, name))
+        elif any(p.name == "device" for p in cmd.params):
+            yield (*path, name)
+
+
+def test_every_device_option_follows_the_one_device_rule():
+    """``--device tpu`` (and ``cuda`` on a machine without CUDA) is one error on every command
+    that takes ``--device``, before anything runs."""
+    names = list(_commands_with_device())
+    assert {("train",), ("eval",), ("train-student",), ("chain",), ("predict",)} <= set(names)
+    for path in names:
+        res = CliRunner().invoke(cli, [*path, "--device", "tpu"])
+        assert res.exit_code == 2 and "Invalid value for '--device'" in res.output, (path, res.output)
+        assert "choose 'cpu', 'cuda' or 'cuda:N'" in res.output and "Traceback" not in res.output
+        if not torch.cuda.is_available():
+            res = CliRunner().invoke(cli, [*path, "--device", "cuda"])
+            assert res.exit_code == 2 and "not available" in res.output, (path, res.output)
