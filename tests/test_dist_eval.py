@@ -67,16 +67,17 @@ def test_torchrun_eval_equals_one_process(synth_root, make_tiny_pipe, tiny_overr
 
     def run(launcher: list[str], tag: str) -> tuple[dict, list, str]:
         out, res = tmp_path / f"{tag}.json", tmp_path / f"{tag}-results.json"
-        proc = subprocess.run([*launcher, "-m", "ldpipe", "eval", DEMO_PIPELINE, "--model", "teacher",
-                               "--checkpoint", trained_tiny_teacher, "--device", "cpu",
-                               "--batch-size", "5", "--out", str(out), "--results", str(res), *o],
-                              cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        args = ["eval", DEMO_PIPELINE, "--model", "teacher", "--checkpoint", trained_tiny_teacher,
+                "--device", "cpu", "--batch-size", "5", "--out", str(out), "--results", str(res)]
+        proc = subprocess.run([*launcher, "-m", "ldpipe", *args, *o], cwd=REPO,
+                              capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return json.load(open(out)), json.load(open(res)), proc.stdout
 
     one, one_dets, _ = run([sys.executable], "one")
-    two, two_dets, stdout = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                 f"--master_port={_free_port()}"], "two")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={_free_port()}"]
+    two, two_dets, stdout = run(torchrun, "two")
     assert one["skipped_images"] == 1 and one["bbox_mAP"] > 0
     assert two == one
     assert two_dets == one_dets and len(one_dets) > 0  # the same detections, in the same order
