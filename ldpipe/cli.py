@@ -161,12 +161,16 @@ def train_cmd(pipeline, model_name, work_dir, resume, resume_anyway, overwrite, 
 @device_option
 @override_option
 def eval_cmd(pipeline, model_name, checkpoint, split_name, out, results, batch_size, device, overrides):
-    """Evaluate a checkpoint (COCO AP via pycocotools; VOC mAP@0.5 for VOC data)."""
+    """Evaluate a checkpoint (COCO AP via pycocotools; VOC mAP@0.5 for VOC data).
+
+    Under torchrun the ranks share the images and rank 0 prints and writes the metrics."""
     from .engine.infer import evaluate_checkpoint
     from .metrics import format_table
     pipe = _pipe(pipeline, overrides)
     metrics = evaluate_checkpoint(pipe, model_name, checkpoint, split_name, out=out,
                                   results=results, device=device, batch_size=batch_size)
+    if metrics is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     click.echo(format_table(metrics))
     click.echo(f"bbox_mAP: {metrics['bbox_mAP']:.4f}")
 
