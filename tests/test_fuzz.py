@@ -442,10 +442,10 @@ def test_full_disk_during_training_keeps_the_last_checkpoint(tmp_path, monkeypat
     with pytest.raises(CheckpointError) as err:
         train(pipe, "teacher", str(work), device="cpu", progress=False)
     assert "epoch_2.pth" in str(err.value) and "kept" in str(err.value)
-    # beside the provenance and log files (pipeline.toml, run.json, runs.jsonl, train.log): the one good
-    # checkpoint, and no partial or temporary file left behind
-    assert sorted(f for f in os.listdir(work)
-                  if f not in ("pipeline.toml", "run.json", "runs.jsonl", "train.log")) == [
+    # beside the provenance and log files (pipeline.toml, run.json, runs.jsonl, train.log) and the
+    # checkpoint ledger: the one good checkpoint, and no partial or temporary file left behind
+    kept = ("pipeline.toml", "run.json", "runs.jsonl", "train.log", ".ldpipe-outputs")
+    assert sorted(f for f in os.listdir(work) if f not in kept) == [
         "epoch_1.pth", "latest.pth", "metrics.jsonl"]
     assert os.readlink(work / "latest.pth") == "epoch_1.pth"
     monkeypatch.setattr(ck.torch, "save", real)
