@@ -57,7 +57,7 @@ def pipeline_toml(root: str, size: int, width: int, channels: int, iters: int, b
     models = "".join(f"""
 [models.{name}]
 depth = {depth}
-base_width = {width}
+base_channels = {width}
 channels = {channels}
 stacked_convs = {stacked_convs}
 """ for name, depth in (("teacher", 101), *STUDENTS))

@@ -100,13 +100,13 @@ amp = {amp}
 
 [models.teacher]
 depth = {teacher_depth}
-base_width = {base_width}
+base_channels = {base_width}
 channels = {channels}
 stacked_convs = {stacked_convs}
 
 [models.student]
 depth = {student_depth}
-base_width = {base_width}
+base_channels = {base_width}
 channels = {channels}
 stacked_convs = {stacked_convs}
 
@@ -138,7 +138,7 @@ def make_setup(args, work: str, device) -> dict:
                                  base_width=args.base_width, channels=args.channels,
                                  stacked_convs=args.stacked_convs, region=args.region, codec=args.codec))
     pipe = load_pipeline(toml)
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     torch.manual_seed(args.seed + 1)
     teacher = build_model(pipe.model("teacher"), len(split.classes))
     with torch.no_grad():  # non-flat teacher distributions (GFL's init gives near-uniform ones)
@@ -181,14 +181,14 @@ class Bench:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         pipe = self.pipe = load_pipeline(setup["pipeline"])
-        split = load_split(pipe, "train")
+        split = load_split(pipe.data, "train")
         cfg = self.cfg = pipe.model("student")
         sched = pipe.train_for("student")
         self.hooks = {m: self._hook(m, split) for m in modes}
         # every hook here uses the training variants (a cache's are the dump's: the same)
         first = self.hooks[modes[0]]
         variants = first.variants(pipe)
-        self.dataset = DetectionDataset(split, pipe, variants)
+        self.dataset = DetectionDataset(split, pipe.data, variants)
         extras = [h.sample_extra() for h in self.hooks.values()]
         self.extra = next((e for e in extras if e is not None), None)
         self.collate = {vlr: TrainCollate(cfg, len(split.classes), vlr)

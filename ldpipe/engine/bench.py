@@ -51,12 +51,12 @@ def benchmark(pipe: Pipeline, model_name: str, checkpoint: str | None, images: i
     if fp16 and dev.type != "cuda":
         raise ConfigError(f"benchmark: --fp16 needs a CUDA device (got {dev.type})")
     cfg = pipe.model(model_name)
-    split = load_split(pipe, split_name)
+    split = load_split(pipe.data, split_name)
     model = build_model(cfg, len(split.classes))
     if checkpoint:
         load_weights(model, checkpoint)
     model.to(dev).eval()
-    dataset = DetectionDataset(split, pipe, [TEST_VARIANT])
+    dataset = DetectionDataset(split, pipe.data, [TEST_VARIANT])
     infer_s = load_s = 0.0
     with torch.no_grad():
         for i in range(warmup + images):

@@ -68,7 +68,7 @@ def unit_batches(pipe: Pipeline, split, variants, units: list[int], per_unit: in
     """
     nv = len(variants)
     total = len(split.records) * nv
-    shapes = [padded_shape(r, v, pipe) for r in split.records for v in variants]
+    shapes = [padded_shape(r, v, pipe.data) for r in split.records for v in variants]
     batches = []
     for u in units:
         groups: dict[tuple[int, int], list[int]] = {}
@@ -168,8 +168,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     info = runtime.init(device)
     cfg = pipe.model(model_name)
     cache_cfg = pipe.cache
-    split = split if split is not None else load_split(pipe, split_name)
-    variants = train_variants(pipe)
+    split = split if split is not None else load_split(pipe.data, split_name)
+    variants = train_variants(pipe.data)
     nv = len(variants)
     total = len(split.records) * nv
     per_unit = cache_cfg.samples_per_shard
@@ -204,7 +204,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
         specs = [AssignerSpec.of_entry(a) for a in assigners]
         loader = torch.utils.data.DataLoader(
             # a cache holds every sample: an undecodable image stops the dump, naming it
-            DetectionDataset(split, pipe, variants, skip_undecodable=False), batch_sampler=batches,
+            DetectionDataset(split, pipe.data, variants, skip_undecodable=False), batch_sampler=batches,
             num_workers=pipe.train.workers if workers is None else workers,
             collate_fn=DumpCollate(cache_cfg.region, cfg.strides, cfg.anchor_scale, specs),
             pin_memory=info.device.type == "cuda", worker_init_fn=runtime.worker_init)

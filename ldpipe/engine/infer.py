@@ -25,7 +25,7 @@ def predict_split(model: GFL, pipe: Pipeline, split, device: torch.device, batch
                   skipped: list[str] | None = None) -> list[dict]:
     """Detections in original image coordinates for every image of ``split`` (``skipped``
     collects the files left out with ``data.skip_undecodable_images``)."""
-    dataset = DetectionDataset(split, pipe, [TEST_VARIANT])
+    dataset = DetectionDataset(split, pipe.data, [TEST_VARIANT])
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=FixedSampler([(i, 0) for i in range(len(dataset))]),
         num_workers=workers, collate_fn=collate)
@@ -80,7 +80,7 @@ def evaluate_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, split_
                         progress: bool = True) -> dict:
     check_run_args(batch_size)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    split = load_split(pipe, split_name)
+    split = load_split(pipe.data, split_name)
     model = build_model(pipe.model(model_name), len(split.classes))
     load_weights(model, checkpoint)
     model.to(dev)

@@ -132,7 +132,7 @@ class Validator:
                  best: float | None = None) -> None:
         self.pipe, self.model_name, self.work_dir, self.interval = pipe, model_name, work_dir, interval
         self.best = best
-        self.split = load_split(pipe, "val") if interval > 0 else None
+        self.split = load_split(pipe.data, "val") if interval > 0 else None
 
     def due(self, epoch: int) -> bool:
         """Whether validation follows epoch ``epoch`` (1-based)."""

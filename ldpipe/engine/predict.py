@@ -43,7 +43,7 @@ def checkpoint_classes(pipe: Pipeline, checkpoint: str, obj: dict | None = None)
     for names in (own, mmdet, pipe.data.classes):
         if names:
             return [str(n) for n in names]
-    return list(load_split(pipe, "val").classes)
+    return list(load_split(pipe.data, "val").classes)
 
 
 def load_detector(pipe: Pipeline, model_name: str, checkpoint: str,
@@ -99,7 +99,7 @@ def image_sample(path: str, index: int, pipe: Pipeline) -> tuple[np.ndarray, dic
     record = Record(image_id=index, file_name=path, width=w, height=h,
                     boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64),
                     ignore=np.zeros((0, 4), np.float32))
-    return image, make_sample(record, image, TEST_VARIANT, pipe)
+    return image, make_sample(record, image, TEST_VARIANT, pipe.data)
 
 
 def draw(image_bgr: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,

@@ -55,7 +55,7 @@ def variant_index(m: Manifest, variant: str | None) -> int:
 def _sample(pipe: Pipeline, reader: CacheReader, url: str, image_id: int, v: int):
     """The split's record, the cached rows and the made sample of (image id, variant)."""
     m = reader.manifest
-    split = load_split(pipe, m.data.split)
+    split = load_split(pipe.data, m.data.split)
     if split.fingerprint != m.data.fingerprint:
         raise CacheError(f"{url} was made for data fingerprint {m.data.fingerprint[:16]} "
                          f"({m.data.num_images} images of split {m.data.split!r}); this pipeline's "
@@ -70,7 +70,7 @@ def _sample(pipe: Pipeline, reader: CacheReader, url: str, image_id: int, v: int
     g = m.geometry.variants[v]
     record = split.records[index]
     sample = make_sample(record, load_image(record.file_name), Variant(int(g["scale_idx"]), bool(g["flip"])),
-                         pipe)
+                         pipe.data)
     geo = rows["geometry"]
     for key in ("img_shape", "pad_shape"):
         if tuple(sample["meta"][key]) != tuple(geo[key]):

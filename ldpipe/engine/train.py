@@ -59,7 +59,7 @@ class Hook:
         return None
 
     def variants(self, pipe: Pipeline):
-        return train_variants(pipe)
+        return train_variants(pipe.data)
 
     def check(self, pipe: Pipeline, model_name: str, split) -> None:
         pass
@@ -240,13 +240,13 @@ def _run(pipe: Pipeline, model_name: str, work_dir: str, resume: bool, hook: Hoo
          info: runtime.DistInfo, cfg: ModelConfig, sched: TrainConfig, init_from: str | None,
          progress: bool, prov: dict, runlog: longrun.RunLog) -> str:
     """The run itself, once the work dir is checked and the provenance written."""
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     classes = split.classes
     use_amp = sched.amp and info.device.type == "cuda"
     hook.setup(info.device, use_amp)
     hook.check(pipe, model_name, split)
     variants = hook.variants(pipe)
-    dataset = DetectionDataset(split, pipe, variants, extra=hook.sample_extra())
+    dataset = DetectionDataset(split, pipe.data, variants, extra=hook.sample_extra())
     sampler = longrun.SkipSampler(VariantSampler(len(dataset), len(variants), shuffle=True,
                                                  seed=sched.seed, rank=info.rank,
                                                  world_size=info.world_size))
