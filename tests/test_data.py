@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldpipe.config import DataConfig
-from lddata import (TEST_VARIANT, DataError, DetectionDataset, FixedSampler, Record,
+from ldpipe.data import (TEST_VARIANT, DataError, DetectionDataset, FixedSampler, Record,
                          Variant, VariantSampler, boxes_to_original, collate,
                          load_split, make_sample, train_variants)
-from lddata.synth import synthesize
+from ldpipe.data.synth import synthesize
 
 BCCD = Path(__file__).resolve().parents[2] / "shared/datasets/bccd"
 BCCD_CLASSES = ["RBC", "WBC", "Platelets"]

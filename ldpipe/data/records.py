@@ -303,6 +303,9 @@ def _finish(split: str, classes: list[str], records: list[Record], blobs: list[b
                  stats=stats, source=source, coco_json=coco)
 
 
+LOADERS = {"coco": _load_coco, "voc": _load_voc}  # data.format -> its reader
+
+
 def load_split(data: DataConfig, split: str) -> Split:
     """Read one split of the ``[data]`` section ``data``.
 
@@ -311,10 +314,8 @@ def load_split(data: DataConfig, split: str) -> Split:
     for VOC an ``ImageSets/Main`` name such as ``'test'`` or ``'trainval'``.
     """
     fmt = data.format
-    if fmt == "coco":
-        return _load_coco(data, split)
-    if fmt == "voc":
-        return _load_voc(data, split)
+    if fmt in LOADERS:
+        return LOADERS[fmt](data, split)
     raise DataError(f"unknown data.format {fmt!r} (expected 'coco' or 'voc')")
 
 
