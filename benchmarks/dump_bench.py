@@ -164,7 +164,7 @@ def run_dump(pipe, model_name: str, ckpt: str, split, out: str, device, batch_si
     per_unit = pipe.cache.samples_per_shard
     variants = train_variants(pipe.data)
     units = list(range(math.ceil(len(split.records) * len(variants) / per_unit)))
-    batches = unit_batches(pipe, split, variants, units, per_unit, batch_size or pipe.cache.batch_size)
+    batches = unit_batches(pipe.data, split, variants, units, per_unit, batch_size or pipe.cache.batch_size)
     t0 = now()
     summary = dump_teacher(pipe, model_name, ckpt, out, split_name, device=device.type,
                            batch_size=batch_size, workers=workers, amp=amp, progress=False,

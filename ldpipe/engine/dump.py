@@ -29,7 +29,7 @@ from ..cache.manifest import CacheError
 from ..cache.region import AssignerSpec, own_assigner_note, reader_assigners, region_index
 from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
                            index_complete, open_root, write_index, write_unit)
-from ..config import ConfigError, Pipeline
+from ..config import ConfigError, DataConfig, Pipeline
 from ..config.checks import check_run_args
 from ..data import DetectionDataset, collate, load_split, padded_shape, train_variants
 from ..models import GFL, build_model
@@ -58,7 +58,7 @@ class DumpCollate:
         return batch
 
 
-def unit_batches(pipe: Pipeline, split, variants, units: list[int], per_unit: int,
+def unit_batches(data: DataConfig, split, variants, units: list[int], per_unit: int,
                  batch_size: int) -> list[list[tuple[int, int]]]:
     """The (image, variant) batches of the given units, in order.
 
@@ -68,7 +68,7 @@ def unit_batches(pipe: Pipeline, split, variants, units: list[int], per_unit: in
     """
     nv = len(variants)
     total = len(split.records) * nv
-    shapes = [padded_shape(r, v, pipe.data) for r in split.records for v in variants]
+    shapes = [padded_shape(r, v, data) for r in split.records for v in variants]
     batches = []
     for u in units:
         groups: dict[tuple[int, int], list[int]] = {}
@@ -200,7 +200,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
             log.info("%s: %d samples in %d units, %d already committed, %d to do on %d rank(s)",
                      out, total, num_units, len(done), num_units - len(done), info.world_size)
 
-        batches = unit_batches(pipe, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
+        batches = unit_batches(pipe.data, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
         specs = [AssignerSpec.of_entry(a) for a in assigners]
         loader = torch.utils.data.DataLoader(
             # a cache holds every sample: an undecodable image stops the dump, naming it

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from ..config import Pipeline
+from ..config import DataConfig, Pipeline
 from ..config.checks import check_run_args
 from ..data import TEST_VARIANT, DetectionDataset, FixedSampler, boxes_to_original, collate, load_split
 from ..models import GFL, build_model
@@ -20,12 +20,12 @@ log = logging.getLogger("ldpipe.eval")
 
 
 @torch.no_grad()
-def predict_split(model: GFL, pipe: Pipeline, split, device: torch.device, batch_size: int = 4,
+def predict_split(model: GFL, data: DataConfig, split, device: torch.device, batch_size: int = 4,
                   workers: int = 0, progress: bool = True,
                   skipped: list[str] | None = None) -> list[dict]:
     """Detections in original image coordinates for every image of ``split`` (``skipped``
     collects the files left out with ``data.skip_undecodable_images``)."""
-    dataset = DetectionDataset(split, pipe.data, [TEST_VARIANT])
+    dataset = DetectionDataset(split, data, [TEST_VARIANT])
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=FixedSampler([(i, 0) for i in range(len(dataset))]),
         num_workers=workers, collate_fn=collate)
@@ -60,15 +60,15 @@ def detect_batch(model: GFL, batch: dict, device: torch.device) -> list[dict]:
     return out
 
 
-def evaluate_model(model: GFL, pipe: Pipeline, split, device: torch.device, batch_size: int = 4,
+def evaluate_model(model: GFL, data: DataConfig, split, device: torch.device, batch_size: int = 4,
                    progress: bool = True) -> tuple[dict, list[dict]]:
     """Metrics (COCO AP, or VOC mAP for VOC data) and the detections of ``model`` on ``split``
     (``ldpipe eval``, and training's validation every ``train.val_interval`` epochs)."""
     skipped: list[str] = []
-    dets = predict_split(model, pipe, split, device, batch_size=batch_size, progress=progress,
+    dets = predict_split(model, data, split, device, batch_size=batch_size, progress=progress,
                          skipped=skipped)
     metrics = evaluate(split.records, split.classes, dets, coco_json=split.coco_json,
-                       voc=pipe.data.format == "voc")
+                       voc=data.format == "voc")
     if skipped:
         metrics["skipped_images"] = len(skipped)
     return metrics, dets
@@ -84,7 +84,7 @@ def evaluate_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, split_
     model = build_model(pipe.model(model_name), len(split.classes))
     load_weights(model, checkpoint)
     model.to(dev)
-    metrics, dets = evaluate_model(model, pipe, split, dev, batch_size=batch_size, progress=progress)
+    metrics, dets = evaluate_model(model, pipe.data, split, dev, batch_size=batch_size, progress=progress)
     metrics.update({"model": model_name, "checkpoint": os.path.abspath(checkpoint),
                     "split": split_name})
     if out:
