@@ -5,7 +5,8 @@ A pipeline file describes a whole experiment: the data set, the named models
 chain settings.  It is parsed with :mod:`tomllib` and never executed.  Unknown
 keys are errors that name the key and the file.
 
-``schema`` holds the vocabularies and dataclasses, ``load`` reads files and overrides.
+``schema`` holds the vocabularies (``Literal`` types) and the frozen dataclasses; ``load`` reads
+files and overrides and resolves each model's backbone and schedule, once.
 """
 from .load import apply_override, enabled_terms, load_pipeline, parse_value, to_dict, validate
 from .load import is_resolved, legacy_dict, resolve_backbone, resolve_model, schedule_of

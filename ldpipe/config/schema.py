@@ -17,7 +17,7 @@ from typing import Any, Literal
 # The vocabularies of the pipeline file, defined once as the Literal types of the fields that
 # take them (``_coerce`` refuses any other word, naming file, key, value and the choices); the
 # tuples are derived from them.  The modules that implement them import these (ldpipe.cache.region,
-# ldpipe.cache.codec, ldpipe.cache.store, ldpipe.models.*); tests/test_config.py ties each one
+# ldpipe.cache.codec, ldpipe.cache.store, ldpipe.models.*); tests/test_config_resolved.py ties each
 # to its dispatch table, so a word without an implementation (or the reverse) fails there.
 DataFormat = Literal["coco", "voc"]
 RegionPolicy = Literal["main", "ld", "overlap", "dense"]
@@ -267,7 +267,7 @@ class Pipeline:
     chain: dict = field(default_factory=dict)
     name: str = ""
     source: str = ""  # path of the file it was read from (set by the loader)
-    raw: dict = field(default_factory=dict, repr=False)  # the merged dict, for hashing
+    raw: dict = field(default_factory=dict, repr=False)  # the merged dict as read (extends, -o)
     bases: list[str] = field(default_factory=list)  # files it extends, in merge order (loader)
     overridden: list[str] = field(default_factory=list)  # dotted keys set by -o (loader)
     # each model's schedule: [train] < models.NAME.train < -o train.KEY < -o models.NAME.train.KEY
@@ -288,6 +288,9 @@ class Pipeline:
     def train_for(self, name: str) -> TrainConfig:
         """The schedule of one model (``schedules[name]``, merged by the loader)."""
         self.model(name)
+        if name not in self.schedules:  # a Pipeline built in code, not by the loader
+            raise ConfigError(f"{self.source or '<pipeline>'}: no schedule for model {name!r} "
+                              "(schedules are merged by ldpipe.config.load_pipeline)")
         return self.schedules[name]
 
     def resolve(self, path: str) -> str:
