@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from .cache import CacheError, CacheReader
 from .cache.region import reader_assigners
-from .config import ConfigError, Pipeline, resolve_backbone, to_dict
+from .config import ConfigError, Pipeline, legacy_dict, to_dict
 from .files import atomic_write
 from .models.checkpoint import file_sha256
 from .models.detector import backbone_label
@@ -121,8 +121,10 @@ class Chain:
 
     # ------------------------------------------------------------ helpers
     def _sections(self, model: str, *, schedule: bool = True) -> dict:
+        # the model section under its keys' names before the rename of base_width / giou_weight
+        # (config.legacy_dict): a stamp written before it still matches unchanged settings
         p = self.pipe
-        out = {"model": to_dict(p.model(model)), "data": to_dict(p.data)}
+        out = {"model": legacy_dict(p.model(model)), "data": to_dict(p.data)}
         if schedule:
             out["train"] = to_dict(p.train_for(model))
         return out
@@ -253,7 +255,7 @@ class Chain:
     def dump_stage(self, model: str, ckpt: str, tag: str) -> str:
         out = os.path.join(self.work_dir, "caches", f"{tag}.zarr")
         inputs = {"checkpoint": self._ckpt_sha(ckpt), "cache": to_dict(self.pipe.cache),
-                  "data": to_dict(self.pipe.data), "model": to_dict(self.pipe.model(model)),
+                  "data": to_dict(self.pipe.data), "model": legacy_dict(self.pipe.model(model)),
                   "readers": reader_assigners(self.pipe, model)}
         argv = ["dump-teacher", *self._common(), "--model", model, "--checkpoint", ckpt, "--out", out]
         self.run_stage(Stage(f"dump-{tag}", argv, inputs, [out], extra={"overwrite_flag": True}))
@@ -305,9 +307,9 @@ def write_summary(work_dir: str, rows: list[tuple[str, str, str]], pipe: Pipelin
         with open(metrics_path) as fh:
             m = json.load(fh)
         cfg = pipe.model(model)
-        width = "" if cfg.base_width == 64 else f" w{cfg.base_width}"
+        width = "" if cfg.base_channels == 64 else f" w{cfg.base_channels}"
         entries.append({"role": role, "model": model,
-                        "backbone": f"{backbone_label(resolve_backbone(cfg))}{width}, {cfg.channels} ch",
+                        "backbone": f"{backbone_label(cfg.backbone)}{width}, {cfg.channels} ch",
                         "AP": m["bbox_mAP"], "AP50": m["bbox_mAP_50"], "AP75": m["bbox_mAP_75"]})
     lines = ["| role | model | backbone | AP | AP50 | AP75 |", "|---|---|---|---|---|---|"]
     for e in entries:

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
 
 # a teacher small enough to run in well under a second per batch on two CPU cores
-TINY_TEACHER = ("models.teacher.depth=18", "models.teacher.base_width=8",
+TINY_TEACHER = ("models.teacher.depth=18", "models.teacher.base_channels=8",
                 "models.teacher.channels=16", "models.teacher.stacked_convs=1")
 
 

@@ -94,7 +94,7 @@ def test_mmdet_dcn_checkpoint_loads_strictly_and_evaluates(name, bccd_few, tmp_p
 
 
 # ------------------------------------------------------------------ tiny DCN teachers
-STUDENT = ("models.student.depth=18", "models.student.base_width=8",
+STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
            "models.student.channels=16", "models.student.stacked_convs=1")
 SHORT = ("train.batch_size=2", "train.max_iters_per_epoch=1", "train.warmup_iters=2", "train.epochs=1",
          "train.log_interval=1", "cache.codec=fp32")

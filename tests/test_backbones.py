@@ -3,12 +3,14 @@ independent bilinear-sampling implementation, and strict loads of checkpoints wh
 shapes are written out here from mmdetection's / mmcv's module definitions."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from ldpipe.config import BackboneConfig, ConfigError, ModelConfig, load_pipeline, resolve_backbone
+from ldpipe.config import (BackboneConfig, ConfigError, ModelConfig, load_pipeline, resolve_backbone,
+                           resolve_model)
 from ldpipe.models.dcn import DeformConv2dPack, ModulatedDeformConv2dPack
 from ldpipe.models.detector import backbone_label, build_backbone
 
@@ -17,7 +19,7 @@ from mmdet_layout import MMDET_TEACHERS, mmdet_backbone_keys
 
 # ------------------------------------------------------------------ the table
 def test_flat_keys_are_the_shorthand_of_a_plain_resnet(make_tiny_pipe):
-    b = make_tiny_pipe().model("teacher").backbone  # flat depth=18, base_width=8
+    b = make_tiny_pipe().model("teacher").backbone  # flat depth=18, base_channels=8
     assert (b.type, b.depth, b.base_channels, b.dcn, b.frozen_stages, b.norm_eval) == \
         ("ResNet", 18, 8, None, -1, False)
 
@@ -48,7 +50,7 @@ def test_table_alone_sets_depth_and_width(tmp_path):
                     'depth = 101\nbase_channels = 16\ndcn = "DCNv2"\n'
                     'stage_with_dcn = [false, true, true, true]\n')
     m = load_pipeline(str(path)).model("teacher")
-    assert (m.depth, m.base_width, m.backbone.dcn["type"]) == (101, 16, "DCNv2")
+    assert (m.depth, m.base_channels, m.backbone.dcn["type"]) == (101, 16, "DCNv2")
     assert backbone_label(m.backbone) == "ResNet-101-DCNv2(c3-c5)"
     with pytest.raises(ConfigError, match="models.teacher.depth = 50 conflicts with "
                                           "models.teacher.backbone.depth = 101"):
@@ -59,7 +61,7 @@ def test_table_alone_sets_depth_and_width(tmp_path):
     (["models.teacher.backbone.depth=101"],  # flat depth=18 given by the tiny overrides
      ["models.teacher.depth = 18", "models.teacher.backbone.depth = 101"]),
     (["models.teacher.backbone.base_channels=64"],
-     ["models.teacher.base_width = 8", "models.teacher.backbone.base_channels = 64"]),
+     ["models.teacher.base_channels = 8", "models.teacher.backbone.base_channels = 64"]),
     (["models.teacher.backbone.colour=1"], ["models.teacher.backbone.colour"]),
     (['models.teacher.backbone.type="VGG"'], ["models.teacher.backbone.type", "VGG"]),
     (['models.teacher.backbone.dcn="DCNv3"'], ["models.teacher.backbone.dcn.type", "DCNv3"]),
@@ -92,8 +94,8 @@ def test_resolution_is_idempotent_and_pretrained_sets_freezing():
     m = ModelConfig(depth=101, pretrained="w.pth")
     b = resolve_backbone(m)
     assert (b.depth, b.base_channels, b.frozen_stages, b.norm_eval) == (101, 64, 1, True)
-    m.backbone = b
-    assert resolve_backbone(m) == b
+    assert resolve_backbone(dataclasses.replace(m, backbone=b)) == b
+    assert resolve_model(m).backbone == b and resolve_model(resolve_model(m)) == resolve_model(m)
     m2 = ModelConfig(backbone=BackboneConfig(frozen_stages=-1, norm_eval=False), pretrained="w.pth")
     assert (resolve_backbone(m2).frozen_stages, resolve_backbone(m2).norm_eval) == (-1, False)
 
@@ -192,9 +194,7 @@ def test_deform_conv_gradients_reach_the_offsets():
 
 
 def _model_cfg(table: dict) -> ModelConfig:
-    m = ModelConfig(backbone=BackboneConfig(**table))
-    m.backbone = resolve_backbone(m)
-    return m
+    return resolve_model(ModelConfig(backbone=BackboneConfig(**table)))
 
 
 @pytest.mark.parametrize("name", sorted(MMDET_TEACHERS))

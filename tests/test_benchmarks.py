@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ("-o", "models.teacher.base_width=8", "-o", "models.teacher.channels=16",
+TINY = ("-o", "models.teacher.base_channels=8", "-o", "models.teacher.channels=16",
         "-o", "models.teacher.stacked_convs=1", "-o", "data.train_scales=[[128,128]]",
         "-o", "data.test_scale=[128,128]")
 
@@ -109,7 +109,7 @@ def test_programme_schedule_and_stage_split(tmp_path):
     pipe = load_pipeline(PIPELINE, pipeline_overrides(str(tmp_path), 64, 8, 16, 60, 2, 10))
     assert pipe.train.epochs == 12 and pipe.train.max_iters_per_epoch == 5
     assert pipe.data.root == str(tmp_path) and pipe.data.train_scales == [[64, 64]]
-    assert {n: (m.depth, m.base_width, m.channels) for n, m in pipe.models.items()} == {
+    assert {n: (m.depth, m.base_channels, m.channels) for n, m in pipe.models.items()} == {
         "teacher": (101, 8, 16), "s18": (18, 8, 16), "s34": (34, 8, 16), "s50": (50, 8, 16)}
     defaults = load_pipeline(PIPELINE).raw  # the file's values are the options' defaults
     assert load_pipeline(PIPELINE, pipeline_overrides("data/synth", 128, 8, 32, 300, 2, 100)).raw == defaults
@@ -150,7 +150,7 @@ def test_step_bench_pipeline_follows_its_options(tmp_path):
     assert (pipe.cache.region, pipe.cache.codec) == ("ld", "fp16")
     t, s = pipe.model("teacher"), pipe.model("student")
     assert (t.depth, s.depth) == (34, 18)
-    assert all((m.base_width, m.channels, m.stacked_convs) == (8, 16, 1) for m in (t, s))
+    assert all((m.base_channels, m.channels, m.stacked_convs) == (8, 16, 1) for m in (t, s))
     defaults = load_pipeline(PIPELINE).raw  # the file's values are the options' defaults
     assert load_pipeline(PIPELINE, pipeline_overrides(parse_args([]), defaults["data"]["root"])).raw == defaults
 

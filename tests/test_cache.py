@@ -68,11 +68,11 @@ def _teacher_unit(pipe, ckpt: str, unit: int) -> dict[tuple[int, int], tuple[tor
     zero padding to the batch's largest image changes GroupNorm statistics, so only the
     same batch reproduces the cached values bit for bit); own-grid log-probs per sample."""
     cfg = pipe.model("teacher")
-    split = load_split(pipe, "train")
-    variants = train_variants(pipe)
+    split = load_split(pipe.data, "train")
+    variants = train_variants(pipe.data)
     nv, per = len(variants), pipe.cache.samples_per_shard
     assert pipe.cache.batch_size >= per
-    ds = DetectionDataset(split, pipe, variants)
+    ds = DetectionDataset(split, pipe.data, variants)
     model = build_model(cfg, len(split.classes))
     load_weights(model, ckpt)
     model.eval()
@@ -187,8 +187,8 @@ def test_format_v2_layout_rows_last_and_delta_filtered(cache_at):
 def test_regions_main_is_atss_positives_ld_contains_it_dense_is_everything(cache_at, make_tiny_pipe):
     pipe = make_tiny_pipe()
     cfg, reader_cfg = pipe.model("teacher"), pipe.model("student")
-    split = load_split(pipe, "train")
-    ds = DetectionDataset(split, pipe, train_variants(pipe))
+    split = load_split(pipe.data, "train")
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data))
     main = {(i, v): d for i, v, d in _samples(cache_at("main", "fp32"))}
     ld = {(i, v): d for i, v, d in _samples(cache_at("ld", "int8"))}
     dense = {(i, v): d for i, v, d in _samples(cache_at("dense", "fp16"))}

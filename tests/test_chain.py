@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")  # teacher -> student (no TA)
-TA_SECTION = "\n[models.ta]\ndepth = 18\nbase_width = 24\nchannels = 48\nstacked_convs = 2\n"
+TA_SECTION = "\n[models.ta]\ndepth = 18\nbase_channels = 24\nchannels = 48\nstacked_convs = 2\n"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,7 +31,7 @@ def _args(data: str, *extra: str) -> list[str]:
           "data.test_scale=[128, 128]", "train.epochs=2", "train.max_iters_per_epoch=2",
           "train.batch_size=4", "models.teacher.train={}", "cache.samples_per_shard=8"]
     for m in ("teacher", "ta", "student"):
-        kv += [f"models.{m}.depth=18", f"models.{m}.base_width=8", f"models.{m}.channels=16",
+        kv += [f"models.{m}.depth=18", f"models.{m}.base_channels=8", f"models.{m}.channels=16",
                f"models.{m}.stacked_convs=1"]
     return [a for x in [*kv, *extra] for a in ("-o", x)]
 

@@ -219,9 +219,9 @@ def test_export_onnx_equals_torch_and_fails_loudly(head, make_tiny_pipe, tiny_ov
     model = build_model(pipe.model("teacher"), 4)
     load_weights(model, ckpt)
     model.eval()
-    rec = load_split(pipe, "val").records[0]
+    rec = load_split(pipe.data, "val").records[0]
     pipe_big = make_tiny_pipe("data.test_scale=[288, 224]", *extra)
-    img = make_sample(rec, load_image(rec.file_name), TEST_VARIANT, pipe_big)["img"][None]
+    img = make_sample(rec, load_image(rec.file_name), TEST_VARIANT, pipe_big.data)["img"][None]
     assert tuple(img.shape[2:]) not in [tuple(s[2:]) for s in summary["onnx_checked_inputs"]]
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"img": img.numpy()})))
@@ -305,8 +305,8 @@ def test_cache_show_plots_the_cached_distributions(make_tiny_pipe, tiny_teacher_
     assert res["probs"].shape == (len(pos), 4, m.geometry.reg_bins)
     np.testing.assert_allclose(res["probs"], expected, rtol=0, atol=1e-7)
     # ... which (fp32) are the teacher's own edge distributions at those anchors
-    rec = load_split(pipe, "train").records[1]
-    sample = make_sample(rec, load_image(rec.file_name), Variant(0, True), pipe)
+    rec = load_split(pipe.data, "train").records[1]
+    sample = make_sample(rec, load_image(rec.file_name), Variant(0, True), pipe.data)
     model = build_model(pipe.model("teacher"), 4)
     load_weights(model, tiny_teacher_ckpt)
     with torch.no_grad():

@@ -62,12 +62,12 @@ def test_demo_parses():
 def test_demo_overrides():
     pipe = load_pipeline(DEMO, ["train.epochs=1", "data.root=/x", "train.lr=0.5", "train.amp=false",
                                 "data.train_scales=[[640, 480], [320, 240]]",
-                                "models.student.base_width=8", "cache.codec=fp16"])
+                                "models.student.base_channels=8", "cache.codec=fp16"])
     assert pipe.train.epochs == 1 and isinstance(pipe.train.epochs, int)
     assert pipe.data.root == "/x"
     assert pipe.train.lr == 0.5 and pipe.train.amp is False
     assert pipe.data.train_scales == [[640, 480], [320, 240]]
-    assert pipe.model("student").base_width == 8
+    assert pipe.model("student").base_channels == 8
     assert pipe.cache.codec == "fp16"
     # -o on the command line wins over a model's own train table (tests/test_runs_config.py)
     assert load_pipeline(DEMO).train_for("teacher").epochs != 1

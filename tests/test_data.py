@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ldpipe.config import DataConfig, Pipeline
+from ldpipe.config import DataConfig
 from ldpipe.data import (TEST_VARIANT, DataError, DetectionDataset, FixedSampler, Record,
                          Variant, VariantSampler, boxes_to_original, collate,
                          load_split, make_sample, train_variants)
@@ -20,13 +20,13 @@ BCCD = Path(__file__).resolve().parents[2] / "shared/datasets/bccd"
 BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
 
 
-def _pipe(**data) -> Pipeline:
-    return Pipeline(data=DataConfig(**data))
+def _data(**keys) -> DataConfig:
+    return DataConfig(**keys)
 
 
-def _raw_pipe(scale: list[int], flip: bool = True) -> Pipeline:
+def _raw_data(scale: list[int], flip: bool = True) -> DataConfig:
     """Identity normalisation, so the tensor holds the (BGR) pixels."""
-    return _pipe(train_scales=[scale], test_scale=scale, flip=flip, mean=[0.0] * 3,
+    return _data(train_scales=[scale], test_scale=scale, flip=flip, mean=[0.0] * 3,
                  std=[1.0] * 3, to_rgb=False, pad_divisor=32)
 
 
@@ -40,10 +40,10 @@ def _record(w: int, h: int, boxes, labels=None, ignore=None, file_name="mem.jpg"
 
 # ------------------------------------------------------------------- geometry
 def test_variants_and_keys():
-    pipe = _pipe(train_scales=[[1333, 800], [1000, 600]], flip=True)
-    keys = [v.key for v in train_variants(pipe)]
+    data = _data(train_scales=[[1333, 800], [1000, 600]], flip=True)
+    keys = [v.key for v in train_variants(data)]
     assert keys == ["s0n", "s0f", "s1n", "s1f"]
-    assert [v.key for v in train_variants(_pipe(flip=False))] == ["s0n"]
+    assert [v.key for v in train_variants(_data(flip=False))] == ["s0n"]
     assert TEST_VARIANT.key == "test" and TEST_VARIANT.scale_idx == -1
 
 
@@ -53,9 +53,9 @@ def test_flip_consistency():
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     boxes = [[3, 5, 40, 60], [70, 10, 131, 97], [0, 0, 12, 20]]
     rec = _record(w, h, boxes, labels=[0, 1, 2])
-    pipe = _raw_pipe([w, h])  # scale factor exactly 1
-    plain = make_sample(rec, image, Variant(0, False), pipe)
-    flipped = make_sample(rec, image, Variant(0, True), pipe)
+    data = _raw_data([w, h])  # scale factor exactly 1
+    plain = make_sample(rec, image, Variant(0, False), data)
+    flipped = make_sample(rec, image, Variant(0, True), data)
     assert plain["meta"].scale_factor == (1.0, 1.0)
     a, b = plain["img"], flipped["img"]
     assert torch.equal(a[:, :h, :w], torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32)))
@@ -70,7 +70,7 @@ def test_flip_consistency():
     back = boxes_to_original(flipped["gt_boxes"], flipped["meta"])
     assert torch.allclose(back, plain["gt_boxes"])
     twice = make_sample(_record(w, h, flipped["gt_boxes"].numpy()), image[:, ::-1].copy(),
-                        Variant(0, True), pipe)
+                        Variant(0, True), data)
     assert torch.equal(twice["img"], a)
     assert torch.allclose(twice["gt_boxes"], plain["gt_boxes"])
 
@@ -79,8 +79,8 @@ def test_resize_scale_and_pad_known_numbers():
     image = np.zeros((480, 640, 3), np.uint8)
     rec = _record(640, 480, [[64, 48, 640, 480], [10, 20, 30, 40]],
                   ignore=[[0, 0, 6, 6]])
-    pipe = _pipe(train_scales=[[1333, 800]], test_scale=[1333, 800])
-    s = make_sample(rec, image, TEST_VARIANT, pipe)
+    data = _data(train_scales=[[1333, 800]], test_scale=[1333, 800])
+    s = make_sample(rec, image, TEST_VARIANT, data)
     m = s["meta"]
     # mmcv.rescale_size: factor = min(1333/640, 800/480) = 1.6667 -> int(640*f+0.5) = 1067
     assert m.ori_shape == (480, 640)
@@ -100,8 +100,8 @@ def test_resize_scale_and_pad_known_numbers():
 
 def test_pad_to_multiple_of_32_and_downscale():
     image = np.zeros((300, 333, 3), np.uint8)
-    pipe = _pipe(train_scales=[[320, 320]], pad_divisor=32)
-    s = make_sample(_record(333, 300, [[0, 0, 333, 300]]), image, Variant(0, False), pipe)
+    data = _data(train_scales=[[320, 320]], pad_divisor=32)
+    s = make_sample(_record(333, 300, [[0, 0, 333, 300]]), image, Variant(0, False), data)
     hp, wp = s["meta"].pad_shape
     assert hp % 32 == 0 and wp % 32 == 0
     h2, w2 = s["meta"].img_shape
@@ -116,16 +116,16 @@ def test_boxes_to_original_round_trip():
     boxes = np.concatenate([xy, xy + rng.uniform(2, 50, (20, 2))], 1).astype(np.float32)
     rec = _record(w, h, boxes)
     image = np.zeros((h, w, 3), np.uint8)
-    pipe = _pipe(train_scales=[[1333, 800], [500, 300]], flip=True)
-    for v in train_variants(pipe) + [TEST_VARIANT]:
-        s = make_sample(rec, image, v, pipe)
+    data = _data(train_scales=[[1333, 800], [500, 300]], flip=True)
+    for v in train_variants(data) + [TEST_VARIANT]:
+        s = make_sample(rec, image, v, data)
         back_t = boxes_to_original(s["gt_boxes"], s["meta"])
         back_n = boxes_to_original(s["gt_boxes"].numpy(), s["meta"])
         assert isinstance(back_t, torch.Tensor) and isinstance(back_n, np.ndarray)
         np.testing.assert_allclose(back_t.numpy(), boxes, atol=1e-3)
         np.testing.assert_allclose(back_n, boxes, atol=1e-3)
     # clipped to the original image
-    meta = make_sample(rec, image, TEST_VARIANT, pipe)["meta"]
+    meta = make_sample(rec, image, TEST_VARIANT, data)["meta"]
     out = boxes_to_original(torch.tensor([[-10.0, -10.0, 5000.0, 5000.0]]), meta)
     assert out.tolist() == [[0.0, 0.0, 640.0, 480.0]]
 
@@ -160,7 +160,7 @@ def test_voc_cleaning_difficult_and_ids(tmp_path):
               ("dog", (1, 1, 10, 10), 1)],       # difficult: ignore region
         "a": [("cat", (0, 0, 5, 5), 0)],
     }, with_size=False)
-    split = load_split(_pipe(format="voc", root=str(tmp_path), classes=["cat", "dog"]), "train")
+    split = load_split(_data(format="voc", root=str(tmp_path), classes=["cat", "dog"]), "train")
     assert split.image_ids == [0, 1]  # index in the split file order
     assert Path(split.records[0].file_name).name == "b.jpg"
     r = split.records[0]
@@ -177,24 +177,24 @@ def test_voc_cleaning_difficult_and_ids(tmp_path):
 def test_voc_unknown_class_names_file(tmp_path):
     _write_voc(tmp_path, {"x1": [("Cat", (1, 1, 9, 9), 0)]})
     with pytest.raises(DataError, match=r"x1\.xml.*'Cat'"):
-        load_split(_pipe(format="voc", root=str(tmp_path), classes=["cat"]), "train")
+        load_split(_data(format="voc", root=str(tmp_path), classes=["cat"]), "train")
 
 
 def test_voc_missing_files_are_named(tmp_path):
     _write_voc(tmp_path, {"x1": [("cat", (1, 1, 9, 9), 0)]})
-    pipe = _pipe(format="voc", root=str(tmp_path), classes=["cat"])
+    data = _data(format="voc", root=str(tmp_path), classes=["cat"])
     with pytest.raises(DataError, match=r"ImageSets/Main/test\.txt"):
-        load_split(pipe, "test")
+        load_split(data, "test")
     (tmp_path / "Annotations/x1.xml").unlink()
     with pytest.raises(DataError, match=r"x1\.xml"):
-        load_split(pipe, "train")
+        load_split(data, "train")
 
 
 def test_missing_image_is_named_when_loaded(tmp_path):
     _write_voc(tmp_path, {"x1": [("cat", (1, 1, 9, 9), 0)]})
-    split = load_split(_pipe(format="voc", root=str(tmp_path), classes=["cat"]), "train")
+    split = load_split(_data(format="voc", root=str(tmp_path), classes=["cat"]), "train")
     (tmp_path / "JPEGImages/x1.jpg").unlink()
-    ds = DetectionDataset(split, _pipe(), [TEST_VARIANT])
+    ds = DetectionDataset(split, _data(), [TEST_VARIANT])
     with pytest.raises(DataError, match=r"JPEGImages/x1\.jpg"):
         ds[(0, 0)]
     (tmp_path / "JPEGImages/x1.jpg").write_bytes(b"not a jpeg")
@@ -204,9 +204,9 @@ def test_missing_image_is_named_when_loaded(tmp_path):
 
 @pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD data set not present at {BCCD}")
 def test_bccd_voc_with_bad_boxes():
-    pipe = _pipe(format="voc", root=str(BCCD), classes=BCCD_CLASSES, train="trainval",
+    data = _data(format="voc", root=str(BCCD), classes=BCCD_CLASSES, train="trainval",
                  val="test", train_scales=[[640, 480]], test_scale=[640, 480])
-    split = load_split(pipe, "train")
+    split = load_split(data, "train")
     assert split.stats["images"] == 292
     # BloodImage_00338 / 00343 each hold a zero-size box
     assert split.stats["boxes_dropped_degenerate"] >= 2
@@ -214,13 +214,13 @@ def test_bccd_voc_with_bad_boxes():
     assert sorted(set(np.concatenate([r.labels for r in split.records]).tolist())) == [0, 1, 2]
     names = [Path(r.file_name).stem for r in split.records]
     picks = [names.index("BloodImage_00338"), names.index("BloodImage_00343"), 0]
-    ds = DetectionDataset(split, pipe, train_variants(pipe))
+    ds = DetectionDataset(split, data, train_variants(data))
     for i in picks:
         s = ds[(i, 1)]
         assert s["meta"].ori_shape == (480, 640) and s["meta"].index == i
         wh = s["gt_boxes"][:, 2:] - s["gt_boxes"][:, :2]
         assert len(wh) == len(split.records[i].boxes) and bool((wh >= 1).all())
-    test = load_split(pipe, "val")
+    test = load_split(data, "val")
     assert test.stats["images"] == 72 and test.fingerprint != split.fingerprint
 
 
@@ -234,7 +234,7 @@ def test_coco_classes_mismatch_names_both(tmp_path):
                 {"id": 2, "image_id": 3, "category_id": 2, "bbox": [1, 1, 5, 5], "iscrowd": 1}],
             "categories": [{"id": 5, "name": "b"}, {"id": 2, "name": "a"}]}
     (ann / "train.json").write_text(json.dumps(coco))
-    split = load_split(_pipe(root=str(tmp_path)), "train")
+    split = load_split(_data(root=str(tmp_path)), "train")
     assert split.classes == ["a", "b"]
     r = split.records[0]
     np.testing.assert_array_equal(r.boxes, [[40, 30, 50, 40]])  # clipped
@@ -243,13 +243,13 @@ def test_coco_classes_mismatch_names_both(tmp_path):
     assert r.ignore_labels.tolist() == [0]  # the crowd box is of category 2 = class "a"
     assert r.file_name == str(tmp_path / "images/train/a.jpg")
     assert split.stats["boxes_clipped"] == 1 and split.coco_json["images"][0]["id"] == 3
-    reordered = load_split(_pipe(root=str(tmp_path), classes=["b", "a"]), "train")
+    reordered = load_split(_data(root=str(tmp_path), classes=["b", "a"]), "train")
     assert reordered.records[0].labels.tolist() == [0]  # category 5 = "b" is now label 0
     assert reordered.records[0].ignore_labels.tolist() == [1]
     with pytest.raises(DataError, match=r"\['a', 'x'\].*\['a', 'b'\]"):
-        load_split(_pipe(root=str(tmp_path), classes=["a", "x"]), "train")
+        load_split(_data(root=str(tmp_path), classes=["a", "x"]), "train")
     with pytest.raises(DataError, match=r"val\.json"):
-        load_split(_pipe(root=str(tmp_path)), "val")
+        load_split(_data(root=str(tmp_path)), "val")
 
 
 # ------------------------------------------------------------ samplers, collate
@@ -290,11 +290,11 @@ def test_fixed_sampler():
 
 
 def test_collate_pads_and_gathers_extra():
-    pipe = _raw_pipe([64, 64])
+    data = _raw_data([64, 64])
     big = make_sample(_record(64, 40, [[1, 1, 9, 9]]), np.full((40, 64, 3), 7, np.uint8),
-                      Variant(0, False), pipe)
+                      Variant(0, False), data)
     small = make_sample(_record(30, 20, [[2, 2, 8, 8]] * 2), np.full((20, 30, 3), 9, np.uint8),
-                        Variant(0, False), _raw_pipe([30, 30]))
+                        Variant(0, False), _raw_data([30, 30]))
     big["teacher"], small["teacher"] = torch.ones(2), torch.zeros(3)
     out = collate([big, small])
     assert tuple(out["img"].shape) == (2, 3, 64, 64)
@@ -307,13 +307,13 @@ def test_collate_pads_and_gathers_extra():
 
 def test_dataset_dataloader_end_to_end(tmp_path):
     synthesize(str(tmp_path), n_train=6, n_val=2, seed=0, size=128)
-    pipe = _pipe(root=str(tmp_path), train_scales=[[160, 128], [128, 96]], flip=True)
-    split = load_split(pipe, "train")
-    variants = train_variants(pipe)
+    data = _data(root=str(tmp_path), train_scales=[[160, 128], [128, 96]], flip=True)
+    split = load_split(data, "train")
+    variants = train_variants(data)
     # the extra hook tags each sample with its image's pixels, read independently of the meta
     # the loader returns, so a sample paired with another one's meta or variant is caught
-    ds = DetectionDataset(split, pipe, variants, extra=lambda m: {"key": (m.index, m.variant)})
-    plain = DetectionDataset(split, pipe, variants)
+    ds = DetectionDataset(split, data, variants, extra=lambda m: {"key": (m.index, m.variant)})
+    plain = DetectionDataset(split, data, variants)
     assert len(ds) == 6
     sampler = VariantSampler(len(ds), len(variants), seed=0)
     loader = DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=collate, num_workers=0)

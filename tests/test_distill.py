@@ -18,7 +18,7 @@ from ldpipe.models import build_model
 from ldpipe.models.checkpoint import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["depth=18", "base_width=8", "channels=16", "stacked_convs=1"]
+TINY = ["depth=18", "base_channels=8", "channels=16", "stacked_convs=1"]
 
 
 def tiny_pipe(data_root: str, *extra: str):
@@ -65,7 +65,7 @@ def caches(synth, teacher_ckpt, tmp_path_factory):
 
 def _same_shape_batch(pipe, split, extra):
     """Two training samples with the same padded shape (so a batch adds no padding)."""
-    ds = DetectionDataset(split, pipe, [v for v in _variants(pipe)], extra=extra)
+    ds = DetectionDataset(split, pipe.data, [v for v in _variants(pipe)], extra=extra)
     by_shape: dict = {}
     for i in range(len(ds)):
         for v in range(len(ds.variants)):
@@ -79,7 +79,7 @@ def _same_shape_batch(pipe, split, extra):
 
 def _variants(pipe):
     from ldpipe.data import train_variants
-    return train_variants(pipe)
+    return train_variants(pipe.data)
 
 
 def _criterion(pipe, teacher):
@@ -105,7 +105,7 @@ def _step(pipe, hook, samples, split):
 @pytest.fixture(scope="module")
 def online_result(synth, teacher_ckpt, caches):
     pipe = tiny_pipe(synth)
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     samples = _same_shape_batch(pipe, split, CacheTargets(caches["fp32"]))
     hook = OnlineTeacher(pipe, "teacher", teacher_ckpt)
     return samples, _step(pipe, hook, samples, split)
@@ -114,10 +114,10 @@ def online_result(synth, teacher_ckpt, caches):
 @pytest.mark.parametrize("codec,tol", [("fp32", 1e-5), ("fp16", 1e-3)])
 def test_cached_equals_online(synth, caches, online_result, codec, tol):
     pipe = tiny_pipe(synth)
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     ref_samples, (ref_losses, ref_grads) = online_result
     keys = [(s["meta"].index, s["meta"].variant_index) for s in ref_samples]
-    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches[codec]))
+    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches[codec]))
     samples = [ds[k] for k in keys]
     losses, grads = _step(pipe, CachedTeacher(pipe, caches[codec]), samples, split)
     for name in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_cls", "loss_bbox", "loss_dfl"):
@@ -134,12 +134,12 @@ def test_rows_handed_over_as_stored_train_bit_for_bit(synth, caches, online_resu
     workers (what a CPU run does)."""
     import torch as _t
     pipe = tiny_pipe(synth)
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     ref_samples, _ = online_result
     keys = [(s["meta"].index, s["meta"].variant_index) for s in ref_samples]
     runs = []
     for decode in (True, False):
-        ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches[codec], decode=decode))
+        ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches[codec], decode=decode))
         samples = [ds[k] for k in keys]
         box = samples[0]["teacher"]["box"]
         assert box.dtype == (_t.float32 if decode else {"int8": _t.uint8, "fp16": _t.float16}[codec])
@@ -153,10 +153,10 @@ def test_rows_handed_over_as_stored_train_bit_for_bit(synth, caches, online_resu
 
 def test_int8_ld_loss_within_one_percent(synth, caches, online_result):
     pipe = tiny_pipe(synth)
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     ref_samples, (ref_losses, _) = online_result
     keys = [(s["meta"].index, s["meta"].variant_index) for s in ref_samples]
-    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["int8"]))
+    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["int8"]))
     losses, _ = _step(pipe, CachedTeacher(pipe, caches["int8"]), [ds[k] for k in keys], split)
     for name in ("loss_ld", "loss_ld_vlr"):
         assert losses[name] == pytest.approx(ref_losses[name], rel=0.01), name
@@ -164,7 +164,7 @@ def test_int8_ld_loss_within_one_percent(synth, caches, online_result):
 
 def test_refuses_other_reg_max(synth, caches):
     pipe = tiny_pipe(synth, "models.student.reg_max=8")
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     with pytest.raises(CacheError) as err:
         CachedTeacher(pipe, caches["int8"]).check(pipe, "student", split)
     msg = str(err.value)
@@ -175,7 +175,7 @@ def test_refuses_other_data_set(synth, caches, tmp_path):
     other = tmp_path / "other"
     synthesize(str(other), n_train=8, n_val=2, seed=99)
     pipe = tiny_pipe(str(other))
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     with pytest.raises(CacheError) as err:
         CachedTeacher(pipe, caches["int8"]).check(pipe, "student", split)
     msg = str(err.value)
@@ -187,7 +187,7 @@ def test_region_policy_must_serve_losses(synth, teacher_ckpt, tmp_path):
     pipe = tiny_pipe(synth, "cache.region=main")
     path = str(tmp_path / "main.zarr")
     dump_teacher(pipe, "teacher", teacher_ckpt, path, progress=False)
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     with pytest.raises(CacheError, match="cannot serve"):
         CachedTeacher(pipe, path).check(pipe, "student", split)
     # with VLR off, the main region serves LD and KD
@@ -197,8 +197,8 @@ def test_region_policy_must_serve_losses(synth, teacher_ckpt, tmp_path):
 
 def test_missing_anchor_is_an_error(synth, caches):
     pipe = tiny_pipe(synth)
-    split = load_split(pipe, "train")
-    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+    split = load_split(pipe.data, "train")
+    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["fp32"]))
     idx = next(i for i, r in enumerate(split.records) if len(r.boxes))
     sample = ds[(idx, 0)]
     sample["teacher"] = {k: (v[:0] if torch.is_tensor(v) else v) for k, v in sample["teacher"].items()}
@@ -212,10 +212,10 @@ def test_missing_anchor_is_an_error(synth, caches):
 
 def test_geometry_mismatch_is_an_error(synth, caches):
     pipe = tiny_pipe(synth, "data.train_scales=[[192, 192]]")
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     with pytest.raises(CacheError, match="input scales"):
         CachedTeacher(pipe, caches["fp32"]).check(pipe, "student", split)
-    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["fp32"]))
     with pytest.raises(CacheError, match="shape"):
         ds[(0, 0)]
 
@@ -223,8 +223,8 @@ def test_geometry_mismatch_is_an_error(synth, caches):
 def test_each_step_reads_its_own_batch(synth, caches, online_result):
     """A hook reused across steps gives each batch its own teacher rows."""
     pipe = tiny_pipe(synth)
-    split = load_split(pipe, "train")
-    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+    split = load_split(pipe.data, "train")
+    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["fp32"]))
     a = [ds[(i, 0)] for i in range(2)]
     b = [ds[(i, 1)] for i in range(2, 4)]
     fresh, _ = _step(pipe, CachedTeacher(pipe, caches["fp32"]), b, split)
@@ -238,7 +238,7 @@ def test_each_step_reads_its_own_batch(synth, caches, online_result):
 def test_self_ld_teacher_of_the_students_own_architecture(synth, tmp_path):
     """Self-LD: the cache comes from a checkpoint of the student's architecture and size."""
     pipe = tiny_pipe(synth)
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     torch.manual_seed(1)
     own = build_model(pipe.model("student"), len(split.classes))
     ckpt = str(tmp_path / "self.pth")
@@ -250,7 +250,7 @@ def test_self_ld_teacher_of_the_students_own_architecture(synth, tmp_path):
     student = pipe.model("student")
     assert manifest.teacher.architecture["depth"] == student.depth
     assert manifest.teacher.architecture["channels"] == student.channels
-    ds = DetectionDataset(split, pipe, _variants(pipe), extra=CacheTargets(cache))
+    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(cache))
     idx = [i for i, r in enumerate(split.records) if len(r.boxes)][:2]
     losses, _ = _step(pipe, CachedTeacher(pipe, cache), [ds[(i, 0)] for i in idx], split)
     assert losses["loss_ld"] > 0 and losses["loss_ld_vlr"] > 0
@@ -263,12 +263,12 @@ def test_multi_scale_variants_round_trip(synth, teacher_ckpt, tmp_path):
     dump_teacher(pipe, "teacher", teacher_ckpt, cache, progress=False)
     reader = CacheTargets(cache).reader
     assert [v["key"] for v in reader.manifest.geometry.variants] == ["s0n", "s0f", "s1n", "s1f"]
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     hook = CachedTeacher(pipe, cache)
     hook.check(pipe, "student", split)
     variants = hook.variants(pipe)
     assert [(v.scale_idx, v.flip) for v in variants] == [(0, False), (0, True), (1, False), (1, True)]
-    ds = DetectionDataset(split, pipe, variants, extra=CacheTargets(cache))
+    ds = DetectionDataset(split, pipe.data, variants, extra=CacheTargets(cache))
     for v in range(4):
         s = ds[(1, v)]
         assert max(s["meta"].img_shape) == (160 if v < 2 else 128)
@@ -279,7 +279,7 @@ def test_multi_scale_variants_round_trip(synth, teacher_ckpt, tmp_path):
     pipe128 = tiny_pipe(synth, "data.train_scales=[[128, 128]]")
     single = str(tmp_path / "128.zarr")
     dump_teacher(pipe128, "teacher", teacher_ckpt, single, progress=False)
-    ds128 = DetectionDataset(split, pipe128, _variants(pipe128), extra=CacheTargets(single))
+    ds128 = DetectionDataset(split, pipe128.data, _variants(pipe128), extra=CacheTargets(single))
     want, _ = _step(pipe128, CachedTeacher(pipe128, single), [ds128[(i, 1)] for i in range(2)], split)
     for name in ("loss_ld", "loss_ld_vlr", "loss_kd"):
         assert losses[name] > 0 and losses[name] == want[name], name

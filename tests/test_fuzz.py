@@ -39,7 +39,7 @@ from ldpipe.models.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
-TINY_TEACHER = ("models.teacher.depth=18", "models.teacher.base_width=8",
+TINY_TEACHER = ("models.teacher.depth=18", "models.teacher.base_channels=8",
                 "models.teacher.channels=16", "models.teacher.stacked_convs=1")
 SHARD = "cache.samples_per_shard=2"  # the damaged cache: 4 images, no flip, units 000000, 000001
 
@@ -164,7 +164,7 @@ def test_train_student_stops_on_a_deleted_box_shard(cache, data_root, tmp_path, 
     path = tmp_path / "c"
     shutil.copytree(cache, path)
     _remove("units/000001/box/c/*/*/*")(path)
-    student = ["-o", "models.student.depth=18", "-o", "models.student.base_width=8",
+    student = ["-o", "models.student.depth=18", "-o", "models.student.base_channels=8",
                "-o", "models.student.channels=16", "-o", "models.student.stacked_convs=1"]
     args = ["train-student", DEMO_PIPELINE, "--model", "student", "--cache", str(path),
             "--work-dir", str(tmp_path / "s"), "--device", "cpu", *student,
@@ -258,14 +258,14 @@ def test_orphan_annotations_are_counted_and_most_dropped_is_an_error(tmp_path, c
 
     root = make_coco(tmp_path / "one", edit=orphans(1))
     with caplog.at_level(logging.WARNING, logger="ldpipe.data"):
-        split = load_split(coco_pipe(root), "train")
+        split = load_split(coco_pipe(root).data, "train")
     assert split.stats["annotations_orphaned"] == 1 and split.stats["boxes_kept"] == 3
     assert any("1 annotations name an image_id" in r.message and "99" in r.message
                for r in caplog.records)
     root = make_coco(tmp_path / "most", edit=orphans(3))
     error_line(_cli_load(root), "drops 3 of its 4 boxes", "3 annotations name an image_id",
                "data.max_dropped_boxes")
-    split = load_split(coco_pipe(root, "data.max_dropped_boxes=1.0"), "train")  # asked for
+    split = load_split(coco_pipe(root, "data.max_dropped_boxes=1.0").data, "train")  # asked for
     assert split.stats["annotations_orphaned"] == 3 and split.stats["boxes_kept"] == 1
 
 
@@ -282,7 +282,7 @@ def test_voc_malformed_size_names_the_xml(tmp_path):
     pipe = load_pipeline(DEMO_PIPELINE, [f"data.root={root}", "data.format=voc",
                                          "data.classes=['thing']"])
     with pytest.raises(DataError) as err:
-        load_split(pipe, "train")
+        load_split(pipe.data, "train")
     assert "a.xml" in str(err.value) and "<width>" in str(err.value) and "'abc'" in str(err.value)
 
 
@@ -310,7 +310,7 @@ def test_exif_orientation_against_the_annotated_size(tmp_path):
     root = make_coco(tmp_path / "a")
     _jpeg(root / "images" / "1.jpg", 64, 48, exif_orientation=6)
     pipe = coco_pipe(root)
-    ds = DetectionDataset(load_split(pipe, "train"), pipe, train_variants(pipe))
+    ds = DetectionDataset(load_split(pipe.data, "train"), pipe.data, train_variants(pipe.data))
     assert ds[0]["meta"].ori_shape == (48, 64)
     with pytest.raises(DataError) as err:  # annotated on the unrotated pixels: refused
         ds[1]
@@ -321,7 +321,7 @@ def test_exif_orientation_against_the_annotated_size(tmp_path):
                                                             "width": 48, "height": 64}))
     _jpeg(root / "images" / "1.jpg", 64, 48, exif_orientation=6)
     pipe = coco_pipe(root)
-    ds = DetectionDataset(load_split(pipe, "train"), pipe, train_variants(pipe))
+    ds = DetectionDataset(load_split(pipe.data, "train"), pipe.data, train_variants(pipe.data))
     assert ds[1]["meta"].ori_shape == (64, 48)
 
 
@@ -340,7 +340,7 @@ def test_zero_byte_image_is_an_error_or_skipped_when_asked(tmp_path, tiny_teache
                                        root, "data.skip_undecodable_images=true")), [])])
     error_line(res, "2.jpg")
     pipe = coco_pipe(root, "data.skip_undecodable_images=true")
-    ds = DetectionDataset(load_split(pipe, "train"), pipe, train_variants(pipe))
+    ds = DetectionDataset(load_split(pipe.data, "train"), pipe.data, train_variants(pipe.data))
     batch = collate([ds[1], ds[2], ds[3]])
     assert batch["skipped"] == [str(root / "images" / "2.jpg")] and len(batch["metas"]) == 2
     assert collate([ds[2]]) == {"img": None, "metas": [], "skipped": [str(root / "images" / "2.jpg")]}

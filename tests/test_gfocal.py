@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.manifest import architecture
-from ldpipe.config import ConfigError, HeadConfig, ModelConfig, load_pipeline
+from ldpipe.config import ConfigError, HeadConfig, ModelConfig, load_pipeline, resolve_model
 from ldpipe.data import DetectionDataset, load_split, train_variants
 from ldpipe.distill import OnlineTeacher
 from ldpipe.engine.student import train_student
@@ -30,7 +30,7 @@ from test_models import mmdet_checkpoint, mmdet_gfl_state_dict  # hand-written m
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BCCD = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "bccd")
 GFOCAL = ("models.teacher.head.type=GFocalHead",)
-STUDENT = ("models.student.depth=18", "models.student.base_width=8",
+STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
            "models.student.channels=16", "models.student.stacked_convs=1")
 BASE = (*GFOCAL, *STUDENT, "cache.codec=fp32")  # the tiny pipeline with a GFocalV2 teacher
 SHORT = ("train.epochs=1", "train.max_iters_per_epoch=2", "train.batch_size=2",
@@ -148,9 +148,9 @@ def test_head_table_and_its_errors(tmp_path):
 
 def test_gfl_teacher_manifest_records_no_head():
     """A GFL teacher's architecture (part of the cache identity) is what it was before."""
-    assert set(architecture(ModelConfig())) == {"type", "backbone", "depth", "base_width", "channels",
-                                                "stacked_convs", "reg_max"}
-    arch = architecture(ModelConfig(head=HeadConfig(type="GFocalHead")))
+    assert set(architecture(resolve_model(ModelConfig()))) == {"type", "backbone", "depth", "base_width",
+                                                               "channels", "stacked_convs", "reg_max"}
+    arch = architecture(resolve_model(ModelConfig(head=HeadConfig(type="GFocalHead"))))
     assert arch["head"] == {"type": "GFocalHead", "reg_topk": 4, "reg_channels": 64, "add_mean": True}
 
 
@@ -188,7 +188,7 @@ def test_mmdet_gfocalv2_r50_loads_strictly_and_evaluates_on_bccd(tmp_path):
     tiny_ckpt = str(tmp_path / "tiny.pth")
     torch.save({"state_dict": tiny}, tiny_ckpt)
     with pytest.raises(CheckpointError, match="reg_conf"):
-        load_weights(build_model(ModelConfig(depth=18, base_width=8, channels=16, stacked_convs=1), 3),
+        load_weights(build_model(resolve_model(ModelConfig(depth=18, base_channels=8, channels=16, stacked_convs=1)), 3),
                      tiny_ckpt)
 
     # `ldpipe eval` on a handful of BCCD test images (a data root of links + a 3-image split)
@@ -241,8 +241,8 @@ def test_gfocal_cache_stores_class_logits_and_says_so(gfocal_teacher):
     from ldpipe.cache.info import format_info, info
     d = info(cache, max_samples=2)
     assert d["cls_logits"] == "class" and "head          GFocalHead" in format_info(d)
-    split = load_split(pipe, "train")
-    ds = DetectionDataset(split, pipe, train_variants(pipe))
+    split = load_split(pipe.data, "train")
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data))
     sample = ds[(0, 0)]
     got = reader.read(0, 0, with_cls=True)
     model.eval()
@@ -264,7 +264,7 @@ def test_gfl_student_kd_from_gfocal_teacher_refused_naming_both(gfocal_teacher, 
     assert "'class'" in msg and "'joint'" in msg and "distill.kd=false" in msg
     online = OnlineTeacher(pipe, "teacher", ckpt)
     with pytest.raises(CacheError, match="class KD"):
-        online.check(pipe, "student", load_split(pipe, "train"))
+        online.check(pipe, "student", load_split(pipe.data, "train"))
 
 
 def test_gfocal_teacher_to_gfl_student_without_kd_trains(gfocal_teacher, make_tiny_pipe, tmp_path):
@@ -296,13 +296,13 @@ def test_ld_into_a_gfocal_student_reads_the_joint_score_and_class_logits(gfocal_
     _, _, _, cache = gfocal_teacher
     pipe2 = make_tiny_pipe(*BASE, "models.student.head.type=GFocalHead")
     cfg = pipe2.model("student")
-    split = load_split(pipe2, "train")
+    split = load_split(pipe2.data, "train")
     from ldpipe.config import enabled_terms
     from ldpipe.distill import CachedTeacher, DistillCriterion
     from ldpipe.distill.loader import CacheTargets
     hook = CachedTeacher(pipe2, cache)
     hook.check(pipe2, "student", split)
-    ds = DetectionDataset(split, pipe2, train_variants(pipe2), extra=CacheTargets(cache))
+    ds = DetectionDataset(split, pipe2.data, train_variants(pipe2.data), extra=CacheTargets(cache))
     sample = next(ds[(i, 0)] for i in range(len(ds)) if len(ds[(i, 0)]["gt_boxes"]))
     seed_everything(0)
     model = build_model(cfg, len(split.classes))

@@ -216,7 +216,7 @@ def test_model_predict_and_boxes_to_original():
     """GFL.predict builds each level's anchors from its stride (P3-P7) and decodes there;
     boxes_to_original undoes flip and scale and clips to the original image."""
     pipe = load_pipeline(__file__.rsplit("/tests/", 1)[0] + "/pipelines/demo.toml",
-                         ["models.student.depth=18", "models.student.base_width=8",
+                         ["models.student.depth=18", "models.student.base_channels=8",
                           "models.student.channels=16", "models.student.stacked_convs=1"])
     model = build_model(pipe.model("student"), 3).eval()
     sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # a 64 x 64 input

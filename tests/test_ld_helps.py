@@ -37,7 +37,7 @@ from ldpipe.models.checkpoint import load_weights, save_checkpoint
 from ldpipe.models.losses import distribution_focal_loss, giou_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ("depth=18", "base_width=8", "channels=16", "stacked_convs=1")
+TINY = ("depth=18", "base_channels=8", "channels=16", "stacked_convs=1")
 # The oracle's edge distributions: a Gaussian over the bins, centred on the true distance.
 # Tried by hand at this schedule, seed 0 (val GIoU; baseline 0.726): sigma 2 -> 0.625, sigma 1
 # -> 0.635, DFL's two-bin split (log(w + 1e-2)) -> 0.761; sigma 0.5 gave a worse val DFL than
@@ -105,12 +105,12 @@ def dump_oracle(pipe, ckpt: str, out: str, shuffle: bool = False) -> None:
 def val_localization(pipe, ckpt: str) -> dict[str, float]:
     """Mean DFL (per edge) and GIoU loss of the checkpoint on the val images' ATSS positives."""
     cfg = pipe.model("student")
-    split = load_split(pipe, "val")
+    split = load_split(pipe.data, "val")
     model = build_model(cfg, len(split.classes))
     load_weights(model, ckpt)
     model.eval()
     collate = TrainCollate(cfg, len(split.classes), with_vlr=False)
-    ds = DetectionDataset(split, pipe, [TEST_VARIANT])
+    ds = DetectionDataset(split, pipe.data, [TEST_VARIANT])
     dfl, giou, n = 0.0, 0.0, 0
     for i in range(len(ds)):
         batch = collate([ds[(i, 0)]])
@@ -216,7 +216,7 @@ def test_ld_terms_lower_the_held_out_localization_loss(oracle_setup):
     bins from its edges on every level, so a sigma-2 Gaussian around any stored anchor's
     distances is close to one shared prior.  Checked further on 2026-12-02 (AMD EPYC, 2 cores,
     one torch thread): the same setup with the student's own box losses off
-    (``models.student.loss.dfl_weight=0`` and ``giou_weight=0``, so that LD is the only
+    (``models.student.loss.dfl_weight=0`` and ``box_weight=0``, so that LD is the only
     localization signal), seeds 0/1/2, val GIoU / DFL.  The run was a scratch script doing
     what ``python tests/test_ld_helps.py boxoff`` now does; that command has not been rerun.
 
@@ -234,7 +234,7 @@ def test_ld_terms_lower_the_held_out_localization_loss(oracle_setup):
     check_ld_helps(oracle_setup, oracle_setup["cache"])
 
 
-BOX_OFF = ("models.student.loss.dfl_weight=0", "models.student.loss.giou_weight=0")
+BOX_OFF = ("models.student.loss.dfl_weight=0", "models.student.loss.box_weight=0")
 
 
 def box_off_study(setup: dict, shuffled: str) -> None:

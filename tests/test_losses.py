@@ -245,7 +245,7 @@ def test_gfl_head_loss_one_positive_by_hand():
     for row, d in zip(edges, tdist):
         lo = math.floor(d)
         dfl += (lo + 1 - d) * cross_entropy(row, lo) + (d - lo) * cross_entropy(row, lo + 1)
-    want_bbox = cfg.giou_weight * (1 - giou) * w / (w + 1e-6)  # LD reference: sum of weights + 1e-6
+    want_bbox = cfg.box_weight * (1 - giou) * w / (w + 1e-6)  # LD reference: sum of weights + 1e-6
     want_dfl = cfg.dfl_weight * dfl * w / 4 / (w + 1e-6)
     q0 = bce_logit(0.4, 0.0) * sigmoid(0.4) ** 2 + bce_logit(-0.3, iou) * abs(iou - sigmoid(-0.3)) ** 2
     q1 = bce_logit(-1.0, 0.0) * sigmoid(-1.0) ** 2 + bce_logit(0.2, 0.0) * sigmoid(0.2) ** 2
@@ -279,7 +279,7 @@ def test_gfl_head_loss_avg_factors(num_pos_images):
     head = _head()
     pos = [0, 2, 3, 5, 6]
     cls, reg, anchors, strides, labels, lw, boxes = _random_case(8, pos, seed=2)
-    cfg = LossConfig(qfl_weight=1.5, dfl_weight=0.25, giou_weight=2.0)
+    cfg = LossConfig(qfl_weight=1.5, dfl_weight=0.25, box_weight=2.0)
     losses, extras = _loss(head, cls, reg, anchors, strides, labels, lw, boxes, num_pos_images, cfg)
 
     w = cls.sigmoid().max(1).values[pos]

@@ -19,7 +19,7 @@ from ldpipe.cache.verify import verify
 from ldpipe.cli import main as cli
 from ldpipe.engine.dump import dump_teacher
 
-STUDENT = ("models.student.depth=18", "models.student.base_width=8",
+STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
            "models.student.channels=16", "models.student.stacked_convs=1")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou, distance_box_iou
 
-from ldpipe.config import ModelConfig
+from ldpipe.config import ModelConfig, resolve_model
 from ldpipe.config import TestConfig as HeadTestConfig
 from ldpipe.models import build_model
 from ldpipe.models import image_targets
@@ -24,7 +24,7 @@ def _pos(t) -> torch.Tensor:
     """Own-grid indices of an image's positive anchors."""
     return torch.nonzero(t.labels < t.num_classes).squeeze(1)
 PAD = (320, 320)
-TINY = dict(depth=18, base_width=8, channels=16, stacked_convs=1)
+TINY = dict(depth=18, base_channels=8, channels=16, stacked_convs=1)
 
 
 def random_gts(rng: random.Random, n: int, lo: float = 12.0, hi: float = 200.0) -> torch.Tensor:
@@ -329,7 +329,7 @@ def test_grid_to_batch_index():
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    cfg = ModelConfig(**TINY, test=HeadTestConfig(score_thr=0.0, max_per_img=7))
+    cfg = resolve_model(ModelConfig(**TINY, test=HeadTestConfig(score_thr=0.0, max_per_img=7)))
     model = build_model(cfg, 3).eval()
     with torch.no_grad():  # spread the scores so that NMS has work to do
         model.bbox_head.gfl_cls.weight.normal_(0, 0.5)
@@ -369,7 +369,7 @@ def test_one_channel_groups_on_a_1x1_level():
     1x1, a group of one value: the head runs (torch's GroupNorm refuses) and gives what the
     formula gives there, the bias; elsewhere it equals torch's GroupNorm."""
     from ldpipe.models.gfl_head import GroupNorm
-    cfg = ModelConfig(depth=18, base_width=8, channels=16, stacked_convs=2)
+    cfg = resolve_model(ModelConfig(depth=18, base_channels=8, channels=16, stacked_convs=2))
     model = build_model(cfg, 3).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 3, 64, 64))
@@ -418,7 +418,7 @@ def test_pretrained_backbone_freezes_stem_and_layer1(tmp_path):
     sd["fc.bias"] = torch.zeros(10)
     path = str(tmp_path / "r18.pth")
     torch.save(sd, path)
-    model = build_model(ModelConfig(**TINY, pretrained=path), 3).train()
+    model = build_model(resolve_model(ModelConfig(**TINY, pretrained=path)), 3).train()
     for k, v in src.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v)
     assert not model.backbone.conv1.weight.requires_grad
@@ -511,7 +511,7 @@ def test_mmdet_r50_gfl_checkpoint_loads_strictly(tmp_path):
     path = str(tmp_path / "gfl_r50_bccd.pth")
     torch.save(mmdet_checkpoint(sd), path)
 
-    model = build_model(ModelConfig(), 3)
+    model = build_model(resolve_model(ModelConfig()), 3)
     assert set(model.state_dict()) == set(sd)
     meta = load_weights(model, path)
     assert meta["CLASSES"] == ("RBC", "WBC", "Platelets") and meta["epoch"] == 12
@@ -525,7 +525,7 @@ def test_mmdet_r18_checkpoint_loads_and_wrong_classes_refused(tmp_path):
     sd = mmdet_gfl_state_dict(depth=18, width=8, channels=16, stacked=1, num_classes=3)
     ok = str(tmp_path / "ok.pth")
     torch.save(mmdet_checkpoint(sd), ok)
-    model = build_model(ModelConfig(**TINY), 3)
+    model = build_model(resolve_model(ModelConfig(**TINY)), 3)
     assert set(model.state_dict()) == set(sd)
     load_weights(model, ok)
     assert torch.equal(model.bbox_head.gfl_cls.weight, sd["bbox_head.gfl_cls.weight"])
@@ -533,7 +533,7 @@ def test_mmdet_r18_checkpoint_loads_and_wrong_classes_refused(tmp_path):
     bad = str(tmp_path / "four_classes.pth")
     torch.save(mmdet_checkpoint(mmdet_gfl_state_dict(18, 8, 16, 1, num_classes=4)), bad)
     with pytest.raises(CheckpointError) as err:
-        load_weights(build_model(ModelConfig(**TINY), 3), bad)
+        load_weights(build_model(resolve_model(ModelConfig(**TINY)), 3), bad)
     msg = str(err.value)
     assert "shape mismatch" in msg and "gfl_cls" in msg and bad in msg
 
@@ -542,7 +542,7 @@ def test_mmdet_r18_checkpoint_loads_and_wrong_classes_refused(tmp_path):
     miss = str(tmp_path / "missing.pth")
     torch.save({"state_dict": partial}, miss)
     with pytest.raises(CheckpointError, match="integral.project"):
-        load_weights(build_model(ModelConfig(**TINY), 3), miss)
+        load_weights(build_model(resolve_model(ModelConfig(**TINY)), 3), miss)
 
 
 class NotATensor:
@@ -557,10 +557,10 @@ def test_checkpoint_with_pickled_objects_refused(tmp_path):
     path = str(tmp_path / "objects.pth")
     torch.save({"state_dict": sd, "message_hub": NotATensor()}, path)
     with pytest.raises(CheckpointError, match="weights_only"):
-        load_weights(build_model(ModelConfig(**TINY), 3), path)
+        load_weights(build_model(resolve_model(ModelConfig(**TINY)), 3), path)
 
 
 def test_checkpoint_missing_file(tmp_path):
     path = str(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match="nope.pth"):
-        load_weights(build_model(ModelConfig(**TINY), 3), path)
+        load_weights(build_model(resolve_model(ModelConfig(**TINY)), 3), path)

@@ -11,7 +11,7 @@ from ldpipe.cache.compat import check_compatible
 from ldpipe.data import load_split
 from ldpipe.engine.dump import dump_teacher
 
-STUDENT = ("models.student.depth=18", "models.student.base_width=8",
+STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
            "models.student.channels=16", "models.student.stacked_convs=1")
 ALL = {"ld", "vlr", "kd"}
 
@@ -34,7 +34,7 @@ def _stored(cache) -> int:
 
 
 def _refusal(cache, manifest, pipe, terms=ALL) -> str:
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     with pytest.raises(CacheError) as err:
         check_compatible(manifest, cache, _stored(cache), pipe, "student", split, terms)
     return str(err.value)
@@ -42,7 +42,7 @@ def _refusal(cache, manifest, pipe, terms=ALL) -> str:
 
 def test_compatible_cache_passes(cache, manifest, make_tiny_pipe):
     pipe = make_tiny_pipe(*STUDENT)
-    check_compatible(manifest, cache, _stored(cache), pipe, "student", load_split(pipe, "train"),
+    check_compatible(manifest, cache, _stored(cache), pipe, "student", load_split(pipe.data, "train"),
                      ALL)
 
 
@@ -67,7 +67,7 @@ def test_other_classes_refused(cache, manifest, make_tiny_pipe):
     other.geometry.classes = theirs
     pipe = make_tiny_pipe(*STUDENT)
     msg = _refusal(cache, other, pipe)
-    ours = load_split(pipe, "train").classes
+    ours = load_split(pipe.data, "train").classes
     assert "classes" in msg and repr(theirs) in msg and repr(list(ours)) in msg, msg
 
 
@@ -84,7 +84,7 @@ def test_kd_needs_stored_class_logits(cache, manifest, make_tiny_pipe):
     msg = _refusal(cache, no_cls, pipe, ALL)
     assert "store_cls=false" in msg and "distill.kd=false" in msg, msg
     # the same cache serves LD and VLR
-    check_compatible(no_cls, cache, _stored(cache), pipe, "student", load_split(pipe, "train"),
+    check_compatible(no_cls, cache, _stored(cache), pipe, "student", load_split(pipe.data, "train"),
                      {"ld", "vlr"})
 
 

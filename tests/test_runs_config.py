@@ -131,7 +131,7 @@ def test_train_cli_runs_the_epochs_given_on_the_command_line(make_tiny_pipe, tin
 
 
 def test_resolved_pipeline_round_trips_and_config_show_prints_it(tmp_path):
-    pipe = load_pipeline(DEMO, ["train.epochs=1", "models.student.base_width=8",
+    pipe = load_pipeline(DEMO, ["train.epochs=1", "models.student.base_channels=8",
                                 'data.classes=["a b", "c\\"d"]'])
     resolved = resolved_dict(pipe)
     text = to_toml(resolved)
@@ -140,13 +140,13 @@ def test_resolved_pipeline_round_trips_and_config_show_prints_it(tmp_path):
     assert resolved_dict(again) == resolved
     for name in pipe.models:
         assert again.train_for(name) == pipe.train_for(name)
-    assert again.train_for("teacher").epochs == 1 and again.model("student").base_width == 8
+    assert again.train_for("teacher").epochs == 1 and again.model("student").base_channels == 8
 
     res = CliRunner().invoke(cli, ["config", "show", DEMO, "-o", "train.epochs=1",
-                                   "-o", "models.student.base_width=8",
+                                   "-o", "models.student.base_channels=8",
                                    "-o", 'data.classes=["a b", "c\\"d"]'])
     assert res.exit_code == 0, res.output
-    assert "# overridden: train.epochs, models.student.base_width, data.classes" in res.output
+    assert "# overridden: train.epochs, models.student.base_channels, data.classes" in res.output
     assert tomllib.loads(res.output) == resolved
     res = CliRunner().invoke(cli, ["config", "show", DEMO, "-o", "train.epoch=1"])
     assert res.exit_code == 1 and "Error: " in res.output and "train.epoch" in res.output

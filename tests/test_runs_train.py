@@ -157,8 +157,8 @@ def test_validation_every_n_epochs_keeps_best(make_tiny_pipe, tmp_path, monkeypa
     aps = iter([0.2, 0.1, 0.3])
     real = infer.evaluate_model
 
-    def fake(model, pipe, split, device, batch_size=4, progress=True):
-        metrics, dets = real(model, pipe, split, device, batch_size, progress)
+    def fake(model, data, split, device, batch_size=4, progress=True):
+        metrics, dets = real(model, data, split, device, batch_size, progress)
         calls.append(len(dets))
         ap = next(aps)  # the tiny model's AP is 0: drive best.pth with known values
         return {**metrics, "bbox_mAP": ap, "bbox_mAP_50": ap, "bbox_mAP_75": ap}, dets

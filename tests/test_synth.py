@@ -82,13 +82,13 @@ def test_loads_through_load_split(synth, tmp_path):
     toml.write_text(f'[data]\nformat = "coco"\nroot = "{synth}"\n'
                     'train_scales = [[320, 320]]\ntest_scale = [320, 320]\n')
     pipe = load_pipeline(toml)
-    train, val = load_split(pipe, "train"), load_split(pipe, "val")
+    train, val = load_split(pipe.data, "train"), load_split(pipe.data, "val")
     assert train.classes == CLASSES
     assert len(train.records) == 16 and len(val.records) == 6
     assert train.stats["boxes_dropped_degenerate"] == 0 and train.stats["boxes_clipped"] == 0
     assert train.fingerprint != val.fingerprint
     assert all(Path(r.file_name).is_file() for r in train.records + val.records)
-    assert load_split(pipe, "train").fingerprint == train.fingerprint
+    assert load_split(pipe.data, "train").fingerprint == train.fingerprint
 
 
 def test_cli_defaults_are_the_demo_set(tmp_path):

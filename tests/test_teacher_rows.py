@@ -17,7 +17,7 @@ from ldpipe.engine.train import TrainCollate
 from ldpipe.models import batch_targets, build_model
 from ldpipe.models.checkpoint import load_weights
 
-STUDENT = ("models.student.depth=18", "models.student.base_width=8",
+STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
            "models.student.channels=16", "models.student.stacked_convs=1")
 
 
@@ -31,9 +31,9 @@ def test_cached_rows_land_on_the_right_batch_anchors(make_tiny_pipe, tiny_teache
                           *STUDENT)
     cache = str(tmp_path / "c")
     dump_teacher(pipe, "teacher", tiny_teacher_ckpt, cache, device="cpu", progress=False)
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     cfg, n_cls = pipe.model("student"), len(split.classes)
-    ds = DetectionDataset(split, pipe, train_variants(pipe), extra=CacheTargets(cache))
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(cache))
     by_shape: dict = {}
     for i in range(len(ds)):
         s = ds[(i, i % 2)]

@@ -19,7 +19,7 @@ from ldpipe.models.checkpoint import file_sha256, load_file, save_checkpoint
 DEMO_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "pipelines", "demo.toml")
 
-STUDENT = ("models.student.depth=18", "models.student.base_width=8",
+STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
            "models.student.channels=16", "models.student.stacked_convs=1")
 SHORT = ("train.batch_size=2", "train.max_iters_per_epoch=2", "train.warmup_iters=2",
          "train.log_interval=1", "models.teacher.train={}")

@@ -54,7 +54,7 @@ def test_setting_changes_the_vlr_loss(synth, vlr_caches):
     losses = {}
     for region in ("reference", "diou"):
         pipe = _pipe(synth, region, "cache.codec=fp32")
-        split = load_split(pipe, "train")
+        split = load_split(pipe.data, "train")
         hook = CachedTeacher(pipe, vlr_caches[region])
         samples = _same_shape_batch(pipe, split, hook.sample_extra(torch.device("cpu")))
         losses[region], _ = _step(pipe, hook, samples, split)
@@ -64,7 +64,7 @@ def test_setting_changes_the_vlr_loss(synth, vlr_caches):
 
 def test_a_cache_of_the_other_definition_is_refused(synth, vlr_caches):
     pipe = _pipe(synth, "diou", "cache.codec=fp32")
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     with pytest.raises(CacheError) as err:
         CachedTeacher(pipe, vlr_caches["reference"]).check(pipe, "student", split)
     msg = str(err.value)
@@ -80,7 +80,7 @@ def test_a_dense_cache_serves_both(synth, teacher_ckpt, tmp_path):
                  teacher_ckpt, path, progress=False)
     for region in ("reference", "diou"):
         pipe = _pipe(synth, region, "cache.region=dense", "cache.codec=fp16")
-        CachedTeacher(pipe, path).check(pipe, "student", load_split(pipe, "train"))
+        CachedTeacher(pipe, path).check(pipe, "student", load_split(pipe.data, "train"))
     assert torch.is_tensor(CacheReader(path).read(0, 0)["box"])
 
 

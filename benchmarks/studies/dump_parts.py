@@ -48,8 +48,8 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe = load_pipeline(args.pipeline, args.override)
     cfg = pipe.model(args.model)
-    split = load_split(pipe, "train")
-    ds = DetectionDataset(split, pipe, train_variants(pipe))
+    split = load_split(pipe.data, "train")
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data))
     n = min(args.images, len(ds))
     samples = []
     out = {"load": per_sample_ms(lambda: samples.extend(ds[(i, 0)] for i in range(n)), n)}

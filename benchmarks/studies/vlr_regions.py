@@ -31,9 +31,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     pipe = load_pipeline(args.pipeline, args.override)
     cfg = pipe.model(args.model)
-    split = load_split(pipe, "train")
-    variants = train_variants(pipe)
-    ds = DetectionDataset(split, pipe, variants)
+    split = load_split(pipe.data, "train")
+    variants = train_variants(pipe.data)
+    ds = DetectionDataset(split, pipe.data, variants)
     n = len(split.records) if args.images <= 0 else min(args.images, len(split.records))
     a = cfg.assigner
     specs = {r: [AssignerConfig(a.topk, a.ignore_iof_thr, r)] for r in ("reference", "diou")}

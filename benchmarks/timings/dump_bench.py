@@ -142,10 +142,10 @@ def main(argv=None) -> None:
         else:
             ckpt = os.path.abspath(args.checkpoint)
         from ldpipe.data import train_variants
-        nv = len(train_variants(pipe))
+        nv = len(train_variants(pipe.data))
         configured = (pipe.cache.region, pipe.cache.codec)
         print(f"# dump benchmark: {args.pipeline} model {args.model!r} (ResNet-{cfg.depth}, "
-              f"width {cfg.base_width}, {cfg.channels} ch, {cfg.stacked_convs} convs), "
+              f"width {cfg.base_channels}, {cfg.channels} ch, {cfg.stacked_convs} convs), "
               f"{len(split.records)} images x {nv} variants, batch {bs}, workers {workers}, "
               f"device {device}", flush=True)
 
@@ -160,7 +160,7 @@ def main(argv=None) -> None:
                                      "compressor": pipe.cache.compressor,
                                      "store_cls": pipe.cache.store_cls,
                                      "configured": {"region": configured[0], "codec": configured[1]},
-                                     "teacher": {"depth": cfg.depth, "base_width": cfg.base_width,
+                                     "teacher": {"depth": cfg.depth, "base_width": cfg.base_channels,
                                                  "channels": cfg.channels,
                                                  "stacked_convs": cfg.stacked_convs,
                                                  "reg_max": cfg.reg_max}},

@@ -16,7 +16,7 @@ def load_pipe(args, *extra: str):
 
 def truncated_split(pipe, split_name: str, n: int):
     from ldpipe.data import load_split
-    split = load_split(pipe, split_name)
+    split = load_split(pipe.data, split_name)
     if n <= 0 or n >= len(split.records):
         return split
     fp = hashlib.sha256(f"{split.fingerprint}:first{n}".encode()).hexdigest()
@@ -54,12 +54,12 @@ def run_inference(pipe, model_name: str, ckpt: str, split, device, batches: list
 
     t0 = now()
     cfg = pipe.model(model_name)
-    variants = train_variants(pipe)
+    variants = train_variants(pipe.data)
     model = build_model(cfg, len(split.classes))
     load_weights(model, ckpt)
     model.to(device).eval()
     loader = torch.utils.data.DataLoader(
-        DetectionDataset(split, pipe, variants), batch_sampler=batches, num_workers=workers,
+        DetectionDataset(split, pipe.data, variants), batch_sampler=batches, num_workers=workers,
         collate_fn=collate, pin_memory=device.type == "cuda", worker_init_fn=worker_init)
     use_amp = (device.type == "cuda") if amp is None else (amp and device.type == "cuda")
     n = 0
@@ -82,9 +82,9 @@ def run_dump(pipe, model_name: str, ckpt: str, split, out: str, device, batch_si
     from ldpipe.data import train_variants
     from ldpipe.engine.dump import dump_teacher, unit_batches
     per_unit = pipe.cache.samples_per_shard
-    variants = train_variants(pipe)
+    variants = train_variants(pipe.data)
     units = list(range(math.ceil(len(split.records) * len(variants) / per_unit)))
-    batches = unit_batches(pipe, split, variants, units, per_unit, batch_size or pipe.cache.batch_size)
+    batches = unit_batches(pipe.data, split, variants, units, per_unit, batch_size or pipe.cache.batch_size)
     t0 = now()
     summary = dump_teacher(pipe, model_name, ckpt, out, split_name, device=device.type,
                            batch_size=batch_size, workers=workers, amp=amp, progress=False,

@@ -52,11 +52,11 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     pipe = load_pipeline(args.pipeline, args.override)
-    split = load_split(pipe, args.split)
+    split = load_split(pipe.data, args.split)
     model = build_model(pipe.model(args.model), len(split.classes))
     load_weights(model, args.checkpoint)
     model.to(dev).eval()
-    dataset = DetectionDataset(split, pipe, [TEST_VARIANT])
+    dataset = DetectionDataset(split, pipe.data, [TEST_VARIANT])
     n = len(dataset) if args.images <= 0 else min(args.images, len(dataset))
 
     outputs, forward_s = [], 0.0

@@ -63,7 +63,7 @@ def pipeline_overrides(root: str, size: int, width: int, channels: int, iters: i
            override("data.test_scale", [size, size]), override("train.epochs", epochs),
            override("train.max_iters_per_epoch", per_epoch), override("train.batch_size", batch)]
     for name, _ in (("teacher", 101), *STUDENTS):
-        out += [override(f"models.{name}.base_width", width), override(f"models.{name}.channels", channels),
+        out += [override(f"models.{name}.base_channels", width), override(f"models.{name}.channels", channels),
                 override(f"models.{name}.stacked_convs", stacked_convs)]
     return out + [override("cache.batch_size", batch)]
 

@@ -32,14 +32,14 @@ class Bench:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         pipe = self.pipe = load_pipeline(setup["pipeline"], setup["overrides"])
-        split = load_split(pipe, "train")
+        split = load_split(pipe.data, "train")
         cfg = self.cfg = pipe.model("student")
         sched = pipe.train_for("student")
         sources = {m: self._source(m, split) for m in modes}
         self.hooks = {m: self._criterion(src) for m, src in sources.items()}
         # every mode here uses the training variants (a cache's are the dump's: the same)
         variants = next((s for s in sources.values() if s is not None), TargetSource()).variants(pipe)
-        self.dataset = DetectionDataset(split, pipe, variants)
+        self.dataset = DetectionDataset(split, pipe.data, variants)
         extras = [s.sample_extra(device) for s in sources.values() if s is not None]
         self.extra = next((e for e in extras if e is not None), None)
         self.collate = {vlr: TrainCollate(cfg, len(split.classes), vlr)

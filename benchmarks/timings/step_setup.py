@@ -18,7 +18,7 @@ def pipeline_overrides(args, root: str) -> list[str]:
            override("data.test_scale", [size, size]), override("train.batch_size", batch),
            override("train.amp", args.amp == "auto")]
     for name, depth in (("teacher", args.teacher_depth), ("student", args.student_depth)):
-        out += [override(f"models.{name}.depth", depth), override(f"models.{name}.base_width", args.base_width),
+        out += [override(f"models.{name}.depth", depth), override(f"models.{name}.base_channels", args.base_width),
                 override(f"models.{name}.channels", args.channels),
                 override(f"models.{name}.stacked_convs", args.stacked_convs)]
     return out + [override("cache.region", args.region), override("cache.codec", args.codec),
@@ -39,7 +39,7 @@ def make_setup(args, work: str, device) -> dict:
     synthesize(root, n_train=n_train, n_val=1, seed=args.seed, size=args.size)
     overrides = pipeline_overrides(args, root)
     pipe = load_pipeline(PIPELINE, overrides)
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     torch.manual_seed(args.seed + 1)
     teacher = build_model(pipe.model("teacher"), len(split.classes))
     with torch.no_grad():  # non-flat teacher distributions (GFL's init gives near-uniform ones)

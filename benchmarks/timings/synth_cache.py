@@ -100,7 +100,7 @@ def fake_split(num_images: int, num_classes: int):
 
 def make_manifest(pipe, num_images: int, num_classes: int):
     from ldpipe.data import train_variants
-    variants = train_variants(pipe)
+    variants = train_variants(pipe.data)
     total = num_images * len(variants)
     per_unit = pipe.cache.samples_per_shard
     assigners = [{"topk": 9, "ignore_iof_thr": -1.0, "vlr_region": "reference", "models": ["student"]}]

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import LdpipeError
 from ..provenance import versions
-from ..config import MAX_INT8_BOX_STEP, AssignerConfig, ModelConfig, Pipeline, resolve_backbone
+from ..config import MAX_INT8_BOX_STEP, AssignerConfig, ModelConfig, Pipeline
 from ..models.anchors import Grid, make_grid
 from ..models.detector import HEADS, backbone_label
 from .codec import CODEC_TABLE, codec_for
@@ -49,7 +49,9 @@ class CacheError(LdpipeError):
 @dataclass
 class TeacherInfo:
     model: str
-    architecture: dict  # type, backbone, depth, base_width, channels, stacked_convs, reg_max
+    # type, backbone, depth, base_width, channels, stacked_convs, reg_max; base_width is the stem
+    # width (the pipeline's models.NAME.base_channels), kept under its format-version-2 name
+    architecture: dict
     checkpoint_sha256: str
 
 
@@ -322,8 +324,9 @@ def check_numbers(m: "Manifest", url: str) -> None:
 def architecture(cfg: ModelConfig) -> dict:
     # "ResNet-50" for a plain ResNet (as format version 2 always wrote), else e.g.
     # "ResNeXt-101-32x4d-DCN(c4-c5)"
-    arch = {"type": "GFL", "backbone": backbone_label(resolve_backbone(cfg)), "depth": cfg.depth,
-            "base_width": cfg.base_width, "channels": cfg.channels,
+    # "base_width": the stem width under the name every version-2 manifest has (identity, cache id)
+    arch = {"type": "GFL", "backbone": backbone_label(cfg.backbone), "depth": cfg.depth,
+            "base_width": cfg.base_channels, "channels": cfg.channels,
             "stacked_convs": cfg.stacked_convs, "reg_max": cfg.reg_max}
     if cfg.head.type != "GFLHead":  # absent = GFLHead, so a GFL teacher's manifest is as before
         arch["head"] = dataclasses.asdict(cfg.head)

@@ -5,13 +5,14 @@ A pipeline file describes a whole experiment: the data set, the named models
 chain settings.  It is parsed with :mod:`tomllib` and never executed.  Unknown
 keys are errors that name the key and the file.
 
-``schema`` holds the vocabularies and dataclasses, ``load`` reads files and overrides.
+``schema`` holds the vocabularies (``Literal`` types) and the frozen dataclasses; ``load`` reads
+files and overrides and resolves each model's backbone and schedule, once.
 """
 from .load import apply_override, enabled_terms, load_pipeline, parse_value, to_dict, validate
-from .load import resolve_backbone
+from .load import is_resolved, legacy_dict, resolve_backbone, resolve_model, schedule_of
 from .schema import *  # noqa: F401,F403  (the vocabularies and dataclasses)
 from .schema import __all__ as _schema_all
 
 __all__ = list(_schema_all) + ["apply_override", "enabled_terms", "load_pipeline", "parse_value",
                                "to_dict", "validate"]
-__all__ += ["resolve_backbone"]
+__all__ += ["is_resolved", "legacy_dict", "resolve_backbone", "resolve_model", "schedule_of"]

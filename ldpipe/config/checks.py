@@ -25,7 +25,7 @@ def check_values(pipe: Pipeline) -> None:
         raise ConfigError(f"{src}: data.max_dropped_boxes is a fraction in [0, 1], "
                           f"got {d.max_dropped_boxes}")
     for name in pipe.models:
-        t, own = pipe.train_for(name), pipe.models[name].train
+        t, own = pipe.schedules[name], pipe.models[name].train
 
         def where(key: str) -> str:
             return f"models.{name}.train.{key}" if key in own else f"train.{key} (model {name!r})"
@@ -40,7 +40,7 @@ def check_values(pipe: Pipeline) -> None:
         m = pipe.models[name]
         if not m.strides or any(s <= 0 for s in m.strides):
             raise ConfigError(f"{src}: models.{name}.strides must be positive, got {m.strides}")
-        for key in ("base_width", "channels"):
+        for key in ("base_channels", "channels"):
             if getattr(m, key) < 1:
                 raise ConfigError(f"{src}: models.{name}.{key} must be >= 1, got {getattr(m, key)}")
         if m.anchor_scale <= 0:

@@ -15,11 +15,9 @@ from typing import Any
 
 from .checks import check_values
 from .extends import resolve_extends
-from .schema import HEAD_TYPES
-from .schema import (BOX_LOSSES, BOX_NORMS, CODECS, COMPRESSORS, DATA_FORMATS, DISTILL_TERMS,
-                     REGION_POLICIES, RESNET_DEPTHS, VLR_REGIONS, ConfigError, Pipeline, _build)
-from .schema import BACKBONE_DEPTHS, BACKBONE_TYPES, DCN_TYPES, BackboneConfig, ModelConfig
-from .schema import MAX_INT8_BOX_STEP, NMS_KINDS
+from .schema import (BACKBONE_DEPTHS, BACKBONE_TYPES, DCN_TYPES, DISTILL_TERMS, MAX_INT8_BOX_STEP,
+                     RENAMED, RESNET_DEPTHS, BackboneConfig, ConfigError, ModelConfig, Pipeline,
+                     TrainConfig, _build)
 
 
 # ---------------------------------------------------------------------- parsing
@@ -49,7 +47,11 @@ def apply_override(raw: dict, assignment: str, source: str = "<override>") -> No
 
 
 def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
-    """Read a pipeline file, apply dotted overrides and validate it."""
+    """Read a pipeline file, apply dotted overrides, resolve and validate it.
+
+    Resolved here, once: each model's backbone table (:func:`resolve_backbone`, with the flat
+    ``depth`` / ``base_channels`` set to its values) and each model's schedule
+    (:func:`schedule_of`, stored in ``Pipeline.schedules``); the result is frozen."""
     path = str(path)
     try:
         with open(path, "rb") as fh:
@@ -67,21 +69,41 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
     for assignment in overrides:
         apply_override(raw, assignment, path)
     pipe = _build(Pipeline, raw, "", path)
-    pipe.source = path
-    pipe.raw = raw
-    pipe.bases = bases
-    pipe.overridden = override_paths(overrides)
-    if not pipe.name:
-        pipe.name = Path(path).stem
+    pipe = dataclasses.replace(pipe, source=path, raw=raw, bases=bases,
+                               overridden=override_paths(overrides), name=pipe.name or Path(path).stem)
+    models = {}
+    for name, m in pipe.models.items():
+        section = raw.get("models", {}).get(name)
+        models[name] = resolve_model(m, f"models.{name}", path,
+                                     set(section) if isinstance(section, dict) else None)
+    pipe = dataclasses.replace(pipe, models=models)
+    pipe = dataclasses.replace(pipe, schedules={name: schedule_of(pipe, name) for name in models})
     validate(pipe)
     return pipe
 
 
+def schedule_of(pipe: Pipeline, name: str) -> TrainConfig:
+    """The schedule of one model: the ``train`` section with its overrides, by precedence
+    ``[train] < models.NAME.train < -o train.KEY < -o models.NAME.train.KEY``."""
+    model = pipe.model(name)
+    merged = dataclasses.asdict(pipe.train)
+    cli = {p.split(".")[1] for p in pipe.overridden if p.startswith("train.")}
+    own = {p.split(".")[3] for p in pipe.overridden
+           if p.startswith(f"models.{name}.train.") and len(p.split(".")) > 3}
+    for key, value in model.train.items():
+        if key not in merged:
+            raise ConfigError(f"{pipe.source}: unknown key models.{name}.train.{key}")
+        if key in cli and key not in own:
+            continue
+        merged[key] = value
+    return _build(TrainConfig, merged, f"models.{name}.train", pipe.source)
+
+
 def validate(pipe: Pipeline) -> None:
+    """Checks across keys of a resolved pipeline (the vocabularies and types were checked
+    while building it: ``schema._coerce``)."""
     src = pipe.source
     d = pipe.data
-    if d.format not in DATA_FORMATS:
-        raise ConfigError(f"{src}: data.format must be {_alternatives(DATA_FORMATS)}, got {d.format!r}")
     if d.format == "voc" and not d.classes:
         raise ConfigError(f"{src}: data.classes is required for VOC data")
     if not d.train_scales or any(len(s) != 2 for s in d.train_scales):
@@ -89,33 +111,18 @@ def validate(pipe: Pipeline) -> None:
     if len(d.test_scale) != 2:
         raise ConfigError(f"{src}: data.test_scale must be [long, short]")
     for name, m in pipe.models.items():
-        section = pipe.raw.get("models", {}).get(name) if pipe.raw else None
-        m.backbone = resolve_backbone(m, f"models.{name}", src,
-                                      set(section) if isinstance(section, dict) else None)
-        m.depth, m.base_width = m.backbone.depth, m.backbone.base_channels
         if m.depth not in RESNET_DEPTHS:
             raise ConfigError(f"{src}: models.{name}.depth must be {_alternatives(RESNET_DEPTHS)}, "
                               f"got {m.depth}")
         if m.reg_max < 1:
             raise ConfigError(f"{src}: models.{name}.reg_max must be >= 1, got {m.reg_max}")
-        for key, allowed in (("box_loss", BOX_LOSSES), ("box_norm", BOX_NORMS)):
-            value = getattr(m.loss, key)
-            if value not in allowed:
-                raise ConfigError(f"{src}: models.{name}.loss.{key} must be {_alternatives(allowed)}, "
-                                  f"got {value!r}")
-        if m.assigner.vlr_region not in VLR_REGIONS:
-            raise ConfigError(f"{src}: models.{name}.assigner.vlr_region must be "
-                              f"{_alternatives(VLR_REGIONS)}, got {m.assigner.vlr_region!r}")
         if "threads" in m.train:
             raise ConfigError(f"{src}: models.{name}.train.threads: the thread count is process-wide; "
                               f"set train.threads in [train]")
         _validate_head(src, name, m)
-        if m.test.nms not in NMS_KINDS:
-            raise ConfigError(f"{src}: models.{name}.test.nms must be {_alternatives(NMS_KINDS)}, "
-                              f"got {m.test.nms!r}")
         if not 0.0 <= m.test.nms_iou <= 1.0:
             raise ConfigError(f"{src}: models.{name}.test.nms_iou must be in [0, 1], got {m.test.nms_iou}")
-        t = pipe.train_for(name)  # validates per-model overrides
+        t = pipe.schedules[name]
         if t.keep_checkpoints < 0:
             raise ConfigError(f"{src}: train.keep_checkpoints for model {name!r} must be >= 0 "
                               f"(0 keeps all), got {t.keep_checkpoints}")
@@ -125,10 +132,6 @@ def validate(pipe: Pipeline) -> None:
                                   f"(0 = off), got {getattr(t, key)}")
     if pipe.train.threads < 0:
         raise ConfigError(f"{src}: train.threads must be >= 0 (0 = torch's default), got {pipe.train.threads}")
-    for key, allowed in (("region", REGION_POLICIES), ("codec", CODECS), ("compressor", COMPRESSORS)):
-        value = getattr(pipe.cache, key)
-        if value not in allowed:
-            raise ConfigError(f"{src}: cache.{key} must be {_alternatives(allowed)}, got {value!r}")
     step = pipe.cache.int8_box_step
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step <= MAX_INT8_BOX_STEP:
         raise ConfigError(f"{src}: cache.int8_box_step must be a number of nats in [0, {MAX_INT8_BOX_STEP:g}] "
@@ -137,66 +140,82 @@ def validate(pipe: Pipeline) -> None:
 
 
 # ---------------------------------------------------------------------- the backbone table
-_FLAT = {"depth": "depth", "base_channels": "base_width"}  # table key -> the flat shorthand
+_FLAT = ("depth", "base_channels")  # table keys that have a flat shorthand of the same name
 _DCN_KEYS = ("type", "deform_groups", "fallback_on_stride")
 _TYPE_DEFAULTS = {"ResNet": {}, "ResNeXt": {"groups": 1, "base_width": 4},
                   "Res2Net": {"base_width": 26, "scales": 4}}
+
+
+def resolve_model(m: ModelConfig, where: str = "model", source: str = "<config>",
+                  given: set[str] | None = None) -> ModelConfig:
+    """``m`` with its backbone resolved (:func:`resolve_backbone`) and the flat ``depth`` /
+    ``base_channels`` set to the backbone's values: what the loader stores for each model.
+    A :class:`ModelConfig` built in code goes through this before :func:`build_model`."""
+    b = resolve_backbone(m, where, source, given)
+    return dataclasses.replace(m, backbone=b, depth=b.depth, base_channels=b.base_channels)
 
 
 def resolve_backbone(m: ModelConfig, where: str = "model", source: str = "<config>",
                      given: set[str] | None = None) -> BackboneConfig:
     """``m.backbone`` with every value filled in and checked (idempotent).
 
-    The flat ``depth`` / ``base_width`` keys are the shorthand of ``backbone.depth`` /
+    The flat ``depth`` / ``base_channels`` keys are the shorthand of ``backbone.depth`` /
     ``backbone.base_channels``; a flat key given together with a different table value is an
     error naming both.  ``given``: the flat keys the file (with its overrides) wrote; ``None``
     (a config built in code): those whose value differs from the default.
     """
-    b = dataclasses.replace(m.backbone)
+    vals = {f.name: getattr(m.backbone, f.name) for f in dataclasses.fields(BackboneConfig)}
     bw = f"{where}.backbone"
-    if b.type not in BACKBONE_TYPES:
-        raise ConfigError(f"{source}: {bw}.type must be {_alternatives(BACKBONE_TYPES)}, got {b.type!r}")
+    if vals["type"] not in BACKBONE_TYPES:
+        raise ConfigError(f"{source}: {bw}.type must be {_alternatives(BACKBONE_TYPES)}, "
+                          f"got {vals['type']!r}")
+    kind = vals["type"]
     defaults = ModelConfig()
-    for key, flat in _FLAT.items():
-        flat_value, table_value = getattr(m, flat), getattr(b, key)
-        flat_given = (flat in given) if given is not None else flat_value != getattr(defaults, flat)
+    for key in _FLAT:
+        flat_value, table_value = getattr(m, key), vals[key]
+        flat_given = (key in given) if given is not None else flat_value != getattr(defaults, key)
         if table_value is None:
-            setattr(b, key, flat_value)
+            vals[key] = flat_value
         elif flat_given and flat_value != table_value:
-            raise ConfigError(f"{source}: {where}.{flat} = {flat_value} conflicts with "
+            raise ConfigError(f"{source}: {where}.{key} = {flat_value} conflicts with "
                               f"{bw}.{key} = {table_value} (give one of them)")
     # name the key the value came from: the table's or its flat shorthand
-    named = {k: f"{bw}.{k}" if getattr(m.backbone, k) is not None else f"{where}.{f}"
-             for k, f in _FLAT.items()}
-    if b.depth not in BACKBONE_DEPTHS[b.type]:
-        raise ConfigError(f"{source}: {named['depth']} of a {b.type} must be "
-                          f"{_alternatives(BACKBONE_DEPTHS[b.type])}, got {b.depth}")
-    if b.base_channels < (2 if b.type == "Res2Net" else 1):
+    named = {k: f"{bw}.{k}" if getattr(m.backbone, k) is not None else f"{where}.{k}" for k in _FLAT}
+    if vals["depth"] not in BACKBONE_DEPTHS[kind]:
+        raise ConfigError(f"{source}: {named['depth']} of a {kind} must be "
+                          f"{_alternatives(BACKBONE_DEPTHS[kind])}, got {vals['depth']}")
+    if vals["base_channels"] < (2 if kind == "Res2Net" else 1):
         raise ConfigError(f"{source}: {named['base_channels']} must be >= 1 (2 for Res2Net's deep "
-                          f"stem), got {b.base_channels}")
-    own = _TYPE_DEFAULTS[b.type]
+                          f"stem), got {vals['base_channels']}")
+    own = _TYPE_DEFAULTS[kind]
     for key in ("groups", "base_width", "scales"):
-        value = getattr(b, key)
+        value = vals[key]
         if value is None:
-            setattr(b, key, own.get(key))
+            vals[key] = own.get(key)
         elif key not in own:
             hint = " (the stem width is base_channels)" if key == "base_width" else ""
-            raise ConfigError(f"{source}: {bw}.{key} is not a {b.type} setting{hint}")
+            raise ConfigError(f"{source}: {bw}.{key} is not a {kind} setting{hint}")
         elif value < (2 if key == "scales" else 1):
             raise ConfigError(f"{source}: {bw}.{key} must be >= {2 if key == 'scales' else 1}, got {value}")
-    if len(b.stage_with_dcn) != 4:
-        raise ConfigError(f"{source}: {bw}.stage_with_dcn must list 4 stages, got {b.stage_with_dcn}")
-    b.dcn = _resolve_dcn(b.dcn, f"{bw}.dcn", source)
-    if b.dcn is not None and b.depth in (18, 34):
+    if len(vals["stage_with_dcn"]) != 4:
+        raise ConfigError(f"{source}: {bw}.stage_with_dcn must list 4 stages, got {vals['stage_with_dcn']}")
+    vals["stage_with_dcn"] = list(vals["stage_with_dcn"])
+    vals["dcn"] = _resolve_dcn(vals["dcn"], f"{bw}.dcn", source)
+    if vals["dcn"] is not None and vals["depth"] in (18, 34):
         raise ConfigError(f"{source}: {bw}.dcn needs a Bottleneck ResNet (depth 50 or 101), "
-                          f"got depth {b.depth} (mmdetection's BasicBlock has no DCN either)")
-    if b.frozen_stages is None:
-        b.frozen_stages = 1 if m.pretrained else -1
-    if not -1 <= b.frozen_stages <= 4:
-        raise ConfigError(f"{source}: {bw}.frozen_stages must be -1..4, got {b.frozen_stages}")
-    if b.norm_eval is None:
-        b.norm_eval = bool(m.pretrained)
-    return b
+                          f"got depth {vals['depth']} (mmdetection's BasicBlock has no DCN either)")
+    if vals["frozen_stages"] is None:
+        vals["frozen_stages"] = 1 if m.pretrained else -1
+    if not -1 <= vals["frozen_stages"] <= 4:
+        raise ConfigError(f"{source}: {bw}.frozen_stages must be -1..4, got {vals['frozen_stages']}")
+    if vals["norm_eval"] is None:
+        vals["norm_eval"] = bool(m.pretrained)
+    return BackboneConfig(**vals)
+
+
+def is_resolved(b: BackboneConfig) -> bool:
+    """Whether ``b`` went through :func:`resolve_backbone` (every value it fills is set)."""
+    return None not in (b.depth, b.base_channels, b.frozen_stages, b.norm_eval)
 
 
 def _resolve_dcn(dcn, where: str, source: str) -> dict | None:
@@ -224,11 +243,8 @@ def _resolve_dcn(dcn, where: str, source: str) -> dict | None:
 
 
 def _validate_head(src: str, name: str, m) -> None:
-    """``[models.NAME.head]``: a known type, and DGQP sizes that fit the distribution."""
+    """``[models.NAME.head]``: DGQP sizes that fit the distribution."""
     h = m.head
-    if h.type not in HEAD_TYPES:
-        raise ConfigError(f"{src}: models.{name}.head.type must be {_alternatives(HEAD_TYPES)}, "
-                          f"got {h.type!r}")
     if h.type == "GFocalHead":
         if not 1 <= h.reg_topk <= m.reg_max + 1:
             raise ConfigError(f"{src}: models.{name}.head.reg_topk must be in 1..reg_max+1 "
@@ -256,6 +272,21 @@ def to_dict(obj: Any) -> Any:
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
+    return obj
+
+
+def legacy_dict(obj: Any) -> Any:
+    """:func:`to_dict` with the keys renamed in issue 21 (``schema.RENAMED``) under their old
+    names: for hashes of stored dicts that must not change with the rename (the chain's stage
+    stamps, so a chain run before it skips its finished stages as before)."""
+    if dataclasses.is_dataclass(obj):
+        old = {new: o for (cls, o), new in RENAMED.items() if cls == type(obj).__name__}
+        return {old.get(f.name, f.name): legacy_dict(getattr(obj, f.name))
+                for f in dataclasses.fields(obj) if f.name != "raw"}
+    if isinstance(obj, dict):
+        return {k: legacy_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [legacy_dict(v) for v in obj]
     return obj
 
 

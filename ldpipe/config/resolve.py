@@ -29,7 +29,7 @@ def resolved_dict(pipe: Pipeline) -> dict:
     models = {}
     for name, cfg in pipe.models.items():
         entry = to_dict(cfg)
-        own = to_dict(pipe.train_for(name))
+        own = to_dict(pipe.schedules[name])
         entry["train"] = {k: v for k, v in own.items() if v != top[k]}
         models[name] = entry
     return _drop_none({"name": pipe.name, "data": to_dict(pipe.data), "train": top,

@@ -11,41 +11,55 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import LdpipeError
 
-# The vocabularies of the pipeline file, defined once (the modules that implement them
-# import these: ldpipe.cache.region, ldpipe.cache.codec, ldpipe.cache.store).
-DATA_FORMATS = ("coco", "voc")
+# The vocabularies of the pipeline file, defined once as the Literal types of the fields that
+# take them (``_coerce`` refuses any other word, naming file, key, value and the choices); the
+# tuples are derived from them.  The modules that implement them import these (ldpipe.cache.region,
+# ldpipe.cache.codec, ldpipe.cache.store, ldpipe.models.*); tests/test_config_resolved.py ties each
+# to its dispatch table, so a word without an implementation (or the reverse) fails there.
+DataFormat = Literal["coco", "voc"]
+RegionPolicy = Literal["main", "ld", "overlap", "dense"]
+Codec = Literal["fp32", "fp16", "int8"]
+Compressor = Literal["zstd", "blosc"]
+BoxLoss = Literal["giou", "ciou"]
+BoxNorm = Literal["sum", "clamp"]
+VlrRegion = Literal["reference", "diou"]
+BackboneType = Literal["ResNet", "ResNeXt", "Res2Net"]  # mmdetection's names
+HeadType = Literal["GFLHead", "GFocalHead"]  # GFL (v1) and GFocalV2 (its DGQP branch)
+# test-time suppression (ldpipe.models.nms): greedy NMS, or the LD reference's Score-voting Cluster-DIoU-NMS
+NmsKind = Literal["nms", "voting_cluster_diounms"]
+
+DATA_FORMATS = typing.get_args(DataFormat)
 RESNET_DEPTHS = (18, 34, 50, 101)
-REGION_POLICIES = ("main", "ld", "overlap", "dense")
-CODECS = ("fp32", "fp16", "int8")
-COMPRESSORS = ("zstd", "blosc")
+REGION_POLICIES = typing.get_args(RegionPolicy)
+CODECS = typing.get_args(Codec)
+COMPRESSORS = typing.get_args(Compressor)
 # cache.int8_box_step: default and largest value, in nats (ldpipe.cache.codec)
 INT8_BOX_STEP = 0.125
 MAX_INT8_BOX_STEP = 1.0  # half of it moves a value by 0.05 at T = 10
 DISTILL_TERMS = ("ld", "vlr", "kd")
-BOX_LOSSES = ("giou", "ciou")
-BOX_NORMS = ("sum", "clamp")
-VLR_REGIONS = ("reference", "diou")
-BACKBONE_TYPES = ("ResNet", "ResNeXt", "Res2Net")  # [models.NAME.backbone] type, mmdetection's names
+BOX_LOSSES = typing.get_args(BoxLoss)
+BOX_NORMS = typing.get_args(BoxNorm)
+VLR_REGIONS = typing.get_args(VlrRegion)
+BACKBONE_TYPES = typing.get_args(BackboneType)  # [models.NAME.backbone] type
 BACKBONE_DEPTHS = {"ResNet": (18, 34, 50, 101), "ResNeXt": (50, 101), "Res2Net": (50, 101)}
 DCN_TYPES = ("DCN", "DCNv2")  # mmcv's DeformConv2dPack / ModulatedDeformConv2dPack
-HEAD_TYPES = ("GFLHead", "GFocalHead")  # GFL (v1) and GFocalV2 (its DGQP branch)
-# test-time suppression (ldpipe.models.nms): greedy NMS, or the LD reference's Score-voting Cluster-DIoU-NMS
-NMS_KINDS = ("nms", "voting_cluster_diounms")
+HEAD_TYPES = typing.get_args(HeadType)
+NMS_KINDS = typing.get_args(NmsKind)
 
 
 class ConfigError(LdpipeError):
     """A pipeline file or override is invalid; the message names file and key."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images and annotations are, and the geometry of the inputs."""
 
-    format: str = "coco"  # "coco" or "voc"
+    format: DataFormat = "coco"
     root: str = "."  # relative paths below are resolved against it
     # COCO: annotation JSON and image folder per split.  VOC: split names of
     # ImageSets/Main/<split>.txt (the *_images keys are unused).
@@ -67,8 +81,14 @@ class DataConfig:
     skip_undecodable_images: bool = False
     max_dropped_boxes: float = 0.5
 
+    def resolve(self, path: str) -> str:
+        """A data path relative to ``root`` (absolute paths and URLs kept)."""
+        if not path or "://" in path or os.path.isabs(path):
+            return path
+        return str(Path(self.root) / path)
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Schedule; the ``train`` section holds defaults a model may override."""
 
@@ -108,23 +128,23 @@ class AssignerConfig:
     # "reference" - D as the LD reference code computes it (its IoU calculator in "diou" mode
     # takes the anchor's area as the union: intersection / area(anchor) - rho^2 / c^2);
     # "diou" - true DIoU, the paper's wording.  The VLR weights are the IoU either way.
-    vlr_region: str = "reference"
+    vlr_region: VlrRegion = "reference"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     qfl_beta: float = 2.0
     qfl_weight: float = 1.0
     dfl_weight: float = 0.25
-    giou_weight: float = 2.0  # weight of the box loss (GIoU or CIoU)
+    box_weight: float = 2.0  # weight of the box loss, GIoU or CIoU (mmdetection's loss_bbox weight)
     # "giou" (the COCO recipes) or "ciou" (the LD reference's VOC recipe: its CIoULoss)
-    box_loss: str = "giou"
+    box_loss: BoxLoss = "giou"
     # divisor of the box and DFL losses: "sum" = sum of the positives' weights + 1e-6, as the
     # LD reference's GFL and LD heads; "clamp" = max(sum, 1), as later mmdetection GFLHeads
-    box_norm: str = "sum"
+    box_norm: BoxNorm = "sum"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TestConfig:
     score_thr: float = 0.05
     nms_pre: int = 1000
@@ -132,22 +152,23 @@ class TestConfig:
     max_per_img: int = 100
     # "nms" (class-wise IoU NMS) or "voting_cluster_diounms" (the LD reference's Score-voting
     # Cluster-DIoU-NMS, ldpipe.models.nms); nms_iou is its iou_threshold either way
-    nms: str = "nms"
+    nms: NmsKind = "nms"
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackboneConfig:
     """``[models.NAME.backbone]``: the backbone in mmdetection's vocabulary (its ``ResNet``,
     ``ResNeXt`` and ``Res2Net`` arguments, same names and meaning).
 
     ``None`` = not given: ``depth`` and ``base_channels`` then come from the model's flat
-    ``depth`` / ``base_width`` shorthand, the rest from the type's defaults (resolved by
-    :func:`ldpipe.config.load.resolve_backbone`).
+    ``depth`` / ``base_channels`` shorthand, the rest from the type's defaults (resolved once,
+    by the loader: :func:`ldpipe.config.load.resolve_backbone`; a loaded model's backbone has
+    every value filled in).
     """
 
-    type: str = "ResNet"  # one of BACKBONE_TYPES
+    type: BackboneType = "ResNet"
     depth: int | None = None  # None: the flat models.NAME.depth
-    base_channels: int | None = None  # stem/first-stage width (mmdet: 64); None: flat base_width
+    base_channels: int | None = None  # stem/first-stage width (mmdet: 64); None: the flat one
     groups: int | None = None  # ResNeXt cardinality (mmdet default 1)
     base_width: int | None = None  # ResNeXt: width per group (4); Res2Net: width per scale (26)
     scales: int | None = None  # Res2Net scales (4)
@@ -158,7 +179,7 @@ class BackboneConfig:
     norm_eval: bool | None = None  # None: true with `pretrained`, else false
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadConfig:
     """``[models.NAME.head]``: the head type, in the GFocalV2 reference's vocabulary.
 
@@ -168,18 +189,18 @@ class HeadConfig:
     multiplies the class sigmoid.  The other head settings stay flat keys of the model.
     """
 
-    type: str = "GFLHead"  # one of HEAD_TYPES
+    type: HeadType = "GFLHead"
     reg_topk: int = 4  # GFocalHead only
     reg_channels: int = 64  # GFocalHead only
     add_mean: bool = True  # GFocalHead only
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """A GFL detector.  Defaults equal mmdetection's ``gfl_r50_fpn_1x_coco``."""
 
     depth: int = 50  # ResNet-18/34/50/101
-    base_width: int = 64  # ResNet stem/stage width (64 = torchvision)
+    base_channels: int = 64  # stem/first-stage width (64 = torchvision; mmdetection's base_channels)
     channels: int = 256  # FPN and head channels
     stacked_convs: int = 4
     norm_groups: int = 32  # GroupNorm groups in the head (capped at channels)
@@ -188,16 +209,18 @@ class ModelConfig:
     anchor_scale: float = 8.0  # octave base scale
     pretrained: str = ""  # local path to ImageNet ResNet weights (optional)
     checkpoint: str = ""  # a given checkpoint (chains: take instead of training)
-    # mmdetection's backbone vocabulary; the flat depth / base_width above are its shorthand
+    # mmdetection's backbone vocabulary; the flat depth / base_channels above are its shorthand
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     assigner: AssignerConfig = field(default_factory=AssignerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
-    train: dict = field(default_factory=dict)  # overrides of the top-level train section
+    # overrides of the top-level train section, as the file wrote them (a plain dict, not to be
+    # changed: the model's schedule is Pipeline.schedules[NAME], merged once by the loader)
+    train: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
     """LD losses read from the cache (names and defaults as the LD paper)."""
 
@@ -212,15 +235,15 @@ class DistillConfig:
     kd_T: float = 2.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheConfig:
-    region: str = "ld"  # one of REGION_POLICIES
-    codec: str = "int8"  # one of CODECS
+    region: RegionPolicy = "ld"
+    codec: Codec = "int8"
     # int8: the box rows' smallest quantisation step in nats (ldpipe.cache.codec; 0 = each row
     # over its own range, as caches before it); a common step lets neighbouring rows compress
     int8_box_step: float = INT8_BOX_STEP
     store_cls: bool = True
-    compressor: str = "zstd"  # one of COMPRESSORS
+    compressor: Compressor = "zstd"
     samples_per_shard: int = 64
     # rows per compressed chunk inside a unit's arrays: a read decodes every chunk its sample's
     # rows touch (docs/benchmarks.md, "Reading")
@@ -230,8 +253,16 @@ class CacheConfig:
     writer_threads: int = 2  # dump: threads that encode, compress, checksum and commit units
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pipeline:
+    """A loaded pipeline file: every section typed, each model's schedule and backbone
+    resolved once by the loader (:func:`ldpipe.config.load.load_pipeline`) and frozen.
+
+    The dataclasses are frozen (no attribute can be set after loading: build another one
+    with :func:`dataclasses.replace` or load again with overrides); their lists and dicts are
+    plain containers that nothing may change either (they stay picklable and JSON-able).
+    """
+
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
@@ -240,9 +271,12 @@ class Pipeline:
     chain: dict = field(default_factory=dict)
     name: str = ""
     source: str = ""  # path of the file it was read from (set by the loader)
-    raw: dict = field(default_factory=dict, repr=False)  # the merged dict, for hashing
+    raw: dict = field(default_factory=dict, repr=False)  # the merged dict as read (extends, -o)
     bases: list[str] = field(default_factory=list)  # files it extends, in merge order (loader)
     overridden: list[str] = field(default_factory=list)  # dotted keys set by -o (loader)
+    # each model's schedule: [train] < models.NAME.train < -o train.KEY < -o models.NAME.train.KEY
+    # (merged by the loader, :func:`ldpipe.config.load.schedule_of`)
+    schedules: dict[str, TrainConfig] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -256,27 +290,16 @@ class Pipeline:
         return self.models[name]
 
     def train_for(self, name: str) -> TrainConfig:
-        """The schedule of one model: the ``train`` section with its overrides."""
-        model = self.model(name)
-        merged = dataclasses.asdict(self.train)
-        # precedence: [train] < models.NAME.train < -o train.KEY < -o models.NAME.train.KEY
-        cli = {p.split(".")[1] for p in self.overridden if p.startswith("train.")}
-        own = {p.split(".")[3] for p in self.overridden
-               if p.startswith(f"models.{name}.train.") and len(p.split(".")) > 3}
-        for key, value in model.train.items():
-            if key not in merged:
-                raise ConfigError(f"{self.source}: unknown key models.{name}.train.{key}")
-            if key in cli and key not in own:
-                continue
-            merged[key] = value
-        return _build(TrainConfig, merged, f"models.{name}.train", self.source)
+        """The schedule of one model (``schedules[name]``, merged by the loader)."""
+        self.model(name)
+        if name not in self.schedules:  # a Pipeline built in code, not by the loader
+            raise ConfigError(f"{self.source or '<pipeline>'}: no schedule for model {name!r} "
+                              "(schedules are merged by ldpipe.config.load_pipeline)")
+        return self.schedules[name]
 
     def resolve(self, path: str) -> str:
-        """A data path relative to ``data.root`` (absolute paths and URLs kept)."""
-        if not path or "://" in path or os.path.isabs(path):
-            return path
-        return str(Path(self.data.root) / path)
-
+        """A data path relative to ``data.root`` (:meth:`DataConfig.resolve`)."""
+        return self.data.resolve(path)
 
 
 # ---------------------------------------------------------------------- typed building
@@ -286,6 +309,12 @@ def _is_dataclass_type(tp: Any) -> bool:
 
 def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a vocabulary: exactly one of its words (True is not 1)
+        choices = typing.get_args(tp)
+        if not any(type(value) is type(c) and value == c for c in choices):
+            raise ConfigError(f"{source}: {where} must be {'|'.join(str(c) for c in choices)}, "
+                              f"got {value!r}")
+        return value
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where} must be a table, got {value!r}")
@@ -326,13 +355,27 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
     return value
 
 
+# keys renamed in ldpipe 0.x (issue 21): (section, old key) -> new key.  A pipeline file or
+# override that spells the old key is refused, naming the new one; dicts that ldpipe itself
+# stored before the rename (chain stamps) keep the old names (ldpipe.config.load.legacy_names).
+RENAMED: dict[tuple[str, str], str] = {
+    ("ModelConfig", "base_width"): "base_channels",  # the stem width: the backbone table's name
+    ("LossConfig", "giou_weight"): "box_weight",  # it weights CIoU too
+}
+_LOADER_SET = ("source", "raw", "bases", "overridden", "schedules")  # never read from a file
+
+
 def _build(cls: type, values: dict, where: str, source: str):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
-        if key not in known or key in ("source", "raw", "bases", "overridden"):
+        if (cls.__name__, key) in RENAMED:
+            new = RENAMED[cls.__name__, key]
+            raise ConfigError(f"{source}: {path} was renamed: use "
+                              f"{f'{where}.{new}' if where else new}")
+        if key not in known or (cls is Pipeline and key in _LOADER_SET):
             raise ConfigError(f"{source}: unknown key {path!r}")
         kwargs[key] = _coerce(hints[key], value, path, source)
     return cls(**kwargs)
@@ -345,4 +388,6 @@ __all__ = [
     "AssignerConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig",
     "LossConfig", "ModelConfig", "Pipeline", "TestConfig", "TrainConfig",
 ]
-__all__ += ["HEAD_TYPES", "HeadConfig", "INT8_BOX_STEP", "MAX_INT8_BOX_STEP"]
+__all__ += ["HEAD_TYPES", "HeadConfig", "INT8_BOX_STEP", "MAX_INT8_BOX_STEP", "RENAMED"]
+__all__ += ["BackboneType", "BoxLoss", "BoxNorm", "Codec", "Compressor", "DataFormat", "HeadType",
+            "NmsKind", "RegionPolicy", "VlrRegion"]

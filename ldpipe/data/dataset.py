@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ldpipe.config import Pipeline
+from ldpipe.config import DataConfig
 from ldpipe.data.decode import UndecodableImage, load_checked
 from ldpipe.data.meta import SampleMeta
 from ldpipe.data.records import Split
@@ -35,16 +35,16 @@ class DetectionDataset(Dataset):
     its ``skipped`` entry.
     """
 
-    def __init__(self, split: Split, pipe: Pipeline, variants: list[Variant],
+    def __init__(self, split: Split, data: DataConfig, variants: list[Variant],
                  extra: Callable[[SampleMeta], dict] | None = None,
                  skip_undecodable: bool | None = None) -> None:
         if not variants:
             raise ValueError("DetectionDataset needs at least one variant")
         self.split = split
-        self.pipe = pipe
+        self.data = data
         self.variants = list(variants)
         self.extra = extra
-        self.skip_undecodable = (pipe.data.skip_undecodable_images if skip_undecodable is None
+        self.skip_undecodable = (data.skip_undecodable_images if skip_undecodable is None
                                  else skip_undecodable)
 
     def __len__(self) -> int:
@@ -60,7 +60,7 @@ class DetectionDataset(Dataset):
                 raise
             log.warning("skipping %s (data.skip_undecodable_images): %s", record.file_name, exc)
             return {"skipped": record.file_name}
-        sample = make_sample(record, image, self.variants[vidx], self.pipe)
+        sample = make_sample(record, image, self.variants[vidx], self.data)
         sample["meta"] = sample["meta"].at(index, vidx)
         if self.extra is not None:
             sample.update(self.extra(sample["meta"]))

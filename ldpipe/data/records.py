@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldpipe.config import Pipeline
+from ldpipe.config import DataConfig
 from ldpipe.data.errors import DataError
 from ldpipe.data.quality import check_split, coco_annotation, coco_image
 
@@ -123,16 +123,15 @@ def _image_size(path: str) -> tuple[int, int]:
 
 
 # -------------------------------------------------------------------------- COCO
-def _load_coco(pipe: Pipeline, split: str) -> Split:
-    d = pipe.data
+def _load_coco(d: DataConfig, split: str) -> Split:
     if split == "train":
         ann, img_dir = d.train, d.train_images
     elif split == "val":
         ann, img_dir = d.val, d.val_images
     else:  # an annotation path relative to data.root; images from val_images
         ann, img_dir = split, d.val_images
-    ann_path = pipe.resolve(ann)
-    img_root = pipe.resolve(img_dir)
+    ann_path = d.resolve(ann)
+    img_root = d.resolve(img_dir)
     blob = _read_bytes(ann_path, "annotation file")
     try:
         coco = json.loads(blob)
@@ -196,7 +195,7 @@ def _load_coco(pipe: Pipeline, split: str) -> Split:
             ignore=ign, ignore_labels=np.asarray(ignore_labels, dtype=np.int64).reshape(-1)[ign_keep]))
     if unknown_cat:
         raise DataError(f"{ann_path}: {unknown_cat} annotations use category ids not in 'categories'")
-    return _finish(split, classes, records, [blob], clean, ann_path, coco, pipe,
+    return _finish(split, classes, records, [blob], clean, ann_path, coco, d,
                    {"annotations_orphaned": orphans}, orphan_example)
 
 
@@ -230,8 +229,7 @@ def _voc_size(size: ET.Element | None, key: str, xml_path: str) -> int:
     return int(value)
 
 
-def _load_voc(pipe: Pipeline, split: str) -> Split:
-    d = pipe.data
+def _load_voc(d: DataConfig, split: str) -> Split:
     name = {"train": d.train, "val": d.val}.get(split, split)
     if name.endswith(".json"):  # the COCO defaults left in place: use the split name
         log.info("data.%s = %r is a COCO path; VOC split %r is used instead", split, name, split)
@@ -278,12 +276,12 @@ def _load_voc(pipe: Pipeline, split: str) -> Split:
             image_id=index, file_name=img_path, width=w, height=h, boxes=kept,
             labels=np.asarray(labels, dtype=np.int64).reshape(-1)[keep],
             ignore=ign, ignore_labels=np.asarray(ignore_labels, dtype=np.int64).reshape(-1)[ign_keep]))
-    return _finish(split, classes, records, blobs, clean, root, None, pipe)
+    return _finish(split, classes, records, blobs, clean, root, None, d)
 
 
 # ------------------------------------------------------------------------ public
 def _finish(split: str, classes: list[str], records: list[Record], blobs: list[bytes],
-            clean: _Cleaner, source: str, coco: dict | None, pipe: Pipeline,
+            clean: _Cleaner, source: str, coco: dict | None, d: DataConfig,
             extra_stats: dict | None = None, orphan_example=None) -> Split:
     image_ids = [r.image_id for r in records]
     if len(set(image_ids)) != len(image_ids):
@@ -296,7 +294,7 @@ def _finish(split: str, classes: list[str], records: list[Record], blobs: list[b
         "boxes_dropped_degenerate": clean.dropped,
         **(extra_stats or {}),
     }
-    check_split(source, split, stats, pipe.data.max_dropped_boxes, orphan_example)
+    check_split(source, split, stats, d.max_dropped_boxes, orphan_example)
     log.info("split %s (%s): %d images, %d boxes kept, %d ignore, %d clipped, %d dropped (degenerate)",
              split, source, stats["images"], stats["boxes_kept"], stats["ignore_kept"],
              stats["boxes_clipped"], stats["boxes_dropped_degenerate"])
@@ -305,18 +303,19 @@ def _finish(split: str, classes: list[str], records: list[Record], blobs: list[b
                  stats=stats, source=source, coco_json=coco)
 
 
-def load_split(pipe: Pipeline, split: str) -> Split:
-    """Read one split of ``pipe.data``.
+LOADERS = {"coco": _load_coco, "voc": _load_voc}  # data.format -> its reader
+
+
+def load_split(data: DataConfig, split: str) -> Split:
+    """Read one split of the ``[data]`` section ``data``.
 
     ``split`` is ``'train'`` / ``'val'`` (``data.train`` / ``data.val``) or, for COCO,
     an annotation path relative to ``data.root`` (images from ``data.val_images``),
     for VOC an ``ImageSets/Main`` name such as ``'test'`` or ``'trainval'``.
     """
-    fmt = pipe.data.format
-    if fmt == "coco":
-        return _load_coco(pipe, split)
-    if fmt == "voc":
-        return _load_voc(pipe, split)
+    fmt = data.format
+    if fmt in LOADERS:
+        return LOADERS[fmt](data, split)
     raise DataError(f"unknown data.format {fmt!r} (expected 'coco' or 'voc')")
 
 

@@ -13,7 +13,7 @@ import mmcv
 import numpy as np
 import torch
 
-from ldpipe.config import Pipeline
+from ldpipe.config import DataConfig
 from ldpipe.data.decode import read_image
 from ldpipe.data.meta import SampleMeta
 from ldpipe.data.records import Record
@@ -37,24 +37,23 @@ class Variant:
 TEST_VARIANT = Variant(scale_idx=-1, flip=False)
 
 
-def train_variants(pipe: Pipeline) -> list[Variant]:
+def train_variants(d: DataConfig) -> list[Variant]:
     """Every (scale, flip) combination, scale-major, no-flip first."""
-    flips = (False, True) if pipe.data.flip else (False,)
-    return [Variant(i, f) for i in range(len(pipe.data.train_scales)) for f in flips]
+    flips = (False, True) if d.flip else (False,)
+    return [Variant(i, f) for i in range(len(d.train_scales)) for f in flips]
 
 
-def variant_scale(variant: Variant, pipe: Pipeline) -> tuple[int, int]:
+def variant_scale(variant: Variant, d: DataConfig) -> tuple[int, int]:
     """The ``(long, short)`` target scale of a variant."""
-    d = pipe.data
     scale = d.test_scale if variant.scale_idx < 0 else d.train_scales[variant.scale_idx]
     return int(scale[0]), int(scale[1])
 
 
-def padded_shape(record: Record, variant: Variant, pipe: Pipeline) -> tuple[int, int]:
+def padded_shape(record: Record, variant: Variant, d: DataConfig) -> tuple[int, int]:
     """The padded input shape of a sample, from its annotation alone (no image decode)."""
-    w, h = mmcv.rescale_size((record.width, record.height), tuple(variant_scale(variant, pipe)))
-    d = pipe.data.pad_divisor
-    return (-(-h // d) * d, -(-w // d) * d)
+    w, h = mmcv.rescale_size((record.width, record.height), tuple(variant_scale(variant, d)))
+    k = d.pad_divisor
+    return (-(-h // k) * k, -(-w // k) * k)
 
 
 def load_image(path: str) -> np.ndarray:
@@ -81,16 +80,15 @@ def _valid(boxes: np.ndarray) -> np.ndarray:
     return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
-def make_sample(record: Record, image: np.ndarray, variant: Variant, pipe: Pipeline) -> dict:
+def make_sample(record: Record, image: np.ndarray, variant: Variant, d: DataConfig) -> dict:
     """The network input and targets of one (image, variant).
 
     ``img`` is a float32 tensor ``[3, Hp, Wp]``; ``gt_boxes`` / ``ignore_boxes`` are
     float32 tensors in the resized (and flipped) frame, ``gt_labels`` int64; ``meta`` a
     :class:`SampleMeta` whose ``index`` / ``variant_index`` are left at -1 (the data set sets them).
     """
-    d = pipe.data
     h, w = image.shape[:2]
-    img = mmcv.imrescale(image, variant_scale(variant, pipe), return_scale=False,
+    img = mmcv.imrescale(image, variant_scale(variant, d), return_scale=False,
                          interpolation="bilinear")
     new_h, new_w = img.shape[:2]
     w_scale, h_scale = new_w / w, new_h / h

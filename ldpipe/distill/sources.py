@@ -45,7 +45,7 @@ class TargetSource:
 
     def variants(self, pipe: Pipeline) -> list[Variant]:
         """The (scale, flip) variants the student's loader serves."""
-        return train_variants(pipe)
+        return train_variants(pipe.data)
 
     def sample_extra(self, device: torch.device) -> Callable | None:
         """A picklable per-sample loader hook (``meta -> dict`` merged into the sample), or None."""

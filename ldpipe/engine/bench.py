@@ -50,9 +50,9 @@ def benchmark(pipe: Pipeline, model_name: str, checkpoint: str | None, images: i
     if fp16 and dev.type != "cuda":
         raise ConfigError(f"benchmark: --fp16 needs a CUDA device (got {dev.type})")
     cfg = pipe.model(model_name)
-    split = load_split(pipe, split_name)
+    split = load_split(pipe.data, split_name)
     model, _ = load_detector(cfg, len(split.classes), checkpoint, dev)
-    dataset = DetectionDataset(split, pipe, [TEST_VARIANT])
+    dataset = DetectionDataset(split, pipe.data, [TEST_VARIANT])
     infer_s = load_s = 0.0
     with torch.no_grad():
         for i in range(warmup + images):

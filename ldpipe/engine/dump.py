@@ -29,7 +29,7 @@ from ..cache.manifest import CacheError
 from ..cache.region import manifest_entries, own_assigner_note, reader_settings, region_index
 from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
                            index_complete, open_root, write_index, write_unit)
-from ..config import AssignerConfig, ConfigError, Pipeline
+from ..config import AssignerConfig, ConfigError, DataConfig, Pipeline
 from ..config.checks import check_run_args
 from ..data import (DetectionDataset, collate, load_split, padded_shape, sample_number, sample_pair,
                     train_variants)
@@ -59,7 +59,7 @@ class DumpCollate:
         return batch
 
 
-def unit_batches(pipe: Pipeline, split, variants, units: list[int], per_unit: int,
+def unit_batches(data: DataConfig, split, variants, units: list[int], per_unit: int,
                  batch_size: int) -> list[list[tuple[int, int]]]:
     """The (image, variant) batches of the given units, in order.
 
@@ -69,7 +69,7 @@ def unit_batches(pipe: Pipeline, split, variants, units: list[int], per_unit: in
     """
     nv = len(variants)
     total = len(split.records) * nv
-    shapes = [padded_shape(r, v, pipe) for r in split.records for v in variants]
+    shapes = [padded_shape(r, v, data) for r in split.records for v in variants]
     batches = []
     for u in units:
         groups: dict[tuple[int, int], list[int]] = {}
@@ -169,8 +169,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     info = runtime.init(device)
     cfg = pipe.model(model_name)
     cache_cfg = pipe.cache
-    split = split if split is not None else load_split(pipe, split_name)
-    variants = train_variants(pipe)
+    split = split if split is not None else load_split(pipe.data, split_name)
+    variants = train_variants(pipe.data)
     nv = len(variants)
     total = len(split.records) * nv
     per_unit = cache_cfg.samples_per_shard
@@ -199,10 +199,10 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
             log.info("%s: %d samples in %d units, %d already committed, %d to do on %d rank(s)",
                      out, total, num_units, len(done), num_units - len(done), info.world_size)
 
-        batches = unit_batches(pipe, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
+        batches = unit_batches(pipe.data, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
         loader = torch.utils.data.DataLoader(
             # a cache holds every sample: an undecodable image stops the dump, naming it
-            DetectionDataset(split, pipe, variants, skip_undecodable=False), batch_sampler=batches,
+            DetectionDataset(split, pipe.data, variants, skip_undecodable=False), batch_sampler=batches,
             num_workers=pipe.train.workers if workers is None else workers,
             collate_fn=DumpCollate(cache_cfg.region, cfg.strides, cfg.anchor_scale, list(readers)),
             pin_memory=info.device.type == "cuda", worker_init_fn=runtime.worker_init)

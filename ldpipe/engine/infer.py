@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Pipeline
+from ..config import DataConfig, Pipeline
 from ..config.checks import check_run_args
 from ..data import TEST_VARIANT, DetectionDataset, boxes_to_original, collate, load_split
 from ..models import GFL, load_detector
@@ -35,7 +35,7 @@ def eval_batches(num_images: int, batch_size: int, rank: int = 0,
 
 
 @torch.no_grad()
-def predict_split(model: GFL, pipe: Pipeline, split, device: torch.device, batch_size: int = 4,
+def predict_split(model: GFL, data: DataConfig, split, device: torch.device, batch_size: int = 4,
                   workers: int = 0, progress: bool = True,
                   skipped: list[str] | None = None, rank: int = 0,
                   world_size: int = 1) -> list[dict]:
@@ -46,7 +46,7 @@ def predict_split(model: GFL, pipe: Pipeline, split, device: torch.device, batch
     detects its share (:func:`eval_batches`), rank 0 gathers the shares and returns all the
     detections and skipped files in the order of one process; the other ranks return ``[]``
     (and ``skipped`` stays empty there)."""
-    dataset = DetectionDataset(split, pipe, [TEST_VARIANT])
+    dataset = DetectionDataset(split, data, [TEST_VARIANT])
     batches = eval_batches(len(dataset), batch_size, rank, world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          collate_fn=collate)
@@ -89,7 +89,7 @@ def detect_batch(model: GFL, batch: dict, device: torch.device) -> list[dict]:
     return out
 
 
-def evaluate_model(model: GFL, pipe: Pipeline, split, device: torch.device, batch_size: int = 4,
+def evaluate_model(model: GFL, data: DataConfig, split, device: torch.device, batch_size: int = 4,
                    progress: bool = True, rank: int = 0,
                    world_size: int = 1) -> tuple[dict | None, list[dict]]:
     """Metrics (COCO AP, or VOC mAP for VOC data) and the detections of ``model`` on ``split``
@@ -99,12 +99,12 @@ def evaluate_model(model: GFL, pipe: Pipeline, split, device: torch.device, batc
     (:func:`predict_split`) and rank 0 evaluates all of them once; the other ranks get
     ``(None, [])``."""
     skipped: list[str] = []
-    dets = predict_split(model, pipe, split, device, batch_size=batch_size, progress=progress,
+    dets = predict_split(model, data, split, device, batch_size=batch_size, progress=progress,
                          skipped=skipped, rank=rank, world_size=world_size)
     if rank != 0:
         return None, []
     metrics = evaluate(split.records, split.classes, dets, coco_json=split.coco_json,
-                       voc=pipe.data.format == "voc")
+                       voc=data.format == "voc")
     if skipped:
         metrics["skipped_images"] = len(skipped)
     return metrics, dets
@@ -134,9 +134,9 @@ def evaluate_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, split_
 def _evaluate_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, split_name: str,
                          out: str | None, results: str | None, info: runtime.DistInfo,
                          batch_size: int, progress: bool) -> dict | None:
-    split = load_split(pipe, split_name)
+    split = load_split(pipe.data, split_name)
     model, _ = load_detector(pipe.model(model_name), len(split.classes), checkpoint, info.device)
-    metrics, dets = evaluate_model(model, pipe, split, info.device, batch_size=batch_size,
+    metrics, dets = evaluate_model(model, pipe.data, split, info.device, batch_size=batch_size,
                                    progress=progress, rank=info.rank,
                                    world_size=info.world_size)
     if metrics is None:

@@ -132,7 +132,7 @@ class Validator:
                  best: float | None = None) -> None:
         self.pipe, self.model_name, self.work_dir, self.interval = pipe, model_name, work_dir, interval
         self.best = best
-        self.split = load_split(pipe, "val") if interval > 0 else None
+        self.split = load_split(pipe.data, "val") if interval > 0 else None
 
     def due(self, epoch: int) -> bool:
         """Whether validation follows epoch ``epoch`` (1-based)."""
@@ -153,7 +153,7 @@ class Validator:
         """Evaluate ``model`` after epoch ``epoch``; writes ``best.pth`` when it is the best."""
         from .infer import evaluate_model
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            metrics, _ = evaluate_model(model, self.pipe, self.split, device, progress=False)
+            metrics, _ = evaluate_model(model, self.pipe.data, self.split, device, progress=False)
         model.train()
         ap = float(metrics["bbox_mAP"])
         record = {"type": "val", "model": self.model_name, "epoch": epoch,

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from ..config import Pipeline
+from ..config import DataConfig, Pipeline
 from ..data import TEST_VARIANT, DataError, Record, collate, load_image, load_split, make_sample
 from ..files import atomic_write
 from ..models import GFL, load_detector
@@ -34,17 +34,17 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def checkpoint_classes(pipe: Pipeline, checkpoint: str, obj: dict | None = None) -> list[str]:
+def checkpoint_classes(data: DataConfig, checkpoint: str, obj: dict | None = None) -> list[str]:
     """The class names of a checkpoint: what ldpipe recorded in it (``meta.ldpipe.classes``),
     mmdetection's ``meta.CLASSES``, else ``data.classes``, else the validation split's.
     ``obj``: the checkpoint's :func:`load_file` dict, if already read."""
     meta = (load_file(checkpoint) if obj is None else obj).get("meta") or {}
     own = (meta.get("ldpipe") or {}).get("classes") if isinstance(meta, dict) else None
     mmdet = meta.get("CLASSES") if isinstance(meta, dict) else None
-    for names in (own, mmdet, pipe.data.classes):
+    for names in (own, mmdet, data.classes):
         if names:
             return [str(n) for n in names]
-    return list(load_split(pipe, "val").classes)
+    return list(load_split(data, "val").classes)
 
 
 def open_detector(pipe: Pipeline, model_name: str, checkpoint: str,
@@ -53,7 +53,7 @@ def open_detector(pipe: Pipeline, model_name: str, checkpoint: str,
     its class names (from the checkpoint, else the pipeline or its val split) and the
     checkpoint's ``meta`` (:func:`ldpipe.models.load_detector` once the classes are known)."""
     obj = load_file(checkpoint)  # read once for the classes, the weights and the meta
-    classes = checkpoint_classes(pipe, checkpoint, obj)
+    classes = checkpoint_classes(pipe.data, checkpoint, obj)
     model, meta = load_detector(pipe.model(model_name), len(classes), checkpoint, device, obj)
     return model, classes, meta
 
@@ -93,14 +93,14 @@ def _png_names(images: list[str], out_dir: str) -> list[str]:
     return names
 
 
-def image_sample(path: str, index: int, pipe: Pipeline) -> tuple[np.ndarray, dict]:
+def image_sample(path: str, index: int, data: DataConfig) -> tuple[np.ndarray, dict]:
     """The decoded BGR image and its test-time sample (no annotations)."""
     image = load_image(path)
     h, w = image.shape[:2]
     record = Record(image_id=index, file_name=path, width=w, height=h,
                     boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64),
                     ignore=np.zeros((0, 4), np.float32))
-    return image, make_sample(record, image, TEST_VARIANT, pipe)
+    return image, make_sample(record, image, TEST_VARIANT, data)
 
 
 def draw(image_bgr: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
@@ -135,7 +135,7 @@ def predict_images(pipe: Pipeline, model_name: str, checkpoint: str, images: lis
     entries = []
     for index, (path, name) in enumerate(progress_bar(iterable=list(zip(files, names)), desc="predict",
                                                       disable=not progress, leave=False)):
-        image, sample = image_sample(path, index, pipe)
+        image, sample = image_sample(path, index, pipe.data)
         det = detect_batch(model, collate([sample]), dev)[0]
         keep = det["scores"] >= score_thr
         boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]

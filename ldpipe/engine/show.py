@@ -20,7 +20,7 @@ import torch
 
 from ..cache.manifest import CacheError, Manifest
 from ..cache.reader import CacheReader
-from ..config import AssignerConfig, Pipeline
+from ..config import AssignerConfig, DataConfig, Pipeline
 from ..data import Variant, load_image, load_split, make_sample
 from ..models.anchors import grid_tensors
 from ..models.assigner import atss_assign
@@ -51,10 +51,10 @@ def variant_index(m: Manifest, variant: str | None) -> int:
     raise CacheError(f"variant {variant!r} is not in the cache (variants: {', '.join(m.variants)})")
 
 
-def _sample(pipe: Pipeline, reader: CacheReader, url: str, image_id: int, v: int):
+def _sample(data: DataConfig, reader: CacheReader, url: str, image_id: int, v: int):
     """The split's record, the cached rows and the made sample of (image id, variant)."""
     m = reader.manifest
-    split = load_split(pipe, m.data.split)
+    split = load_split(data, m.data.split)
     if split.fingerprint != m.data.fingerprint:
         raise CacheError(f"{url} was made for data fingerprint {m.data.fingerprint[:16]} "
                          f"({m.data.num_images} images of split {m.data.split!r}); this pipeline's "
@@ -69,7 +69,7 @@ def _sample(pipe: Pipeline, reader: CacheReader, url: str, image_id: int, v: int
     g = m.geometry.variants[v]
     record = split.records[index]
     sample = make_sample(record, load_image(record.file_name), Variant(int(g["scale_idx"]), bool(g["flip"])),
-                         pipe)
+                         data)
     differ = sample["meta"].geometry.differences(rows["geometry"], ("img_shape", "pad_shape"))
     if differ:
         key, ours, cached = differ[0]
@@ -100,9 +100,8 @@ def default_anchors(m: Manifest, anchors: torch.Tensor, num_level: list[int], gt
     return sorted(int(a) for a in cand[order[:k]])
 
 
-def _display_image(sample: dict, pipe: Pipeline) -> np.ndarray:
+def _display_image(sample: dict, d: DataConfig) -> np.ndarray:
     """The network input back to RGB uint8 (undoing the normalisation)."""
-    d = pipe.data
     x = sample["img"].permute(1, 2, 0).numpy() * np.asarray(d.std, np.float32) + np.asarray(d.mean, np.float32)
     x = x if d.to_rgb else x[..., ::-1]
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
@@ -119,7 +118,7 @@ def show_sample(pipe: Pipeline, url: str, image_id: int, out: str, variant: str 
     reader = CacheReader(url)
     m = reader.manifest
     v = variant_index(m, variant)
-    rows, sample = _sample(pipe, reader, url, image_id, v)
+    rows, sample = _sample(pipe.data, reader, url, image_id, v)
     grid = m.geometry.grid(rows["geometry"].pad_shape)
     all_anchors, all_strides = grid_tensors(grid)
     stored = rows["anchor"]
@@ -149,7 +148,7 @@ def show_sample(pipe: Pipeline, url: str, image_id: int, out: str, variant: str 
     fig = Figure(figsize=(5.0 + 4 * 2.4, max(3.6, 2.0 * k)), dpi=DPI, layout="constrained")
     gs = fig.add_gridspec(k, 5, width_ratios=[2.2, 1, 1, 1, 1])
     ax = fig.add_subplot(gs[:, 0])
-    ax.imshow(_display_image(sample, pipe))
+    ax.imshow(_display_image(sample, pipe.data))
     for b in gt.tolist():
         ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="lime", lw=1.5))
     colors = [f"C{i % 10}" for i in range(k)]

@@ -17,7 +17,7 @@ from .workdir import check_work_dir
 def distill_job(pipe: Pipeline, model_name: str, teacher: TargetSource, device) -> TrainJob:
     """The training job of ``model_name`` taught by ``teacher`` on ``device``: the source is
     checked against the student (and an online teacher built) before anything trains."""
-    split = load_split(pipe, "train")
+    split = load_split(pipe.data, "train")
     teacher.check(pipe, model_name, split)
     criterion = DistillCriterion(pipe.distill, enabled_terms(pipe), teacher)
     return TrainJob(criterion, teacher.variants(pipe), teacher.sample_extra(device),

@@ -140,9 +140,9 @@ class _Loop:
         self.pipe, self.name, self.work_dir, self.info, self.runlog = pipe, model_name, work_dir, info, runlog
         self.progress = progress
         cfg, self.sched = pipe.model(model_name), pipe.train_for(model_name)
-        split = job.split if job.split is not None else load_split(pipe, "train")
-        variants = job.variants if job.variants is not None else train_variants(pipe)
-        dataset = DetectionDataset(split, pipe, variants, extra=job.sample_extra)
+        split = job.split if job.split is not None else load_split(pipe.data, "train")
+        variants = job.variants if job.variants is not None else train_variants(pipe.data)
+        dataset = DetectionDataset(split, pipe.data, variants, extra=job.sample_extra)
         self.sampler = longrun.SkipSampler(VariantSampler(
             len(dataset), len(variants), shuffle=True, seed=self.sched.seed, rank=info.rank,
             world_size=info.world_size))

@@ -97,6 +97,10 @@ def atss_assign(anchors: torch.Tensor, num_level: list[int], gt: torch.Tensor,
     return Assignment(gt_index, max_iou, thr, overlaps)
 
 
+# assigner.vlr_region -> the D of its membership test (config.VLR_REGIONS names exactly these)
+VLR_D = {"reference": reference_vlr_diou, "diou": distance_box_iou}
+
+
 def vlr_weights(anchors: torch.Tensor, gt: torch.Tensor, thr: torch.Tensor,
                 low: float = 0.25, overlaps: torch.Tensor | None = None,
                 region: str = "reference") -> torch.Tensor:
@@ -112,12 +116,9 @@ def vlr_weights(anchors: torch.Tensor, gt: torch.Tensor, thr: torch.Tensor,
     # with low > 0 (D >= low * thr > 0; thr = 0 gives an empty region) only anchors that
     # overlap some GT can qualify: compute D for those rows alone (most anchors of an image).
     rows = torch.nonzero((overlaps > 0).any(dim=1)).squeeze(1) if low > 0 else torch.arange(n)
-    if region == "reference":
-        diou = reference_vlr_diou(anchors[rows], gt)
-    elif region == "diou":
-        diou = distance_box_iou(anchors[rows], gt)
-    else:
+    if region not in VLR_D:
         raise ValueError(f"unknown VLR region {region!r} (reference or diou)")
+    diou = VLR_D[region](anchors[rows], gt)
     inside = (diou < thr[None]) & (diou >= low * thr[None])
     ov = overlaps[rows]
     best = torch.where(inside, ov, torch.full_like(ov, -INF)).max(dim=1).values

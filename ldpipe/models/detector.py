@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import BackboneConfig, ModelConfig, resolve_backbone
+from ..config import BackboneConfig, ModelConfig, is_resolved
 from .anchors import grid_anchors
 from .backbone import ResNet
 from .checkpoint import load_weights
@@ -96,7 +96,7 @@ class GFL(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         pretrained = bool(cfg.pretrained)
-        self.backbone = build_backbone(resolve_backbone(cfg))
+        self.backbone = build_backbone(cfg.backbone)
         if pretrained:
             self.backbone.load_pretrained(cfg.pretrained)
         self.neck = FPN(self.backbone.out_channels[1:], cfg.channels, num_extra=len(cfg.strides) - 3)
@@ -150,6 +150,16 @@ def build_model(cfg: ModelConfig, num_classes: int) -> GFL:
     return GFL(cfg, num_classes)
 
 
+# [models.NAME.backbone] type -> its builder (config.BACKBONE_TYPES names exactly these)
+BACKBONES = {
+    "ResNet": lambda b, common: ResNet(b.depth, b.base_channels, **common),
+    "ResNeXt": lambda b, common: ResNet(b.depth, b.base_channels, groups=b.groups,
+                                        base_width=b.base_width, **common),
+    "Res2Net": lambda b, common: Res2Net(b.depth, b.base_channels, scales=b.scales,
+                                         base_width=b.base_width, **common),
+}
+
+
 def load_detector(cfg: ModelConfig, num_classes: int, checkpoint: str | None,
                   device: torch.device, obj: dict | None = None) -> tuple[GFL, dict]:
     """The one way every runner gets a trained model: built from ``cfg``, the weights of
@@ -163,14 +173,15 @@ def load_detector(cfg: ModelConfig, num_classes: int, checkpoint: str | None,
 
 
 def build_backbone(b: BackboneConfig) -> ResNet:
-    """The backbone of a resolved ``[models.NAME.backbone]`` table (:func:`resolve_backbone`)."""
+    """The backbone of a resolved ``[models.NAME.backbone]`` table: a loaded model's, or one
+    that went through :func:`ldpipe.config.resolve_model` (a config built in code)."""
+    if not is_resolved(b):
+        raise ValueError("the model's backbone is not resolved: load the config with "
+                         "ldpipe.config.load_pipeline, or pass a ModelConfig built in code through "
+                         "ldpipe.config.resolve_model")
     common = dict(frozen_stages=b.frozen_stages, norm_eval=b.norm_eval, dcn=b.dcn,
                   stage_with_dcn=tuple(b.stage_with_dcn))
-    if b.type == "Res2Net":
-        return Res2Net(b.depth, b.base_channels, scales=b.scales, base_width=b.base_width, **common)
-    if b.type == "ResNeXt":
-        return ResNet(b.depth, b.base_channels, groups=b.groups, base_width=b.base_width, **common)
-    return ResNet(b.depth, b.base_channels, **common)
+    return BACKBONES[b.type](b, common)
 
 
 def backbone_label(b: BackboneConfig) -> str:

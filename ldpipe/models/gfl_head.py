@@ -164,7 +164,7 @@ class GFLHead(nn.Module):
             avg = float(reduce(weight.sum().detach() + (1e-6 if cfg.box_norm == "sum" else 0.0)))
             if cfg.box_norm == "clamp":
                 avg = max(avg, 1.0)
-            loss_bbox = cfg.giou_weight * loss_bbox / avg
+            loss_bbox = cfg.box_weight * loss_bbox / avg
             loss_dfl = cfg.dfl_weight * loss_dfl / avg
         else:
             weight = reg_flat.new_zeros(0)

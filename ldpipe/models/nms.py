@@ -118,13 +118,22 @@ def voting_cluster_diou_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: t
     return voted, scores[idx], labels[idx], order[idx]
 
 
+def _greedy(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cfg: TestConfig) -> dict:
+    keep = batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+def _voting(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cfg: TestConfig) -> dict:
+    voted, sc, lab, _ = voting_cluster_diou_nms(boxes, scores, labels, cfg.nms_iou, cfg.max_per_img)
+    return {"boxes": voted.to(boxes.dtype), "scores": sc, "labels": lab}
+
+
+SUPPRESS = {"nms": _greedy, "voting_cluster_diounms": _voting}  # test.nms -> its suppression
+
+
 def suppress(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
              cfg: TestConfig) -> dict:
     """The detections ``{'boxes', 'scores', 'labels'}`` that ``cfg.nms`` keeps of the candidates."""
-    if cfg.nms == "nms":
-        keep = batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
-    if cfg.nms == "voting_cluster_diounms":
-        voted, sc, lab, _ = voting_cluster_diou_nms(boxes, scores, labels, cfg.nms_iou, cfg.max_per_img)
-        return {"boxes": voted.to(boxes.dtype), "scores": sc, "labels": lab}
-    raise ValueError(f"unknown test.nms {cfg.nms!r} (choose from {', '.join(NMS_KINDS)})")
+    if cfg.nms not in SUPPRESS:
+        raise ValueError(f"unknown test.nms {cfg.nms!r} (choose from {', '.join(NMS_KINDS)})")
+    return SUPPRESS[cfg.nms](boxes, scores, labels, cfg)
