@@ -22,8 +22,8 @@ TINY = ("models.teacher.depth=18", "models.teacher.base_channels=8", "models.tea
 # ---------------------------------------------------------------------- vocabularies
 def test_each_vocabulary_is_what_its_dispatch_table_implements():
     """A word without an implementation (or an implementation without its word) fails here."""
-    from ldpipe.cache import compat, verify
-    from ldpipe.cache.codec import LEGACY_CLIP
+    from ldpipe.cache import compat
+    from ldpipe.cache.codec import CODEC_TABLE
     from ldpipe.data.records import LOADERS
     from ldpipe.models.assigner import VLR_D
     from ldpipe.models.detector import BACKBONES, HEADS
@@ -37,9 +37,7 @@ def test_each_vocabulary_is_what_its_dispatch_table_implements():
         "NMS_KINDS": (config.NMS_KINDS, SUPPRESS),
         "VLR_REGIONS": (config.VLR_REGIONS, VLR_D),
         "DATA_FORMATS": (config.DATA_FORMATS, LOADERS),
-        "CODECS (verify tolerances)": (config.CODECS, verify.NORM_TOL),
-        "CODECS (stored dtypes)": (config.CODECS, verify.STORED_DTYPE),
-        "CODECS (legacy clips)": (config.CODECS, LEGACY_CLIP),
+        "CODECS (one Codec object each)": (config.CODECS, CODEC_TABLE),
         "REGION_POLICIES (terms served)": (config.REGION_POLICIES, compat.SERVES),
     }
     for name, (words, table) in pairs.items():
