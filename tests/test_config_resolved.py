@@ -193,7 +193,7 @@ def test_stored_dicts_keep_the_names_from_before_the_rename():
 def test_a_checkpoint_written_before_the_rename_still_loads(tmp_path):
     """Its meta holds the model config under the old names; loading reads only the weights
     and the classes from it."""
-    from ldpipe.engine.predict import load_detector
+    from ldpipe.engine.predict import open_detector
     from ldpipe.models.checkpoint import save_checkpoint
     from ldpipe.models.detector import build_model
     pipe = load_pipeline(DEMO, TINY)
@@ -203,7 +203,7 @@ def test_a_checkpoint_written_before_the_rename_still_loads(tmp_path):
     meta = {"ldpipe": {"model": "teacher", "config": legacy_dict(cfg), "classes": ["a", "b", "c"]}}
     path = str(tmp_path / "old.pth")
     save_checkpoint(path, model, meta)
-    loaded, classes, got = load_detector(pipe, "teacher", path, torch.device("cpu"))
+    loaded, classes, got = open_detector(pipe, "teacher", path, torch.device("cpu"))
     assert classes == ["a", "b", "c"] and got["ldpipe"]["config"]["base_width"] == 8
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k

@@ -29,7 +29,7 @@ def test_coco_metrics_do_not_depend_on_the_image_order(make_tiny_pipe):
     not mind another image order either (it groups detections by image id)."""
     from ldpipe.data import load_split
     from ldpipe.metrics import evaluate
-    split = load_split(make_tiny_pipe(), "val")
+    split = load_split(make_tiny_pipe().data, "val")
     rng = np.random.default_rng(0)
     dets = []
     for r in split.records:
@@ -59,7 +59,7 @@ def test_torchrun_eval_equals_one_process(synth_root, make_tiny_pipe, tiny_overr
     # the trained teacher's own training images: an AP well above 0 to compare
     extra = (f"data.root={root}", "data.val=annotations/train.json", "data.val_images=images/train",
              "data.skip_undecodable_images=true")
-    bad = load_split(make_tiny_pipe(*extra), "val").records[6].file_name
+    bad = load_split(make_tiny_pipe(*extra).data, "val").records[6].file_name
     with open(bad, "wb") as fh:
         fh.write(b"not an image")
     o = [a for kv in (*tiny_overrides, *extra) for a in ("-o", kv)]

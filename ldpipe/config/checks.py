@@ -1,6 +1,6 @@
 """Range checks on pipeline values and run arguments, each a one-line :class:`ConfigError`.
 
-Types are checked while building the dataclasses (``schema._build``); these are the values
+Types are checked while building the dataclasses (``coerce._build``); these are the values
 that type-check but would fail deep inside a run (a zero batch size, a negative scale).
 """
 from __future__ import annotations

@@ -17,7 +17,8 @@ from .checks import check_values
 from .extends import resolve_extends
 from .schema import (BACKBONE_DEPTHS, BACKBONE_TYPES, DCN_TYPES, DISTILL_TERMS, MAX_INT8_BOX_STEP,
                      RENAMED, RESNET_DEPTHS, BackboneConfig, ConfigError, ModelConfig, Pipeline,
-                     TrainConfig, _build)
+                     TrainConfig)
+from .coerce import _build
 
 
 # ---------------------------------------------------------------------- parsing
@@ -101,7 +102,7 @@ def schedule_of(pipe: Pipeline, name: str) -> TrainConfig:
 
 def validate(pipe: Pipeline) -> None:
     """Checks across keys of a resolved pipeline (the vocabularies and types were checked
-    while building it: ``schema._coerce``)."""
+    while building it: ``coerce._coerce``)."""
     src = pipe.source
     d = pipe.data
     if d.format == "voc" and not d.classes:
