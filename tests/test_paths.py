@@ -228,6 +228,11 @@ def test_export_out_through_a_symlinked_folder_is_the_checkpoint(tiny_overrides,
             *sum((["-o", o] for o in tiny_overrides), [])]
     error_line(CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "alias" / "t.pth")]),
                "is the checkpoint being exported")
+    pipeline = tmp_path / "p.toml"
+    shutil.copy(DEMO_PIPELINE, pipeline)
+    res = CliRunner().invoke(cli, ["export", str(pipeline), *base[2:], "--out", str(pipeline),
+                                   "--format", "pth"])
+    error_line(res, "is the pipeline file")
     (tmp_path / "f.txt").write_text("x")
     error_line(CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "f.txt" / "e.pth")]),
                str(tmp_path / "f.txt"), "is a file, not a folder")

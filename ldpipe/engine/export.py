@@ -209,8 +209,9 @@ def export_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, out: str
     """Write ``out`` (see the module docstring); returns a summary.  The file appears only
     once it is complete (and, for ONNX, checked)."""
     fmt = export_format(out, fmt)
-    if location_relation(out, checkpoint) == "same":  # also through a symlink (os.replace would eat it)
-        raise ExportError(f"--out {out} is the checkpoint being exported; choose another file")
+    for what, path in (("the checkpoint being exported", checkpoint), ("the pipeline file", pipe.source)):
+        if path and location_relation(out, path) == "same":  # also through a symlink: os.replace eats it
+            raise ExportError(f"--out {out} is {what}; choose another file")
     above = blocking_file(out)
     if above is not None:
         raise ExportError(f"--out {out}: {above} is a file, not a folder; choose another --out")
