@@ -207,4 +207,3 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
     return {"cache": out, "cache_id": manifest.cache_id, "teachers": len(urls),
             "samples": base.num_samples, "units": base.num_units, "units_reused": len(done),
             "sources": [m.cache_id for _, _, m in sources]}
-

@@ -110,8 +110,9 @@ def check_picture_args(out: str, num_anchors: int, figure_type) -> None:
     formats = figure_type().canvas.get_supported_filetypes()
     suffix = os.path.splitext(out)[1].lower().lstrip(".")
     if suffix not in formats:
-        raise CacheError(f"--out {out}: {'.' + suffix if suffix else 'no suffix'} is not an image "
-                         f"format matplotlib writes ({', '.join('.' + f for f in sorted(formats))})")
+        what = f"the suffix .{suffix}" if suffix else "a name without a suffix"
+        raise CacheError(f"--out {out}: {what} names no image format matplotlib writes (give one "
+                         f"of {', '.join('.' + f for f in sorted(formats))})")
 
 
 def _display_image(sample: dict, pipe: Pipeline) -> np.ndarray:
