@@ -61,7 +61,8 @@ def _pipe(pipeline: str, overrides: tuple[str, ...]):
 
 class _Group(click.Group):
     """Turns expected errors (bad input: any :class:`~ldpipe.errors.LdpipeError`, a missing
-    file, a full or read-only disk) into ``Error: <message>`` and exit code 1."""
+    file, a path below a file or onto a folder, a full or read-only disk) into
+    ``Error: <message>`` and exit code 1."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         argv = ["ldpipe" if info_name in (None, "main", "__main__.py") else info_name, *args]
@@ -75,6 +76,9 @@ class _Group(click.Group):
         except (LdpipeError, FileNotFoundError) as exc:  # also one raised in a loader worker
             raise click.ClickException(original_message(exc)) from None
         except OSError as exc:  # a full disk, a read-only or lost mount: say which path
+            if exc.errno in _PATH_ERRNOS:  # a path that cannot be (below a file, a folder, ...)
+                where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+                raise click.ClickException(f"{where or 'a path'}: {exc.strerror or exc}") from None
             if exc.errno not in _WRITE_ERRNOS:
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
@@ -83,6 +87,7 @@ class _Group(click.Group):
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+_PATH_ERRNOS = {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ELOOP, errno.ENAMETOOLONG}
 
 
 @click.group(cls=_Group)

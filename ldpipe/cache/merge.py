@@ -18,13 +18,18 @@ refused with the first difference named.  The result is an ordinary format-versi
 (written unit by unit through :mod:`.store`'s commit protocol, so a killed merge resumes),
 whose ``teacher`` describes the ensemble and whose ``lineage.ensemble`` lists each source
 cache's lineage entry.
+
+Each source is read through the checks of the student's reader (:mod:`.integrity`: its index
+table, and per unit the commit, every committed shard present and non-empty, the crc32c of
+every chunk and the sha256 of every array), so a damaged source is an error naming it, the
+unit and the array, never zeros averaged into the ensemble.  ``--out`` may not be, enclose or
+lie inside a source, however either is spelled (:mod:`.places`).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import math
-import os
 import sys
 
 import numpy as np
@@ -33,9 +38,10 @@ import torch
 from ..errors import first_line
 from ..provenance import versions
 from . import codec as C
-from ..errors import first_line
+from .integrity import check_unit, check_unit_arrays
 from .manifest import MANIFEST_LIBRARIES, F, CacheError, Manifest, TeacherInfo, _short
-from .reader import geometry_of
+from .places import Input, check_cache_out
+from .reader import geometry_of, read_checked_index
 from .store import (UnitData, committed_units, create_or_resume, from_disk, index_complete,
                     open_cache, open_root, unit_name, write_index, write_unit)
 
@@ -98,17 +104,32 @@ def ensemble_manifest(sources: list[tuple[str, Manifest]]) -> Manifest:
     return m
 
 
-def _read_unit(root, url: str, u: int, names) -> dict[str, np.ndarray]:
+def _read_unit(root, url: str, u: int, m: Manifest, names) -> dict[str, np.ndarray]:
+    """Arrays ``names`` of unit ``u`` of the source ``url``, read whole through the checks the
+    student's reader runs (:mod:`.integrity`: the commit lists them, every array it committed
+    exists with its row count and all its shards present and non-empty, each chunk's crc32c,
+    the content equals the commit's sha256); a :class:`CacheError` naming the source, unit and
+    array otherwise (zarr alone reads a missing shard as zeros, which would be averaged in)."""
     where, name = f"units/{unit_name(u)}", "group"
     try:
         g = root[where]
+    except Exception:
+        raise CacheError(f"{url}: {where} is missing (a deleted unit); run `ldpipe cache verify "
+                         f"{url}`") from None
+    commit = check_unit(g, url, u, m)
+    absent = [n for n in names if n not in commit["sha256"]]
+    if absent:
+        raise CacheError(f"{url}: {where} has no {', '.join(absent)} in its commit; run "
+                         f"`ldpipe cache verify {url}`")
+    try:
         out = {}
         for name in names:
             out[name] = g[name][...]
-        return out
     except Exception as exc:
         raise CacheError(f"{url}: {where}/{name} cannot be read ({first_line(exc)}); "
                          f"run `ldpipe cache verify {url}`") from None
+    check_unit_arrays(out, commit, url, u)
+    return out
 
 
 def _check_same_rows(ref: dict, other: dict, m: Manifest, name_a: str, name_b: str, u: int) -> None:
@@ -149,9 +170,8 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
     """Write the ensemble cache of ``urls`` to ``out`` (resumes a merge of the same sources)."""
     if len(urls) < 2:
         raise CacheError(f"cache merge needs at least two caches, got {len(urls)}")
-    same = [u for u in urls if _same_place(u, out)]
-    if same:
-        raise CacheError(f"--out {out} is one of the caches to merge; write the merge elsewhere")
+    # the output may not be, enclose or nest into a source (--overwrite would delete it)
+    check_cache_out(out, overwrite, [Input("one of the caches to merge", url) for url in urls])
     sources = [(url, *open_cache(url)) for url in urls]
     names = [f"cache {i + 1} ({url})" for i, url in enumerate(urls)]
     for (url, root, m), name in zip(sources, names):
@@ -159,6 +179,7 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
         if not index_complete(root, m.num_samples) or any(u not in committed for u in range(m.num_units)):
             raise CacheError(f"{url} is incomplete ({len(committed)} of {m.num_units} units committed); "
                              "finish its dump-teacher first")
+        read_checked_index(root, url, m)  # the table's arithmetic (a lost index shard reads as zeros)
     base = sources[0][2]
     for (url, _, m), name in zip(sources[1:], names[1:]):
         diff = shared_differences(base, m, names[0], name)
@@ -167,7 +188,7 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
                              + "\n  ".join(diff))
     layout = ["samples", "scale", "anchor"]
     for u in range(base.num_units):  # every sample's rows align, before anything is written
-        units = [_read_unit(r, url, u, layout) for url, r, _ in sources]
+        units = [_read_unit(r, url, u, m, layout) for url, r, m in sources]
         for other, name in zip(units[1:], names[1:]):
             _check_same_rows(units[0], other, base, names[0], name, u)
     manifest = ensemble_manifest([(url, m) for url, _, m in sources])
@@ -178,7 +199,7 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
     for u in range(base.num_units):
         if u in done:
             continue
-        units = [_read_unit(r, url, u, arrays) for url, r, _ in sources]
+        units = [_read_unit(r, url, u, m, arrays) for url, r, m in sources]
         write_unit(root, u, merge_unit(units, base.codec, base.store_cls, base.box_step), base.compressor,
                    base.chunk_rows)
     if not (len(done) == base.num_units and index_complete(root, base.num_samples)):
@@ -186,10 +207,3 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
     return {"cache": out, "cache_id": manifest.cache_id, "teachers": len(urls),
             "samples": base.num_samples, "units": base.num_units, "units_reused": len(done),
             "sources": [m.cache_id for _, _, m in sources]}
-
-
-def _same_place(a: str, b: str) -> bool:
-    if "://" in a or "://" in b:
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.abspath(a) == os.path.abspath(b)
-

@@ -42,6 +42,7 @@ from ..config.sample import SampleGeometry, sample_pair
 from ..errors import first_line
 from . import codec as C
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
+from .places import check_cache_out, creation_path
 
 # zarr warns on every numcodecs codec (here: Delta) that other zarr implementations may lack
 # it; the format spec names the codec, and readers of this format use zarr-python.
@@ -300,7 +301,9 @@ def _has_content(url: str) -> bool:
 
 def create_or_resume(out: str, manifest: Manifest, overwrite: bool) -> None:
     """Create the cache at ``out`` with ``manifest``, or keep an existing one made the same
-    way (a resumed dump); refuse to mix with or to delete anything else unless ``overwrite``."""
+    way (a resumed dump); refuse to mix with or to delete anything else unless ``overwrite``
+    (and, whatever ``overwrite`` says, what :func:`.places.check_cache_out` refuses)."""
+    check_cache_out(out, overwrite)
     try:
         root = open_root(out, "r")
         raw = root.attrs.get("ldpipe_cache")
@@ -321,5 +324,5 @@ def create_or_resume(out: str, manifest: Manifest, overwrite: bool) -> None:
     if root is not None and raw is None and not overwrite:
         if len(list(root.keys())):
             raise CacheError(f"{out} exists and is not an ldpipe cache; use another --out")
-    g = zarr.open_group(out, mode="w", zarr_format=3, storage_options=_storage_options(out))
+    g = zarr.open_group(creation_path(out), mode="w", zarr_format=3, storage_options=_storage_options(out))
     g.attrs["ldpipe_cache"] = manifest.to_dict()

@@ -15,6 +15,7 @@ import torch
 
 from ldpipe.config import DataConfig
 from ldpipe.data.decode import read_image
+from ldpipe.data.errors import DataError
 from ldpipe.data.meta import SampleMeta
 from ldpipe.data.records import Record
 
@@ -88,8 +89,13 @@ def make_sample(record: Record, image: np.ndarray, variant: Variant, d: DataConf
     :class:`SampleMeta` whose ``index`` / ``variant_index`` are left at -1 (the data set sets them).
     """
     h, w = image.shape[:2]
-    img = mmcv.imrescale(image, variant_scale(variant, d), return_scale=False,
-                         interpolation="bilinear")
+    scale = variant_scale(variant, d)
+    new_size = mmcv.rescale_size((w, h), scale)  # what imrescale makes: (w, h)
+    if min(new_size) < 1:
+        raise DataError(f"{record.file_name}: a {w}x{h} image (width x height) resizes to "
+                        f"{new_size[0]}x{new_size[1]} pixels at scale {list(scale)} (keep-ratio): "
+                        "too thin to detect in; crop or pad it, or leave it out")
+    img = mmcv.imrescale(image, scale, return_scale=False, interpolation="bilinear")
     new_h, new_w = img.shape[:2]
     w_scale, h_scale = new_w / w, new_h / h
     factor = np.array([w_scale, h_scale, w_scale, h_scale], dtype=np.float32)

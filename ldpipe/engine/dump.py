@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -26,6 +27,7 @@ import torch
 from ..cache import codec as C
 from ..cache import manifest as M
 from ..cache.manifest import CacheError
+from ..cache.places import Input, check_cache_out
 from ..cache.region import manifest_entries, own_assigner_note, reader_settings, region_index
 from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
                            index_complete, open_root, write_index, write_unit)
@@ -159,6 +161,20 @@ def write_failed(url: str, what: str, exc: OSError) -> CacheError:
                       "same command to resume")
 
 
+def read_places(pipe: Pipeline, checkpoint: str, split) -> list[Input]:
+    """What a dump reads, which its ``--out`` must keep apart from: the checkpoint, and the
+    data folder, annotation file (VOC: root) and image folders of the split, which may hold the
+    cache below them but not be it or lie inside it (``ldpipe.cache.places``)."""
+    places = [Input("the teacher checkpoint", checkpoint)]
+    if pipe.data.root:
+        places.append(Input("data.root", pipe.data.root, may_contain_out=True))
+    if split.source:
+        places.append(Input(f"the annotations of split {split.name!r}", split.source, may_contain_out=True))
+    for folder in sorted({os.path.dirname(r.file_name) for r in split.records}):
+        places.append(Input(f"an image folder of split {split.name!r}", folder, may_contain_out=True))
+    return places
+
+
 def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, split_name: str = "train",
                  device: str | None = None, batch_size: int | None = None, workers: int | None = None,
                  amp: bool | None = None, overwrite: bool = False, progress: bool = True,
@@ -170,6 +186,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     cfg = pipe.model(model_name)
     cache_cfg = pipe.cache
     split = split if split is not None else load_split(pipe.data, split_name)
+    check_cache_out(out, overwrite, read_places(pipe, checkpoint, split))  # before anything is written
     variants = train_variants(pipe.data)
     nv = len(variants)
     total = len(split.records) * nv

@@ -2,6 +2,8 @@
 
 The lock is the object ``OUT.ldpipe-lock`` beside the cache (not inside it, where
 ``--overwrite`` would delete it), holding JSON ``{pid, host, job, started, heartbeat}``.
+``OUT`` is the cache's resolved location (:func:`lock_url`), so a second dump through a
+symlink alias, a ``file://`` URL or another relative spelling of one cache finds the lock.
 The process that takes it (rank 0 of a torchrun job; the other ranks of that job write
 their own units under it and never lock) rewrites ``heartbeat`` every
 :data:`HEARTBEAT_S` seconds and removes the lock when the dump ends, also on an error.
@@ -28,7 +30,7 @@ import time
 import fsspec
 
 from ..cache.manifest import CacheError
-from ..files import atomic_write
+from ..files import atomic_write, canonical_location
 
 log = logging.getLogger("ldpipe.dump")
 HEARTBEAT_S = 30.0
@@ -37,7 +39,10 @@ SUFFIX = ".ldpipe-lock"
 
 
 def lock_url(out: str) -> str:
-    return out.rstrip("/") + SUFFIX
+    """The lock of cache ``out``, named by the cache's resolved location
+    (:func:`ldpipe.files.canonical_location`): every spelling of one cache - a relative
+    path, a ``file://`` URL, a path through a symlinked folder - has the same lock."""
+    return canonical_location(out).rstrip("/") + SUFFIX
 
 
 def _job() -> str:
@@ -126,6 +131,9 @@ class DumpLock:
 
     # ------------------------------------------------------------ acquire / release
     def acquire(self) -> None:
+        if self.fs.isdir(self.path):  # not a lock ldpipe wrote: its contents are not ours
+            raise CacheError(f"{self.out}: its dump lock {self.url} is a directory, not a lock "
+                             "file; move it away, or use another --out")
         if self._create():
             self._start_heartbeat()
             return

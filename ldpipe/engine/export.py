@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..config import Pipeline, to_dict
+from ..files import blocking_file, location_relation
 from ..models import GFL
 from ..models.checkpoint import SAFETENSORS_META, CheckpointError, file_sha256
 from .predict import open_detector
@@ -208,8 +209,12 @@ def export_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, out: str
     """Write ``out`` (see the module docstring); returns a summary.  The file appears only
     once it is complete (and, for ONNX, checked)."""
     fmt = export_format(out, fmt)
-    if os.path.abspath(out) == os.path.abspath(checkpoint):
-        raise ExportError(f"--out {out} is the checkpoint being exported; choose another file")
+    for what, path in (("the checkpoint being exported", checkpoint), ("the pipeline file", pipe.source)):
+        if path and location_relation(out, path) == "same":  # also through a symlink: os.replace eats it
+            raise ExportError(f"--out {out} is {what}; choose another file")
+    above = blocking_file(out)
+    if above is not None:
+        raise ExportError(f"--out {out}: {above} is a file, not a folder; choose another --out")
     if fmt == "onnx" and fp16:
         raise ExportError("--fp16 applies to pth and safetensors exports; ONNX is exported in float32 "
                           f"(checked against torch at {atol:g})")

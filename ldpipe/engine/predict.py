@@ -19,7 +19,7 @@ import torch
 
 from ..config import DataConfig, Pipeline
 from ..data import TEST_VARIANT, DataError, Record, collate, load_image, load_split, make_sample
-from ..files import atomic_write
+from ..files import atomic_write, blocking_file
 from ..models import GFL, load_detector
 from ..models.checkpoint import load_file
 from .infer import detect_batch
@@ -127,6 +127,9 @@ def predict_images(pipe: Pipeline, model_name: str, checkpoint: str, images: lis
     """
     from PIL import Image
 
+    above = blocking_file(out_dir)
+    if above is not None:
+        raise DataError(f"--out {out_dir}: {above} is a file, not a folder; choose another --out")
     dev = resolve_device(device)
     files = collect_images(list(images))
     model, classes, _ = open_detector(pipe, model_name, checkpoint, dev)

@@ -15,6 +15,8 @@ through :class:`ldpipe.cache.reader.CacheReader`.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -100,6 +102,19 @@ def default_anchors(m: Manifest, anchors: torch.Tensor, num_level: list[int], gt
     return sorted(int(a) for a in cand[order[:k]])
 
 
+def check_picture_args(out: str, num_anchors: int, figure_type) -> None:
+    """``--num-anchors`` at least 1, and an ``--out`` whose suffix names an image format
+    matplotlib writes (``figure_type``: its ``Figure``); :class:`CacheError` otherwise."""
+    if num_anchors < 1:
+        raise CacheError(f"--num-anchors {num_anchors}: give at least 1 anchor to draw")
+    formats = figure_type().canvas.get_supported_filetypes()
+    suffix = os.path.splitext(out)[1].lower().lstrip(".")
+    if suffix not in formats:
+        what = f"the suffix .{suffix}" if suffix else "a name without a suffix"
+        raise CacheError(f"--out {out}: {what} names no image format matplotlib writes (give one "
+                         f"of {', '.join('.' + f for f in sorted(formats))})")
+
+
 def _display_image(sample: dict, d: DataConfig) -> np.ndarray:
     """The network input back to RGB uint8 (undoing the normalisation)."""
     x = sample["img"].permute(1, 2, 0).numpy() * np.asarray(d.std, np.float32) + np.asarray(d.mean, np.float32)
@@ -115,6 +130,7 @@ def show_sample(pipe: Pipeline, url: str, image_id: int, out: str, variant: str 
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
+    check_picture_args(out, num_anchors, Figure)
     reader = CacheReader(url)
     m = reader.manifest
     v = variant_index(m, variant)
