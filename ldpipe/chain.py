@@ -236,7 +236,10 @@ class Chain:
         if cache is None:
             argv = ["train", *self._common(), "--model", model, "--work-dir", wd]
         else:
-            inputs["distill"] = to_dict(self.pipe.distill)
+            distill = to_dict(self.pipe.distill)
+            if distill.get("ld_norm") == "sum":  # a setting added later: at its default the
+                del distill["ld_norm"]           # stamp is an older chain's, which then skips
+            inputs["distill"] = distill
             inputs["cache_id"] = self._cache_id(cache)
             argv = ["train-student", *self._common(), "--model", model, "--cache", cache,
                     "--work-dir", wd]

@@ -24,6 +24,7 @@ def test_each_vocabulary_is_what_its_dispatch_table_implements():
     """A word without an implementation (or an implementation without its word) fails here."""
     from ldpipe.cache import compat
     from ldpipe.cache.codec import CODEC_TABLE
+    from ldpipe.distill.criterion import LD_NORM
     from ldpipe.data.records import LOADERS
     from ldpipe.models.assigner import VLR_D
     from ldpipe.models.detector import BACKBONES, HEADS
@@ -38,6 +39,7 @@ def test_each_vocabulary_is_what_its_dispatch_table_implements():
         "VLR_REGIONS": (config.VLR_REGIONS, VLR_D),
         "DATA_FORMATS": (config.DATA_FORMATS, LOADERS),
         "CODECS (one Codec object each)": (config.CODECS, CODEC_TABLE),
+        "LD_NORMS": (config.LD_NORMS, LD_NORM),
         "REGION_POLICIES (terms served)": (config.REGION_POLICIES, compat.SERVES),
     }
     for name, (words, table) in pairs.items():

@@ -323,3 +323,24 @@ def test_step_divergence_benchmark_trains_cached_and_online_alike(synth, teacher
     assert first["fp32"] == pytest.approx(first["online"], rel=1e-5)
     assert first["int8"] == pytest.approx(first["online"], rel=1e-2)
     assert all(v["fp32 again"] == v["fp32"] for v in losses.values())  # bitwise reproducible
+
+
+def test_ld_norm_image_makes_ld_per_image(synth, caches):
+    """``distill.ld_norm = "image"``: LD and VLR of a batch of two copies of one image equal
+    those of the image alone; the reference's sum (default) doubles them; class KD (a mean over
+    positives per level) is the same either way."""
+    got = {}
+    for norm in ("sum", "image"):
+        pipe = tiny_pipe(synth, f"distill.ld_norm={norm}")
+        split = load_split(pipe.data, "train")
+        ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+        idx = next(i for i, r in enumerate(split.records) if len(r.boxes))
+        one, _ = _step(pipe, CachedTeacher(pipe, caches["fp32"]), [ds[(idx, 0)]], split)
+        two, _ = _step(pipe, CachedTeacher(pipe, caches["fp32"]), [ds[(idx, 0)], ds[(idx, 0)]], split)
+        got[norm] = (one, two)
+    (one, two), (one_i, two_i) = got["sum"], got["image"]
+    for k in ("loss_ld", "loss_ld_vlr"):
+        assert one[k] > 0 and two[k] == pytest.approx(2 * one[k], rel=1e-5)
+        assert one_i[k] == pytest.approx(one[k], rel=1e-6) and two_i[k] == pytest.approx(one[k], rel=1e-5)
+    assert two["loss_kd"] == pytest.approx(one["loss_kd"], rel=1e-5)
+    assert two_i["loss_kd"] == pytest.approx(two["loss_kd"], rel=1e-6)

@@ -30,6 +30,8 @@ BackboneType = Literal["ResNet", "ResNeXt", "Res2Net"]  # mmdetection's names
 HeadType = Literal["GFLHead", "GFocalHead"]  # GFL (v1) and GFocalV2 (its DGQP branch)
 # test-time suppression (ldpipe.models.nms): greedy NMS, or the LD reference's Score-voting Cluster-DIoU-NMS
 NmsKind = Literal["nms", "voting_cluster_diounms"]
+# distill.ld_norm: how the LD and VLR terms reduce over a process's batch (ldpipe.distill.criterion)
+LdNorm = Literal["sum", "image"]
 
 DATA_FORMATS = typing.get_args(DataFormat)
 RESNET_DEPTHS = (18, 34, 50, 101)
@@ -48,6 +50,7 @@ BACKBONE_DEPTHS = {"ResNet": (18, 34, 50, 101), "ResNeXt": (50, 101), "Res2Net":
 DCN_TYPES = ("DCN", "DCNv2")  # mmcv's DeformConv2dPack / ModulatedDeformConv2dPack
 HEAD_TYPES = typing.get_args(HeadType)
 NMS_KINDS = typing.get_args(NmsKind)
+LD_NORMS = typing.get_args(LdNorm)
 
 
 class ConfigError(LdpipeError):
@@ -232,6 +235,10 @@ class DistillConfig:
     kd: bool = True
     kd_weight: float = 10.0
     kd_T: float = 2.0
+    # "sum": LD and VLR summed over every image of the process's batch, as the LD reference
+    # (its per-image weight grows with images per GPU: its README keeps them <= 3); "image":
+    # that sum divided by the batch's images, so a term per image does not depend on it
+    ld_norm: LdNorm = "sum"
 
 
 @dataclass(frozen=True)
@@ -312,7 +319,7 @@ RENAMED: dict[tuple[str, str], str] = {
 __all__ = [
     "BACKBONE_DEPTHS", "BACKBONE_TYPES", "DCN_TYPES", "BackboneConfig",
     "BOX_LOSSES", "BOX_NORMS", "CODECS", "COMPRESSORS", "DATA_FORMATS", "DISTILL_TERMS",
-    "REGION_POLICIES", "RESNET_DEPTHS", "VLR_REGIONS", "NMS_KINDS",
+    "REGION_POLICIES", "RESNET_DEPTHS", "VLR_REGIONS", "NMS_KINDS", "LD_NORMS",
     "AssignerConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig",
     "LossConfig", "ModelConfig", "Pipeline", "TestConfig", "TrainConfig",
 ]

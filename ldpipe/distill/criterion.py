@@ -22,6 +22,16 @@ from .sources import TargetSource
 Losses = dict[str, torch.Tensor]
 
 
+def _per_image(terms: Losses, images: int) -> Losses:
+    return {k: (v / images if k in ("loss_ld", "loss_ld_vlr") else v) for k, v in terms.items()}
+
+
+# distill.ld_norm -> how LD and VLR reduce over the ``images`` of a process's batch: the
+# reference's sum (its README keeps <= 3 images per GPU because the sum grows with them), or
+# that sum per image (class KD is a per-level mean over positives either way)
+LD_NORM = {"sum": lambda terms, images: terms, "image": _per_image}
+
+
 class Criterion:
     """The contract: ``criterion(model, batch, out, bt) -> {name: scalar tensor}``."""
 
@@ -52,7 +62,10 @@ class DistillCriterion(GFLCriterion):
 
     * ``loss_ld`` - LD on the ATSS positives, weighted by the student's detached max score;
     * ``loss_kd`` - class KD on the positives, per level over its positives;
-    * ``loss_ld_vlr`` - LD on the valuable localization region, weighted by its IoU.
+    * ``loss_ld_vlr`` - LD on the valuable localization region, weighted by its IoU;
+
+    LD and VLR summed over the batch (the reference's ``distill.ld_norm = "sum"``) or per image
+    (``"image"``: divided by the batch's images, so a term does not grow with images per GPU).
 
     ``terms``: the enabled subset of ``{"ld", "kd", "vlr"}`` (``config.enabled_terms``).
     """
@@ -88,4 +101,4 @@ class DistillCriterion(GFLCriterion):
             t = teacher.at(vidx, need_cls=False)
             terms["loss_ld_vlr"] = cfg.vlr_weight * vlr_loss(
                 reg_flat[vidx].reshape(-1, rb), t.box.reshape(-1, rb), bt.vlr[vidx], cfg.vlr_T)
-        return terms
+        return LD_NORM[cfg.ld_norm](terms, out.cls.shape[0])
