@@ -41,13 +41,14 @@ def atomic_write(path: str, data: bytes | str) -> None:
 
 
 # ---------------------------------------------------------------------- bounded reads
-# The most ldpipe reads of a small file named by a user path (README, "Files ldpipe reads").
+# The most ldpipe reads of a file named by a user path (README, "Data quality": files named by a path).
 PIPELINE_FILE_BOUND = 1 << 20  # 1 MiB: a pipeline file and each of its `extends` bases (TOML)
 ANNOTATION_FILE_BOUND = 2 << 30  # 2 GiB: a COCO annotation JSON (train2017: 448 MB), a VOC
 #                                  XML file, an ImageSets/Main split list
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
 _READ_CHUNK = 1 << 24  # what a read past the size the stat gave asks for at a time
 
 
