@@ -22,7 +22,7 @@ def _setup_logging(verbose: bool) -> None:
 override_option = click.option(
     "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
     help="Override a pipeline value by dotted path (repeatable), e.g. -o train.epochs=1.")
-pipeline_arg = click.argument("pipeline", type=click.Path(dir_okay=False))
+pipeline_arg = click.argument("pipeline", type=click.Path())  # checked by the loader (files.read_bounded)
 def _check_device(ctx, param, value: str | None) -> str | None:
     """``--device`` is checked where it is given, for every command, by the one device rule
     (``ldpipe.engine.runtime.resolve_device``): 'tpu', or 'cuda' without CUDA, is one error."""

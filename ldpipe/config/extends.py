@@ -4,7 +4,8 @@ The top-level key ``extends`` names a base file (a path relative to the extendin
 list of them.  The bases are read in order (each may extend others), deep-merged one over the
 other, and the extending file's own keys are merged last: tables merge key by key,
 recursively; any other value, lists included, replaces what the bases had.  A cycle or a
-missing base file is a :class:`ConfigError` naming the files.
+missing base file is a :class:`ConfigError` naming the files; a base is read as the pipeline file
+is (a regular file of at most ``files.PIPELINE_FILE_BOUND`` bytes, checked before it is opened).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import copy
 import os
 import tomllib
 
+from .. import files
 from .schema import ConfigError
 
 EXTENDS_KEY = "extends"
@@ -29,13 +31,18 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def _read_toml(path: str, named_by: str) -> dict:
+    """The base file ``path`` parsed, read as a pipeline file is (``files.read_bounded``)."""
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(files.read_bounded(path, files.PIPELINE_FILE_BOUND, "extends base",
+                                                ConfigError).decode())
     except FileNotFoundError:
         raise ConfigError(f"{named_by}: extends {path!r}: file not found") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{named_by}: {exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{named_by}: extends {path!r}: cannot read it ({exc.strerror})") from None
 
 
 def _bases(raw: dict, path: str) -> list[str]:

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from .. import files
 from .checks import check_values
 from .extends import resolve_extends
 from .schema import (BACKBONE_DEPTHS, BACKBONE_TYPES, DCN_TYPES, DISTILL_TERMS, MAX_INT8_BOX_STEP,
                      RENAMED, RESNET_DEPTHS, BackboneConfig, ConfigError, ModelConfig, Pipeline,
                      TrainConfig)
 from .coerce import _build
+
+log = logging.getLogger("ldpipe.config")
 
 
 # ---------------------------------------------------------------------- parsing
@@ -30,7 +34,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _clearable(parts: list[str]) -> bool:
+    """Whether ``-o KEY={}`` may clear the table at ``KEY`` (``parts``): a model's own
+    schedule table ``models.NAME.train`` (the model then runs ``[train]``), only."""
+    return len(parts) == 3 and parts[0] == "models" and parts[2] == "train"
+
+
 def apply_override(raw: dict, assignment: str, source: str = "<override>") -> None:
+    """Set one dotted ``KEY=VALUE`` in ``raw``.  A table value (``{...}``) replaces the table
+    at ``KEY`` as a whole, never silently: the keys it drops are logged; an empty table over
+    one with values is refused (it would reset the section to its defaults) except for a
+    model's own ``models.NAME.train`` table, which it clears (logged)."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not KEY=VALUE")
     key, text = assignment.split("=", 1)
@@ -44,7 +58,21 @@ def apply_override(raw: dict, assignment: str, source: str = "<override>") -> No
         if not isinstance(nxt, dict):
             raise ConfigError(f"override {assignment!r}: {part!r} is not a section in {source}")
         cur = nxt
-    cur[parts[-1]] = parse_value(text.strip())
+    value = parse_value(text.strip())
+    old = cur.get(parts[-1])
+    if isinstance(value, dict) and isinstance(old, dict) and old:
+        dropped = sorted(set(old) - set(value))
+        if not value and not _clearable(parts):
+            raise ConfigError(f"override {assignment!r} would replace the table {key} of {source} "
+                              f"({', '.join(sorted(old))}) with an empty one, resetting it to its "
+                              f"defaults; set its keys one by one (-o {key}.KEY=VALUE)")
+        if not value:
+            log.warning("override %s clears %s (drops %s): model %r runs the [train] schedule",
+                        assignment, key, ", ".join(dropped), parts[1])
+        elif dropped:
+            log.warning("override %s replaces the table %s of %s as a whole: drops %s", assignment,
+                        key, source, ", ".join(f"{key}.{k}" for k in dropped))
+    cur[parts[-1]] = value
 
 
 def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
@@ -55,15 +83,15 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
     (:func:`schedule_of`, stored in ``Pipeline.schedules``); the result is frozen."""
     path = str(path)
     try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+        raw = tomllib.loads(files.read_bounded(path, files.PIPELINE_FILE_BOUND, "pipeline file",
+                                               ConfigError).decode())
     except FileNotFoundError:
         raise ConfigError(f"pipeline file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a pipeline file (binary, not UTF-8 TOML text)") from None
-    except (IsADirectoryError, PermissionError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read the pipeline file ({exc.strerror})") from None
     raw = copy.deepcopy(raw)
     raw = resolve_extends(raw, path, bases := [])

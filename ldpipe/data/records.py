@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ldpipe import files
 from ldpipe.config import DataConfig
 from ldpipe.data.errors import DataError
 from ldpipe.data.quality import check_split, coco_annotation, coco_image
@@ -102,9 +103,10 @@ def _fingerprint(blobs: list[bytes], classes: list[str], image_ids: list[int]) -
 
 
 def _read_bytes(path: str, what: str) -> bytes:
+    """The bytes of one annotation or split file: a regular file of at most
+    ``files.ANNOTATION_FILE_BOUND`` bytes, checked before it is opened (``files.read_bounded``)."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        return files.read_bounded(path, files.ANNOTATION_FILE_BOUND, what, DataError)
     except OSError as exc:
         raise DataError(f"{what} not found or unreadable: {path} ({exc.strerror})") from None
 
