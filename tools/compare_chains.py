@@ -16,7 +16,12 @@ for role in ("teacher", "student-baseline", "student-ld"):
     oa, ob = ca["optimizer"]["state"], cb["optimizer"]["state"]
     same_o = oa.keys() == ob.keys() and all(torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"]) for k in oa)
     same_file = open(pa, "rb").read() == open(pb, "rb").read()
-    print(f"{role}: weights identical {same_w}, optimizer state identical {same_o}, files byte-identical {same_file}, "
+    ra, rb = ca.get("rng") or {}, cb.get("rng") or {}
+    same_rng = ra.keys() == rb.keys() and all(
+        torch.equal(ra[k], rb[k]) if torch.is_tensor(ra[k]) else ra[k] == rb[k] for k in ra)
+    same_scaler = ca.get("scaler") == cb.get("scaler")
+    print(f"{role}: weights identical {same_w}, optimizer state identical {same_o}, RNG state identical "
+          f"{same_rng}, scaler identical {same_scaler}, files byte-identical {same_file}, "
           f"loop A {ca.get('loop')} B {cb.get('loop')}")
 def objects(root):
     out = {}
