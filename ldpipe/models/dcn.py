@@ -15,11 +15,11 @@ Forward values are torchvision's, which equal mmcv's (bilinear sampling, zero fo
 ``y <= -1``, ``y >= H``, ``x <= -1`` or ``x >= W``).  The offset gradient follows mmcv's rule
 (``deformable_col2im_coord`` in its CUDA and CPU kernels, v1 and v2): a sampling point outside
 that open box ``(-1, H) x (-1, W)`` gets a zero offset gradient in both directions.
-torchvision's kernel differs at one place only: a point exactly on ``y = -1`` (``x = -1``) gets
-the one-sided derivative ``d/dy`` (``d/dx``), the weighted value of row (column) 0, elsewhere
-outside both are zero.  That case is common, not exotic: with mmcv's zero-initialised
-``conv_offset`` every tap of the top row / left column of a padded 3x3 kernel samples exactly
-at -1 in the first steps of training.  :class:`_MmcvBoundaryGrad` (identity forward) zeroes
+torchvision's kernel differs in one case only: a point exactly on ``y = -1`` (``x = -1``) gets
+the one-sided derivative ``d/dy`` (``d/dx``), the value sampled on row (column) 0; everywhere
+else outside the box its derivatives are zero too.  That case is common, not exotic: with
+mmcv's zero-initialised ``conv_offset`` every tap of the top row / left column of a padded 3x3
+kernel samples exactly at -1 in the first steps of training.  :class:`_MmcvBoundaryGrad` (identity forward) zeroes
 those entries, so gradients equal mmcv's; inputs, weights and masks already did
 (``tests/test_backbones.py`` checks all four against an independent implementation).
 """
