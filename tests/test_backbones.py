@@ -140,7 +140,7 @@ def reference_deform_conv(x, offset, weight, mask, stride, pad, dil, groups, def
                             px = ox * stride - pad + j * dil + dx
                             v = _bilinear(x[n, chans], py, px)
                             if mask is not None:
-                                v = v * float(mask[n, g * K + k, oy, ox])
+                                v = v * mask[n, g * K + k, oy, ox]
                             cols[n, chans, k, oy, ox] = v
     out = torch.zeros(b, cout, oh, ow, dtype=x.dtype)
     og = cout // groups
@@ -191,6 +191,152 @@ def test_deform_conv_gradients_reach_the_offsets():
         conv.conv_offset.bias.uniform_(-1, 1)
     conv(torch.randn(1, 4, 5, 5)).square().sum().backward()
     assert conv.conv_offset.weight.grad.abs().sum() > 0 and conv.weight.grad.abs().sum() > 0
+
+
+def _bilinear_coord_grad(img: torch.Tensor, y: float, x: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d/dy, d/dx)`` of :func:`_bilinear` by mmcv's ``get_coordinate_weight``: zero for a
+    point outside the open box ``(-1, h) x (-1, w)`` (``<= -1`` included), else the derivative
+    of the four-corner sum, corners outside the image counting 0."""
+    c, h, w = img.shape
+    zero = torch.zeros(c, dtype=img.dtype)
+    if y <= -1 or y >= h or x <= -1 or x >= w:
+        return zero, zero.clone()
+    y0, x0 = math.floor(y), math.floor(x)
+    ly, lx = y - y0, x - x0
+
+    def v(yy, xx):
+        return img[:, yy, xx] if 0 <= yy < h and 0 <= xx < w else zero
+    d_y = (1 - lx) * (v(y0 + 1, x0) - v(y0, x0)) + lx * (v(y0 + 1, x0 + 1) - v(y0, x0 + 1))
+    d_x = (1 - ly) * (v(y0, x0 + 1) - v(y0, x0)) + ly * (v(y0 + 1, x0 + 1) - v(y0 + 1, x0))
+    return d_y, d_x
+
+
+def reference_offset_grad(x, offset, weight, mask, grad_out, stride, pad, dil, groups, deform_groups):
+    """mmcv's offset gradient of ``sum(grad_out * deform_conv(...))``, by loops: per tap, the
+    coordinate weight of each input channel times ``sum_o grad_out[o] * w[o, c, tap]`` (times
+    the mask for v2)."""
+    b, cin, h, w = x.shape
+    cout, cg, kh, kw = weight.shape
+    K, og = kh * kw, cout // groups
+    oh, ow = offset.shape[-2:]
+    per_dg = cin // deform_groups
+    grad = torch.zeros_like(offset)
+    for n in range(b):
+        for oy in range(oh):
+            for ox in range(ow):
+                for g in range(deform_groups):
+                    for i in range(kh):
+                        for j in range(kw):
+                            k = i * kw + j
+                            py = oy * stride - pad + i * dil + float(offset[n, 2 * (g * K + k), oy, ox])
+                            px = ox * stride - pad + j * dil + float(offset[n, 2 * (g * K + k) + 1, oy, ox])
+                            d_y, d_x = _bilinear_coord_grad(x[n, g * per_dg:(g + 1) * per_dg], py, px)
+                            for c in range(g * per_dg, (g + 1) * per_dg):
+                                gi = c // cg
+                                a = float((grad_out[n, gi * og:(gi + 1) * og, oy, ox]
+                                           * weight[gi * og:(gi + 1) * og, c - gi * cg, i, j]).sum())
+                                if mask is not None:
+                                    a *= float(mask[n, g * K + k, oy, ox].detach())
+                                grad[n, 2 * (g * K + k), oy, ox] += a * float(d_y[c - g * per_dg])
+                                grad[n, 2 * (g * K + k) + 1, oy, ox] += a * float(d_x[c - g * per_dg])
+    return grad
+
+
+def _offsets_on_the_boundary(shape, seed):
+    """Offsets mixing mmcv's zero init (padding taps exactly at -1 and at H / W), integers
+    (more points exactly on -1, on H / W and inside) and fractions."""
+    gen = torch.Generator().manual_seed(seed)
+    off = torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5
+    kind = torch.randint(0, 3, shape, generator=gen)
+    return torch.where(kind == 0, 0.0, torch.where(kind == 1, off.round(), off))
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("stride, groups, deform_groups", [(1, 1, 1), (2, 2, 2)])
+def test_deform_conv_gradients_equal_mmcvs_rule(modulated, stride, groups, deform_groups):
+    """Offset gradients equal mmcv's kernels, including points exactly on -1 (where
+    torchvision's own op returns a one-sided derivative); input, weight and mask gradients
+    equal the differentiable reference's."""
+    from torchvision.ops import deform_conv2d
+    torch.manual_seed(5)
+    cls = ModulatedDeformConv2dPack if modulated else DeformConv2dPack
+    conv = cls(4, 4, 3, stride=stride, padding=1, groups=groups, deform_groups=deform_groups).double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    oh, ow = conv.conv_offset(x).shape[-2:]
+    for offset0 in (torch.zeros(2, 18 * deform_groups, oh, ow, dtype=torch.float64),
+                    _offsets_on_the_boundary((2, 18 * deform_groups, oh, ow), seed=stride)):
+        offset = offset0.clone().requires_grad_(True)
+        mask = (torch.rand(2, 9 * deform_groups, oh, ow, dtype=torch.float64) if modulated
+                else None)
+        if mask is not None:
+            mask.requires_grad_(True)
+        conv.offset_and_mask = lambda _x: (offset, mask)
+        xg = x.clone().requires_grad_(True)
+        out = conv(xg)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        want = reference_offset_grad(x, offset0, conv.weight.detach(), mask, grad_out, stride, 1, 1,
+                                     groups, deform_groups)
+        torch.testing.assert_close(offset.grad, want, rtol=1e-9, atol=1e-9)
+        # torchvision alone: equal off the -1 lines, one-sided (non-zero) on them
+        tv_offset = offset0.clone().requires_grad_(True)
+        deform_conv2d(x, tv_offset, conv.weight.detach(), None, stride, 1, 1,
+                      None if mask is None else mask.detach()).backward(grad_out)
+        differs = tv_offset.grad != offset.grad
+        assert differs.any() and not offset.grad[differs].any()
+        on_line = _on_minus_one(offset0, stride)
+        assert not (differs & ~on_line).any()
+        # the other gradients: the differentiable loop reference
+        xr = x.clone().requires_grad_(True)
+        wr = conv.weight.detach().clone().requires_grad_(True)
+        mr = None if mask is None else mask.detach().clone().requires_grad_(True)
+        reference_deform_conv(xr, offset0, wr, mr, stride, 1, 1, groups, deform_groups).backward(grad_out)
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(conv.weight.grad, wr.grad, rtol=1e-9, atol=1e-9)
+        if mask is not None:
+            torch.testing.assert_close(mask.grad, mr.grad, rtol=1e-9, atol=1e-9)
+        conv.weight.grad = None
+
+
+def _on_minus_one(offset, stride):
+    """True on the dy channel of taps sampling at y == -1 and the dx channel of taps at x == -1
+    (3x3, padding 1, dilation 1)."""
+    n, c, oh, ow = offset.shape
+    off = offset.reshape(n, c // 18, 3, 3, 2, oh, ow)
+    y = (torch.arange(3)[:, None, None, None] + torch.arange(oh)[None, None, :, None] * stride - 1
+         + off[:, :, :, :, 0])
+    x = (torch.arange(3)[None, :, None, None] + torch.arange(ow)[None, None, None, :] * stride - 1
+         + off[:, :, :, :, 1])
+    return torch.stack((y == -1, x == -1), dim=4).reshape(offset.shape)
+
+
+def test_zero_offsets_at_the_padding_get_no_offset_gradient():
+    """mmcv's zero init: the top-row / left-column taps of output row / column 0 sample exactly
+    at -1; mmcv gives them a zero offset gradient, torchvision's op the weighted values of row /
+    column 0 (of the order of the other entries: not a rounding effect)."""
+    from torchvision.ops import deform_conv2d
+    torch.manual_seed(2)
+    conv = DeformConv2dPack(3, 2, 3, padding=1).double()
+    x = torch.randn(1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    offset = torch.zeros(1, 18, 4, 5, dtype=torch.float64, requires_grad=True)
+    conv.offset_and_mask = lambda _x: (offset, None)
+    conv(x).sum().backward()
+    tv = torch.zeros_like(offset, requires_grad=True)
+    deform_conv2d(x.detach(), tv, conv.weight.detach(), padding=1).sum().backward()
+    g, t = offset.grad.reshape(3, 3, 2, 4, 5), tv.grad.reshape(3, 3, 2, 4, 5)
+    assert not g[0, :, 0, 0].any() and not g[:, 0, 1, :, 0].any()  # dy at y=-1, dx at x=-1: zero
+    # torchvision: one-sided (the corner taps, also outside in x / y, are zero in both)
+    assert t[0, 1, 0, 0].abs().min() > 0 and t[1, 0, 1, :, 0].abs().min() > 0
+    assert float(t[0, 1, 0, 0].abs().mean()) > 0.1 * float(t.abs().max())
+    # everywhere else the two agree bit for bit
+    t[0, :, 0, 0] = 0
+    t[:, 0, 1, :, 0] = 0
+    assert torch.equal(g, t)
+    # the module's own path (offsets from the zero-initialised conv_offset) applies the same rule
+    conv2 = DeformConv2dPack(3, 2, 3, padding=1).double()
+    conv2.weight.data.copy_(conv.weight.data)
+    conv2(x.detach()).sum().backward()
+    torch.testing.assert_close(conv2.conv_offset.bias.grad, offset.grad.sum(dim=(0, 2, 3)))
 
 
 def _model_cfg(table: dict) -> ModelConfig:

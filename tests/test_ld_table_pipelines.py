@@ -23,6 +23,11 @@ X101_DCN = ("ResNeXt", 101, 32, 4, None, [False, False, True, True])  # 32x4d, d
 R2_101_DCN = ("Res2Net", 101, None, 26, 4, [False, False, True, True])
 V1, V2 = "GFLHead", "GFocalHead"
 
+# the rows of the reference's configs/imv2/ files (IMv2Head students: no DFL)
+IMV2 = {"coco_gflv2_ld_r101dcn_r101": "im_r101_gflv2_r101_dcn_2x.py",
+        "coco_gflv2_ld_r2101dcn_x101dcn": "im_gflv2_x101-32x4dr2n101_dcn_2x.py",
+        "coco_gflv2_selfld_r2101dcn": "im_gflv2_r2n101_dcn_self-2x.py"}
+
 # file: (its direct base, {model: (backbone, head)}, teacher checkpoint, README numbers in its header)
 ROWS = {
     "coco_ld_r101dcn_r101": ("coco_ms2x_base.toml", {"teacher": (R101_DCN, V1), "student": (R101, V1)},
@@ -30,7 +35,8 @@ ROWS = {
     "coco_gflv2_ld_r101_r50": ("coco_base.toml", {"teacher": (R101, V2),
                                                   "student": (("ResNet", 50, None, None, None, None), V2)},
                                "checkpoints/gfocal_r101_fpn_ms2x.pth", ["42.7"]),
-    "coco_gflv2_ld_r101dcn_r101": ("coco_ms2x_base.toml", {"teacher": (R101_DCN, V2), "student": (R101, V2)},
+    "coco_gflv2_ld_r101dcn_r101": ("coco_gflv2_imv2_base.toml",
+                                   {"teacher": (R101_DCN, V2), "student": (R101, V2)},
                                    "checkpoints/gfocal_r101_dcn_fpn_ms2x.pth", ["47.1", "test-dev"]),
     "coco_gflv2_ld_r2101dcn_x101dcn": ("coco_gflv2_r2101dcn_base.toml",
                                        {"teacher": (R2_101_DCN, V2), "student": (X101_DCN, V2)},
@@ -104,6 +110,7 @@ def test_row_models_resolve_to_the_reference_backbone_and_head(name):
         if head == V2:
             assert (m.head.reg_topk, m.head.reg_channels, m.head.add_mean) == (4, 64, True)
         assert m.loss.box_loss == ("ciou" if name.startswith("voc_") and model == "student" else "giou")
+        assert m.loss.dfl_weight == (0.0 if name in IMV2 and model == "student" else 0.25)
     assert pipe.model("teacher").checkpoint == checkpoint
 
 
@@ -125,6 +132,12 @@ def test_schedules_and_cached_scales_follow_the_reference():
     assert r2.data.train_scales == [[1333, 480], [1333, 720], [1333, 960]]
     assert (r2.train.epochs, r2.train.steps, r2.train.batch_size, r2.train.lr) == (24, [16, 22], 2, 0.01)
     assert r2.distill.kd_weight == 5.0 and r2.data.test_scale == [1333, 800]
+    for name in IMV2:  # the imv2 recipe: range [480, 960], 16 images at lr 0.01, KD w=5, 2x
+        im = load(name)
+        assert resolved_dict(im)["data"] == resolved_dict(r2)["data"]
+        assert (im.train, im.distill) == (r2.train, r2.distill)
+        assert f"configs/imv2/{IMV2[name]}" in header(name) and "loss_im" in header(name)
+    assert "no config" not in header("coco_gflv2_ld_r101dcn_r101")
     for pipe in (ms, r2):  # lr by the linear rule: 0.01 x total images / 16 (2 and 8 processes)
         procs = {0.00375: 2, 0.01: 8}[pipe.train.lr]
         assert pipe.train.lr == pytest.approx(0.01 * pipe.train.batch_size * procs / 16)

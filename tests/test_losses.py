@@ -360,6 +360,37 @@ def test_ciou_loss_by_hand():
     assert g["loss_dfl"].item() == c["loss_dfl"].item() and g["loss_bbox"].item() != c["loss_bbox"].item()
 
 
+def _ciou_reference_formula(p, q, eps):
+    """1 - CIoU in plain Python floats, eps where the reference's ``ciou_loss`` puts it
+    (union, c^2, both heights)."""
+    inter = max(min(p[2], q[2]) - max(p[0], q[0]), 0.0) * max(min(p[3], q[3]) - max(p[1], q[1]), 0.0)
+    union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter + eps
+    iou = inter / union
+    c2 = (max(p[2], q[2]) - min(p[0], q[0])) ** 2 + (max(p[3], q[3]) - min(p[1], q[1])) ** 2 + eps
+    rho2 = ((q[0] + q[2]) - (p[0] + p[2])) ** 2 / 4 + ((q[1] + q[3]) - (p[1] + p[3])) ** 2 / 4
+    v = 4 / math.pi ** 2 * (math.atan((q[2] - q[0]) / (q[3] - q[1] + eps))
+                            - math.atan((p[2] - p[0]) / (p[3] - p[1] + eps))) ** 2
+    return 1 - (iou - (rho2 / c2 + v * v / (1 - iou + v)))
+
+
+def test_ciou_eps_is_the_reference_class_default():
+    """The VOC recipe's CIoU uses the reference's ``CIoULoss`` class eps (1e-6), not its
+    ``ciou_loss`` function default (1e-7); on tiny boxes the two differ visibly."""
+    from ldpipe.models.losses import BOX_LOSS, CIOU_EPS, ciou_loss
+    assert CIOU_EPS == 1e-6
+    boxes = [([0.0, 0.0, 1e-3, 2e-3], [5e-4, 0.0, 1.5e-3, 1e-3]),   # areas ~1e-6: eps ~ the union
+             ([1.0, 2.0, 5.0, 4.0], [2.0, 1.0, 6.0, 7.0])]           # ordinary boxes: eps invisible
+    pred = torch.tensor([b[0] for b in boxes], dtype=torch.float64)
+    target = torch.tensor([b[1] for b in boxes], dtype=torch.float64)
+    class_eps = [_ciou_reference_formula(p, q, 1e-6) for p, q in boxes]
+    func_eps = [_ciou_reference_formula(p, q, 1e-7) for p, q in boxes]
+    assert abs(class_eps[0] - func_eps[0]) > 0.03          # the tiny pair: ~0.04 apart
+    assert abs(class_eps[1] - func_eps[1]) < 1e-6
+    for got in (BOX_LOSS["ciou"](pred, target), ciou_loss(pred, target)):
+        assert got.tolist() == pytest.approx(class_eps, rel=1e-12, abs=1e-12)
+    assert ciou_loss(pred, target, eps=1e-7).tolist() == pytest.approx(func_eps, rel=1e-12, abs=1e-12)
+
+
 def test_gfl_head_loss_no_positives():
     head = _head()
     cls, reg, anchors, strides, _, lw, boxes = _random_case(5, [], seed=3)

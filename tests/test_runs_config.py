@@ -153,12 +153,13 @@ def test_resolved_pipeline_round_trips_and_config_show_prints_it(tmp_path):
 
 
 # the COCO files by the file they extend: coco_base.toml itself (1x), or coco_ms2x_base.toml /
-# coco_gflv2_r2101dcn_base.toml, which extend it (2x multi-scale)
+# coco_gflv2_imv2_base.toml / coco_gflv2_r2101dcn_base.toml, which extend it (2x multi-scale)
 COCO_GROUPS = {
     "coco_base.toml": ["coco_ld_r101_r18", "coco_ld_r101_r34", "coco_ld_r101_r50", "coco_selfld_r18",
                        "coco_selfld_r50", "coco_ta_r101_r50_r18", "coco_gflv2_ld_r101_r50",
                        "coco_gflv2_selfld_x101dcn"],
-    "coco_ms2x_base.toml": ["coco_ld_r101dcn_r101", "coco_gflv2_ld_r101dcn_r101"],
+    "coco_ms2x_base.toml": ["coco_ld_r101dcn_r101"],
+    "coco_gflv2_imv2_base.toml": ["coco_gflv2_ld_r101dcn_r101"],
     "coco_gflv2_r2101dcn_base.toml": ["coco_gflv2_ld_r2101dcn_x101dcn", "coco_gflv2_selfld_r2101dcn"],
 }
 COCO = [name for names in COCO_GROUPS.values() for name in names]

@@ -10,6 +10,18 @@ names, so the ``conv2`` of an mmdetection DCN backbone loads unchanged:
 - :class:`ModulatedDeformConv2dPack` (mmcv's ``DCNv2``): ``conv_offset`` gives
   ``3 * k * k * deform_groups`` channels, split as mmcv does: ``o1, o2, mask = chunk(3)``,
   ``offset = cat(o1, o2)``, ``mask = sigmoid(mask)``; ``bias`` only when asked for (ResNet: none).
+
+Forward values are torchvision's, which equal mmcv's (bilinear sampling, zero for a point at
+``y <= -1``, ``y >= H``, ``x <= -1`` or ``x >= W``).  The offset gradient follows mmcv's rule
+(``deformable_col2im_coord`` in its CUDA and CPU kernels, v1 and v2): a sampling point outside
+that open box ``(-1, H) x (-1, W)`` gets a zero offset gradient in both directions.
+torchvision's kernel differs in one case only: a point exactly on ``y = -1`` (``x = -1``) gets
+the one-sided derivative ``d/dy`` (``d/dx``), the value sampled on row (column) 0; everywhere
+else outside the box its derivatives are zero too.  That case is common, not exotic: with
+mmcv's zero-initialised ``conv_offset`` every tap of the top row / left column of a padded 3x3
+kernel samples exactly at -1 in the first steps of training.  :class:`_MmcvBoundaryGrad` (identity forward) zeroes
+those entries, so gradients equal mmcv's; inputs, weights and masks already did
+(``tests/test_backbones.py`` checks all four against an independent implementation).
 """
 from __future__ import annotations
 
@@ -19,6 +31,49 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d
+
+
+def outside_points(offset: torch.Tensor, height: int, width: int, kernel_size: tuple[int, int],
+                   stride: tuple[int, int], padding: tuple[int, int],
+                   dilation: tuple[int, int]) -> torch.Tensor:
+    """Where mmcv's kernels zero the offset gradient: bool, the shape of ``offset``
+    ``[N, deform_groups * 2 * kh * kw, Ho, Wo]``, true on both the ``dy`` and the ``dx`` channel of
+    every tap whose sampling point ``(y, x)`` has ``y <= -1``, ``y >= height``, ``x <= -1`` or
+    ``x >= width`` (input ``height`` x ``width``).  ``y = (oy * stride - pad + i * dilation) + dy``
+    is formed as the kernels do: an integer plus the offset, one rounding in the offset's dtype."""
+    n, c, oh, ow = offset.shape
+    kh, kw = kernel_size
+    off = offset.detach().reshape(n, c // (2 * kh * kw), kh, kw, 2, oh, ow)
+    dev = offset.device
+    base_y = ((torch.arange(kh, device=dev) * dilation[0])[:, None, None, None]
+              + (torch.arange(oh, device=dev) * stride[0] - padding[0])[None, None, :, None])
+    base_x = ((torch.arange(kw, device=dev) * dilation[1])[None, :, None, None]
+              + (torch.arange(ow, device=dev) * stride[1] - padding[1])[None, None, None, :])
+    y = base_y.to(off.dtype) + off[:, :, :, :, 0]  # [N, dg, kh, kw, Ho, Wo]
+    x = base_x.to(off.dtype) + off[:, :, :, :, 1]
+    out = (y <= -1) | (y >= height) | (x <= -1) | (x >= width)
+    return out.unsqueeze(4).expand(off.shape).reshape(offset.shape)
+
+
+class _MmcvBoundaryGrad(torch.autograd.Function):
+    """Identity on the offsets; its backward zeroes the gradient at :func:`outside_points`,
+    leaving every other entry bit for bit as torchvision computed it."""
+
+    @staticmethod
+    def forward(ctx, offset, height, width, kernel_size, stride, padding, dilation):
+        ctx.save_for_backward(offset)
+        ctx.geometry = (height, width, kernel_size, stride, padding, dilation)
+        return offset.view_as(offset)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offset,) = ctx.saved_tensors
+        return (grad.masked_fill(outside_points(offset, *ctx.geometry), 0),
+                None, None, None, None, None, None)
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 class _DeformBase(nn.Module):
@@ -53,6 +108,9 @@ class _DeformBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset, mask = self.offset_and_mask(x)
+        if offset.requires_grad and torch.is_grad_enabled() and not _tracing():
+            offset = _MmcvBoundaryGrad.apply(offset, x.shape[-2], x.shape[-1], self.kernel_size,
+                                             self.stride, self.padding, self.dilation)
         # the op has no autocast rule: run it in the offset's dtype, as mmcv does
         x = x.to(offset.dtype)
         weight = self.weight.to(offset.dtype)

@@ -6,7 +6,8 @@
 * Distribution Focal Loss (DFL): cross entropy to the two bins around the
   continuous target, linearly weighted.
 * GIoU loss: ``1 - GIoU`` (torchvision).
-* CIoU loss: ``1 - CIoU`` as the LD reference's ``ciou_loss`` computes it (its VOC recipe).
+* CIoU loss: ``1 - CIoU`` as the LD reference's ``CIoULoss`` computes it (its VOC recipe),
+  with that class's eps (:data:`CIOU_EPS`).
 """
 from __future__ import annotations
 
@@ -67,8 +68,17 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return generalized_box_iou_loss(pred, target, reduction="none", eps=1e-6)
 
 
-def ciou_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+# The LD reference's ``CIoULoss`` class (what its configs build, ``dict(type='CIoULoss')``)
+# defaults to ``eps=1e-6`` and passes it to its ``ciou_loss`` function, whose own default
+# (1e-7) is therefore never used by a recipe; this is the class's value.
+CIOU_EPS = 1e-6
+
+
+def ciou_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = CIOU_EPS) -> torch.Tensor:
     """``1 - CIoU`` per box pair ``[M]``, with the LD reference's formula and eps placement.
+
+    ``eps`` (default :data:`CIOU_EPS`, the reference class's 1e-6) is added to the union, to
+    ``c^2`` and to both heights, as the reference does; it matters for tiny boxes only.
 
     ``CIoU = IoU - rho^2 / c^2 - v^2 / (1 - IoU + v)``, ``v = 4/pi^2 (atan(w_t/h_t) -
     atan(w_p/h_p))^2`` (0 where ``v = 0``); unlike torchvision's ``complete_box_iou_loss`` the trade-off term
