@@ -168,3 +168,15 @@ def test_a_table_that_drops_keys_says_which(caplog):
     with caplog.at_level(logging.WARNING, logger="ldpipe.config"):
         load_pipeline(DEMO, ["models.teacher.train={epochs = 3, steps = [2]}", "models.ta.train={}"])
     assert not [r for r in caplog.records if r.name == "ldpipe.config"]
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "dir"])
+def test_a_checkpoint_that_is_no_regular_file_is_named(kind, tmp_path):
+    """``--checkpoint /dev/zero`` (or a FIFO, a folder) is named for what it is, never opened."""
+    from ldpipe.models.checkpoint import CheckpointError, load_file
+    path = {"dev_zero": "/dev/zero", "fifo": str(tmp_path / "f"), "dir": str(tmp_path)}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    what = {"dev_zero": "a device", "fifo": "a FIFO", "dir": "a directory"}[kind]
+    with pytest.raises(CheckpointError, match=f"is {what}, not a regular file"):
+        load_file(path)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import stat
 from typing import Any
 
 import torch
@@ -37,6 +38,11 @@ def load_file(path: str) -> dict:
     """The checkpoint's top-level dict, loaded with ``weights_only=True`` on the CPU
     (a ``.safetensors`` file: its tensors as ``state_dict`` and its ``meta``)."""
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a folder, FIFO or device: never opened (a FIFO would block)
+            mode = os.stat(path).st_mode
+            what = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+            raise CheckpointError(f"checkpoint {path} is {what}, not a regular file")
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         return load_safetensors(path)
