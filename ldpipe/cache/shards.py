@@ -67,7 +67,7 @@ class ShardBinding:
         crcs = raw.get("chunk_crc32c") if isinstance(raw, dict) else None
         try:
             if isinstance(sha, str) and len(sha) == 64 and isinstance(crcs, str) and len(crcs) % 8 == 0:
-                return cls(sha, tuple(int(crcs[i:i + 8], 16) for i in range(0, len(crcs), 8)))
+                return cls(sha, tuple(np.frombuffer(bytes.fromhex(crcs), ">u4").tolist()))
         except ValueError:
             pass
         raise CacheError(f"{where}: its commit's shard binding is malformed (an edited commit record)")
