@@ -22,7 +22,6 @@ import numcodecs
 import numpy as np
 import pytest
 import torch
-import zarr
 from click.testing import CliRunner
 
 from ldpipe.cache import CacheError, CacheReader

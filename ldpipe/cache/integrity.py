@@ -181,10 +181,10 @@ def check_unit_entries(table: np.ndarray, scale: np.ndarray, commit: dict, url: 
     ``scale`` sha256 (two entries' row ranges swapped, an entry edited, or a unit group put in
     another's place would otherwise read other rows)."""
     order = np.argsort(table[:, F["sample"]], kind="stable")
-    for name, arr, what in (("samples", table, "samples"), ("scale", scale, "scale")):
+    for name, arr in (("samples", table), ("scale", scale)):
         want = commit["sha256"].get(name)
         if want is not None and content_sha(arr[order]) != want:
-            raise CacheError(f"{url}: index/{what}: the entries of units/{unit_name(u)} are not the "
+            raise CacheError(f"{url}: index/{name}: the entries of units/{unit_name(u)} are not the "
                              f"ones its commit records (entries swapped or edited, or the unit "
                              f"replaced by another); {_hint(url)}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from .codec import codec_for
 from .integrity import (check_index, check_unit, check_unit_arrays, check_unit_entries,
                         commit_bindings, missing_objects)
 from .manifest import F, CacheError, Manifest
-from .shards import ShardRows, shard_rows
+from .shards import ShardBinding, ShardRows, shard_rows
 from .store import (ROWS_LAST, from_disk, index_complete, load_index, open_cache,
                     unit_name)
 
@@ -44,7 +45,8 @@ class UnitArrays:
     """
 
     def __init__(self, root: zarr.Group, url: str, decoded: bool, keep: int | None = 64,
-                 manifest: Manifest | None = None, entries=None) -> None:
+                 manifest: Manifest | None = None,
+                 entries: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         self.root, self.url, self.decoded, self.keep = root, url, decoded, keep
         self.manifest, self.entries = manifest, entries
         self.units: OrderedDict[int, dict] = OrderedDict()
@@ -81,7 +83,7 @@ class UnitArrays:
             self.units.popitem(last=False)
         return arrays
 
-    def _open_array(self, z: zarr.Array, name: str, where: str, binding=None):
+    def _open_array(self, z: zarr.Array, name: str, where: str, binding: ShardBinding | None = None):
         fast = shard_rows(z, z.ndim - 1 if name in ROWS_LAST else 0, where, binding)
         if fast is None and binding is not None:
             raise CacheError(f"{where}: its layout is not the one its unit's commit binds (edited "
@@ -157,10 +159,10 @@ def read_checked_index(root: zarr.Group, url: str, m: Manifest) -> tuple[np.ndar
 class CacheReader:
     """Random access to committed samples; safe to pickle into DataLoader workers.
 
-    Opens lazily in each process.  A cache whose stored rows fit in ``preload_bytes``
-    (per process; default :data:`PRELOAD_BYTES`) is read a whole unit at a time and kept decoded in memory, so later
-    reads are array slices; larger caches read each sample's rows from the shards (no
-    read amplification) through a small LRU of open units.
+    Opens lazily in each process.  A cache whose stored rows fit in ``preload_bytes`` (per
+    process; default :data:`PRELOAD_BYTES`) is read a whole unit at a time and kept decoded in
+    memory, so later reads are array slices; larger caches read each sample's rows from the
+    shards (no read amplification) through a small LRU of open units.
     """
 
     def __init__(self, url: str, max_open_units: int = 64, preload_bytes: int | None = None) -> None:
