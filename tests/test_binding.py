@@ -303,3 +303,25 @@ def test_bound_reads_cost_no_extra_read(cache, monkeypatch):
     reads.clear()
     reader.read(3, 0)
     assert sorted(k for k, _ in reads) == sorted(KEY.values())  # one range per array
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_a_bound_unit_differs_from_format_v2_only_in_its_commit(codec):
+    """The golden unit of ``tests/test_format_golden.py`` written with ``bind``: every stored
+    object has format version 2's bytes but the unit group's ``zarr.json``, whose commit is the
+    golden one plus ``shards``."""
+    from test_format_golden import GOLDEN, _items, _object_hashes
+
+    from ldpipe.cache.store import assemble_unit, write_index, write_unit
+    root = open_root(f"memory://bound_golden_{codec}", "w")
+    write_unit(root, 0, assemble_unit(_items(), codec, num_variants=2), "zstd", 1024, bind=True)
+    write_index(root, "zstd")
+    got, want = _object_hashes(root), json.loads(GOLDEN.read_text())[codec]
+    assert sorted(got) == sorted(want)
+    assert [k for k in got if got[k] != want[k]] == ["units/000000/zarr.json"]
+    commit = dict(root["units/000000"].attrs["commit"])
+    shards = commit.pop("shards")
+    plain = open_root(f"memory://plain_golden_{codec}", "w")
+    write_unit(plain, 0, assemble_unit(_items(), codec, num_variants=2), "zstd", 1024)
+    assert commit == plain["units/000000"].attrs["commit"]
+    assert {n: len(b["chunk_crc32c"]) for n, b in shards.items()} == {n: 8 for n in shards}  # 1 chunk
