@@ -403,10 +403,10 @@ def test_full_disk_during_dump_keeps_committed_units(tiny_teacher_ckpt, tmp_path
     root, out = make_coco(tmp_path / "d"), tmp_path / "c"  # 4 samples, 2 per unit
     real = dump_mod.write_unit
 
-    def write_until_full(root, u, data, compressor, chunk_rows):
+    def write_until_full(root, u, data, compressor, chunk_rows, **kw):
         if u >= 1:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "units" / f"{u:06d}"))
-        real(root, u, data, compressor, chunk_rows)
+        real(root, u, data, compressor, chunk_rows, **kw)
 
     monkeypatch.setattr(dump_mod, "write_unit", write_until_full)
     args = ["dump-teacher", DEMO_PIPELINE, "--checkpoint", tiny_teacher_ckpt, "--out", str(out),

@@ -155,9 +155,12 @@ def _gets(log, part: str) -> list[str]:
 
 def test_a_sample_read_from_s3_is_one_get_per_array(s3, one_rank):
     """Once a unit is open (its shard indexes read), a sample costs one ranged GET per value
-    array and nothing else."""
+    array and nothing else - also with the shard bindings the dump commits, which are checked
+    on the bytes those GETs return (tests/test_binding.py)."""
     from ldpipe.cache import CacheReader
 
+    assert sorted(open_root(one_rank)["units/000005"].attrs["commit"]["shards"]) == \
+        ["anchor", "box", "cls", "samples", "scale"]
     reader = CacheReader(one_rank, preload_bytes=0)
     reader.read(5, 0)  # opens the cache and unit 5 (samples 10, 11), reads its shard indexes
     s3["log"].lines.clear()
@@ -193,6 +196,35 @@ def test_row_range_on_s3_is_one_get_where_zarr_makes_one_per_chunk(s3):
     want = box[..., 3:30]
     assert len(_gets(s3["log"], "/units/000000/box/c/")) >= 5, s3["log"].lines  # index + 4 chunks
     assert np.array_equal(got, want)
+
+
+def test_a_shard_copied_between_units_on_s3_is_refused(s3):
+    """The shard binding on an object store: unit 1's box shard overwritten by unit 0's (the
+    same 8 chunks, other values; a server-side copy) is refused when read, naming unit and array."""
+    import torch
+    import zarr
+
+    from ldpipe.cache import CacheError
+    from ldpipe.cache.integrity import commit_bindings
+    from ldpipe.cache.shards import shard_rows
+    from ldpipe.cache.store import SampleRows, assemble_unit, write_unit
+    url = f"s3://{BUCKET}/bound.zarr"
+    root = zarr.open_group(url, mode="w", zarr_format=3)
+    meta = {"index": 0, "image_id": 1, "img_shape": (64, 64), "pad_shape": (64, 64),
+            "ori_shape": (64, 64), "flip": False, "scale_factor": (1.0, 1.0)}
+    for u in (0, 1):
+        g = torch.Generator().manual_seed(u)
+        rows = SampleRows(u, meta, torch.arange(60, dtype=torch.int32),
+                          torch.log_softmax(torch.randn(60, 4, 17, generator=g), -1), None)
+        write_unit(root, u, assemble_unit([rows], "int8", 2), "zstd", 8, bind=True)
+    key = "bound.zarr/units/{:06d}/box/c/0/0/0"
+    s3["client"].copy_object(Bucket=BUCKET, Key=key.format(1), CopySource={"Bucket": BUCKET, "Key": key.format(0)})
+    g = open_root(url)["units/000001"]
+    binding = commit_bindings(g.attrs["commit"], url, 1)["box"]
+    fast = shard_rows(g["box"], 2, f"{url}: units/000001/box", binding)
+    with pytest.raises(CacheError, match=r"bound\.zarr: units/000001/box: (the shard index|chunk \d) of c/0/0/0 "
+                                         r"is not the one its unit's commit records"):
+        fast.rows(3, 30)
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ No teacher runs: each sample gets a realistic geometry (COCO-like 640x480 / 480x
 640x427 images resized to 1333x800 and padded to 32), ``rows`` sorted unique own-grid
 anchor indices, and peaked synthetic edge / class log-probabilities.  The rows go through
 the very functions the dump uses (``assemble_unit`` -> ``codec.encode`` -> ``write_unit``
-with its sha256 commit, then ``write_index``), so the stored format, compression and the
-commit protocol are the real ones; only the values are synthetic.
+with its sha256 commit and shard bindings, then ``write_index``), so the stored format,
+compression and the commit protocol are the real ones; only the values are synthetic.
 
 ``build`` writes ``images x variants`` samples; ``full_units`` units, evenly spread (all by
 default), get ``rows`` rows per sample (drawn per sample in ``rows``'s range), the other units
@@ -126,9 +126,9 @@ def full_unit_set(num_units: int, full_units: int | None) -> set[int]:
 def build(out: str, images: int, num_classes: int = 80, per_unit: int = 64,
           rows: tuple[int, int] = (2500, 4200), full_units: int | None = None,
           small_rows: tuple[int, int] = (8, 16), compressor: str = "zstd", progress=None,
-          chunk_rows: int = 1024) -> dict:
+          chunk_rows: int = 1024, bind: bool = True) -> dict:
     """Write a synthetic ``ld``/int8 cache of ``images`` x 2 variants at ``out``; returns
-    counts and the seconds it took."""
+    counts and the seconds it took (``bind``: commit shard bindings, as the dump does)."""
     pipe = pipeline(num_classes, per_unit, compressor, chunk_rows=chunk_rows)
     m = make_manifest(pipe, images, num_classes)
     create_or_resume(out, m, overwrite=True)
@@ -139,7 +139,7 @@ def build(out: str, images: int, num_classes: int = 80, per_unit: int = 64,
     for u in range(m.num_units):
         items = unit_items(u, m, rows if u in full else small_rows, pool)
         data = assemble_unit(items, m.codec, m.num_variants, m.box_step)
-        write_unit(root, u, data, m.compressor, m.chunk_rows)
+        write_unit(root, u, data, m.compressor, m.chunk_rows, bind=bind)
         total_rows += int(data.anchor.shape[0])
         if progress:
             progress(u + 1, m.num_units)

@@ -5,7 +5,7 @@
 No teacher runs: finished units of synthetic ``ld`` rows at 1333x800 (``benchmarks.timings.synth_cache``:
 2,500-4,200 rows per sample, 4 x 17 bins, ``--classes`` classes) are handed to the dump's own
 ``UnitWriter`` (``ldpipe.engine.dump``), which runs ``assemble_unit`` (int8 encode) and
-``write_unit`` (zarr shards + zstd + crc32c, sha256 commit) on its threads, into a fresh local
+``write_unit`` (zarr shards + zstd + crc32c, sha256 commit, shard bindings) on its threads, into a fresh local
 store per setting.  Prints one JSON line: rows/s and samples/s per thread count, the rate a
 teacher at ``--teacher-images-per-s`` x 2 variants needs, and a one-thread breakdown by part.
 """
@@ -38,7 +38,7 @@ def parts(root, units, m) -> dict:
         for name in ("anchor", "box", "cls"):
             content_sha(to_disk(name, getattr(data, name)))
         c = clock()
-        write_unit(root, u, data, m.compressor, m.chunk_rows)  # orients and hashes again inside
+        write_unit(root, u, data, m.compressor, m.chunk_rows, bind=True)  # as the dump: orients, hashes again
         d = clock()
         t["encode"] += b - a
         t["orient+sha256"] += c - b

@@ -6,6 +6,11 @@ would otherwise decode to uniform targets or to anchor 0.  These checks are chea
 (metadata, object listing, the per-sample table's arithmetic; a sha256 for units read
 whole) and each failure is one :class:`CacheError` line naming the unit and the array,
 with the ``verify`` command to run.  ``ldpipe cache verify`` does the exhaustive job.
+
+What binds the rows read to a unit's commit: the index entries of the unit's samples equal
+its committed table (:func:`check_unit_entries`, a sha256 of a few KB per unit opened, on
+every cache), and, for units committed with shard bindings (:func:`commit_bindings`), every
+shard index and chunk the direct reader reads (``ldpipe.cache.shards``).
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from ..config.sample import sample_number
 from ..errors import first_line
 from .codec import codec_for
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
-from .store import content_sha, unit_name
+from .shards import ShardBinding, binding_difference, shard_rows
+from .store import ROWS_LAST, content_sha, unit_name
 
 def _hint(url: str) -> str:
     return f"run `ldpipe cache verify {url}`"
@@ -132,6 +138,55 @@ def check_unit_arrays(arrays: dict, commit: dict, url: str, u: int) -> None:
         if isinstance(arr, np.ndarray) and want is not None and content_sha(arr) != want:
             raise CacheError(f"{url}: {where}/{name} does not match its commit checksum "
                              f"(damaged or edited shard); {_hint(url)}")
+
+
+def commit_bindings(commit: dict, url: str, u: int) -> dict[str, ShardBinding] | None:
+    """Array name -> the shard binding the commit records (``None``: a unit committed without
+    bindings, by a writer before them); a binding that is partial or malformed is refused."""
+    raw = commit.get("shards")
+    if raw is None:
+        return None
+    where = f"{url}: units/{unit_name(u)}"
+    if not isinstance(raw, dict) or sorted(raw) != sorted(commit["sha256"]):
+        raise CacheError(f"{where}: its commit binds the shards of "
+                         f"{sorted(raw) if isinstance(raw, dict) else raw!r}, not of its arrays "
+                         f"{sorted(commit['sha256'])} (an edited commit record); {_hint(url)}")
+    return {name: ShardBinding.parse(b, f"{where}/{name}") for name, b in raw.items()}
+
+
+def binding_problems(g: zarr.Group, commit: dict, url: str, u: int, names) -> list[str]:
+    """How the shards of arrays ``names`` of unit ``u`` (group ``g``) differ from the bindings
+    its commit records, one line each (none for a unit committed without bindings)."""
+    try:
+        bindings = commit_bindings(commit, url, u)
+    except CacheError as exc:
+        return [str(exc)]
+    out = []
+    for name in names if bindings else ():
+        where, z = f"units/{unit_name(u)}/{name}", g[name]
+        fast = shard_rows(z, z.ndim - 1 if name in ROWS_LAST else 0, where)
+        try:
+            diff = binding_difference(fast, bindings[name]) if fast is not None else \
+                "its layout is not the one its unit's commit binds (edited array metadata)"
+        except CacheError as exc:
+            diff = first_line(exc)
+        if diff:
+            out.append(f"{where}: {diff}")
+    return out
+
+
+def check_unit_entries(table: np.ndarray, scale: np.ndarray, commit: dict, url: str, u: int) -> None:
+    """The index entries of unit ``u``'s samples (rows of the cache's table, any order) are the
+    ones its commit records: sorted by sample, their sha256 equals the commit's ``samples`` /
+    ``scale`` sha256 (two entries' row ranges swapped, an entry edited, or a unit group put in
+    another's place would otherwise read other rows)."""
+    order = np.argsort(table[:, F["sample"]], kind="stable")
+    for name, arr in (("samples", table), ("scale", scale)):
+        want = commit["sha256"].get(name)
+        if want is not None and content_sha(arr[order]) != want:
+            raise CacheError(f"{url}: index/{name}: the entries of units/{unit_name(u)} are not the "
+                             f"ones its commit records (entries swapped or edited, or the unit "
+                             f"replaced by another); {_hint(url)}")
 
 
 def _widths(m: Manifest) -> dict[str, tuple[int, ...]]:

@@ -201,7 +201,7 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
             continue
         units = [_read_unit(r, url, u, m, arrays) for url, r, m in sources]
         write_unit(root, u, merge_unit(units, base.codec, base.store_cls, base.box_step), base.compressor,
-                   base.chunk_rows)
+                   base.chunk_rows, bind=True)
     if not (len(done) == base.num_units and index_complete(root, base.num_samples)):
         write_index(root, base.compressor)
     return {"cache": out, "cache_id": manifest.cache_id, "teachers": len(urls),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -16,13 +17,15 @@ import zarr
 from ..config.sample import SampleGeometry, sample_number
 from ..errors import first_line
 from .codec import codec_for
-from .integrity import check_index, check_unit, check_unit_arrays, missing_objects
+from .integrity import (check_index, check_unit, check_unit_arrays, check_unit_entries,
+                        commit_bindings, missing_objects)
 from .manifest import F, CacheError, Manifest
-from .shards import ShardRows, shard_rows
+from .shards import ShardBinding, ShardRows, shard_rows
 from .store import (ROWS_LAST, from_disk, index_complete, load_index, open_cache,
                     unit_name)
 
 VALUE_ARRAYS = ("anchor", "box", "cls")
+PRELOAD_BYTES = 128 << 20  # CacheReader's default: caches whose decoded rows fit are read whole
 
 
 class UnitArrays:
@@ -35,13 +38,17 @@ class UnitArrays:
     through zarr.  ``keep=None`` never evicts.  A unit that cannot be read is a
     :class:`CacheError` naming the unit and array; so is one whose committed arrays or
     shards are missing or empty (zarr would read them as zeros), and, read whole, one
-    whose content differs from its commit checksum (``ldpipe.cache.integrity``).
+    whose content differs from its commit checksum (``ldpipe.cache.integrity``).  A unit
+    committed with shard bindings has every shard index and chunk read checked against them
+    (``ldpipe.cache.shards``); given ``entries`` (unit -> its samples' rows of the cache's
+    table and scale factors), the table's entries are checked against the commit's sha256.
     """
 
     def __init__(self, root: zarr.Group, url: str, decoded: bool, keep: int | None = 64,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None,
+                 entries: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         self.root, self.url, self.decoded, self.keep = root, url, decoded, keep
-        self.manifest = manifest
+        self.manifest, self.entries = manifest, entries
         self.units: OrderedDict[int, dict] = OrderedDict()
 
     def get(self, u: int) -> dict:
@@ -56,10 +63,14 @@ class UnitArrays:
             raise CacheError(f"{self.url}: {where} is missing (a deleted unit; the index lists "
                              f"its samples); run `ldpipe cache verify {self.url}`") from None
         commit = check_unit(g, self.url, u, self.manifest)
+        bindings = commit_bindings(commit, self.url, u) or {}
+        if self.entries is not None:
+            check_unit_entries(*self.entries(u), commit, self.url, u)
         try:
             for name in VALUE_ARRAYS:
                 if name in commit["sha256"]:
-                    arrays[name] = self._open_array(g[name], name, f"{self.url}: {where}/{name}")
+                    arrays[name] = self._open_array(g[name], name, f"{self.url}: {where}/{name}",
+                                                    bindings.get(name))
         except CacheError:
             raise
         except Exception as exc:
@@ -72,8 +83,11 @@ class UnitArrays:
             self.units.popitem(last=False)
         return arrays
 
-    def _open_array(self, z: zarr.Array, name: str, where: str):
-        fast = shard_rows(z, z.ndim - 1 if name in ROWS_LAST else 0, where)
+    def _open_array(self, z: zarr.Array, name: str, where: str, binding: ShardBinding | None = None):
+        fast = shard_rows(z, z.ndim - 1 if name in ROWS_LAST else 0, where, binding)
+        if fast is None and binding is not None:
+            raise CacheError(f"{where}: its layout is not the one its unit's commit binds (edited "
+                             f"array metadata); run `ldpipe cache verify {self.url}`")
         if not self.decoded:
             return fast or z
         return fast.rows(0, fast.shape[fast.axis]) if fast is not None else z[...]
@@ -145,16 +159,16 @@ def read_checked_index(root: zarr.Group, url: str, m: Manifest) -> tuple[np.ndar
 class CacheReader:
     """Random access to committed samples; safe to pickle into DataLoader workers.
 
-    Opens lazily in each process.  A cache whose stored rows fit in ``preload_bytes``
-    (per process) is read a whole unit at a time and kept decoded in memory, so later
-    reads are array slices; larger caches read each sample's rows from the shards (no
-    read amplification) through a small LRU of open units.
+    Opens lazily in each process.  A cache whose stored rows fit in ``preload_bytes`` (per
+    process; default :data:`PRELOAD_BYTES`) is read a whole unit at a time and kept decoded in
+    memory, so later reads are array slices; larger caches read each sample's rows from the
+    shards (no read amplification) through a small LRU of open units.
     """
 
-    def __init__(self, url: str, max_open_units: int = 64, preload_bytes: int = 128 << 20) -> None:
+    def __init__(self, url: str, max_open_units: int = 64, preload_bytes: int | None = None) -> None:
         self.url = url
         self.max_open_units = max_open_units
-        self.preload_bytes = preload_bytes
+        self.preload_bytes = PRELOAD_BYTES if preload_bytes is None else preload_bytes
         self._state = None
         self._lock = threading.Lock()
 
@@ -163,7 +177,7 @@ class CacheReader:
                 "preload_bytes": self.preload_bytes}
 
     def __setstate__(self, state):
-        self.__init__(state["url"], state["max_open_units"], state.get("preload_bytes", 128 << 20))
+        self.__init__(state["url"], state["max_open_units"], state.get("preload_bytes"))
 
     # -------------------------------------------------------------- opening
     def _open(self) -> dict:
@@ -175,7 +189,8 @@ class CacheReader:
                            "position": SamplePositions(table[:, F["sample"]]),
                            "units": UnitArrays(root, self.url, decoded=preload,
                                                keep=None if preload else self.max_open_units,
-                                               manifest=manifest)}
+                                               manifest=manifest,
+                                               entries=UnitEntries(table, scale, unit_of))}
         return self._state
 
     @property
@@ -218,6 +233,22 @@ class CacheReader:
         out = sample_rows(arrays, rec, self.manifest.codec, with_cls, self.url, u, decode)
         out["geometry"] = geometry_of(rec, scale)
         return out
+
+
+class UnitEntries:
+    """Unit -> the rows of the cache's table and scale factors that list its samples (a slice
+    where the table is ordered by unit, as every written index is; else a search)."""
+
+    def __init__(self, table: np.ndarray, scale: np.ndarray, unit_of: np.ndarray) -> None:
+        self.table, self.scale, self.unit_of = table, scale, unit_of
+        self.sorted = bool((np.diff(unit_of) >= 0).all())
+
+    def __call__(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.sorted:
+            rows = slice(*np.searchsorted(self.unit_of, [u, u + 1]).tolist())
+        else:
+            rows = np.flatnonzero(self.unit_of == u)
+        return self.table[rows], self.scale[rows]
 
 
 class SamplePositions:

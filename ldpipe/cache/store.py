@@ -9,7 +9,8 @@ Layout (``docs/cache-format.md`` is the full, versioned spec)::
         anchor    int32  [rows]      own-grid flat anchor index, sorted per sample (delta filter)
         box       [4, B', rows]      edge log-probabilities, rows last (B' = reg_max+1, +2 for int8)
         cls       [C', rows]         class log-probabilities, rows last (C' = C, +2 for int8)
-        attrs["commit"]              written last: counts and content sha256 per array
+        attrs["commit"]              written last: counts and content sha256 per array (and,
+                                     written with ``bind``, each array's shard binding)
     CACHE/index/               consolidated table of every sample (written when complete)
 
 Every array of a unit is one shard (zarr's sharding codec) of inner chunks of
@@ -43,6 +44,7 @@ from ..errors import first_line
 from . import codec as C
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 from .places import check_cache_out, creation_path
+from .shards import shard_rows
 
 # zarr warns on every numcodecs codec (here: Delta) that other zarr implementations may lack
 # it; the format spec names the codec, and readers of this format use zarr-python.
@@ -195,8 +197,15 @@ def assemble_unit(items: list[SampleRows], codec: str, num_variants: int,
     return UnitData(table, scale, anchor, box, cls)
 
 
-def write_unit(root: zarr.Group, u: int, data: UnitData, compressor: str, chunk_rows: int) -> None:
-    """Write a unit's arrays, then its commit (the unit becomes visible last)."""
+def write_unit(root: zarr.Group, u: int, data: UnitData, compressor: str, chunk_rows: int,
+               bind: bool = False) -> None:
+    """Write a unit's arrays, then its commit (the unit becomes visible last).
+
+    ``bind``: the commit also records each array's shard binding (the sha256 of its shard
+    index and every chunk's crc32c, read back from the store once written), which binds what
+    the direct reader reads to this commit; the dump and ``cache merge`` write it.  Without
+    it the commit is the one format version 2 first specified, byte for byte
+    (``tests/test_format_golden.py``)."""
     path = f"units/{unit_name(u)}"
     if path in root:
         del root[path]
@@ -205,24 +214,36 @@ def write_unit(root: zarr.Group, u: int, data: UnitData, compressor: str, chunk_
     arrays = {"samples": data.samples, "scale": data.scale, "anchor": data.anchor, "box": data.box}
     if data.cls is not None:
         arrays["cls"] = data.cls
-    shas = {}
+    shas, bindings = {}, {}
     for name, arr in arrays.items():
         rows = arr.shape[0]
         inner = max(1, min(chunk_rows, rows))
-        shard_rows = max(inner, -(-rows // inner) * inner)
+        shard_len = max(inner, -(-rows // inner) * inner)
         arr = to_disk(name, arr)
         if name in ROWS_LAST:
-            chunks, shards = (*arr.shape[:-1], inner), (*arr.shape[:-1], shard_rows)
+            chunks, shards = (*arr.shape[:-1], inner), (*arr.shape[:-1], shard_len)
         else:
-            chunks, shards = (inner, *arr.shape[1:]), (shard_rows, *arr.shape[1:])
+            chunks, shards = (inner, *arr.shape[1:]), (shard_len, *arr.shape[1:])
         z = g.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, shards=shards,
                            filters=_filters(arr), compressors=comp,
                            fill_value=0, config={"write_empty_chunks": True})
         if rows:
             z[...] = arr
         shas[name] = content_sha(arr)
-    g.attrs["commit"] = {"samples": int(data.samples.shape[0]), "rows": int(data.anchor.shape[0]),
-                         "sha256": shas}
+        if bind:
+            bindings[name] = _bind(z, name, f"{path}/{name}").to_json()
+    commit = {"samples": int(data.samples.shape[0]), "rows": int(data.anchor.shape[0]), "sha256": shas}
+    if bind:
+        commit["shards"] = bindings
+    g.attrs["commit"] = commit
+
+
+def _bind(z: zarr.Array, name: str, where: str):
+    """The :class:`~ldpipe.cache.shards.ShardBinding` of an array just written."""
+    fast = shard_rows(z, z.ndim - 1 if name in ROWS_LAST else 0, where)
+    if fast is None:  # never for the arrays written above
+        raise CacheError(f"{where}: written in a layout the shard reader does not know")
+    return fast.stored_binding()
 
 
 def committed_units(root: zarr.Group) -> dict[int, dict]:

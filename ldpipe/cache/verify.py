@@ -1,10 +1,10 @@
 """``ldpipe cache verify``: check a cache end to end and report every problem.
 
-Decodes every array shard by shard (a shard that is missing or fails its crc32c is
-named by its store path), compares content with the commit's sha256, checks the
-per-sample table (numbering, row ranges, image ids, geometry), the anchor indices,
-that box/class rows are finite normalised log-probabilities, and the consolidated
-index.  Never raises for a damaged cache: problems go to ``errors``.
+Decodes every array shard by shard (a shard that is missing or fails its crc32c is named by
+its store path), compares content with the commit's sha256 (and the shards with its shard
+bindings, where it has them), checks the per-sample table (numbering, row ranges, image ids,
+geometry), the anchor indices, that box/class rows are finite normalised log-probabilities,
+and the consolidated index.  Never raises for a damaged cache: problems go to ``errors``.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ..errors import first_line
 from . import geometry_check
 from .codec import CODEC_TABLE, codec_for
 from .info import is_listable, stored_objects
+from .integrity import binding_problems
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 from .store import (committed_units, content_sha, from_disk, index_complete,
                     open_cache, unit_name)
@@ -225,6 +226,8 @@ class _Verifier:
                            "(the data changed after the commit)")
                 continue
             data[name] = arr
+        for problem in binding_problems(g, commit, self.url, u, list(data)):
+            self.error(problem)
         if "samples" not in data:
             return None
         table = data["samples"]

@@ -137,7 +137,7 @@ class UnitWriter:
             try:
                 u, items = job
                 write_unit(self.root, u, assemble_unit(items, self.codec, self.num_variants, self.box_step),
-                           self.compressor, self.chunk_rows)
+                           self.compressor, self.chunk_rows, bind=True)
             except OSError as exc:  # a full disk, a lost mount: name it, keep what is committed
                 self.error = write_failed(self.url, f"units/{u:06d}", exc)
             except BaseException as exc:  # surfaced in the main thread
