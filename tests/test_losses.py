@@ -405,3 +405,19 @@ def test_gfl_head_loss_no_positives():
     assert extras.index.numel() == 0
     sum(losses.values()).backward()
     assert reg.grad is not None and torch.count_nonzero(reg.grad) == 0
+
+
+def test_bce_on_probabilities_equals_torch_with_its_log_clamp():
+    """``_bce_prob`` (GFocalV2's QFL on probabilities, written out to run under autocast)
+    equals ``F.binary_cross_entropy`` elementwise, including its clamp of each log at -100
+    where a probability is exactly 0 or 1."""
+    import torch.nn.functional as F
+    from ldpipe.models.losses import _bce_prob
+    p = torch.tensor([[0.0, 1e-50, 0.2, 0.5], [0.9, 1.0 - 1e-7, 1.0, 0.3]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 1.0, 0.7, 0.5], [1.0, 0.0, 0.4, 0.0]], dtype=torch.float64)
+    want = F.binary_cross_entropy(p, t, reduction="none")
+    got = _bce_prob(p, t)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert got[0, 1] == pytest.approx(100.0) and got[1, 2] == pytest.approx(0.4 * 0 + 0.6 * 100.0)
+    with pytest.raises(AssertionError):
+        _bce_prob(p, t, reduction="sum")
