@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from .cache import CacheError, CacheReader
 from .cache.region import reader_assigners
-from .config import ConfigError, Pipeline, legacy_dict, to_dict
+from .config import ConfigError, DistillConfig, Pipeline, legacy_dict, to_dict
 from .files import atomic_write
 from .models.checkpoint import file_sha256
 from .models.detector import backbone_label
@@ -45,6 +45,8 @@ from .models.detector import backbone_label
 log = logging.getLogger("ldpipe.chain")
 
 CHAIN_KEYS = {"teacher", "tas", "student", "baseline", "eval_split", "jobs"}
+# [distill] settings added after chains first stamped their stages (left out at their defaults)
+LATER_DISTILL = ("ld_norm", "bckd_cls", "bckd_cls_weight", "bckd_beta", "bckd_box", "bckd_box_weight")
 
 
 @dataclass
@@ -237,8 +239,11 @@ class Chain:
             argv = ["train", *self._common(), "--model", model, "--work-dir", wd]
         else:
             distill = to_dict(self.pipe.distill)
-            if distill.get("ld_norm") == "sum":  # a setting added later: at its default the
-                del distill["ld_norm"]           # stamp is an older chain's, which then skips
+            # settings added later: at their defaults the stamp is an older chain's, which
+            # then skips
+            for key, value in to_dict(DistillConfig()).items():
+                if key in LATER_DISTILL and distill.get(key) == value:
+                    del distill[key]
             inputs["distill"] = distill
             inputs["cache_id"] = self._cache_id(cache)
             argv = ["train-student", *self._common(), "--model", model, "--cache", cache,

@@ -329,6 +329,8 @@ class _Verifier:
         dec = coder.unpack(rows_first)
         finite = torch.isfinite(dec).reshape(dec.shape[0], -1).all(dim=1)
         lse = torch.logsumexp(dec.double(), dim=-1).abs()
+        if name == "cls" and m.cls_values == "logits":  # raw logits: finite, not normalised
+            lse = torch.zeros_like(lse)
         tol = torch.full_like(lse, coder.norm_tol)
         step = coder.stored_scale(rows_first)
         if step is not None:
