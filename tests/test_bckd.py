@@ -331,3 +331,39 @@ def test_train_student_bckd_from_a_dense_cache_without_the_teacher(tiny_override
     last = [r for r in records if r["type"] == "train"][-1]
     assert last["loss_bckd_cls"] > 0 and last["loss_bckd_box"] > 0
     assert "loss_ld" not in last and "loss_kd" not in last
+
+
+# ------------------------------------------------------------------ the published recipes
+# file: (student depth, the BCKD README's numbers: baseline, BCKD; the LD README's LD v2 number)
+RECIPES = {"coco_bckd_r101_r50": (50, "40.1", "43.2", "42.1"),
+           "coco_bckd_r101_r34": (34, "38.9", "42.0", "41.0"),
+           "coco_bckd_r101_r18": (18, "35.8", "38.6", "37.5")}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_pipelines_set_the_authors_terms_and_cite_their_numbers(name):
+    import tomllib
+
+    from ldpipe.config import load_pipeline
+    from ldpipe.config.resolve import resolved_dict
+    path = os.path.join(ROOT, "pipelines", f"{name}.toml")
+    raw = tomllib.load(open(path, "rb"))
+    assert raw["extends"] == "coco_bckd_base.toml" and set(raw) <= {"name", "extends", "models"}
+    pipe = load_pipeline(path)
+    assert [os.path.basename(b) for b in pipe.bases] == ["coco_base.toml", "coco_bckd_base.toml"]
+    base = load_pipeline(os.path.join(ROOT, "pipelines", "coco_bckd_base.toml"))
+    assert resolved_dict(pipe)["distill"] == resolved_dict(base)["distill"]
+    assert enabled_terms(pipe) == {"bckd_cls", "bckd_box"}
+    d = pipe.distill
+    assert (d.bckd_cls_weight, d.bckd_beta, d.bckd_box_weight) == (1.0, 1.0, 4.0)
+    assert (pipe.cache.region, pipe.cache.cls_values, pipe.cache.store_cls) == ("dense", "logits", True)
+    assert (pipe.train.batch_size, pipe.train.lr, pipe.train.epochs, pipe.train.steps) == (2, 0.01, 12, [8, 11])
+    depth, *numbers = RECIPES[name]
+    assert (pipe.model("student").depth, pipe.model("teacher").depth) == (depth, 101)
+    assert pipe.model("teacher").checkpoint == "checkpoints/gfl_r101_fpn_mstrain_2x_coco.pth"
+    header = "".join(line for line in open(path) if line.startswith("#"))
+    assert "TinyTigerPan/BCKD" in header and "README" in header
+    for number in numbers:
+        assert number in header, number
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        assert f"`{name}.toml`" in fh.read()
