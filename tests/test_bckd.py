@@ -16,7 +16,7 @@ from ldpipe.cli import main as cli
 from ldpipe.config import ConfigError, enabled_terms
 from ldpipe.data import DetectionDataset, load_split, train_variants
 from ldpipe.distill import CachedTeacher, DistillCriterion, OnlineTeacher, TargetSource
-from ldpipe.distill.bckd import bckd_box_loss, bckd_cls_loss
+from ldpipe.distill.bckd import bckd_box_loss, bckd_cls_loss, expected_distances
 from ldpipe.distill.loader import CacheTargets
 from ldpipe.distill.online import OnlineBatch
 from ldpipe.engine.dump import dump_teacher
@@ -180,7 +180,8 @@ def test_terms_read_only_valid_anchors_of_levels_with_a_positive():
     corners = torch.randn(2, 4, 17)
     anchors = torch.tensor([[0.0, 0.0, 64.0, 64.0], [32.0, 32.0, 96.0, 96.0]])
     strides = torch.tensor([8.0, 8.0])
-    assert float(bckd_box_loss(s, t, corners, corners.clone(), anchors, strides, torch.ones(2), 1.0)) \
+    dist = expected_distances(corners.clone())
+    assert float(bckd_box_loss(s, t, corners, dist, anchors, strides, torch.ones(2), 1.0)) \
         == pytest.approx(0.0, abs=1e-6)
     assert float(bckd_cls_loss(s[:0], t[:0], w[:0], 1.0)) == 0.0
 
@@ -367,3 +368,20 @@ def test_recipe_pipelines_set_the_authors_terms_and_cite_their_numbers(name):
         assert number in header, number
     with open(os.path.join(ROOT, "README.md")) as fh:
         assert f"`{name}.toml`" in fh.read()
+
+
+def test_compact_form_study_measures_bytes_and_the_floors_effect(tiny_overrides, dense_cache, tmp_path):
+    """benchmarks.studies.bckd_compact: 4 expected distances per anchor instead of 4 x 17 bins,
+    class logits above a floor; with every class kept only float16 rounding remains."""
+    from benchmarks.studies import bckd_compact
+    args = [DEMO, dense_cache, "--floor", "1e-9,0.05", "--json", str(tmp_path / "c.json")]
+    for kv in (*tiny_overrides, *DENSE, *BCKD):
+        args += ["-o", kv]
+    r = bckd_compact.main(args)
+    assert r["samples"] == 24 and r["dist_fp16_bytes_per_sample"] < r["dense_fp16_bytes_per_sample"] / 5
+    everything, sparse = r["floors"]["1e-09"], r["floors"]["0.05"]
+    assert everything["class_values_kept"] == 1.0
+    assert all(e <= 1e-3 for e in everything["rel_error_sum"].values())
+    # (whether the sparse rows are smaller depends on the teacher: this random one keeps 93%)
+    assert 0 < sparse["class_values_kept"] < 1.0 and sparse["cls_bytes_per_sample"] > 0
+    assert json.loads((tmp_path / "c.json").read_text()) == r

@@ -74,15 +74,16 @@ def bckd_cls_loss(student_cls: torch.Tensor, teacher_cls: torch.Tensor, weight: 
 
 
 def bckd_box_loss(student_cls: torch.Tensor, teacher_cls: torch.Tensor, student_corners: torch.Tensor,
-                  teacher_corners: torch.Tensor, anchors: torch.Tensor, strides: torch.Tensor,
+                  teacher_dist: torch.Tensor, anchors: torch.Tensor, strides: torch.Tensor,
                   weight: torch.Tensor, num_total: float) -> torch.Tensor:
-    """The IoU-based box term over anchors ``[V]``: corners ``[V, 4, reg_max + 1]``, anchors
-    ``[V, 4]`` in pixels, strides ``[V]``, ``weight`` ``[V]`` label weights."""
+    """The IoU-based box term over anchors ``[V]``: the student's corners ``[V, 4, reg_max + 1]``,
+    the teacher's expected edge distances ``[V, 4]`` in bins (:func:`expected_distances`),
+    anchors ``[V, 4]`` in pixels, strides ``[V]``, ``weight`` ``[V]`` label weights."""
     if student_cls.numel() == 0:
         return student_corners.sum() * 0
     gap = (teacher_cls.detach().float().sigmoid() - student_cls.detach().float().sigmoid()).abs()
     w = gap.max(dim=1).values * weight
     centers = anchor_centers(anchors) / strides[:, None]
     box_s = distance2bbox(centers, expected_distances(student_corners))
-    box_t = distance2bbox(centers, expected_distances(teacher_corners.detach()))
+    box_t = distance2bbox(centers, teacher_dist.detach().float())
     return ((1 - giou(box_s, box_t)) * w).sum() / (num_total + AVG_EPS)

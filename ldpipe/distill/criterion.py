@@ -16,7 +16,7 @@ import torch
 from ..config import DistillConfig, LossConfig
 from ..models import GFL, BatchTargets, DenseOutput, PositiveSet
 from ..models.device_ops import mean_over_ranks
-from .bckd import bckd_anchors, bckd_box_loss, bckd_cls_loss
+from .bckd import bckd_anchors, bckd_box_loss, bckd_cls_loss, expected_distances
 from .losses import cls_kd_loss, ld_loss, vlr_loss
 from .sources import TargetSource
 
@@ -122,6 +122,6 @@ class DistillCriterion(GFLCriterion):
                 cls_flat[idx], t.cls, w, num_total, cfg.bckd_beta)
         if "bckd_box" in self.terms:
             terms["loss_bckd_box"] = cfg.bckd_box_weight * bckd_box_loss(
-                cls_flat[idx], t.cls, reg_flat[idx], t.box, bt.anchors[idx], bt.strides[idx], w,
-                num_total)
+                cls_flat[idx], t.cls, reg_flat[idx], expected_distances(t.box), bt.anchors[idx],
+                bt.strides[idx], w, num_total)
         return terms
