@@ -385,3 +385,20 @@ def test_compact_form_study_measures_bytes_and_the_floors_effect(tiny_overrides,
     # (whether the sparse rows are smaller depends on the teacher: this random one keeps 93%)
     assert 0 < sparse["class_values_kept"] < 1.0 and sparse["cls_bytes_per_sample"] > 0
     assert json.loads((tmp_path / "c.json").read_text()) == r
+
+
+def test_chain_stamps_of_older_chains_are_unchanged_at_the_defaults(make_tiny_pipe, tmp_path):
+    """The BCKD switches and cache.cls_values enter a chain's stage stamps only when set: at
+    their defaults a chain stamped before them skips its finished stages as before."""
+    from ldpipe import chain as chain_mod
+    for extra, present in (((), False), ((*BCKD, *DENSE), True)):
+        pipe = make_tiny_pipe(*extra)
+        ch = chain_mod.Chain(DEMO, (), pipe, str(tmp_path / "wd"), run_argv=lambda argv: None)
+        stages = []
+        ch.run_stage = stages.append  # capture the stages instead of running them
+        ch.dump_stage("teacher", str(tmp_path / "none.pth"), "teacher")
+        ch.train_stage("student", str(tmp_path / "none.zarr"), "student")
+        dump, train = (st.inputs for st in stages)
+        assert ("cls_values" in dump["cache"]) == present and "codec" in dump["cache"]
+        assert ("bckd_cls" in train["distill"]) == present and "bckd_beta" not in train["distill"]
+        assert "ld_norm" not in train["distill"] and "kd_weight" in train["distill"]
