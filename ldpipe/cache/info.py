@@ -14,8 +14,8 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
-from .integrity import check_unit
 from .compat import served_methods
+from .integrity import check_unit
 from .manifest import CacheError, F
 from .reader import UnitArrays, read_checked_index, sample_rows
 from .region import entry_setting
