@@ -252,7 +252,7 @@ def test_class_kd_reads_a_logits_cache_as_a_log_probability_one(make_tiny_pipe, 
         batch = TrainCollate(pipe.model("student"), len(split.classes), with_vlr=True)(samples)
         source = CachedTeacher(pipe, url)
         source.check(pipe, "student", split)
-        got[name] = {k: float(v) for k, v in step_losses(
+        got[name] = {k: float(v.detach()) for k, v in step_losses(
             model, model, batch, torch.device("cpu"), False,
             DistillCriterion(pipe.distill, enabled_terms(pipe), source)).items()}
     assert got["logits"]["loss_kd"] > 0
