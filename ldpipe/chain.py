@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from .cache import CacheError, CacheReader
 from .cache.region import reader_assigners
-from .config import ConfigError, Pipeline, legacy_dict, to_dict
+from .config import CacheConfig, ConfigError, DistillConfig, Pipeline, legacy_dict, to_dict
 from .files import atomic_write
 from .models.checkpoint import file_sha256
 from .models.detector import backbone_label
@@ -45,6 +45,14 @@ from .models.detector import backbone_label
 log = logging.getLogger("ldpipe.chain")
 
 CHAIN_KEYS = {"teacher", "tas", "student", "baseline", "eval_split", "jobs"}
+# [distill] settings added after chains first stamped their stages (left out at their defaults)
+LATER_DISTILL = ("ld_norm", "bckd_cls", "bckd_cls_weight", "bckd_beta", "bckd_box", "bckd_box_weight")
+LATER_CACHE = ("cls_values",)  # [cache] settings added later, likewise
+
+
+def without_later(section: dict, default: dict, later: tuple[str, ...]) -> dict:
+    """``section`` without the ``later`` settings that are at their ``default`` value."""
+    return {k: v for k, v in section.items() if not (k in later and v == default.get(k))}
 
 
 @dataclass
@@ -236,10 +244,10 @@ class Chain:
         if cache is None:
             argv = ["train", *self._common(), "--model", model, "--work-dir", wd]
         else:
-            distill = to_dict(self.pipe.distill)
-            if distill.get("ld_norm") == "sum":  # a setting added later: at its default the
-                del distill["ld_norm"]           # stamp is an older chain's, which then skips
-            inputs["distill"] = distill
+            # settings added later: at their defaults the stamp is an older chain's, which
+            # then skips
+            inputs["distill"] = without_later(to_dict(self.pipe.distill), to_dict(DistillConfig()),
+                                              LATER_DISTILL)
             inputs["cache_id"] = self._cache_id(cache)
             argv = ["train-student", *self._common(), "--model", model, "--cache", cache,
                     "--work-dir", wd]
@@ -257,7 +265,8 @@ class Chain:
 
     def dump_stage(self, model: str, ckpt: str, tag: str) -> str:
         out = os.path.join(self.work_dir, "caches", f"{tag}.zarr")
-        inputs = {"checkpoint": self._ckpt_sha(ckpt), "cache": to_dict(self.pipe.cache),
+        cache = without_later(to_dict(self.pipe.cache), to_dict(CacheConfig()), LATER_CACHE)
+        inputs = {"checkpoint": self._ckpt_sha(ckpt), "cache": cache,
                   "data": to_dict(self.pipe.data), "model": legacy_dict(self.pipe.model(model)),
                   "readers": reader_assigners(self.pipe, model)}
         argv = ["dump-teacher", *self._common(), "--model", model, "--checkpoint", ckpt, "--out", out]

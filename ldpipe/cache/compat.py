@@ -15,9 +15,37 @@ from .manifest import CacheError, Geometry, Manifest, plain_value
 log = logging.getLogger("ldpipe.cache")
 
 # which loss terms each region policy can serve: all but ``main`` (ATSS positives only)
-# hold the valuable localization region that VLR reads
-SERVES = {policy: ({"ld", "kd"} if policy == "main" else set(DISTILL_TERMS))
+# hold the valuable localization region that VLR reads; BCKD reads every valid anchor, which
+# only ``dense`` stores
+BCKD_TERMS = {"bckd_cls", "bckd_box"}
+SERVES = {policy: ({"ld", "kd"} if policy == "main" else
+                   set(DISTILL_TERMS) if policy == "dense" else set(DISTILL_TERMS) - BCKD_TERMS)
           for policy in REGION_POLICIES}
+# the terms that read the teacher's class rows (BCKD's box term weights anchors by them)
+CLS_TERMS = {"kd"} | BCKD_TERMS
+# the dump-teacher settings a BCKD cache needs
+BCKD_DUMP = "-o cache.region=dense -o cache.cls_values=logits -o cache.codec=fp32 (or fp16)"
+
+# the distillation methods by their [distill] terms (what `cache info` lists)
+METHODS = {"LD": ("ld", "vlr", "kd"), "BCKD": ("bckd_cls", "bckd_box")}
+
+
+def served_terms(m: Manifest) -> list[str]:
+    """The [distill] terms the stored rows of manifest ``m`` can serve (its region, whether it
+    holds class rows and what they are; a student's assigner is checked when it trains)."""
+    out = set(SERVES[m.region.policy])
+    if not m.store_cls:
+        out -= CLS_TERMS
+    elif m.cls_values != "logits":
+        out -= BCKD_TERMS
+    return [t for t in DISTILL_TERMS if t in out]
+
+
+def served_methods(m: Manifest) -> dict[str, list[str]]:
+    """``{method: [its terms this cache serves]}`` for the methods it serves a term of."""
+    served = set(served_terms(m))
+    return {name: [t for t in terms if t in served] for name, terms in METHODS.items()
+            if served & set(terms)}
 
 
 # the geometry fields a student must share with the cache: (label, how to fix), in check order
@@ -52,12 +80,18 @@ def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
     policy = m.region.policy
     missing = terms - SERVES[policy]
     if missing:
+        need = "'dense' (every anchor)" if missing & BCKD_TERMS else "'ld'"
         problems.append(f"region policy {policy!r} cannot serve {sorted(missing)}; dump with "
-                        f"cache.region='ld' or switch those terms off (distill.<term>=false)")
+                        f"cache.region={need} or switch those terms off (distill.<term>=false)")
     if "kd" in terms and not m.store_cls:
         problems.append("classification KD needs class logits, but the cache has none "
                         "(cache.store_cls=false); set distill.kd=false or dump again")
-    if "kd" in terms and m.store_cls:
+    bckd = sorted(terms & BCKD_TERMS)
+    if bckd and not (m.store_cls and m.cls_values == "logits"):
+        held = "no class rows" if not m.store_cls else "class log-probabilities, whose sigmoid is lost"
+        problems.append(f"BCKD ({', '.join(bckd)}) needs the teacher's raw class logits at every "
+                        f"valid anchor, but the cache has {held}; dump again with {BCKD_DUMP}")
+    if terms & CLS_TERMS and m.store_cls:
         problem = class_kd_problem(m.cls_meaning(), m.teacher_head, cfg, model_name)
         if problem:
             problems.append(problem)

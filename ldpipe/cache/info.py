@@ -14,6 +14,7 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
+from .compat import served_methods
 from .integrity import check_unit
 from .manifest import CacheError, F
 from .reader import UnitArrays, read_checked_index, sample_rows
@@ -195,6 +196,8 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
         "chunk_rows": m.chunk_rows,
         "teacher": dataclasses.asdict(m.teacher),
         "cls_logits": m.cls_meaning(),
+        "cls_values": m.cls_values or "log_probs",
+        "serves": served_methods(m),
         "checkpoint_path": m.checkpoint_path,
         "data": {k2: v for k2, v in dataclasses.asdict(m.data).items() if k2 != "image_ids"},
         "reg_max": geo.reg_max,
@@ -251,8 +254,11 @@ def format_info(d: dict) -> str:
         f"codec         {d['codec']}"
         + (f" (box step >= {d['codec_step']:g} nat)" if d.get("codec_step") else
            " (each row over its own range)" if d.get("codec") == "int8" else "")
-        + f" + {d['compressor']}, class log-probs "
+        + f" + {d['compressor']}, class "
+        f"{'logits' if d.get('cls_values') == 'logits' else 'log-probs'} "
         f"{'stored' if d['store_cls'] else 'not stored'}, {d['samples_per_shard']} samples/unit",
+        "serves        " + ("; ".join(f"{k} ({', '.join(v)})" for k, v in d.get("serves", {}).items())
+                             or "no distillation term"),
         f"stored        {mb(d['stored_bytes'])} in all, {mb(d['bytes_per_sample'])} per sample "
         f"(" + ", ".join(f"{k} {mb(v)}" for k, v in d["stored_bytes_by_part"].items()) + ")",
     ]

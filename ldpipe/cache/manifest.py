@@ -31,6 +31,9 @@ FORMAT = "ldpipe-teacher-cache"
 FORMAT_VERSION = 2
 IDENTITY = ("teacher", "geometry", "data", "region", "codec", "compressor", "store_cls",
             "samples_per_shard", "chunk_rows")
+# identity fields added later, absent from the manifests of caches made before them (so their
+# identity, and id, is unchanged)
+LATER_IDENTITY = ("codec_clip", "codec_step", "cls_values")
 # bounds of a sane manifest: a damaged or hostile one must not make a reader divide by zero
 # or allocate terabytes (check_numbers)
 MAX_REG_MAX = 1024
@@ -153,6 +156,9 @@ class Manifest:
     # sigmoid is the joint class-IoU score; "class" (GFocalV2 teachers): the ``gfl_cls`` logits
     # whose sigmoid is the class score only (the DGQP quality, not stored, multiplies it)
     cls_logits: str | None = None
+    # what the stored ``cls`` rows hold (cache.cls_values): absent/None = their log-softmax over
+    # the classes (every cache before BCKD); "logits" = the raw logits (BCKD reads their sigmoid)
+    cls_values: str | None = None
 
     # ------------------------------------------------------------ (de)serialising
     @classmethod
@@ -172,8 +178,9 @@ class Manifest:
         for key in ("codec_clip", "codec_step"):
             if d[key] is None:
                 del d[key]
-        if d["cls_logits"] is None:
-            del d["cls_logits"]
+        for key in ("cls_logits", "cls_values"):
+            if d[key] is None:
+                del d[key]
         return d
 
     def clip(self) -> float | None:
@@ -200,7 +207,7 @@ class Manifest:
     # ------------------------------------------------------------ identity
     def identity(self) -> dict:
         d = self.to_dict()
-        return {k: d[k] for k in IDENTITY + ("codec_clip", "codec_step") if k in d}
+        return {k: d[k] for k in IDENTITY + LATER_IDENTITY if k in d}
 
     def compute_id(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -209,7 +216,7 @@ class Manifest:
         """Human lines for each identity field that differs (``self``: the existing cache)."""
         out = []
         old_id, new_id = self.identity(), new.identity()
-        for key in [*IDENTITY, "codec_clip", "codec_step"]:
+        for key in [*IDENTITY, *LATER_IDENTITY]:
             a, b = old_id.get(key), new_id.get(key)
             if a == b:
                 continue
@@ -318,6 +325,8 @@ def check_numbers(m: "Manifest", url: str) -> None:
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float))
                              or not 0 <= step <= MAX_INT8_BOX_STEP):
         bad("codec_step", step)
+    if m.cls_values not in (None, "logits"):
+        bad("cls_values", m.cls_values)
 
 
 # ---------------------------------------------------------------------- building
@@ -369,6 +378,8 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
     m.codec_clip = codec_for(cache.codec).clip
     # step 0 is what caches before the setting did: no field, so their identity (and id) is kept
     m.codec_step = float(cache.int8_box_step) if cache.codec == "int8" and cache.int8_box_step > 0 else None
+    if cache.store_cls and cache.cls_values != "log_probs":
+        m.cls_values = cache.cls_values
     if HEADS[cfg.head.type].cls_logits != "joint":
         m.cls_logits = HEADS[cfg.head.type].cls_logits
     m.cache_id = m.compute_id()

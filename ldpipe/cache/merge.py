@@ -181,6 +181,10 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
                              "finish its dump-teacher first")
         read_checked_index(root, url, m)  # the table's arithmetic (a lost index shard reads as zeros)
     base = sources[0][2]
+    for url, _, m in sources:  # the merge averages probabilities: raw class logits have none
+        if m.store_cls and m.cls_values == "logits":
+            raise CacheError(f"cannot merge {url}: its class rows are raw logits "
+                             "(cache.cls_values='logits'); merge caches of log-probabilities")
     for (url, _, m), name in zip(sources[1:], names[1:]):
         diff = shared_differences(base, m, names[0], name)
         if diff:

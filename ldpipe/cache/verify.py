@@ -13,24 +13,21 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 import zarr
 from zarr.core.sync import sync
 
 from ..config.sample import sample_pair
 from ..errors import first_line
-from . import geometry_check
+from . import geometry_check, value_check
 from .codec import CODEC_TABLE, codec_for
 from .info import is_listable, stored_objects
 from .integrity import binding_problems
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
-from .store import (committed_units, content_sha, from_disk, index_complete,
+from .store import (committed_units, content_sha, index_complete,
                     open_cache, unit_name)
 
 MAX_ERRORS = 200
-# |logsumexp(row)| allowed for decoded log-probabilities: the codec's ``norm_tol``, plus, for a
-# codec with per-row scales (int8, which rounds every value by at most half its row's step and so
-# moves logsumexp by at most that much), 0.51 x the row's stored scale
+
 
 
 def verify(url: str, workers: int | None = None) -> dict:
@@ -320,33 +317,10 @@ class _Verifier:
 
     def _values(self, u: int, name: str, arr: np.ndarray, want_shape: tuple, table: np.ndarray,
                 rows: int, rows_ok: bool) -> None:
-        m, un = self.m, f"units/{unit_name(u)}/{name}"
-        coder = codec_for(m.codec)
-        want_dtype = coder.dtype
-        if arr.shape != want_shape or arr.dtype != want_dtype:
-            self.error(f"{un}: shape {arr.shape} dtype {arr.dtype}, expected {want_shape} {want_dtype}")
-            return
-        if not rows:
-            return
-        rows_first = from_disk(name, arr)
-        dec = coder.unpack(rows_first)
-        finite = torch.isfinite(dec).reshape(dec.shape[0], -1).all(dim=1)
-        lse = torch.logsumexp(dec.double(), dim=-1).abs()
-        tol = torch.full_like(lse, coder.norm_tol)
-        step = coder.stored_scale(rows_first)
-        if step is not None:
-            tol = tol + 0.51 * torch.from_numpy(step.astype(np.float64))
-        excess = (lse - tol).reshape(dec.shape[0], -1).amax(dim=1)
-        lse = lse.reshape(dec.shape[0], -1).amax(dim=1)
-        bad_rows = torch.nonzero(~finite | (excess > 0)).squeeze(1)
-        if bad_rows.numel() and rows_ok:
-            r = int(bad_rows[0])
-            starts, counts = table[:, F["row_start"]], table[:, F["row_count"]]
-            i = int(np.searchsorted(starts + counts, r, side="right"))
-            rec = table[min(i, table.shape[0] - 1)]
-            self.error(f"{un}: {bad_rows.numel()} rows are not finite normalised "
-                       f"log-probabilities (first: row {r}, {m.sample_label(rec)}; "
-                       f"|logsumexp| {float(lse[r]):.3g})")
+        problem = value_check.row_problem(self.m, f"units/{unit_name(u)}/{name}", name, arr,
+                                          want_shape, table, rows, rows_ok)
+        if problem:
+            self.error(problem)
 
     def _geometry(self, table: np.ndarray, scale: np.ndarray, u: int) -> None:
         for k in geometry_check.suspect_rows(self.m.geometry, table, scale):

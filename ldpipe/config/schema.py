@@ -32,6 +32,10 @@ HeadType = Literal["GFLHead", "GFocalHead"]  # GFL (v1) and GFocalV2 (its DGQP b
 NmsKind = Literal["nms", "voting_cluster_diounms"]
 # distill.ld_norm: how the LD and VLR terms reduce over a process's batch (ldpipe.distill.criterion)
 LdNorm = Literal["sum", "image"]
+# cache.cls_values: what a cache's class rows hold - the log-softmax over classes (what class KD
+# reads; the default) or the raw logits (BCKD reads their per-class sigmoid, which a log-softmax
+# has lost: ldpipe.distill.bckd)
+ClsValues = Literal["log_probs", "logits"]
 
 DATA_FORMATS = typing.get_args(DataFormat)
 RESNET_DEPTHS = (18, 34, 50, 101)
@@ -41,7 +45,9 @@ COMPRESSORS = typing.get_args(Compressor)
 # cache.int8_box_step: default and largest value, in nats (ldpipe.cache.codec)
 INT8_BOX_STEP = 0.125
 MAX_INT8_BOX_STEP = 1.0  # half of it moves a value by 0.05 at T = 10
-DISTILL_TERMS = ("ld", "vlr", "kd")
+# the [distill] switches (ldpipe.config.enabled_terms reads them by name): LD's three terms and
+# BCKD's two (ldpipe.distill.bckd)
+DISTILL_TERMS = ("ld", "vlr", "kd", "bckd_cls", "bckd_box")
 BOX_LOSSES = typing.get_args(BoxLoss)
 BOX_NORMS = typing.get_args(BoxNorm)
 VLR_REGIONS = typing.get_args(VlrRegion)
@@ -51,6 +57,7 @@ DCN_TYPES = ("DCN", "DCNv2")  # mmcv's DeformConv2dPack / ModulatedDeformConv2dP
 HEAD_TYPES = typing.get_args(HeadType)
 NMS_KINDS = typing.get_args(NmsKind)
 LD_NORMS = typing.get_args(LdNorm)
+CLS_VALUES = typing.get_args(ClsValues)
 
 
 class ConfigError(LdpipeError):
@@ -239,6 +246,20 @@ class DistillConfig:
     # (its per-image weight grows with images per GPU: its README keeps them <= 3); "image":
     # that sum divided by the batch's images, so a term per image does not depend on it
     ld_norm: LdNorm = "sum"
+    # BCKD (Yang et al., ICCV 2023; TinyTigerPan/BCKD), off by default; its recipe sets
+    # ld_weight = vlr_weight = 0 and keeps class KD off.  Both terms read every valid anchor
+    # (a cache with cache.region = "dense" and cache.cls_values = "logits"):
+    # bckd_cls - binary classification distillation: BCE of the student's sigmoid scores
+    #   against the teacher's, each class weighted by |sigma_t - sigma_s| ^ bckd_beta
+    #   (the reference's NovelKDLoss, loss_kd, weight 1.0);
+    # bckd_box - 1 - GIoU between the boxes decoded from the student's and the teacher's
+    #   expected edge distances, each anchor weighted by max_c |sigma_t - sigma_s| (its
+    #   loss_score_kd, a GIoULoss of weight 4.0); both / the number of positives
+    bckd_cls: bool = False
+    bckd_cls_weight: float = 1.0
+    bckd_beta: float = 1.0
+    bckd_box: bool = False
+    bckd_box_weight: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -249,6 +270,9 @@ class CacheConfig:
     # over its own range, as caches before it); a common step lets neighbouring rows compress
     int8_box_step: float = INT8_BOX_STEP
     store_cls: bool = True
+    # the class rows: "log_probs" (log-softmax over classes, what class KD reads) or "logits"
+    # (raw logits: serves class KD and BCKD; fp32 or fp16 only, int8 stores values <= 0)
+    cls_values: ClsValues = "log_probs"
     compressor: Compressor = "zstd"
     samples_per_shard: int = 64
     # rows per compressed chunk inside a unit's arrays: a read decodes every chunk its sample's
@@ -319,10 +343,11 @@ RENAMED: dict[tuple[str, str], str] = {
 __all__ = [
     "BACKBONE_DEPTHS", "BACKBONE_TYPES", "DCN_TYPES", "BackboneConfig",
     "BOX_LOSSES", "BOX_NORMS", "CODECS", "COMPRESSORS", "DATA_FORMATS", "DISTILL_TERMS",
-    "REGION_POLICIES", "RESNET_DEPTHS", "VLR_REGIONS", "NMS_KINDS", "LD_NORMS",
+    "REGION_POLICIES", "RESNET_DEPTHS", "VLR_REGIONS", "NMS_KINDS", "LD_NORMS", "CLS_VALUES",
     "AssignerConfig", "CacheConfig", "ConfigError", "DataConfig", "DistillConfig",
     "LossConfig", "ModelConfig", "Pipeline", "TestConfig", "TrainConfig",
 ]
 __all__ += ["HEAD_TYPES", "HeadConfig", "INT8_BOX_STEP", "MAX_INT8_BOX_STEP", "RENAMED"]
-__all__ += ["BackboneType", "BoxLoss", "BoxNorm", "Codec", "Compressor", "DataFormat", "HeadType",
+__all__ += ["BackboneType", "BoxLoss", "BoxNorm", "ClsValues", "Codec", "Compressor", "DataFormat",
+            "HeadType",
             "NmsKind", "RegionPolicy", "VlrRegion"]

@@ -12,7 +12,7 @@ import torch
 
 from ..cache import CacheError, CacheReader
 from ..cache.codec import decode_packed
-from ..cache.compat import check_compatible
+from ..cache.compat import CLS_TERMS, check_compatible
 from ..config import Pipeline, enabled_terms
 from ..data import Variant
 from ..models import BatchTargets
@@ -34,7 +34,7 @@ class CachedTeacher(TargetSource):
         # through the workers' shared memory and the copy) and decodes them on the device;
         # a CPU step gets them decoded by the workers (numpy, one thread each), which is
         # cheaper there than decoding in the training process (docs/benchmarks.md, "Reading")
-        return CacheTargets(self.url, with_cls="kd" in self.terms, decode=device.type != "cuda")
+        return CacheTargets(self.url, with_cls=bool(self.terms & CLS_TERMS), decode=device.type != "cuda")
 
     def variants(self, pipe: Pipeline) -> list[Variant]:
         return [Variant(v["scale_idx"], v["flip"]) for v in self.manifest.geometry.variants]

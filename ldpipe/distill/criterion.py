@@ -16,6 +16,7 @@ import torch
 from ..config import DistillConfig, LossConfig
 from ..models import GFL, BatchTargets, DenseOutput, PositiveSet
 from ..models.device_ops import mean_over_ranks
+from .bckd import bckd_anchors, bckd_box_loss, bckd_cls_loss, expected_distances
 from .losses import cls_kd_loss, ld_loss, vlr_loss
 from .sources import TargetSource
 
@@ -63,11 +64,13 @@ class DistillCriterion(GFLCriterion):
     * ``loss_ld`` - LD on the ATSS positives, weighted by the student's detached max score;
     * ``loss_kd`` - class KD on the positives, per level over its positives;
     * ``loss_ld_vlr`` - LD on the valuable localization region, weighted by its IoU;
+    * ``loss_bckd_cls`` / ``loss_bckd_box`` - BCKD's binary classification and IoU-based box
+      distillation on every valid anchor (:mod:`ldpipe.distill.bckd`), / the positives;
 
     LD and VLR summed over the batch (the reference's ``distill.ld_norm = "sum"``) or per image
     (``"image"``: divided by the batch's images, so a term does not grow with images per GPU).
 
-    ``terms``: the enabled subset of ``{"ld", "kd", "vlr"}`` (``config.enabled_terms``).
+    ``terms``: the enabled subset of ``config.DISTILL_TERMS`` (``config.enabled_terms``).
     """
 
     def __init__(self, cfg: DistillConfig, terms: set[str], teacher: TargetSource,
@@ -101,4 +104,24 @@ class DistillCriterion(GFLCriterion):
             t = teacher.at(vidx, need_cls=False)
             terms["loss_ld_vlr"] = cfg.vlr_weight * vlr_loss(
                 reg_flat[vidx].reshape(-1, rb), t.box.reshape(-1, rb), bt.vlr[vidx], cfg.vlr_T)
+        if "bckd_cls" in self.terms or "bckd_box" in self.terms:
+            terms.update(self.bckd_terms(cls_flat, reg_flat, bt, pos, teacher))
         return LD_NORM[cfg.ld_norm](terms, out.cls.shape[0])
+
+    def bckd_terms(self, cls_flat: torch.Tensor, reg_flat: torch.Tensor, bt: BatchTargets,
+                   pos: PositiveSet, teacher) -> Losses:
+        """BCKD's terms on every valid anchor of the levels holding a positive."""
+        cfg, terms = self.cfg, {}
+        device = cls_flat.device
+        num_total = max(float(mean_over_ranks(torch.tensor(float(bt.num_pos_images), device=device))), 1.0)
+        idx = bckd_anchors(bt.label_weights, bt.strides, pos.index)
+        t = teacher.at(idx)
+        w = bt.label_weights[idx]
+        if "bckd_cls" in self.terms:
+            terms["loss_bckd_cls"] = cfg.bckd_cls_weight * bckd_cls_loss(
+                cls_flat[idx], t.cls, w, num_total, cfg.bckd_beta)
+        if "bckd_box" in self.terms:
+            terms["loss_bckd_box"] = cfg.bckd_box_weight * bckd_box_loss(
+                cls_flat[idx], t.cls, reg_flat[idx], expected_distances(t.box), bt.anchors[idx],
+                bt.strides[idx], w, num_total)
+        return terms

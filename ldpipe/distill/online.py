@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import CacheError
-from ..cache.compat import class_kd_problem
+from ..cache.compat import CLS_TERMS, class_kd_problem
 from ..config import Pipeline, enabled_terms
 from ..models import GFL, BatchTargets, load_detector
 from ..models.checkpoint import file_sha256
@@ -33,7 +33,7 @@ class OnlineTeacher(TargetSource):
         if student.reg_max != teacher.reg_max:
             raise CacheError(f"reg_max: teacher {self.model_name!r} has {teacher.reg_max}, "
                              f"student {model_name!r} has {student.reg_max}")
-        problem = ("kd" in self.terms and class_kd_problem(
+        problem = (self.terms & CLS_TERMS and class_kd_problem(
             HEADS[teacher.head.type].cls_logits, teacher.head.type, student, model_name))
         if problem:
             raise CacheError(problem)

@@ -85,8 +85,9 @@ def unit_batches(data: DataConfig, split, variants, units: list[int], per_unit: 
 
 
 def teacher_rows(model: GFL, batch: dict, device: torch.device, use_amp: bool, store_cls: bool,
-                 num_variants: int) -> list[SampleRows]:
-    """Run the teacher on a batch and gather each sample's region rows (log-probabilities, CPU)."""
+                 num_variants: int, cls_values: str = "log_probs") -> list[SampleRows]:
+    """Run the teacher on a batch and gather each sample's region rows (log-probabilities, CPU;
+    class rows: the raw logits with ``cls_values="logits"``)."""
     img = batch["img"].to(device, non_blocking=True)
     with runtime.amp_context(device, use_amp):
         out = model(img)
@@ -96,7 +97,9 @@ def teacher_rows(model: GFL, batch: dict, device: torch.device, use_amp: bool, s
         own = make_grid(meta.pad_shape, cfg.strides, cfg.anchor_scale)
         sel = grid_to_batch_index(list(own.sizes), out.level_sizes).to(device)[idx.to(device)]
         box = C.log_probs(out.reg[b, sel]).cpu()
-        cls = C.log_probs(out.cls[b, sel]).cpu() if store_cls else None
+        cls = None
+        if store_cls:
+            cls = (out.cls[b, sel].float() if cls_values == "logits" else C.log_probs(out.cls[b, sel])).cpu()
         rows.append(SampleRows(sample_number(meta.index, meta.variant_index, num_variants), meta,
                                idx.to(torch.int32), box, cls))
     return rows
@@ -237,7 +240,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
         try:
             with torch.no_grad():
                 for batch in loader:
-                    for rows in teacher_rows(model, batch, info.device, use_amp, cache_cfg.store_cls, nv):
+                    for rows in teacher_rows(model, batch, info.device, use_amp, cache_cfg.store_cls, nv,
+                                             cache_cfg.cls_values):
                         u = rows.sample // per_unit
                         pending.setdefault(u, []).append(rows)
                         if len(pending[u]) == min((u + 1) * per_unit, total) - u * per_unit:
