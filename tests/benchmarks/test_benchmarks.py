@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ("-o", "models.teacher.base_channels=8", "-o", "models.teacher.channels=16",
         "-o", "models.teacher.stacked_convs=1", "-o", "data.train_scales=[[128,128]]",
         "-o", "data.test_scale=[128,128]")

@@ -1,17 +1,16 @@
 """The typed contracts between data, cache and loader: the sample meta and its geometry, the
-sample numbering, the assigner setting a cache's region records, and the codec objects."""
+sample numbering, and the assigner setting a cache's region records (the codec objects:
+``test_codec.py``)."""
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
-from ldpipe.cache import codec as C
 from ldpipe.cache.manifest import Geometry
 from ldpipe.cache.region import LEGACY_VLR_REGION, entry_setting, manifest_entries
-from ldpipe.config import CODECS, AssignerConfig
+from ldpipe.config import AssignerConfig
 from ldpipe.data import SampleGeometry, SampleMeta, sample_number, sample_pair
 
 
@@ -70,18 +69,3 @@ def test_manifest_geometry_differences_by_field():
     assert g.differences(other, ["pad_divisor"]) == [("pad_divisor", 32, 64)]
 
 
-def test_one_codec_object_per_name():
-    assert [C.codec_for(n).name for n in CODECS] == list(CODECS)
-    with pytest.raises(ValueError, match="unknown codec 'int4'"):
-        C.codec_for("int4")
-    assert [C.codec_for(n).legacy_clip for n in CODECS] == [None, 60000.0, 40.0]
-    lp = torch.log_softmax(torch.randn(5, 4, 17) * 4, dim=-1)
-    for name in CODECS:
-        codec = C.codec_for(name)
-        stored = codec.pack(codec.encode(lp, 0.125))
-        assert stored.dtype == codec.dtype and stored.shape[-1] == 17 + codec.trailer
-        dec = codec.unpack(stored)
-        assert torch.equal(codec.decode_packed(torch.from_numpy(stored)), dec)  # bit for bit
-        values = stored[..., :stored.shape[-1] - codec.trailer]
-        assert torch.equal(C.decode(values, codec.stored_scale(stored), name), dec)  # the by-name form
-        assert (codec.stored_scale(stored) is None) == (codec.trailer == 0)

@@ -33,7 +33,7 @@ from ldpipe.cache.store import committed_units, open_root  # noqa: E402
 from ldpipe.cache.verify import verify  # noqa: E402
 from ldpipe.cli import main as cli  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
 BUCKET = "ldpipe-ci"
 SETTINGS = ("cache.samples_per_shard=2", "cache.batch_size=2", "cache.codec=fp32")  # 12 units

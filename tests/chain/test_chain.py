@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")  # teacher -> student (no TA)
 TA_SECTION = "\n[models.ta]\ndepth = 18\nbase_channels = 24\nchannels = 48\nstacked_convs = 2\n"
 

@@ -10,7 +10,7 @@ import matplotlib.image
 from ldpipe.chain import Chain, Stage, loss_curve, write_summary
 from ldpipe.config import load_pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
 
 

@@ -19,7 +19,7 @@ from ldpipe.cli import main as cli
 from ldpipe.models import build_model
 from ldpipe.models.checkpoint import load_file, load_weights, save_checkpoint
 
-DEMO_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+DEMO_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "pipelines", "demo.toml")
 
 # a random tiny teacher scores ~0.01: let its own test threshold keep some detections

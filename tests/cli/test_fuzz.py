@@ -10,7 +10,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import DEMO_PIPELINE, TINY_TEACHER, error_line
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.info import info
 from ldpipe.cache.verify import verify
@@ -37,25 +37,7 @@ from ldpipe.engine.infer import evaluate_checkpoint
 from ldpipe.engine.train import train
 from ldpipe.models.checkpoint import CheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
-TINY_TEACHER = ("models.teacher.depth=18", "models.teacher.base_channels=8",
-                "models.teacher.channels=16", "models.teacher.stacked_convs=1")
 SHARD = "cache.samples_per_shard=2"  # the damaged cache: 4 images, no flip, units 000000, 000001
-
-
-def error_line(res, *needles: str) -> str:
-    """The run failed with exactly one ``Error:`` line, last, naming every needle; no traceback."""
-    assert res.exit_code == 1, (res.exit_code, res.output, res.exception)
-    lines = [ln for ln in res.output.replace("\r", "\n").splitlines() if ln.strip()]
-    # (a progress bar cut short by the error may precede it on the same line)
-    assert lines and "Error:" in lines[-1], res.output
-    assert len(re.findall(r"(?<![A-Za-z])Error:", res.output)) == 1, res.output
-    assert "Traceback" not in res.output, res.output
-    last = lines[-1][lines[-1].index("Error:"):]
-    for needle in needles:
-        assert needle in last, (needle, last)
-    return last
 
 
 # --------------------------------------------------------------------------- cache damage

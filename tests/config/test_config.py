@@ -8,7 +8,7 @@ import pytest
 
 from ldpipe.config import ConfigError, load_pipeline, parse_value
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
 BCCD = os.path.join(ROOT, "pipelines", "bccd.toml")
 

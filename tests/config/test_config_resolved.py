@@ -13,7 +13,7 @@ import torch
 from ldpipe import config
 from ldpipe.config import ConfigError, ModelConfig, legacy_dict, load_pipeline, resolve_model, to_dict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
 TINY = ("models.teacher.depth=18", "models.teacher.base_channels=8", "models.teacher.channels=16",
         "models.teacher.stacked_convs=1")

@@ -14,7 +14,7 @@ from ldpipe.cli import main as cli
 from ldpipe.config import load_pipeline, resolve_backbone
 from ldpipe.config.resolve import resolved_dict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PIPES = os.path.join(ROOT, "pipelines")
 
 R101 = ("ResNet", 101, None, None, None, None)

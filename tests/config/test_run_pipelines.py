@@ -14,7 +14,7 @@ from ldpipe.cli import main as cli
 from ldpipe.config import ConfigError, load_pipeline
 from ldpipe.config.resolve import override_paths, resolved_dict, to_toml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
 
 

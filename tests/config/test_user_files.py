@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_fuzz import error_line
 
+from helpers import REPO, error_line
 from ldpipe import files
 from ldpipe.cli import main as cli
 from ldpipe.config import ConfigError, load_pipeline
 from ldpipe.data import DataError, load_split
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "pipelines" / "demo.toml")
 LIMIT_S = 20  # each invocation ends in well under a second; a blocked open would never end
 

@@ -16,7 +16,7 @@ from ldpipe.data import (TEST_VARIANT, DataError, DetectionDataset, FixedSampler
                          load_split, make_sample, train_variants)
 from ldpipe.data.synth import synthesize
 
-BCCD = Path(__file__).resolve().parents[2] / "shared/datasets/bccd"
+BCCD = Path(__file__).resolve().parents[3] / "shared/datasets/bccd"
 BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
 
 

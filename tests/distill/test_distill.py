@@ -17,7 +17,7 @@ from ldpipe.engine.train import TrainCollate, step_losses
 from ldpipe.models import build_model
 from ldpipe.models.checkpoint import save_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["depth=18", "base_channels=8", "channels=16", "stacked_convs=1"]
 
 

@@ -36,7 +36,7 @@ from ldpipe.models.boxes import anchor_centers, bbox2distance, distance2bbox
 from ldpipe.models.checkpoint import load_weights, save_checkpoint
 from ldpipe.models.losses import distribution_focal_loss, giou_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ("depth=18", "base_channels=8", "channels=16", "stacked_convs=1")
 # The oracle's edge distributions: a Gaussian over the bins, centred on the true distance.
 # Tried by hand at this schedule, seed 0 (val GIoU; baseline 0.726): sigma 2 -> 0.625, sigma 1

@@ -23,7 +23,7 @@ from ldpipe.models.dcn import DeformConv2dPack, ModulatedDeformConv2dPack
 
 from mmdet_layout import MMDET_TEACHERS, fill_state_dict, mmdet_backbone_keys, mmdet_gfl_keys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BCCD = os.path.join(REPO, "..", "shared", "datasets", "bccd")
 DEMO = os.path.join(REPO, "pipelines", "demo.toml")
 

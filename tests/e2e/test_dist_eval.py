@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from conftest import DEMO_PIPELINE, REPO
+from helpers import DEMO_PIPELINE, REPO
 
 
 def test_eval_batches_share_the_one_process_batches():

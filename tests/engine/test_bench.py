@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from ldpipe.cli import main as cli
 
-DEMO_PIPELINE = str(Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml")
+DEMO_PIPELINE = str(Path(__file__).resolve().parents[2] / "pipelines" / "demo.toml")
 
 
 def test_benchmark_reports_a_positive_rate(tiny_overrides, tiny_teacher_ckpt):

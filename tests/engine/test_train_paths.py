@@ -16,7 +16,7 @@ from ldpipe.engine.train import train
 from ldpipe.models import build_model
 from ldpipe.models.checkpoint import file_sha256, load_file, save_checkpoint
 
-DEMO_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+DEMO_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "pipelines", "demo.toml")
 
 STUDENT = ("models.student.depth=18", "models.student.base_channels=8",

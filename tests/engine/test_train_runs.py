@@ -22,7 +22,7 @@ from ldpipe.models import checkpoint
 from ldpipe.models.checkpoint import file_sha256, load_file
 from ldpipe.provenance import git_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
 SHORT = ("train.batch_size=2", "train.max_iters_per_epoch=3", "train.warmup_iters=2",
          "train.log_interval=1", "models.teacher.train={}")

@@ -13,7 +13,7 @@ from ldpipe.metrics import COCO_KEYS, coco_metrics
 from ldpipe.metrics.coco import coco_backend
 
 pytest.importorskip("faster_coco_eval", reason="faster-coco-eval is in the test extra")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the benchmarks package
 

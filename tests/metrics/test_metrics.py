@@ -304,3 +304,44 @@ def test_write_results_roundtrip(tmp_path):
     assert first["bbox"] == pytest.approx([12, 10, 98, 102])
     assert first["score"] == pytest.approx(0.95)
     assert {a["category_id"] for a in anns} == {2, 5, 9}
+
+
+# ------------------------------------------- VOC mAP: a guard of issue 12 ("tests first")
+class _Rec:
+    def __init__(self, image_id, boxes, labels, ignore=()):
+        self.image_id, self.file_name, self.width, self.height = image_id, f"{image_id}.jpg", 640, 480
+        self.boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        self.labels = np.asarray(labels, np.int64)
+        self.ignore = np.asarray(ignore, np.float32).reshape(-1, 4)
+
+
+def _det(image_id, boxes, scores, labels):
+    return {"image_id": image_id, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "scores": np.asarray(scores, np.float32), "labels": np.asarray(labels, np.int64)}
+
+
+def test_voc_map_two_images_unsorted_detections():
+    """Kills: dropping either score sort of ``voc_map`` (the per-image matching order, or
+    the per-class ranking across images).  Detections are given in non-descending score
+    order, and the ranking must interleave the two images."""
+    a, b, c = (0, 0, 100, 100), (200, 200, 300, 300), (400, 0, 500, 100)
+    records = [_Rec(1, [a, c], [0, 1]), _Rec(2, [b], [0])]
+    dets = [
+        # image 1: a duplicate pair on A, the lower score first; a TP on C (class 1)
+        _det(1, [(2, 2, 100, 100), (0, 0, 100, 98), c], [0.3, 0.9, 0.5], [0, 0, 1]),
+        # image 2: a FP (no overlap) first, then the TP on B
+        _det(2, [(0, 300, 50, 350), b], [0.8, 0.6], [0, 0]),
+    ]
+    # class 0, ranked over both images: 0.9 TP (img 1) | 0.8 FP (img 2) | 0.6 TP (img 2) |
+    # 0.3 FP (img 1, duplicate: the 0.9 one matched A first)
+    #   recall .5 1/1 ; .5 1/2 ; 1 2/3 ; 1 2/4  -> envelope 1 on (0,.5], 2/3 on (.5,1]
+    #   AP = .5 + .5 * 2/3 = 5/6.  (Matching in the given order makes the 0.3 one the TP
+    #   and gives 1/2; ranking in image order gives 1/2 as well.)
+    r = voc_map(records, ["x", "y"], dets)
+    assert r["per_class"]["x"]["AP"] == pytest.approx(5 / 6, abs=1e-9)
+    assert r["per_class"]["x"]["num_gts"] == 2 and r["per_class"]["x"]["num_dets"] == 4
+    assert r["per_class"]["y"]["AP"] == pytest.approx(1.0)
+    assert r["mAP"] == pytest.approx((5 / 6 + 1) / 2, abs=1e-9)
+    # 11 points: t = 0..0.5 -> 1, t = 0.6..1 -> 2/3
+    r = voc_map(records, ["x", "y"], dets, mode="11points")
+    assert r["per_class"]["x"]["AP"] == pytest.approx((6 + 5 * 2 / 3) / 11, abs=1e-9)

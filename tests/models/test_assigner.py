@@ -1,66 +1,22 @@
-"""Tests written from mutation-testing survivors (``tools/mutation.py``): each pins a
-behaviour whose change the rest of the suite did not notice."""
+"""The assigner against hand-placed boxes and brute force: ATSS positives strictly inside the
+GT on both axes, ignored anchors, empty GTs, the overlap mask and ``image_targets``' defaults,
+and ``vlr_weights`` against an every-anchor DIoU reference.
+
+The ATSS / overlap tests were written from mutation-testing survivors (``tools/mutation.py``):
+each pins a behaviour whose change the rest of the suite did not notice.  The VLR test is a
+hand-computed guard of issue 12 ("tests first"), written to fail on the bug its docstring names.
+"""
 from __future__ import annotations
 
-import math
+import random
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
-from ldpipe.models.losses import quality_focal_loss
-
-
-def _bce(x: float, t: float) -> float:
-    s = 1 / (1 + math.exp(-x))
-    return -(t * math.log(s) + (1 - t) * math.log(1 - s))
-
-
-def test_qfl_several_positives_each_their_own_term():
-    """QFL of three positives (two classes, different IoU targets) and a negative: every
-    positive gets its own BCE term (a reduction over the positives would share one)."""
-    pred = torch.tensor([[0.3, -1.2, 2.0], [1.5, 0.1, -0.4], [-0.7, 0.9, 0.2], [0.5, -2.0, 1.0]])
-    labels = torch.tensor([0, 2, 1, 3])  # 3 = background
-    score = torch.tensor([0.8, 0.25, 0.6, 0.0])
-    beta = 2.0
-    want = []
-    for i in range(4):
-        total = 0.0
-        for c in range(3):
-            x = float(pred[i, c])
-            sig = 1 / (1 + math.exp(-x))
-            if c == int(labels[i]):
-                t = float(score[i])
-                total += _bce(x, t) * abs(t - sig) ** beta
-            else:
-                total += _bce(x, 0.0) * sig ** beta
-        want.append(total)
-    got = quality_focal_loss(pred, labels, score, beta)
-    assert got.tolist() == pytest.approx(want, rel=1e-5)
-
-
-# ------------------------------------------------------------------------------- boxes
-def test_iof_and_aligned_iou_known_values():
-    from ldpipe.models.boxes import aligned_iou, iof
-    a = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 20.5, 20.5]])  # the second: area 0.25
-    b = torch.tensor([[5.0, 5.0, 15.0, 15.0], [20.0, 20.0, 30.0, 30.0]])
-    # inter [[25, 0], [0, 0.25]] over the area of a's row
-    assert iof(a, b).tolist() == [[0.25, 0.0], [0.0, 1.0]]
-    assert iof(torch.tensor([[1.0, 1.0, 1.0, 3.0]]), b).tolist() == [[0.0, 0.0]]  # zero area
-    x = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 4.0, 4.0]])
-    y = torch.tensor([[1.0, 1.0, 3.0, 3.0], [5.0, 5.0, 6.0, 6.0], [1.0, 1.0, 3.0, 3.0]])
-    assert aligned_iou(x, y).tolist() == pytest.approx([1 / 7, 0.0, 4 / 16], abs=1e-7)
-    zero = torch.zeros(1, 4)
-    assert aligned_iou(zero, zero).tolist() == [0.0]
-
-
-def test_distance2bbox_clips_every_side():
-    """Decoding clips each coordinate into the image: a point in the padding beyond the image
-    (x1 > w), and right / bottom edges within [0, 1)."""
-    from ldpipe.models.boxes import distance2bbox
-    pts = torch.tensor([[50.0, 40.0], [0.0, 0.0]])
-    dist = torch.tensor([[10.0, 5.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.25]])
-    assert distance2bbox(pts, dist, (20, 30)).tolist() == [[30.0, 20.0, 30.0, 20.0], [0.0, 0.0, 0.5, 0.25]]
-    assert distance2bbox(pts, dist).tolist() == [[40.0, 35.0, 51.0, 41.0], [0.0, 0.0, 0.5, 0.25]]
+from helpers import vlr_reference
+from ldpipe.models.anchors import grid_tensors, make_grid
+from ldpipe.models.assigner import atss_assign, vlr_weights
 
 
 # ---------------------------------------------------------------------------- assigner
@@ -120,50 +76,27 @@ def test_overlap_mask_single_gt_and_image_targets_defaults():
     assert t.labels.dtype == torch.int64
 
 
-# ---------------------------------------------------------------------------- GFL head
-def test_gfl_head_initialisation():
-    """mmdetection's GFL head init: class bias -log((1 - 0.01) / 0.01), Scale 1, conv weights
-    N(0, 0.01), trainable GroupNorm in the towers."""
-    from ldpipe.models.gfl_head import GFLHead
-    torch.manual_seed(0)
-    head = GFLHead(3, in_channels=16, feat_channels=16, stacked_convs=2, reg_max=7, num_levels=4,
-                   norm_groups=4)
-    assert torch.allclose(head.gfl_cls.bias, torch.full((3,), -math.log(99.0)))
-    assert torch.equal(head.gfl_reg.bias, torch.zeros(4 * 8))
-    assert [float(s.scale.detach()) for s in head.scales] == [1.0] * 4
-    for conv in (head.gfl_cls, head.gfl_reg, head.cls_convs[0].conv, head.reg_convs[1].conv):
-        assert 0.005 < float(conv.weight.detach().std()) < 0.02
-        assert conv.padding == (1, 1) and conv.kernel_size == (3, 3)
-    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
-    assert len(norms) == 4 and all(n.num_groups == 4 for n in norms)
-    assert all(p.requires_grad for p in head.parameters())
-    assert head.cls_convs[0].conv.in_channels == 16 and head.gfl_reg.out_channels == 32
-    assert torch.equal(head.integral.project, torch.arange(8.0))
-
-
-def test_gfl_head_loss_reads_qfl_beta_and_clamps_far_targets():
-    """``LossConfig.qfl_beta`` reaches QFL; DFL targets beyond ``reg_max`` bins are clamped to
-    ``reg_max - 0.1`` (a box edge 40 bins away trains the last two bins, no index error)."""
-    from ldpipe.config import LossConfig
-    from ldpipe.models.gfl_head import GFLHead
-    from ldpipe.models.losses import distribution_focal_loss
-    head = GFLHead(2, in_channels=8, feat_channels=8, stacked_convs=0, reg_max=4, num_levels=1,
-                   norm_groups=4)
-    g = torch.Generator().manual_seed(3)
-    cls = torch.randn(2, 2, generator=g)
-    reg = torch.randn(2, 20, generator=g)
-    anchors = torch.tensor([[-16.0, -16.0, 48.0, 48.0], [0.0, 0.0, 64.0, 64.0]])
-    strides = torch.tensor([8.0, 8.0])
-    labels = torch.tensor([0, 2])
-    lw = torch.ones(2)
-    targets = torch.tensor([[10.0, 12.0, 16.0 + 8 * 40, 20.0], [0.0] * 4])  # right edge 40 bins out
-    args = (cls, reg, anchors, strides, labels, lw, targets, 1.0)
-    from test_losses import _loss
-    l2, _ = _loss(head, *args, LossConfig(qfl_beta=2.0))
-    l1, _ = _loss(head, *args, LossConfig(qfl_beta=1.0))
-    assert l1["loss_cls"].item() != pytest.approx(l2["loss_cls"].item(), rel=1e-3)
-    # DFL by hand with the clamped targets (centre (2, 2) in stride units)
-    d = torch.tensor([2 - 10 / 8, 2 - 12 / 8, 3.9, 20 / 8 - 2])
-    w = cls[0].sigmoid().max()
-    want = 0.25 * (distribution_focal_loss(reg[0].reshape(4, 5), d) * w).sum() / 4 / (float(w) + 1e-6)
-    assert l2["loss_dfl"].item() == pytest.approx(want.item(), rel=1e-5)
+# ------------------------------------------------------------- VLR by brute force
+@pytest.mark.parametrize("region", ["reference", "diou"])
+@pytest.mark.parametrize("seed", range(3))
+def test_vlr_weights_equal_brute_force_with_small_boxes(seed, region):
+    """Kills: a pre-filter in ``vlr_weights`` that drops anchors barely overlapping a GT (the
+    64 px anchors of stride 8 overlap a 4-12 px box with IoU < 0.03), and any filter on box
+    size.  Reference: DIoU against every anchor, no pre-filter."""
+    rng = random.Random(seed)
+    grid = make_grid((320, 320), [8, 16, 32, 64, 128], 8.0)
+    anchors, _ = grid_tensors(grid)
+    boxes = []
+    for side in (4, 5, 7, 9, 12, 30, 90, 200):
+        w, h = side * rng.uniform(0.8, 1.2), side * rng.uniform(0.8, 1.2)
+        x, y = rng.uniform(0, 318 - w), rng.uniform(0, 318 - h)
+        boxes.append([x, y, x + w, y + h])
+    gt = torch.tensor(boxes)
+    res = atss_assign(anchors, grid.num_level_anchors, gt)
+    want, inside = vlr_reference(anchors, gt, res.thr, region)
+    small = (gt[:, 2:] - gt[:, :2]).max(dim=1).values < 16
+    assert inside[:, small].any(dim=0).sum() >= 3, "set-up: most small boxes have a VLR"
+    assert (box_iou(anchors, gt)[inside[:, :5].any(1)] < 0.01).any(), "set-up: tiny overlaps"
+    got = vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps, region=region)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6) and torch.equal(got > 0, want > 0)
+    assert torch.equal(vlr_weights(anchors, gt, res.thr, region=region), got)  # overlaps inside

@@ -1,165 +1,28 @@
-"""Hand-computed guards on the core's numbers (issue 12, "tests first").
+"""GFLHead and GFL.predict against hand computations: decoding known boxes (clip, NMS, score
+threshold, ``max_per_img``), ``boxes_to_original``, mmdetection's initialisation, QFL with
+several positives, and the loss reading ``qfl_beta``.
 
-Each test here was written to fail on a plausible bug that the rest of the suite let
-through (the bug is named in the test's docstring); they use public functions only.
+The predict tests are hand-computed guards of issue 12 ("tests first"): each was written to
+fail on a plausible bug that the rest of the suite let through.  The initialisation and loss
+tests were written from mutation-testing survivors (``tools/mutation.py``): each pins a
+behaviour whose change the rest of the suite did not notice.
 """
 from __future__ import annotations
 
 import math
-import random
 
-import numpy as np
 import pytest
 import torch
-from torchvision.ops import box_iou, distance_box_iou
 
-from ldpipe.cache import codec as C
+from helpers import DEMO_PIPELINE, TINY_STUDENT
 from ldpipe.config import TestConfig as HeadTestConfig
 from ldpipe.config import load_pipeline
 from ldpipe.data import SampleMeta, boxes_to_original
-from ldpipe.metrics import voc_map
-from ldpipe.engine.train import Schedule
 from ldpipe.models import build_model
 from ldpipe.models.anchors import grid_tensors, make_grid
-from ldpipe.models.assigner import atss_assign, vlr_weights
 from ldpipe.models.detector import DenseOutput, flatten_levels
 from ldpipe.models.gfl_head import GFLHead
-
-
-class _Rec:
-    def __init__(self, image_id, boxes, labels, ignore=()):
-        self.image_id, self.file_name, self.width, self.height = image_id, f"{image_id}.jpg", 640, 480
-        self.boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-        self.labels = np.asarray(labels, np.int64)
-        self.ignore = np.asarray(ignore, np.float32).reshape(-1, 4)
-
-
-def _det(image_id, boxes, scores, labels):
-    return {"image_id": image_id, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-            "scores": np.asarray(scores, np.float32), "labels": np.asarray(labels, np.int64)}
-
-
-# ------------------------------------------------------------------------ VOC mAP
-def test_voc_map_two_images_unsorted_detections():
-    """Kills: dropping either score sort of ``voc_map`` (the per-image matching order, or
-    the per-class ranking across images).  Detections are given in non-descending score
-    order, and the ranking must interleave the two images."""
-    a, b, c = (0, 0, 100, 100), (200, 200, 300, 300), (400, 0, 500, 100)
-    records = [_Rec(1, [a, c], [0, 1]), _Rec(2, [b], [0])]
-    dets = [
-        # image 1: a duplicate pair on A, the lower score first; a TP on C (class 1)
-        _det(1, [(2, 2, 100, 100), (0, 0, 100, 98), c], [0.3, 0.9, 0.5], [0, 0, 1]),
-        # image 2: a FP (no overlap) first, then the TP on B
-        _det(2, [(0, 300, 50, 350), b], [0.8, 0.6], [0, 0]),
-    ]
-    # class 0, ranked over both images: 0.9 TP (img 1) | 0.8 FP (img 2) | 0.6 TP (img 2) |
-    # 0.3 FP (img 1, duplicate: the 0.9 one matched A first)
-    #   recall .5 1/1 ; .5 1/2 ; 1 2/3 ; 1 2/4  -> envelope 1 on (0,.5], 2/3 on (.5,1]
-    #   AP = .5 + .5 * 2/3 = 5/6.  (Matching in the given order makes the 0.3 one the TP
-    #   and gives 1/2; ranking in image order gives 1/2 as well.)
-    r = voc_map(records, ["x", "y"], dets)
-    assert r["per_class"]["x"]["AP"] == pytest.approx(5 / 6, abs=1e-9)
-    assert r["per_class"]["x"]["num_gts"] == 2 and r["per_class"]["x"]["num_dets"] == 4
-    assert r["per_class"]["y"]["AP"] == pytest.approx(1.0)
-    assert r["mAP"] == pytest.approx((5 / 6 + 1) / 2, abs=1e-9)
-    # 11 points: t = 0..0.5 -> 1, t = 0.6..1 -> 2/3
-    r = voc_map(records, ["x", "y"], dets, mode="11points")
-    assert r["per_class"]["x"]["AP"] == pytest.approx((6 + 5 * 2 / 3) / 11, abs=1e-9)
-
-
-# -------------------------------------------------------------------------- int8 codec
-def _ld(t: torch.Tensor, s: torch.Tensor, T: float = 10.0) -> float:
-    lt, ls = torch.log_softmax(t.double() / T, -1), torch.log_softmax(s.double() / T, -1)
-    return float((lt.exp() * (lt - ls)).sum(-1).mean())
-
-
-def test_int8_error_is_at_most_half_a_step():
-    """Kills: rounding replaced by floor (or truncation) in the int8 encoder.  Rounding to
-    the nearest of 256 levels of the stored fp16 step ``s`` errs by at most ``s / 2``; the
-    row minimum, clamped at 255 when the fp16 step rounded down, errs by at most
-    ``255 * s * 2**-11 < s / 8``."""
-    gen = torch.Generator().manual_seed(1)
-    lp = C.log_probs(torch.randn(2000, 4, 17, generator=gen) * 8.0)
-    enc = C.encode(lp, "int8")
-    assert enc.values.dtype == np.uint8 and enc.scale.dtype == np.float16
-    dec = C.decode(enc.values, enc.scale, "int8")
-    step = torch.from_numpy(enc.scale).float()[..., None]
-    x = lp.clamp(min=-C.CLIP)
-    err = (dec - x).abs()
-    assert (err <= step / 2 * (1 + 1e-5) + 1e-7).all(), float((err / step).max())
-    # the step is the row's range over 255 (to fp16 precision); every row uses level 255
-    want = (-x.min(dim=-1).values / 255.0)[..., None]
-    assert ((step - want).abs() <= want * 2 ** -10).all()
-    assert (torch.from_numpy(enc.values).amax(dim=-1) == 255).all()
-    # the LD loss against a student far from the teacher moves by ~5e-4 relative (floor: 3e-3)
-    student = torch.randn(lp.shape, generator=gen) * 3.0
-    ref = _ld(lp.reshape(-1, 17), student.reshape(-1, 17))
-    got = _ld(dec.reshape(-1, 17), student.reshape(-1, 17))
-    assert abs(got - ref) / ref <= 1e-3, (ref, got)
-
-
-def test_int8_known_values():
-    """A row with minimum -2.55 has step 0.01 (fp16-rounded); values round to the nearest level."""
-    lp = torch.tensor([[0.0, -0.004, -0.006, -1.0049, -2.55]])
-    enc = C.encode(lp, "int8")
-    s = float(np.float16(2.55 / 255))
-    assert float(enc.scale[0]) == s
-    assert enc.values[0].tolist() == [0, round(0.004 / s), round(0.006 / s), round(1.0049 / s), 255]
-    assert enc.values[0].tolist()[:3] == [0, 0, 1]
-
-
-# ------------------------------------------------------------------------------- VLR
-def _vlr_reference(anchors, gt, thr, region, low=0.25):
-    """Brute force over every anchor: the highest IoU among GTs whose VLR holds the anchor."""
-    from test_models import _reference_d
-    iou = box_iou(anchors, gt)
-    diou = _reference_d(anchors, gt) if region == "reference" else distance_box_iou(anchors, gt)
-    inside = (diou >= low * thr[None]) & (diou < thr[None])
-    return torch.where(inside, iou, torch.zeros_like(iou)).max(dim=1).values, inside
-
-
-@pytest.mark.parametrize("region", ["reference", "diou"])
-@pytest.mark.parametrize("seed", range(3))
-def test_vlr_weights_equal_brute_force_with_small_boxes(seed, region):
-    """Kills: a pre-filter in ``vlr_weights`` that drops anchors barely overlapping a GT (the
-    64 px anchors of stride 8 overlap a 4-12 px box with IoU < 0.03), and any filter on box
-    size.  Reference: DIoU against every anchor, no pre-filter."""
-    rng = random.Random(seed)
-    grid = make_grid((320, 320), [8, 16, 32, 64, 128], 8.0)
-    anchors, _ = grid_tensors(grid)
-    boxes = []
-    for side in (4, 5, 7, 9, 12, 30, 90, 200):
-        w, h = side * rng.uniform(0.8, 1.2), side * rng.uniform(0.8, 1.2)
-        x, y = rng.uniform(0, 318 - w), rng.uniform(0, 318 - h)
-        boxes.append([x, y, x + w, y + h])
-    gt = torch.tensor(boxes)
-    res = atss_assign(anchors, grid.num_level_anchors, gt)
-    want, inside = _vlr_reference(anchors, gt, res.thr, region)
-    small = (gt[:, 2:] - gt[:, :2]).max(dim=1).values < 16
-    assert inside[:, small].any(dim=0).sum() >= 3, "set-up: most small boxes have a VLR"
-    assert (box_iou(anchors, gt)[inside[:, :5].any(1)] < 0.01).any(), "set-up: tiny overlaps"
-    got = vlr_weights(anchors, gt, res.thr, overlaps=res.overlaps, region=region)
-    assert torch.allclose(got, want, rtol=0, atol=1e-6) and torch.equal(got > 0, want > 0)
-    assert torch.equal(vlr_weights(anchors, gt, res.thr, region=region), got)  # overlaps inside
-
-
-# ------------------------------------------------------------------------ lr schedule
-def test_schedule_warmup_and_steps_by_hand():
-    """mmdetection's linear warm-up from ``warmup_ratio`` and step decay, values by hand."""
-    s = Schedule(base_lr=0.1, warmup_iters=10, warmup_ratio=0.001, steps=[3, 5], gamma=0.1)
-    assert s.lr(0, 0) == pytest.approx(0.1 * 0.001, rel=1e-12)
-    # k = (1 - 5/10) * (1 - 0.001) = 0.4995 -> 0.1 * 0.5005
-    assert s.lr(0, 5) == pytest.approx(0.05005, rel=1e-12)
-    assert s.lr(0, 9) == pytest.approx(0.1 * (1 - 0.1 * 0.999), rel=1e-12)
-    assert s.lr(0, 10) == 0.1 and s.lr(2, 500) == 0.1
-    assert s.lr(3, 500) == pytest.approx(0.01, rel=1e-12)  # first step at epoch 3
-    assert s.lr(4, 500) == pytest.approx(0.01, rel=1e-12)
-    assert s.lr(5, 500) == pytest.approx(0.001, rel=1e-12)  # second step
-    assert s.lr(11, 500) == pytest.approx(0.001, rel=1e-12)
-    # warm-up scales the decayed lr when a step falls inside it
-    assert s.lr(3, 5) == pytest.approx(0.01 * 0.5005, rel=1e-12)
-    no_warmup = Schedule(0.02, 0, 0.001, [1], 0.5)
-    assert no_warmup.lr(0, 0) == 0.02 and no_warmup.lr(1, 0) == 0.01
+from ldpipe.models.losses import quality_focal_loss
 
 
 # ---------------------------------------------------------------------------- predict
@@ -215,9 +78,7 @@ def test_head_predict_decodes_known_boxes():
 def test_model_predict_and_boxes_to_original():
     """GFL.predict builds each level's anchors from its stride (P3-P7) and decodes there;
     boxes_to_original undoes flip and scale and clips to the original image."""
-    pipe = load_pipeline(__file__.rsplit("/tests/", 1)[0] + "/pipelines/demo.toml",
-                         ["models.student.depth=18", "models.student.base_channels=8",
-                          "models.student.channels=16", "models.student.stacked_convs=1"])
+    pipe = load_pipeline(DEMO_PIPELINE, list(TINY_STUDENT))
     model = build_model(pipe.model("student"), 3).eval()
     sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # a 64 x 64 input
     cells = [(1, 2, 3, 2, 3.0, [1, 1, 2, 1]),  # stride 16, centre (48, 32): (32, 16, 80, 48)
@@ -237,43 +98,78 @@ def test_model_predict_and_boxes_to_original():
     assert math.isclose(float(out["scores"][0]), 1 / (1 + math.exp(-3.0)), rel_tol=1e-6)
 
 
-# ---------------------------------------------------------------------- region policies
-def test_region_index_policies_by_brute_force():
-    """Which anchors each cache region keeps, against references computed here: ``main`` the
-    union of the ATSS positives of every reader's assigner, ``ld`` adds the VLR (brute force),
-    ``overlap`` every anchor with IoU > 0, ``dense`` all."""
-    from ldpipe.cache.region import region_index
-    from ldpipe.config import AssignerConfig
-    rng = random.Random(5)
-    pad, strides = (192, 256), [8, 16, 32, 64, 128]
-    grid = make_grid(pad, strides, 8.0)
-    anchors, _ = grid_tensors(grid)
-    boxes = []
-    for side in (6, 20, 50, 120):
-        x, y = rng.uniform(0, 250 - side), rng.uniform(0, 190 - side)
-        boxes.append([x, y, x + side, y + side * 0.8])
-    gt = torch.tensor(boxes)
-    specs = [AssignerConfig(9, -1.0), AssignerConfig(12, -1.0)]
-    pos = torch.zeros(anchors.shape[0], dtype=torch.bool)
-    vlr = torch.zeros_like(pos)
-    for spec in specs:
-        res = atss_assign(anchors, grid.num_level_anchors, gt, topk=spec.topk)
-        pos |= res.gt_index > 0
-        vlr |= _vlr_reference(anchors, gt, res.thr, spec.vlr_region)[0] > 0
-    only9 = atss_assign(anchors, grid.num_level_anchors, gt, topk=9).gt_index > 0
-    assert not torch.equal(pos, only9), "set-up: the second assigner adds positives"
+# ------------------------------------------------------ QFL, initialisation, loss
+def _bce(x: float, t: float) -> float:
+    s = 1 / (1 + math.exp(-x))
+    return -(t * math.log(s) + (1 - t) * math.log(1 - s))
 
-    def idx(mask):
-        return torch.nonzero(mask).squeeze(1)
 
-    got = {p: region_index(p, gt, None, pad, strides, 8.0, specs) for p in ("main", "ld", "overlap", "dense")}
-    assert torch.equal(got["main"], idx(pos))
-    assert torch.equal(got["ld"], idx(pos | vlr)) and got["ld"].numel() > got["main"].numel()
-    assert torch.equal(got["overlap"], idx((box_iou(anchors, gt) > 0).any(dim=1)))
-    assert torch.equal(got["dense"], torch.arange(grid.num_anchors))
-    assert all(v.dtype == torch.int64 for v in got.values())
-    # no assigners given: the default ATSS (topk 9)
-    assert torch.equal(region_index("main", gt, None, pad, strides, 8.0, []), idx(only9))
-    assert region_index("main", torch.zeros(0, 4), None, pad, strides, 8.0, specs).numel() == 0
-    with pytest.raises(ValueError, match="policy"):
-        region_index("everything", gt, None, pad, strides, 8.0, specs)
+def test_qfl_several_positives_each_their_own_term():
+    """QFL of three positives (two classes, different IoU targets) and a negative: every
+    positive gets its own BCE term (a reduction over the positives would share one)."""
+    pred = torch.tensor([[0.3, -1.2, 2.0], [1.5, 0.1, -0.4], [-0.7, 0.9, 0.2], [0.5, -2.0, 1.0]])
+    labels = torch.tensor([0, 2, 1, 3])  # 3 = background
+    score = torch.tensor([0.8, 0.25, 0.6, 0.0])
+    beta = 2.0
+    want = []
+    for i in range(4):
+        total = 0.0
+        for c in range(3):
+            x = float(pred[i, c])
+            sig = 1 / (1 + math.exp(-x))
+            if c == int(labels[i]):
+                t = float(score[i])
+                total += _bce(x, t) * abs(t - sig) ** beta
+            else:
+                total += _bce(x, 0.0) * sig ** beta
+        want.append(total)
+    got = quality_focal_loss(pred, labels, score, beta)
+    assert got.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_gfl_head_initialisation():
+    """mmdetection's GFL head init: class bias -log((1 - 0.01) / 0.01), Scale 1, conv weights
+    N(0, 0.01), trainable GroupNorm in the towers."""
+    from ldpipe.models.gfl_head import GFLHead
+    torch.manual_seed(0)
+    head = GFLHead(3, in_channels=16, feat_channels=16, stacked_convs=2, reg_max=7, num_levels=4,
+                   norm_groups=4)
+    assert torch.allclose(head.gfl_cls.bias, torch.full((3,), -math.log(99.0)))
+    assert torch.equal(head.gfl_reg.bias, torch.zeros(4 * 8))
+    assert [float(s.scale.detach()) for s in head.scales] == [1.0] * 4
+    for conv in (head.gfl_cls, head.gfl_reg, head.cls_convs[0].conv, head.reg_convs[1].conv):
+        assert 0.005 < float(conv.weight.detach().std()) < 0.02
+        assert conv.padding == (1, 1) and conv.kernel_size == (3, 3)
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 4 and all(n.num_groups == 4 for n in norms)
+    assert all(p.requires_grad for p in head.parameters())
+    assert head.cls_convs[0].conv.in_channels == 16 and head.gfl_reg.out_channels == 32
+    assert torch.equal(head.integral.project, torch.arange(8.0))
+
+
+def test_gfl_head_loss_reads_qfl_beta_and_clamps_far_targets():
+    """``LossConfig.qfl_beta`` reaches QFL; DFL targets beyond ``reg_max`` bins are clamped to
+    ``reg_max - 0.1`` (a box edge 40 bins away trains the last two bins, no index error)."""
+    from ldpipe.config import LossConfig
+    from ldpipe.models.gfl_head import GFLHead
+    from ldpipe.models.losses import distribution_focal_loss
+    head = GFLHead(2, in_channels=8, feat_channels=8, stacked_convs=0, reg_max=4, num_levels=1,
+                   norm_groups=4)
+    g = torch.Generator().manual_seed(3)
+    cls = torch.randn(2, 2, generator=g)
+    reg = torch.randn(2, 20, generator=g)
+    anchors = torch.tensor([[-16.0, -16.0, 48.0, 48.0], [0.0, 0.0, 64.0, 64.0]])
+    strides = torch.tensor([8.0, 8.0])
+    labels = torch.tensor([0, 2])
+    lw = torch.ones(2)
+    targets = torch.tensor([[10.0, 12.0, 16.0 + 8 * 40, 20.0], [0.0] * 4])  # right edge 40 bins out
+    args = (cls, reg, anchors, strides, labels, lw, targets, 1.0)
+    from test_losses import _loss
+    l2, _ = _loss(head, *args, LossConfig(qfl_beta=2.0))
+    l1, _ = _loss(head, *args, LossConfig(qfl_beta=1.0))
+    assert l1["loss_cls"].item() != pytest.approx(l2["loss_cls"].item(), rel=1e-3)
+    # DFL by hand with the clamped targets (centre (2, 2) in stride units)
+    d = torch.tensor([2 - 10 / 8, 2 - 12 / 8, 3.9, 20 / 8 - 2])
+    w = cls[0].sigmoid().max()
+    want = 0.25 * (distribution_focal_loss(reg[0].reshape(4, 5), d) * w).sum() / 4 / (float(w) + 1e-6)
+    assert l2["loss_dfl"].item() == pytest.approx(want.item(), rel=1e-5)

@@ -25,9 +25,9 @@ from ldpipe.models.checkpoint import load_weights, save_checkpoint
 from ldpipe.models.gfocal_head import GFocalHead, dgqp_statistics
 from ldpipe.models.losses import quality_focal_loss
 
-from test_models import mmdet_checkpoint, mmdet_gfl_state_dict  # hand-written mmdet GFL keys
+from mmdet_layout import mmdet_checkpoint, mmdet_gfl_state_dict  # hand-written mmdet GFL keys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BCCD = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "bccd")
 GFOCAL = ("models.teacher.head.type=GFocalHead",)
 STUDENT = ("models.student.depth=18", "models.student.base_channels=8",

@@ -7,6 +7,9 @@ import pytest
 import torch
 from torchvision.ops import box_iou, distance_box_iou
 
+from helpers import TINY_MODEL as TINY
+from helpers import reference_d
+from mmdet_layout import mmdet_checkpoint, mmdet_gfl_state_dict  # hand-written mmdet GFL keys
 from ldpipe.config import ModelConfig, resolve_model
 from ldpipe.config import TestConfig as HeadTestConfig
 from ldpipe.models import build_model
@@ -23,8 +26,9 @@ STRIDES = [8, 16, 32, 64, 128]
 def _pos(t) -> torch.Tensor:
     """Own-grid indices of an image's positive anchors."""
     return torch.nonzero(t.labels < t.num_classes).squeeze(1)
+
+
 PAD = (320, 320)
-TINY = dict(depth=18, base_channels=8, channels=16, stacked_convs=1)
 
 
 def random_gts(rng: random.Random, n: int, lo: float = 12.0, hi: float = 200.0) -> torch.Tensor:
@@ -220,18 +224,6 @@ def test_atss_ignore_boxes():
 
 
 # ------------------------------------------------------------------------- VLR
-def _reference_d(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """The LD reference's VLR test value, written out per coordinate: its IoU calculator in
-    'diou' mode divides the intersection by the anchor's area (not the union)."""
-    ax1, ay1, ax2, ay2 = (anchors[:, i:i + 1] for i in range(4))
-    gx1, gy1, gx2, gy2 = (gt[:, i][None] for i in range(4))
-    iw = (torch.minimum(ax2, gx2) - torch.maximum(ax1, gx1)).clamp(min=0)
-    ih = (torch.minimum(ay2, gy2) - torch.maximum(ay1, gy1)).clamp(min=0)
-    area = ((ax2 - ax1) * (ay2 - ay1)).clamp(min=1e-6)
-    rho2 = ((gx1 + gx2) - (ax1 + ax2)) ** 2 / 4 + ((gy1 + gy2) - (ay1 + ay2)) ** 2 / 4
-    cw = torch.maximum(ax2, gx2) - torch.minimum(ax1, gx1)
-    ch = torch.maximum(ay2, gy2) - torch.minimum(ay1, gy1)
-    return iw * ih / area - rho2 / (cw ** 2 + ch ** 2).clamp(min=1e-6)
 
 
 @pytest.mark.parametrize("region", ["reference", "diou"])
@@ -246,7 +238,7 @@ def test_vlr_region(seed, region):
                        with_vlr=True, vlr_region=region)
     assert torch.equal(tg.vlr, w)
     iou = box_iou(anchors, gt)
-    diou = _reference_d(anchors, gt) if region == "reference" else distance_box_iou(anchors, gt)
+    diou = reference_d(anchors, gt) if region == "reference" else distance_box_iou(anchors, gt)
     thr = res.thr[None]
     region = (diou >= 0.25 * thr) & (diou < thr)
     assert (w > 0).any()
@@ -428,75 +420,6 @@ def test_pretrained_backbone_freezes_stem_and_layer1(tmp_path):
 
 
 # ------------------------------------------------------------ mmdetection interop
-def _bn(sd: dict, prefix: str, c: int) -> None:
-    sd[f"{prefix}.weight"] = torch.rand(c) + 0.5
-    sd[f"{prefix}.bias"] = torch.randn(c)
-    sd[f"{prefix}.running_mean"] = torch.randn(c)
-    sd[f"{prefix}.running_var"] = torch.rand(c) + 0.5
-    sd[f"{prefix}.num_batches_tracked"] = torch.tensor(12345, dtype=torch.long)
-
-
-def mmdet_gfl_state_dict(depth: int = 50, width: int = 64, channels: int = 256,
-                         stacked: int = 4, num_classes: int = 3, reg_max: int = 16,
-                         num_outs: int = 5) -> dict[str, torch.Tensor]:
-    """An mmdetection GFL (ResNet + FPN + GFLHead) state_dict, names and shapes by hand."""
-    g = torch.Generator().manual_seed(depth + num_classes)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    sd: dict[str, torch.Tensor] = {}
-    bottleneck = depth >= 50
-    expansion = 4 if bottleneck else 1
-    blocks = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
-    sd["backbone.conv1.weight"] = rnd(width, 3, 7, 7)
-    _bn(sd, "backbone.bn1", width)
-    inplanes = width
-    stage_out = []
-    for i, n in enumerate(blocks):
-        planes = width * 2 ** i
-        for j in range(n):
-            p = f"backbone.layer{i + 1}.{j}"
-            if bottleneck:
-                convs = [(planes, inplanes, 1), (planes, planes, 3), (planes * 4, planes, 1)]
-            else:
-                convs = [(planes, inplanes, 3), (planes, planes, 3)]
-            for c, (o, cin, k) in enumerate(convs, 1):
-                sd[f"{p}.conv{c}.weight"] = rnd(o, cin, k, k)
-                _bn(sd, f"{p}.bn{c}", o)
-            if j == 0 and (i > 0 or inplanes != planes * expansion):
-                sd[f"{p}.downsample.0.weight"] = rnd(planes * expansion, inplanes, 1, 1)
-                _bn(sd, f"{p}.downsample.1", planes * expansion)
-            inplanes = planes * expansion
-        stage_out.append(inplanes)
-    for i, cin in enumerate(stage_out[1:]):  # start_level = 1
-        sd[f"neck.lateral_convs.{i}.conv.weight"] = rnd(channels, cin, 1, 1)
-        sd[f"neck.lateral_convs.{i}.conv.bias"] = rnd(channels)
-    for i in range(num_outs):
-        sd[f"neck.fpn_convs.{i}.conv.weight"] = rnd(channels, channels, 3, 3)
-        sd[f"neck.fpn_convs.{i}.conv.bias"] = rnd(channels)
-    for tower in ("cls_convs", "reg_convs"):
-        for i in range(stacked):
-            sd[f"bbox_head.{tower}.{i}.conv.weight"] = rnd(channels, channels, 3, 3)
-            sd[f"bbox_head.{tower}.{i}.gn.weight"] = rnd(channels)
-            sd[f"bbox_head.{tower}.{i}.gn.bias"] = rnd(channels)
-    sd["bbox_head.gfl_cls.weight"] = rnd(num_classes, channels, 3, 3)
-    sd["bbox_head.gfl_cls.bias"] = rnd(num_classes)
-    sd["bbox_head.gfl_reg.weight"] = rnd(4 * (reg_max + 1), channels, 3, 3)
-    sd["bbox_head.gfl_reg.bias"] = rnd(4 * (reg_max + 1))
-    for i in range(num_outs):
-        sd[f"bbox_head.scales.{i}.scale"] = torch.tensor(1.0 + 0.1 * i)
-    sd["bbox_head.integral.project"] = torch.linspace(0, reg_max, reg_max + 1)
-    return sd
-
-
-def mmdet_checkpoint(sd: dict) -> dict:
-    return {
-        "meta": {"CLASSES": ("RBC", "WBC", "Platelets"), "epoch": 12, "iter": 3000,
-                 "mmcv_version": "1.7.0", "mmdet_version": "2.28.2",
-                 "config": "model = dict(type='GFL', ...)"},
-        "state_dict": sd,
-        "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(4)}},
-                      "param_groups": [{"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
-                                        "params": [0]}]},
-    }
 
 
 def test_mmdet_r50_gfl_checkpoint_loads_strictly(tmp_path):

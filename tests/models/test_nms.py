@@ -198,7 +198,7 @@ def test_unknown_nms_kind_is_a_config_error(make_tiny_pipe):
 def test_nms_compare_script_rows(tiny_overrides, tiny_teacher_ckpt, tmp_path):
     from benchmarks.timings import nms_compare
     from pathlib import Path
-    DEMO_PIPELINE = str(Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml")
+    DEMO_PIPELINE = str(Path(__file__).resolve().parents[2] / "pipelines" / "demo.toml")
     args = [DEMO_PIPELINE, "--model", "teacher", "--checkpoint", tiny_teacher_ckpt, "--reps", "1",
             "--json", str(tmp_path / "c.json"), "-o", "models.teacher.test.score_thr=0.01"]
     for kv in tiny_overrides:

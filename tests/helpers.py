@@ -1,0 +1,104 @@
+"""What several test areas share: the repository's paths, the tiny model settings, the CLI
+runner and its one-``Error:``-line check, the KL of LD, and brute-force VLR references.
+
+Importable from every area as ``import helpers`` / ``from helpers import ...``: ``tests/`` has
+no ``__init__.py``, so pytest (prepend import mode) puts it on ``sys.path`` for the root
+``conftest.py``.  The session fixtures (``synth_root``, ``tiny_overrides``, ``make_tiny_pipe``,
+``tiny_teacher_ckpt``, ``trained_tiny_teacher``) live in ``tests/conftest.py``; mmdetection's
+checkpoint layouts in ``tests/mmdet_layout.py``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
+
+# ------------------------------------------------------------------------ tiny models
+# a ResNet-18 GFL with 8 base channels, 16 FPN / head channels and one stacked conv per tower:
+# well under a second per batch on two CPU cores
+TINY_MODEL = dict(depth=18, base_channels=8, channels=16, stacked_convs=1)
+
+
+def tiny(model: str) -> tuple[str, ...]:
+    """``-o`` overrides that make ``models.<model>`` the tiny network of ``TINY_MODEL``."""
+    return tuple(f"models.{model}.{k}={v}" for k, v in TINY_MODEL.items())
+
+
+TINY_TEACHER = tiny("teacher")
+TINY_STUDENT = tiny("student")
+
+
+def tiny_model_config(**changes):
+    """A ``ModelConfig`` of ``TINY_MODEL`` (plus ``changes``), not yet resolved."""
+    from ldpipe.config import ModelConfig
+    return ModelConfig(**{**TINY_MODEL, **changes})
+
+
+def synth_set(root, n_train: int, n_val: int, seed: int, **kw) -> str:
+    """``ldpipe.data.synthesize`` into ``root``; returns ``root`` as a string."""
+    from ldpipe.data import synthesize
+    synthesize(str(root), n_train=n_train, n_val=n_val, seed=seed, **kw)
+    return str(root)
+
+
+# -------------------------------------------------------------------------------- CLI
+def cli_args(*kvs: str) -> list[str]:
+    """``("a=1", "b=2")`` -> ``["-o", "a=1", "-o", "b=2"]``."""
+    return [a for kv in kvs for a in ("-o", kv)]
+
+
+def invoke(*args: str):
+    """``ldpipe ARGS...`` in-process through click (the code path of the ``ldpipe`` command)."""
+    from click.testing import CliRunner
+
+    from ldpipe.cli import cli
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(res, *needles: str) -> str:
+    """The run failed with exactly one ``Error:`` line, last, naming every needle; no traceback."""
+    assert res.exit_code == 1, (res.exit_code, res.output, res.exception)
+    lines = [ln for ln in res.output.replace("\r", "\n").splitlines() if ln.strip()]
+    # (a progress bar cut short by the error may precede it on the same line)
+    assert lines and "Error:" in lines[-1], res.output
+    assert len(re.findall(r"(?<![A-Za-z])Error:", res.output)) == 1, res.output
+    assert "Traceback" not in res.output, res.output
+    last = lines[-1][lines[-1].index("Error:"):]
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
+# --------------------------------------------------------------------------------- LD
+def ld_kl(t: torch.Tensor, s: torch.Tensor, T: float = 10.0) -> float:
+    """LD-style loss in float64: mean over edge rows of KL(softmax(t/T) || softmax(s/T))."""
+    lt, ls = torch.log_softmax(t.double() / T, -1), torch.log_softmax(s.double() / T, -1)
+    return float((lt.exp() * (lt - ls)).sum(-1).mean())
+
+
+# -------------------------------------------------------------------------------- VLR
+def reference_d(anchors: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The LD reference's VLR test value, written out per coordinate: its IoU calculator in
+    'diou' mode divides the intersection by the anchor's area (not the union)."""
+    ax1, ay1, ax2, ay2 = (anchors[:, i:i + 1] for i in range(4))
+    gx1, gy1, gx2, gy2 = (gt[:, i][None] for i in range(4))
+    iw = (torch.minimum(ax2, gx2) - torch.maximum(ax1, gx1)).clamp(min=0)
+    ih = (torch.minimum(ay2, gy2) - torch.maximum(ay1, gy1)).clamp(min=0)
+    area = ((ax2 - ax1) * (ay2 - ay1)).clamp(min=1e-6)
+    rho2 = ((gx1 + gx2) - (ax1 + ax2)) ** 2 / 4 + ((gy1 + gy2) - (ay1 + ay2)) ** 2 / 4
+    cw = torch.maximum(ax2, gx2) - torch.minimum(ax1, gx1)
+    ch = torch.maximum(ay2, gy2) - torch.minimum(ay1, gy1)
+    return iw * ih / area - rho2 / (cw ** 2 + ch ** 2).clamp(min=1e-6)
+
+
+def vlr_reference(anchors, gt, thr, region, low=0.25):
+    """Brute force over every anchor: the highest IoU among GTs whose VLR holds the anchor."""
+    from torchvision.ops import box_iou, distance_box_iou
+    iou = box_iou(anchors, gt)
+    diou = reference_d(anchors, gt) if region == "reference" else distance_box_iou(anchors, gt)
+    inside = (diou >= low * thr[None]) & (diou < thr[None])
+    return torch.where(inside, iou, torch.zeros_like(iou)).max(dim=1).values, inside
