@@ -9,6 +9,7 @@ checkpoint layouts in ``tests/mmdet_layout.py``.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -23,9 +24,12 @@ DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
 TINY_MODEL = dict(depth=18, base_channels=8, channels=16, stacked_convs=1)
 
 
+TINY_KVS = tuple(f"{k}={v}" for k, v in TINY_MODEL.items())  # ("depth=18", ...)
+
+
 def tiny(model: str) -> tuple[str, ...]:
     """``-o`` overrides that make ``models.<model>`` the tiny network of ``TINY_MODEL``."""
-    return tuple(f"models.{model}.{k}={v}" for k, v in TINY_MODEL.items())
+    return tuple(f"models.{model}.{kv}" for kv in TINY_KVS)
 
 
 TINY_TEACHER = tiny("teacher")
@@ -45,6 +49,39 @@ def synth_set(root, n_train: int, n_val: int, seed: int, **kw) -> str:
     return str(root)
 
 
+def write_jpeg(path: Path, w: int, h: int, seed: int = 0, exif_orientation: int | None = None) -> None:
+    """A ``w`` x ``h`` JPEG of uniform noise (seeded), with an EXIF orientation when given."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+    if exif_orientation is None:
+        im.save(path, quality=90)
+    else:
+        exif = im.getexif()
+        exif[0x0112] = exif_orientation
+        im.save(path, quality=90, exif=exif)
+
+
+def make_coco(root: Path, n: int = 4, w: int = 64, h: int = 48, edit=None) -> Path:
+    """``n`` JPEGs with one box each in ``root``; ``edit(coco)`` may change the JSON."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        write_jpeg(root / "images" / f"{i}.jpg", w, h, seed=i)
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": w, "height": h})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [4, 4, 30, 20],
+                     "area": 600, "iscrowd": 0})
+    # four classes, as the session's tiny teacher has
+    cats = [{"id": k + 1, "name": name} for k, name in enumerate(("thing", "b", "c", "d"))]
+    coco = {"images": images, "annotations": anns, "categories": cats}
+    if edit is not None:
+        edit(coco)
+    (root / "annotations" / "a.json").write_text(json.dumps(coco))
+    return root
+
+
 # -------------------------------------------------------------------------------- CLI
 def cli_args(*kvs: str) -> list[str]:
     """``("a=1", "b=2")`` -> ``["-o", "a=1", "-o", "b=2"]``."""
@@ -55,8 +92,8 @@ def invoke(*args: str):
     """``ldpipe ARGS...`` in-process through click (the code path of the ``ldpipe`` command)."""
     from click.testing import CliRunner
 
-    from ldpipe.cli import cli
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    from ldpipe.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def error_line(res, *needles: str) -> str:

@@ -6,13 +6,12 @@ import copy
 
 import pytest
 
+from helpers import TINY_STUDENT as STUDENT
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.compat import check_compatible
 from ldpipe.data import load_split
 from ldpipe.engine.dump import dump_teacher
 
-STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
-           "models.student.channels=16", "models.student.stacked_convs=1")
 ALL = {"ld", "vlr", "kd"}
 
 

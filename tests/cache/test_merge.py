@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import TINY_STUDENT as STUDENT
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.manifest import F
 from ldpipe.cache.manifest import Manifest
@@ -19,8 +20,6 @@ from ldpipe.cache.verify import verify
 from ldpipe.cli import main as cli
 from ldpipe.engine.dump import dump_teacher
 
-STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
-           "models.student.channels=16", "models.student.stacked_convs=1")
 
 
 @pytest.fixture(scope="module")

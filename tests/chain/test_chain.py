@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from helpers import synth_set, tiny
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")  # teacher -> student (no TA)
 TA_SECTION = "\n[models.ta]\ndepth = 18\nbase_channels = 24\nchannels = 48\nstacked_convs = 2\n"
@@ -31,8 +33,7 @@ def _args(data: str, *extra: str) -> list[str]:
           "data.test_scale=[128, 128]", "train.epochs=2", "train.max_iters_per_epoch=2",
           "train.batch_size=4", "models.teacher.train={}", "cache.samples_per_shard=8"]
     for m in ("teacher", "ta", "student"):
-        kv += [f"models.{m}.depth=18", f"models.{m}.base_channels=8", f"models.{m}.channels=16",
-               f"models.{m}.stacked_convs=1"]
+        kv += tiny(m)
     return [a for x in [*kv, *extra] for a in ("-o", x)]
 
 
@@ -53,10 +54,7 @@ def _started(out: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from ldpipe.data import synthesize
-    root = tmp_path_factory.mktemp("chain") / "synth"
-    synthesize(str(root), n_train=8, n_val=4, seed=2)
-    return str(root)
+    return synth_set(tmp_path_factory.mktemp("chain") / "synth", n_train=8, n_val=4, seed=2)
 
 
 def test_chain_runs_skips_and_reruns_only_what_changed(data, tmp_path):

@@ -15,6 +15,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import cli_args as _o
+from helpers import invoke
 from ldpipe.cli import main as cli
 from ldpipe.models import build_model
 from ldpipe.models.checkpoint import load_file, load_weights, save_checkpoint
@@ -26,12 +28,8 @@ DEMO_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.
 LOW_THR = "models.teacher.test.score_thr=0.01"
 
 
-def _o(*kvs: str) -> list[str]:
-    return [a for kv in kvs for a in ("-o", kv)]
-
-
 def _run(*args: str, ok: bool = True):
-    res = CliRunner().invoke(cli, list(args))
+    res = invoke(*args)
     if ok:
         assert res.exit_code == 0, res.output + repr(res.exception)
     return res

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
-from helpers import DEMO_PIPELINE, TINY_TEACHER, error_line
+from helpers import DEMO_PIPELINE, TINY_STUDENT, TINY_TEACHER, cli_args, error_line, make_coco, write_jpeg
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.info import info
 from ldpipe.cache.verify import verify
@@ -146,8 +145,7 @@ def test_train_student_stops_on_a_deleted_box_shard(cache, data_root, tmp_path, 
     path = tmp_path / "c"
     shutil.copytree(cache, path)
     _remove("units/000001/box/c/*/*/*")(path)
-    student = ["-o", "models.student.depth=18", "-o", "models.student.base_channels=8",
-               "-o", "models.student.channels=16", "-o", "models.student.stacked_convs=1"]
+    student = cli_args(*TINY_STUDENT)
     args = ["train-student", DEMO_PIPELINE, "--model", "student", "--cache", str(path),
             "--work-dir", str(tmp_path / "s"), "--device", "cpu", *student,
             *sum((["-o", o] for o in coco_overrides(data_root, SHARD)), []),
@@ -157,35 +155,7 @@ def test_train_student_stops_on_a_deleted_box_shard(cache, data_root, tmp_path, 
     assert not (tmp_path / "s" / "latest.pth").exists()
 
 
-# ----------------------------------------------------------------------------- tiny COCO
-def _jpeg(path: Path, w: int, h: int, seed: int = 0, exif_orientation: int | None = None) -> None:
-    rng = np.random.default_rng(seed)
-    im = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
-    if exif_orientation is None:
-        im.save(path, quality=90)
-    else:
-        exif = im.getexif()
-        exif[0x0112] = exif_orientation
-        im.save(path, quality=90, exif=exif)
-
-
-def make_coco(root: Path, n: int = 4, w: int = 64, h: int = 48, edit=None) -> Path:
-    """``n`` JPEGs with one box each in ``root``; ``edit(coco)`` may change the JSON."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "annotations").mkdir(exist_ok=True)
-    images, anns = [], []
-    for i in range(n):
-        _jpeg(root / "images" / f"{i}.jpg", w, h, seed=i)
-        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": w, "height": h})
-        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [4, 4, 30, 20],
-                     "area": 600, "iscrowd": 0})
-    # four classes, as the session's tiny teacher has
-    cats = [{"id": k + 1, "name": name} for k, name in enumerate(("thing", "b", "c", "d"))]
-    coco = {"images": images, "annotations": anns, "categories": cats}
-    if edit is not None:
-        edit(coco)
-    (root / "annotations" / "a.json").write_text(json.dumps(coco))
-    return root
+# ------------------------------------------- the tiny COCO set (helpers.make_coco)
 
 
 def coco_overrides(root: Path, *extra: str) -> list[str]:
@@ -255,7 +225,7 @@ def test_voc_malformed_size_names_the_xml(tmp_path):
     root = tmp_path / "voc"
     for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / d).mkdir(parents=True)
-    _jpeg(root / "JPEGImages" / "a.jpg", 64, 48)
+    write_jpeg(root / "JPEGImages" / "a.jpg", 64, 48)
     (root / "ImageSets/Main/train.txt").write_text("a\n")
     (root / "Annotations/a.xml").write_text(
         "<annotation><size><width>abc</width><height>48</height></size><object><name>thing</name>"
@@ -271,7 +241,7 @@ def test_voc_malformed_size_names_the_xml(tmp_path):
 # --------------------------------------------------------------------------------- images
 def test_truncated_jpeg_decodes_through_the_fallback_with_a_warning(tmp_path, caplog):
     full, cut = tmp_path / "full.jpg", tmp_path / "cut.jpg"
-    _jpeg(full, 96, 64)
+    write_jpeg(full, 96, 64)
     data = full.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     # the premise: OpenCV 5 (through mmcv.imread) gives up on a JPEG that ends early
@@ -290,7 +260,7 @@ def test_truncated_jpeg_decodes_through_the_fallback_with_a_warning(tmp_path, ca
 def test_exif_orientation_against_the_annotated_size(tmp_path):
     # stored 64x48 with orientation 6 (rotate 90): decoded 48x64
     root = make_coco(tmp_path / "a")
-    _jpeg(root / "images" / "1.jpg", 64, 48, exif_orientation=6)
+    write_jpeg(root / "images" / "1.jpg", 64, 48, exif_orientation=6)
     pipe = coco_pipe(root)
     ds = DetectionDataset(load_split(pipe.data, "train"), pipe.data, train_variants(pipe.data))
     assert ds[0]["meta"].ori_shape == (48, 64)
@@ -301,7 +271,7 @@ def test_exif_orientation_against_the_annotated_size(tmp_path):
     # annotated in the decoded (rotated) frame: accepted
     root = make_coco(tmp_path / "b", edit=_set("images.1", {"id": 2, "file_name": "1.jpg",
                                                             "width": 48, "height": 64}))
-    _jpeg(root / "images" / "1.jpg", 64, 48, exif_orientation=6)
+    write_jpeg(root / "images" / "1.jpg", 64, 48, exif_orientation=6)
     pipe = coco_pipe(root)
     ds = DetectionDataset(load_split(pipe.data, "train"), pipe.data, train_variants(pipe.data))
     assert ds[1]["meta"].ori_shape == (64, 48)

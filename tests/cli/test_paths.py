@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from test_fuzz import SHARD, _empty, _flip, _remove, coco_overrides, coco_pipe, make_coco
+from test_fuzz import SHARD, _empty, _flip, _remove, coco_overrides, coco_pipe
 
-from helpers import DEMO_PIPELINE, error_line
+from helpers import DEMO_PIPELINE, error_line, make_coco
 from ldpipe.cache import CacheError
 from ldpipe.cache.merge import merge
 from ldpipe.cache.verify import verify

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TINY_TEACHER as TINY
+from helpers import tiny_model_config
 from ldpipe import config
-from ldpipe.config import ConfigError, ModelConfig, legacy_dict, load_pipeline, resolve_model, to_dict
+from ldpipe.config import ConfigError, legacy_dict, load_pipeline, resolve_model, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
-TINY = ("models.teacher.depth=18", "models.teacher.base_channels=8", "models.teacher.channels=16",
-        "models.teacher.stacked_convs=1")
 
 
 # ---------------------------------------------------------------------- vocabularies
@@ -129,8 +129,8 @@ def test_schedules_and_backbones_are_resolved_by_the_loader(monkeypatch):
 def test_a_model_config_built_in_code_must_be_resolved_first():
     from ldpipe.models.detector import build_model
     with pytest.raises(ValueError, match="resolve_model"):
-        build_model(ModelConfig(depth=18, base_channels=8, channels=16, stacked_convs=1), 3)
-    cfg = resolve_model(ModelConfig(depth=18, base_channels=8, channels=16, stacked_convs=1))
+        build_model(tiny_model_config(), 3)
+    cfg = resolve_model(tiny_model_config())
     assert (cfg.backbone.depth, cfg.backbone.base_channels) == (18, 8)
     assert build_model(cfg, 3) is not None
 

@@ -6,10 +6,12 @@ import os
 import pytest
 import torch
 
+from helpers import TINY_KVS as TINY
+from helpers import synth_set
 from ldpipe.cache import CacheError
 from ldpipe.engine.dump import dump_teacher
 from ldpipe.config import enabled_terms, load_pipeline
-from ldpipe.data import DetectionDataset, load_split, synthesize
+from ldpipe.data import DetectionDataset, load_split
 from ldpipe.distill import CachedTeacher, DistillCriterion, OnlineTeacher
 from ldpipe.distill.loader import CacheTargets
 from ldpipe.engine.runtime import seed_everything
@@ -18,7 +20,6 @@ from ldpipe.models import build_model
 from ldpipe.models.checkpoint import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["depth=18", "base_channels=8", "channels=16", "stacked_convs=1"]
 
 
 def tiny_pipe(data_root: str, *extra: str):
@@ -32,9 +33,7 @@ def tiny_pipe(data_root: str, *extra: str):
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    synthesize(str(root), n_train=8, n_val=2, seed=3)
-    return str(root)
+    return synth_set(tmp_path_factory.mktemp("synth"), n_train=8, n_val=2, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +171,7 @@ def test_refuses_other_reg_max(synth, caches):
 
 
 def test_refuses_other_data_set(synth, caches, tmp_path):
-    other = tmp_path / "other"
-    synthesize(str(other), n_train=8, n_val=2, seed=99)
-    pipe = tiny_pipe(str(other))
+    pipe = tiny_pipe(synth_set(tmp_path / "other", n_train=8, n_val=2, seed=99))
     split = load_split(pipe.data, "train")
     with pytest.raises(CacheError) as err:
         CachedTeacher(pipe, caches["int8"]).check(pipe, "student", split)

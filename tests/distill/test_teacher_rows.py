@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from helpers import TINY_STUDENT as STUDENT
 from ldpipe.engine.dump import dump_teacher
 from ldpipe.data import DetectionDataset, load_split, train_variants
 from ldpipe.distill import CachedTeacher
@@ -17,8 +18,6 @@ from ldpipe.engine.train import TrainCollate
 from ldpipe.models import batch_targets, build_model
 from ldpipe.models.checkpoint import load_weights
 
-STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
-           "models.student.channels=16", "models.student.stacked_convs=1")
 
 
 def test_cached_rows_land_on_the_right_batch_anchors(make_tiny_pipe, tiny_teacher_ckpt, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import TINY_STUDENT as STUDENT
 from ldpipe.cache import CacheReader
 from ldpipe.cli import main as cli
 from ldpipe.engine.student import train_student
@@ -94,8 +95,6 @@ def test_mmdet_dcn_checkpoint_loads_strictly_and_evaluates(name, bccd_few, tmp_p
 
 
 # ------------------------------------------------------------------ tiny DCN teachers
-STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
-           "models.student.channels=16", "models.student.stacked_convs=1")
 SHORT = ("train.batch_size=2", "train.max_iters_per_epoch=1", "train.warmup_iters=2", "train.epochs=1",
          "train.log_interval=1", "cache.codec=fp32")
 TINY_DCN = {  # teacher overrides on top of the tiny R-18 w8 (flat keys: the shorthand)

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
+from helpers import TINY_KVS as TINY
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
-TINY = ["depth=18", "base_channels=8", "channels=16", "stacked_convs=1"]
 
 
 def ldpipe(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import TINY_STUDENT as STUDENT
 from ldpipe.engine.dump import dump_teacher
 from ldpipe.cli import main as cli
 from ldpipe.engine.student import train_student
@@ -19,8 +20,6 @@ from ldpipe.models.checkpoint import file_sha256, load_file, save_checkpoint
 DEMO_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "pipelines", "demo.toml")
 
-STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
-           "models.student.channels=16", "models.student.stacked_convs=1")
 SHORT = ("train.batch_size=2", "train.max_iters_per_epoch=2", "train.warmup_iters=2",
          "train.log_interval=1", "models.teacher.train={}")
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import TINY_STUDENT as STUDENT
+from helpers import tiny_model_config
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.manifest import architecture
 from ldpipe.config import ConfigError, HeadConfig, ModelConfig, load_pipeline, resolve_model
@@ -30,8 +32,6 @@ from mmdet_layout import mmdet_checkpoint, mmdet_gfl_state_dict  # hand-written 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BCCD = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "bccd")
 GFOCAL = ("models.teacher.head.type=GFocalHead",)
-STUDENT = ("models.student.depth=18", "models.student.base_channels=8",
-           "models.student.channels=16", "models.student.stacked_convs=1")
 BASE = (*GFOCAL, *STUDENT, "cache.codec=fp32")  # the tiny pipeline with a GFocalV2 teacher
 SHORT = ("train.epochs=1", "train.max_iters_per_epoch=2", "train.batch_size=2",
          "train.warmup_iters=1", "train.log_interval=1000")
@@ -188,7 +188,7 @@ def test_mmdet_gfocalv2_r50_loads_strictly_and_evaluates_on_bccd(tmp_path):
     tiny_ckpt = str(tmp_path / "tiny.pth")
     torch.save({"state_dict": tiny}, tiny_ckpt)
     with pytest.raises(CheckpointError, match="reg_conf"):
-        load_weights(build_model(resolve_model(ModelConfig(depth=18, base_channels=8, channels=16, stacked_convs=1)), 3),
+        load_weights(build_model(resolve_model(tiny_model_config()), 3),
                      tiny_ckpt)
 
     # `ldpipe eval` on a handful of BCCD test images (a data root of links + a 3-image split)
