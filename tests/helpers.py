@@ -1,5 +1,6 @@
-"""What several test areas share: the repository's paths, the tiny model settings, the CLI
-runner and its one-``Error:``-line check, the KL of LD, and brute-force VLR references.
+"""What several test files share: the repository's paths, the tiny model settings, the
+synthetic set and a tiny COCO set, the CLI runner and its one-``Error:``-line check, the KL of
+LD, brute-force VLR references, and the distillation tests' pipeline, batch and step.
 
 Importable from every area as ``import helpers`` / ``from helpers import ...``: ``tests/`` has
 no ``__init__.py``, so pytest (prepend import mode) puts it on ``sys.path`` for the root
@@ -22,8 +23,6 @@ DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
 # a ResNet-18 GFL with 8 base channels, 16 FPN / head channels and one stacked conv per tower:
 # well under a second per batch on two CPU cores
 TINY_MODEL = dict(depth=18, base_channels=8, channels=16, stacked_convs=1)
-
-
 TINY_KVS = tuple(f"{k}={v}" for k, v in TINY_MODEL.items())  # ("depth=18", ...)
 
 
@@ -139,3 +138,60 @@ def vlr_reference(anchors, gt, thr, region, low=0.25):
     diou = reference_d(anchors, gt) if region == "reference" else distance_box_iou(anchors, gt)
     inside = (diou >= low * thr[None]) & (diou < thr[None])
     return torch.where(inside, iou, torch.zeros_like(iou)).max(dim=1).values, inside
+
+
+# --------------------------------------------------------- distillation (tests/distill/)
+# the pipeline, batch and training step that test_distill.py and test_vlr_setting.py share;
+# their module fixtures (synth, teacher_ckpt, caches) are in tests/distill/conftest.py
+def distill_pipe(data_root: str, *extra: str):
+    """The demo pipeline with a tiny teacher (24 channels) and student, 160 px, 4 samples per
+    cache unit."""
+    from ldpipe.config import load_pipeline
+    over = [f"data.root={data_root}", "train.workers=0", "cache.samples_per_shard=4",
+            "cache.batch_size=1", "data.train_scales=[[160, 160]]", "data.test_scale=[160, 160]"]
+    for model in ("teacher", "student"):
+        over += [f"models.{model}.{kv}" for kv in TINY_KVS]
+    over.append("models.teacher.channels=24")
+    return load_pipeline(DEMO_PIPELINE, over + list(extra))
+
+
+def same_shape_batch(pipe, split, extra):
+    """Two training samples with the same padded shape (so a batch adds no padding)."""
+    from ldpipe.data import DetectionDataset, train_variants
+    ds = DetectionDataset(split, pipe.data, [v for v in train_variants(pipe.data)], extra=extra)
+    by_shape: dict = {}
+    for i in range(len(ds)):
+        for v in range(len(ds.variants)):
+            s = ds[(i, v)]
+            by_shape.setdefault(tuple(s["meta"].pad_shape), []).append(s)
+    group = max(by_shape.values(), key=len)
+    assert len(group) >= 2
+    with_gt = [s for s in group if len(s["gt_boxes"])]
+    return (with_gt + group)[:2]
+
+
+def distill_criterion(pipe, teacher):
+    from ldpipe.config import enabled_terms
+    from ldpipe.distill import DistillCriterion
+    return DistillCriterion(pipe.distill, enabled_terms(pipe), teacher)
+
+
+def distill_step(pipe, hook, samples, split):
+    """One student step (seed 0) on ``samples`` with teacher source ``hook``: its losses and the
+    gradient of the distillation terms alone."""
+    from ldpipe.engine.runtime import seed_everything
+    from ldpipe.engine.train import TrainCollate, step_losses
+    from ldpipe.models import build_model
+    cfg = pipe.model("student")
+    seed_everything(0)
+    model = build_model(cfg, len(split.classes))
+    collate = TrainCollate(cfg, len(split.classes), with_vlr=True)
+    batch = collate(samples)
+    hook.check(pipe, "student", split)
+    losses = step_losses(model, model, batch, torch.device("cpu"), False, distill_criterion(pipe, hook))
+    distill = {k: v for k, v in losses.items() if k in ("loss_ld", "loss_ld_vlr", "loss_kd")}
+    total = sum(distill.values())
+    model.zero_grad()
+    total.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    return {k: float(v.detach()) for k, v in losses.items()}, grads

@@ -6,15 +6,12 @@ import os
 import pytest
 import torch
 
-from helpers import TINY_KVS as TINY
-from helpers import synth_set
+from helpers import TINY_KVS, distill_criterion, distill_pipe, distill_step, same_shape_batch, synth_set
 from ldpipe.cache import CacheError
 from ldpipe.engine.dump import dump_teacher
-from ldpipe.config import enabled_terms, load_pipeline
-from ldpipe.data import DetectionDataset, load_split
-from ldpipe.distill import CachedTeacher, DistillCriterion, OnlineTeacher
+from ldpipe.data import DetectionDataset, load_split, train_variants
+from ldpipe.distill import CachedTeacher, OnlineTeacher
 from ldpipe.distill.loader import CacheTargets
-from ldpipe.engine.runtime import seed_everything
 from ldpipe.engine.train import TrainCollate, step_losses
 from ldpipe.models import build_model
 from ldpipe.models.checkpoint import save_checkpoint
@@ -22,103 +19,24 @@ from ldpipe.models.checkpoint import save_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def tiny_pipe(data_root: str, *extra: str):
-    over = [f"data.root={data_root}", "train.workers=0", "cache.samples_per_shard=4",
-            "cache.batch_size=1", "data.train_scales=[[160, 160]]", "data.test_scale=[160, 160]"]
-    for model in ("teacher", "student"):
-        over += [f"models.{model}.{kv}" for kv in TINY]
-    over.append("models.teacher.channels=24")
-    return load_pipeline(os.path.join(ROOT, "pipelines", "demo.toml"), over + list(extra))
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return synth_set(tmp_path_factory.mktemp("synth"), n_train=8, n_val=2, seed=3)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(synth, tmp_path_factory):
-    pipe = tiny_pipe(synth)
-    torch.manual_seed(0)
-    model = build_model(pipe.model("teacher"), 4)
-    # give the random teacher non-trivial distributions
-    with torch.no_grad():
-        model.bbox_head.gfl_reg.weight.normal_(0, 0.3)
-        model.bbox_head.gfl_cls.weight.normal_(0, 0.3)
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pth")
-    save_checkpoint(path, model, {"ldpipe": {"model": "teacher"}})
-    return path
-
-
-@pytest.fixture(scope="module")
-def caches(synth, teacher_ckpt, tmp_path_factory):
-    out = {}
-    base = tmp_path_factory.mktemp("caches")
-    for codec in ("fp32", "fp16", "int8"):
-        pipe = tiny_pipe(synth, f"cache.codec={codec}")
-        path = str(base / f"{codec}.zarr")
-        dump_teacher(pipe, "teacher", teacher_ckpt, path, progress=False)
-        out[codec] = path
-    return out
-
-
-def _same_shape_batch(pipe, split, extra):
-    """Two training samples with the same padded shape (so a batch adds no padding)."""
-    ds = DetectionDataset(split, pipe.data, [v for v in _variants(pipe)], extra=extra)
-    by_shape: dict = {}
-    for i in range(len(ds)):
-        for v in range(len(ds.variants)):
-            s = ds[(i, v)]
-            by_shape.setdefault(tuple(s["meta"].pad_shape), []).append(s)
-    group = max(by_shape.values(), key=len)
-    assert len(group) >= 2
-    with_gt = [s for s in group if len(s["gt_boxes"])]
-    return (with_gt + group)[:2]
-
-
-def _variants(pipe):
-    from ldpipe.data import train_variants
-    return train_variants(pipe.data)
-
-
-def _criterion(pipe, teacher):
-    return DistillCriterion(pipe.distill, enabled_terms(pipe), teacher)
-
-
-def _step(pipe, hook, samples, split):
-    cfg = pipe.model("student")
-    seed_everything(0)
-    model = build_model(cfg, len(split.classes))
-    collate = TrainCollate(cfg, len(split.classes), with_vlr=True)
-    batch = collate(samples)
-    hook.check(pipe, "student", split)
-    losses = step_losses(model, model, batch, torch.device("cpu"), False, _criterion(pipe, hook))
-    distill = {k: v for k, v in losses.items() if k in ("loss_ld", "loss_ld_vlr", "loss_kd")}
-    total = sum(distill.values())
-    model.zero_grad()
-    total.backward()
-    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-    return {k: float(v.detach()) for k, v in losses.items()}, grads
-
-
 @pytest.fixture(scope="module")
 def online_result(synth, teacher_ckpt, caches):
-    pipe = tiny_pipe(synth)
+    pipe = distill_pipe(synth)
     split = load_split(pipe.data, "train")
-    samples = _same_shape_batch(pipe, split, CacheTargets(caches["fp32"]))
+    samples = same_shape_batch(pipe, split, CacheTargets(caches["fp32"]))
     hook = OnlineTeacher(pipe, "teacher", teacher_ckpt)
-    return samples, _step(pipe, hook, samples, split)
+    return samples, distill_step(pipe, hook, samples, split)
 
 
 @pytest.mark.parametrize("codec,tol", [("fp32", 1e-5), ("fp16", 1e-3)])
 def test_cached_equals_online(synth, caches, online_result, codec, tol):
-    pipe = tiny_pipe(synth)
+    pipe = distill_pipe(synth)
     split = load_split(pipe.data, "train")
     ref_samples, (ref_losses, ref_grads) = online_result
     keys = [(s["meta"].index, s["meta"].variant_index) for s in ref_samples]
-    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches[codec]))
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(caches[codec]))
     samples = [ds[k] for k in keys]
-    losses, grads = _step(pipe, CachedTeacher(pipe, caches[codec]), samples, split)
+    losses, grads = distill_step(pipe, CachedTeacher(pipe, caches[codec]), samples, split)
     for name in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_cls", "loss_bbox", "loss_dfl"):
         assert ref_losses[name] > 0 or name == "loss_kd", name
         assert losses[name] == pytest.approx(ref_losses[name], rel=tol, abs=1e-7), name
@@ -132,17 +50,17 @@ def test_rows_handed_over_as_stored_train_bit_for_bit(synth, caches, online_resu
     them on its device: the same losses and gradients, bit for bit, as rows decoded in the
     workers (what a CPU run does)."""
     import torch as _t
-    pipe = tiny_pipe(synth)
+    pipe = distill_pipe(synth)
     split = load_split(pipe.data, "train")
     ref_samples, _ = online_result
     keys = [(s["meta"].index, s["meta"].variant_index) for s in ref_samples]
     runs = []
     for decode in (True, False):
-        ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches[codec], decode=decode))
+        ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(caches[codec], decode=decode))
         samples = [ds[k] for k in keys]
         box = samples[0]["teacher"]["box"]
         assert box.dtype == (_t.float32 if decode else {"int8": _t.uint8, "fp16": _t.float16}[codec])
-        runs.append(_step(pipe, CachedTeacher(pipe, caches[codec]), samples, split))
+        runs.append(distill_step(pipe, CachedTeacher(pipe, caches[codec]), samples, split))
     (la, ga), (lb, gb) = runs
     assert la == lb and _t.equal(ga, gb)
     hook = CachedTeacher(pipe, caches[codec])
@@ -151,18 +69,18 @@ def test_rows_handed_over_as_stored_train_bit_for_bit(synth, caches, online_resu
 
 
 def test_int8_ld_loss_within_one_percent(synth, caches, online_result):
-    pipe = tiny_pipe(synth)
+    pipe = distill_pipe(synth)
     split = load_split(pipe.data, "train")
     ref_samples, (ref_losses, _) = online_result
     keys = [(s["meta"].index, s["meta"].variant_index) for s in ref_samples]
-    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["int8"]))
-    losses, _ = _step(pipe, CachedTeacher(pipe, caches["int8"]), [ds[k] for k in keys], split)
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(caches["int8"]))
+    losses, _ = distill_step(pipe, CachedTeacher(pipe, caches["int8"]), [ds[k] for k in keys], split)
     for name in ("loss_ld", "loss_ld_vlr"):
         assert losses[name] == pytest.approx(ref_losses[name], rel=0.01), name
 
 
 def test_refuses_other_reg_max(synth, caches):
-    pipe = tiny_pipe(synth, "models.student.reg_max=8")
+    pipe = distill_pipe(synth, "models.student.reg_max=8")
     split = load_split(pipe.data, "train")
     with pytest.raises(CacheError) as err:
         CachedTeacher(pipe, caches["int8"]).check(pipe, "student", split)
@@ -171,7 +89,7 @@ def test_refuses_other_reg_max(synth, caches):
 
 
 def test_refuses_other_data_set(synth, caches, tmp_path):
-    pipe = tiny_pipe(synth_set(tmp_path / "other", n_train=8, n_val=2, seed=99))
+    pipe = distill_pipe(synth_set(tmp_path / "other", n_train=8, n_val=2, seed=99))
     split = load_split(pipe.data, "train")
     with pytest.raises(CacheError) as err:
         CachedTeacher(pipe, caches["int8"]).check(pipe, "student", split)
@@ -181,21 +99,21 @@ def test_refuses_other_data_set(synth, caches, tmp_path):
 
 
 def test_region_policy_must_serve_losses(synth, teacher_ckpt, tmp_path):
-    pipe = tiny_pipe(synth, "cache.region=main")
+    pipe = distill_pipe(synth, "cache.region=main")
     path = str(tmp_path / "main.zarr")
     dump_teacher(pipe, "teacher", teacher_ckpt, path, progress=False)
     split = load_split(pipe.data, "train")
     with pytest.raises(CacheError, match="cannot serve"):
         CachedTeacher(pipe, path).check(pipe, "student", split)
     # with VLR off, the main region serves LD and KD
-    pipe_ok = tiny_pipe(synth, "cache.region=main", "distill.vlr=false")
+    pipe_ok = distill_pipe(synth, "cache.region=main", "distill.vlr=false")
     CachedTeacher(pipe_ok, path).check(pipe_ok, "student", split)
 
 
 def test_missing_anchor_is_an_error(synth, caches):
-    pipe = tiny_pipe(synth)
+    pipe = distill_pipe(synth)
     split = load_split(pipe.data, "train")
-    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(caches["fp32"]))
     idx = next(i for i, r in enumerate(split.records) if len(r.boxes))
     sample = ds[(idx, 0)]
     sample["teacher"] = {k: (v[:0] if torch.is_tensor(v) else v) for k, v in sample["teacher"].items()}
@@ -204,37 +122,37 @@ def test_missing_anchor_is_an_error(synth, caches):
     model = build_model(cfg, len(split.classes))
     hook = CachedTeacher(pipe, caches["fp32"])
     with pytest.raises(CacheError, match=f"image_id={sample['meta'].image_id}"):
-        step_losses(model, model, batch, torch.device("cpu"), False, _criterion(pipe, hook))
+        step_losses(model, model, batch, torch.device("cpu"), False, distill_criterion(pipe, hook))
 
 
 def test_geometry_mismatch_is_an_error(synth, caches):
-    pipe = tiny_pipe(synth, "data.train_scales=[[192, 192]]")
+    pipe = distill_pipe(synth, "data.train_scales=[[192, 192]]")
     split = load_split(pipe.data, "train")
     with pytest.raises(CacheError, match="input scales"):
         CachedTeacher(pipe, caches["fp32"]).check(pipe, "student", split)
-    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(caches["fp32"]))
     with pytest.raises(CacheError, match="shape"):
         ds[(0, 0)]
 
 
 def test_each_step_reads_its_own_batch(synth, caches, online_result):
     """A hook reused across steps gives each batch its own teacher rows."""
-    pipe = tiny_pipe(synth)
+    pipe = distill_pipe(synth)
     split = load_split(pipe.data, "train")
-    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(caches["fp32"]))
     a = [ds[(i, 0)] for i in range(2)]
     b = [ds[(i, 1)] for i in range(2, 4)]
-    fresh, _ = _step(pipe, CachedTeacher(pipe, caches["fp32"]), b, split)
+    fresh, _ = distill_step(pipe, CachedTeacher(pipe, caches["fp32"]), b, split)
     hook = CachedTeacher(pipe, caches["fp32"])
-    _step(pipe, hook, a, split)
-    again, _ = _step(pipe, hook, b, split)
+    distill_step(pipe, hook, a, split)
+    again, _ = distill_step(pipe, hook, b, split)
     for name in ("loss_ld", "loss_ld_vlr", "loss_kd"):
         assert again[name] == fresh[name]
 
 
 def test_self_ld_teacher_of_the_students_own_architecture(synth, tmp_path):
     """Self-LD: the cache comes from a checkpoint of the student's architecture and size."""
-    pipe = tiny_pipe(synth)
+    pipe = distill_pipe(synth)
     split = load_split(pipe.data, "train")
     torch.manual_seed(1)
     own = build_model(pipe.model("student"), len(split.classes))
@@ -247,15 +165,15 @@ def test_self_ld_teacher_of_the_students_own_architecture(synth, tmp_path):
     student = pipe.model("student")
     assert manifest.teacher.architecture["depth"] == student.depth
     assert manifest.teacher.architecture["channels"] == student.channels
-    ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(cache))
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(cache))
     idx = [i for i, r in enumerate(split.records) if len(r.boxes)][:2]
-    losses, _ = _step(pipe, CachedTeacher(pipe, cache), [ds[(i, 0)] for i in idx], split)
+    losses, _ = distill_step(pipe, CachedTeacher(pipe, cache), [ds[(i, 0)] for i in idx], split)
     assert losses["loss_ld"] > 0 and losses["loss_ld_vlr"] > 0
 
 
 def test_multi_scale_variants_round_trip(synth, teacher_ckpt, tmp_path):
     """Two input scales x flip = four variants; each cached sample matches its own geometry."""
-    pipe = tiny_pipe(synth, "data.train_scales=[[160, 160], [128, 128]]")
+    pipe = distill_pipe(synth, "data.train_scales=[[160, 160], [128, 128]]")
     cache = str(tmp_path / "ms.zarr")
     dump_teacher(pipe, "teacher", teacher_ckpt, cache, progress=False)
     reader = CacheTargets(cache).reader
@@ -270,14 +188,14 @@ def test_multi_scale_variants_round_trip(synth, teacher_ckpt, tmp_path):
         s = ds[(1, v)]
         assert max(s["meta"].img_shape) == (160 if v < 2 else 128)
         assert s["teacher"]["anchor"].numel() > 0 or len(s["gt_boxes"]) == 0
-    losses, _ = _step(pipe, hook, [ds[(i, 3)] for i in range(2)], split)
+    losses, _ = distill_step(pipe, hook, [ds[(i, 3)] for i in range(2)], split)
     # the 128 px flipped variant's rows are those of a single-scale 128 px dump (same teacher,
     # same geometry), so the losses on them are too
-    pipe128 = tiny_pipe(synth, "data.train_scales=[[128, 128]]")
+    pipe128 = distill_pipe(synth, "data.train_scales=[[128, 128]]")
     single = str(tmp_path / "128.zarr")
     dump_teacher(pipe128, "teacher", teacher_ckpt, single, progress=False)
-    ds128 = DetectionDataset(split, pipe128.data, _variants(pipe128), extra=CacheTargets(single))
-    want, _ = _step(pipe128, CachedTeacher(pipe128, single), [ds128[(i, 1)] for i in range(2)], split)
+    ds128 = DetectionDataset(split, pipe128.data, train_variants(pipe128.data), extra=CacheTargets(single))
+    want, _ = distill_step(pipe128, CachedTeacher(pipe128, single), [ds128[(i, 1)] for i in range(2)], split)
     for name in ("loss_ld", "loss_ld_vlr", "loss_kd"):
         assert losses[name] > 0 and losses[name] == want[name], name
 
@@ -305,7 +223,7 @@ def test_step_divergence_benchmark_trains_cached_and_online_alike(synth, teacher
 
     over = [f"data.root={synth}", "train.workers=0", "data.train_scales=[[160, 160]]",
             "data.test_scale=[160, 160]", "train.batch_size=2"]
-    over += [f"models.{m}.{kv}" for m in ("teacher", "student") for kv in TINY]
+    over += [f"models.{m}.{kv}" for m in ("teacher", "student") for kv in TINY_KVS]
     over.append("models.teacher.channels=24")
     out = tmp_path / "div.json"
     args = [os.path.join(ROOT, "pipelines", "demo.toml"), "--teacher", teacher_ckpt,
@@ -328,12 +246,12 @@ def test_ld_norm_image_makes_ld_per_image(synth, caches):
     positives per level) is the same either way."""
     got = {}
     for norm in ("sum", "image"):
-        pipe = tiny_pipe(synth, f"distill.ld_norm={norm}")
+        pipe = distill_pipe(synth, f"distill.ld_norm={norm}")
         split = load_split(pipe.data, "train")
-        ds = DetectionDataset(split, pipe.data, _variants(pipe), extra=CacheTargets(caches["fp32"]))
+        ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(caches["fp32"]))
         idx = next(i for i, r in enumerate(split.records) if len(r.boxes))
-        one, _ = _step(pipe, CachedTeacher(pipe, caches["fp32"]), [ds[(idx, 0)]], split)
-        two, _ = _step(pipe, CachedTeacher(pipe, caches["fp32"]), [ds[(idx, 0)], ds[(idx, 0)]], split)
+        one, _ = distill_step(pipe, CachedTeacher(pipe, caches["fp32"]), [ds[(idx, 0)]], split)
+        two, _ = distill_step(pipe, CachedTeacher(pipe, caches["fp32"]), [ds[(idx, 0)], ds[(idx, 0)]], split)
         got[norm] = (one, two)
     (one, two), (one_i, two_i) = got["sum"], got["image"]
     for k in ("loss_ld", "loss_ld_vlr"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import distill_pipe, distill_step, same_shape_batch
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.diff import diff
 from ldpipe.cache.info import format_info, info
@@ -13,13 +14,11 @@ from ldpipe.data import load_split
 from ldpipe.distill import CachedTeacher
 from ldpipe.engine.dump import dump_teacher
 
-from test_distill import _same_shape_batch, _step, caches, synth, teacher_ckpt, tiny_pipe  # noqa: F401
-
 BOTH = [f"models.{m}.assigner.vlr_region={{r}}" for m in ("teacher", "ta", "student")]
 
 
 def _pipe(synth, region, *extra):
-    return tiny_pipe(synth, *[o.format(r=region) for o in BOTH], *extra)
+    return distill_pipe(synth, *[o.format(r=region) for o in BOTH], *extra)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def vlr_caches(synth, teacher_ckpt, tmp_path_factory):
 
 
 def test_default_is_the_reference_definition(synth):
-    assert tiny_pipe(synth).model("student").assigner.vlr_region == "reference"
+    assert distill_pipe(synth).model("student").assigner.vlr_region == "reference"
 
 
 def test_setting_changes_the_stored_region_and_the_manifest(vlr_caches):
@@ -56,8 +55,8 @@ def test_setting_changes_the_vlr_loss(synth, vlr_caches):
         pipe = _pipe(synth, region, "cache.codec=fp32")
         split = load_split(pipe.data, "train")
         hook = CachedTeacher(pipe, vlr_caches[region])
-        samples = _same_shape_batch(pipe, split, hook.sample_extra(torch.device("cpu")))
-        losses[region], _ = _step(pipe, hook, samples, split)
+        samples = same_shape_batch(pipe, split, hook.sample_extra(torch.device("cpu")))
+        losses[region], _ = distill_step(pipe, hook, samples, split)
     assert losses["reference"]["loss_ld"] == pytest.approx(losses["diou"]["loss_ld"], rel=1e-6)
     assert losses["reference"]["loss_ld_vlr"] != pytest.approx(losses["diou"]["loss_ld_vlr"], rel=1e-3)
 
@@ -88,11 +87,11 @@ def test_a_teacher_only_assigner_override_is_named_as_doing_nothing(synth):
     """The dump's region follows the readers' assigners: overriding only the teacher's is a
     warning that names both settings (and none when the settings agree or the policy is dense)."""
     from ldpipe.cache.region import own_assigner_note, reader_settings
-    pipe = tiny_pipe(synth, "models.teacher.assigner.vlr_region=diou")
+    pipe = distill_pipe(synth, "models.teacher.assigner.vlr_region=diou")
     note = own_assigner_note(pipe, "teacher", reader_settings(pipe, "teacher"))
     assert note and "models.teacher.assigner (vlr_region=diou" in note, note
     assert "student" in note and "vlr_region=reference" in note and "does not shape" in note, note
     same = _pipe(synth, "diou")
     assert own_assigner_note(same, "teacher", reader_settings(same, "teacher")) is None
-    dense = tiny_pipe(synth, "models.teacher.assigner.vlr_region=diou", "cache.region=dense")
+    dense = distill_pipe(synth, "models.teacher.assigner.vlr_region=diou", "cache.region=dense")
     assert own_assigner_note(dense, "teacher", reader_settings(dense, "teacher")) is None
