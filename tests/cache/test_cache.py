@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as Fn
 from click.testing import CliRunner
 
-from helpers import DEMO_PIPELINE, REPO, ld_kl
+from helpers import DEMO_PIPELINE, REPO, invoke, ld_kl
 from ldpipe.cache import codec as C
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.diff import diff
@@ -466,9 +466,9 @@ def test_flipped_byte_in_a_shard_is_reported(cache_at, tmp_path):
     assert any(f"units/{unit}/box" in e for e in report["errors"]), report["errors"]
     assert any(str(shard) in e for e in report["errors"]), report["errors"]
 
-    res = CliRunner().invoke(cli, ["cache", "verify", path])
+    res = invoke("cache", "verify", path)
     assert res.exit_code != 0 and f"units/{unit}/box" in res.output, res.output
-    res = CliRunner().invoke(cli, ["cache", "verify", path, "--json"])
+    res = invoke("cache", "verify", path, "--json")
     assert res.exit_code != 0
     parsed = json.loads(res.output)
     assert parsed["ok"] is False and parsed["errors"]

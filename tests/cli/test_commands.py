@@ -12,7 +12,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from helpers import cli_args as _o
@@ -345,9 +344,9 @@ def test_cache_show_cli_and_its_errors(tiny_overrides, small_cache, tmp_path):
 
 @pytest.mark.parametrize("thr", ["nan", "inf", "-0.1", "1.5"])
 def test_predict_refuses_a_score_threshold_outside_0_1(thr, tiny_teacher_ckpt, tmp_path):
-    res = CliRunner().invoke(cli, ["predict", DEMO_PIPELINE, "--model", "teacher", "--checkpoint",
-                                   tiny_teacher_ckpt, "--out", str(tmp_path / "p"), "--score-thr",
-                                   thr, str(tmp_path / "a.png")])
+    res = invoke("predict", DEMO_PIPELINE, "--model", "teacher", "--checkpoint",
+                 tiny_teacher_ckpt, "--out", str(tmp_path / "p"), "--score-thr",
+                 thr, str(tmp_path / "a.png"))
     assert res.exit_code == 2 and "--score-thr" in res.output and "not a score in [0, 1]" in res.output
     assert not (tmp_path / "p").exists()
 
@@ -368,9 +367,9 @@ def test_every_device_option_follows_the_one_device_rule():
     names = list(_commands_with_device())
     assert {("train",), ("eval",), ("train-student",), ("chain",), ("predict",)} <= set(names)
     for path in names:
-        res = CliRunner().invoke(cli, [*path, "--device", "tpu"])
+        res = invoke(*path, "--device", "tpu")
         assert res.exit_code == 2 and "Invalid value for '--device'" in res.output, (path, res.output)
         assert "choose 'cpu', 'cuda' or 'cuda:N'" in res.output and "Traceback" not in res.output
         if not torch.cuda.is_available():
-            res = CliRunner().invoke(cli, [*path, "--device", "cuda"])
+            res = invoke(*path, "--device", "cuda")
             assert res.exit_code == 2 and "not available" in res.output, (path, res.output)

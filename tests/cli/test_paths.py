@@ -13,15 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from test_fuzz import SHARD, _empty, _flip, _remove, coco_overrides, coco_pipe
 
-from helpers import DEMO_PIPELINE, error_line, make_coco
+from helpers import DEMO_PIPELINE, error_line, invoke, make_coco
 from ldpipe.cache import CacheError
 from ldpipe.cache.merge import merge
 from ldpipe.cache.verify import verify
-from ldpipe.cli import main as cli
 from ldpipe.engine.dump import dump_teacher
 from ldpipe.engine.dumplock import DumpLock, lock_url
 from ldpipe.files import canonical_location, location_relation
@@ -55,7 +53,7 @@ def _pair(source: str, where: Path) -> tuple[str, str]:
 
 
 def _merge(*args: str):
-    return CliRunner().invoke(cli, ["cache", "merge", *args])
+    return invoke("cache", "merge", *args)
 
 
 # ------------------------------------------------------------------------- one spelling
@@ -153,9 +151,9 @@ def test_dump_out_cannot_be_or_enclose_its_checkpoint_or_data(tiny_teacher_ckpt,
     (tmp_path / "alias").symlink_to(tmp_path / "ckpt")
 
     def dump(out: str):
-        return CliRunner().invoke(cli, ["dump-teacher", DEMO_PIPELINE, "--checkpoint", str(ckpt),
-                                        "--out", out, "--overwrite", "--device", "cpu",
-                                        *_o(data_root)])
+        return invoke("dump-teacher", DEMO_PIPELINE, "--checkpoint", str(ckpt),
+                      "--out", out, "--overwrite", "--device", "cpu",
+                      *_o(data_root))
 
     for out, needles in ((str(tmp_path / "alias" / "t.pth"), ["is the teacher checkpoint"]),
                          (str(tmp_path / "alias"), ["contains the teacher checkpoint"]),
@@ -187,8 +185,8 @@ def test_one_lock_per_cache_however_it_is_spelled(make_tiny_pipe, tiny_teacher_c
 def test_a_lock_path_that_is_a_directory_is_one_error_line(data_root, tiny_teacher_ckpt, tmp_path):
     out = tmp_path / "c"
     Path(lock_url(str(out))).mkdir()
-    res = CliRunner().invoke(cli, ["dump-teacher", DEMO_PIPELINE, "--checkpoint", tiny_teacher_ckpt,
-                                   "--out", str(out), "--device", "cpu", *_o(data_root)])
+    res = invoke("dump-teacher", DEMO_PIPELINE, "--checkpoint", tiny_teacher_ckpt,
+                 "--out", str(out), "--device", "cpu", *_o(data_root))
     error_line(res, str(out), lock_url(str(out)), "is a directory")
     assert not out.exists()
 
@@ -199,11 +197,11 @@ def test_predict_out_below_a_file_and_a_one_pixel_high_image(data_root, tiny_tea
             "--device", "cpu", *_o(data_root)]
     file = tmp_path / "f.txt"
     file.write_text("x")
-    res = CliRunner().invoke(cli, [*base, "--out", str(file / "p"), str(data_root / "images")])
+    res = invoke(*base, "--out", str(file / "p"), str(data_root / "images"))
     error_line(res, str(file / "p"), "is a file, not a folder")
     thin = tmp_path / "thin.png"
     Image.fromarray(np.zeros((1, 5000, 3), np.uint8)).save(thin)
-    res = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "p"), str(thin)])
+    res = invoke(*base, "--out", str(tmp_path / "p"), str(thin))
     error_line(res, str(thin), "5000x1", "too thin")
 
 
@@ -213,7 +211,7 @@ def test_predict_out_below_a_file_and_a_one_pixel_high_image(data_root, tiny_tea
 ])
 def test_cache_show_bad_arguments(data_root, source, tmp_path, args, needles):
     base = ["cache", "show", DEMO_PIPELINE, source, "--image", "1", "--out", str(tmp_path / "s.png")]
-    error_line(CliRunner().invoke(cli, [*base, *args, *_o(data_root)]), *needles)
+    error_line(invoke(*base, *args, *_o(data_root)), *needles)
     assert os.listdir(tmp_path) == []
 
 
@@ -226,14 +224,14 @@ def test_export_out_through_a_symlinked_folder_is_the_checkpoint(tiny_overrides,
     before = ckpt.read_bytes()
     base = ["export", DEMO_PIPELINE, "--model", "teacher", "--checkpoint", str(ckpt),
             *sum((["-o", o] for o in tiny_overrides), [])]
-    error_line(CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "alias" / "t.pth")]),
+    error_line(invoke(*base, "--out", str(tmp_path / "alias" / "t.pth")),
                "is the checkpoint being exported")
     pipeline = tmp_path / "p.toml"
     shutil.copy(DEMO_PIPELINE, pipeline)
-    res = CliRunner().invoke(cli, ["export", str(pipeline), *base[2:], "--out", str(pipeline),
-                                   "--format", "pth"])
+    res = invoke("export", str(pipeline), *base[2:], "--out", str(pipeline),
+                 "--format", "pth")
     error_line(res, "is the pipeline file")
     (tmp_path / "f.txt").write_text("x")
-    error_line(CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "f.txt" / "e.pth")]),
+    error_line(invoke(*base, "--out", str(tmp_path / "f.txt" / "e.pth")),
                str(tmp_path / "f.txt"), "is a file, not a folder")
     assert ckpt.read_bytes() == before

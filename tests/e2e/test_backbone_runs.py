@@ -11,11 +11,10 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from helpers import TINY_STUDENT as STUDENT
+from helpers import invoke
 from ldpipe.cache import CacheReader
-from ldpipe.cli import main as cli
 from ldpipe.engine.student import train_student
 from ldpipe.engine.dump import dump_teacher
 from ldpipe.models import build_model
@@ -82,10 +81,10 @@ def test_mmdet_dcn_checkpoint_loads_strictly_and_evaluates(name, bccd_few, tmp_p
     torch.save({"meta": {"CLASSES": ("RBC", "WBC", "Platelets"), "mmdet_version": "2.28.2"},
                 "state_dict": state}, ckpt)
     out, dets = tmp_path / "metrics.json", tmp_path / "dets.json"
-    res = CliRunner().invoke(cli, [
+    res = invoke(
         "eval", str(pipe_path), "--model", "teacher", "--checkpoint", ckpt, "--device", "cpu",
         "--out", str(out), "--results", str(dets), "-o", f"data.root={bccd_few}", "-o", "data.val=few",
-        "-o", "data.test_scale=[128,96]", "-o", "models.teacher.test.max_per_img=20"])
+        "-o", "data.test_scale=[128,96]", "-o", "models.teacher.test.max_per_img=20")
     assert res.exit_code == 0, res.output
     metrics = json.loads(out.read_text())
     assert metrics["split"] == "val" and 0.0 <= metrics["bbox_mAP"] <= 1.0
@@ -154,6 +153,6 @@ def test_dump_and_train_student_from_a_dcn_teacher(name, make_tiny_pipe, tiny_ov
     state = {k: v for k, v in teacher.state_dict().items() if "conv_offset" not in k}
     torch.save({"state_dict": state}, plain)
     over = [a for kv in (*tiny_overrides, *TINY_DCN[name]) for a in ("-o", kv)]
-    res = CliRunner().invoke(cli, ["eval", DEMO, "--model", "teacher", "--checkpoint", plain,
-                                   "--device", "cpu", *over])
+    res = invoke("eval", DEMO, "--model", "teacher", "--checkpoint", plain,
+                 "--device", "cpu", *over)
     assert res.exit_code == 1 and "Error:" in res.output and "conv_offset" in res.output, res.output

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import TINY_STUDENT as STUDENT
-from helpers import tiny_model_config
+from helpers import invoke, tiny_model_config
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.manifest import architecture
 from ldpipe.config import ConfigError, HeadConfig, ModelConfig, load_pipeline, resolve_model
@@ -172,9 +172,7 @@ def mmdet_gfocal_r50_state_dict(num_classes: int = 3) -> dict[str, torch.Tensor]
 
 @pytest.mark.skipif(not os.path.isdir(BCCD), reason="no ../shared/datasets/bccd")
 def test_mmdet_gfocalv2_r50_loads_strictly_and_evaluates_on_bccd(tmp_path):
-    from click.testing import CliRunner
 
-    from ldpipe.cli import main
     sd = mmdet_gfocal_r50_state_dict()
     assert sd["bbox_head.gfl_reg.weight"].shape == (68, 256, 3, 3)
     assert sd["neck.lateral_convs.2.conv.weight"].shape == (256, 2048, 1, 1)
@@ -200,10 +198,10 @@ def test_mmdet_gfocalv2_r50_loads_strictly_and_evaluates_on_bccd(tmp_path):
         ids = [line.strip() for line in fh if line.strip()][:3]
     (root / "ImageSets" / "Main" / "few.txt").write_text("\n".join(ids) + "\n")
     metrics = str(tmp_path / "metrics.json")
-    res = CliRunner().invoke(main, [
+    res = invoke(
         "eval", os.path.join(ROOT, "pipelines", "bccd.toml"), "--model", "teacher", "--checkpoint", ckpt,
         "-o", "models.teacher.head.type=GFocalHead", "-o", f"data.root={root}", "-o", "data.val=few",
-        "-o", "data.test_scale=[320,240]", "--out", metrics])
+        "-o", "data.test_scale=[320,240]", "--out", metrics)
     assert res.exit_code == 0, res.output
     m = json.loads(open(metrics).read())
     assert m["checkpoint"] == os.path.abspath(ckpt) and m["num_images"] == 3
