@@ -110,10 +110,16 @@ def error_line(res, *needles: str) -> str:
 
 
 # --------------------------------------------------------------------------------- LD
+def kl_rows(t: torch.Tensor, s: torch.Tensor, T: float = 10.0) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) of each row (the last dimension), in float64:
+    ``[..., n] -> [...]``."""
+    lt, ls = torch.log_softmax(t.double() / T, -1), torch.log_softmax(s.double() / T, -1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
 def ld_kl(t: torch.Tensor, s: torch.Tensor, T: float = 10.0) -> float:
     """LD-style loss in float64: mean over edge rows of KL(softmax(t/T) || softmax(s/T))."""
-    lt, ls = torch.log_softmax(t.double() / T, -1), torch.log_softmax(s.double() / T, -1)
-    return float((lt.exp() * (lt - ls)).sum(-1).mean())
+    return float(kl_rows(t, s, T).mean())
 
 
 # -------------------------------------------------------------------------------- VLR

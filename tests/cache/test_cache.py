@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as Fn
 from click.testing import CliRunner
 
-from helpers import DEMO_PIPELINE, REPO, invoke, ld_kl
+from helpers import DEMO_PIPELINE, REPO, invoke, kl_rows, ld_kl
 from ldpipe.cache import codec as C
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.diff import diff
@@ -279,8 +279,8 @@ def _sharpened_losses(lp: torch.Tensor, k: float, T: float, gen: torch.Generator
                     sharp + torch.randn(sharp.shape, generator=gen)):
         pair = []
         for t in (sharp, int8):
-            lt, ls = Fn.log_softmax(t.double() / T, -1), Fn.log_softmax(student.double() / T, -1)
-            kl = (lt.exp() * (lt - ls)).sum(-1).mean(-1) if t.dim() == 3 else (lt.exp() * (lt - ls)).sum(-1)
+            kl = kl_rows(t, student, T)
+            kl = kl.mean(-1) if t.dim() == 3 else kl
             pair.append(float((kl * weights).sum()))
         out.append((pair[0], pair[1]))
     return out

@@ -69,7 +69,7 @@ def test_demo_overrides():
     assert pipe.data.train_scales == [[640, 480], [320, 240]]
     assert pipe.model("student").base_channels == 8
     assert pipe.cache.codec == "fp16"
-    # -o on the command line wins over a model's own train table (tests/test_runs_config.py)
+    # -o on the command line wins over a model's own train table (config/test_run_pipelines.py)
     assert load_pipeline(DEMO).train_for("teacher").epochs != 1
     assert pipe.train_for("teacher").epochs == 1
     assert pipe.train_for("student").epochs == 1

@@ -22,7 +22,6 @@ import os
 import pytest
 import torch
 
-from helpers import TINY_KVS as TINY
 from ldpipe.cache import codec as C
 from ldpipe.cache.store import SampleRows
 from ldpipe.config import load_pipeline
@@ -38,6 +37,8 @@ from ldpipe.models.checkpoint import load_weights, save_checkpoint
 from ldpipe.models.losses import distribution_focal_loss, giou_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# (its own copy of helpers.TINY_KVS: the file also runs as a script, without tests/ on sys.path)
+TINY = ("depth=18", "base_channels=8", "channels=16", "stacked_convs=1")
 # The oracle's edge distributions: a Gaussian over the bins, centred on the true distance.
 # Tried by hand at this schedule, seed 0 (val GIoU; baseline 0.726): sigma 2 -> 0.625, sigma 1
 # -> 0.635, DFL's two-bin split (log(w + 1e-2)) -> 0.761; sigma 0.5 gave a worse val DFL than
@@ -208,7 +209,7 @@ def test_ld_terms_lower_the_held_out_localization_loss(oracle_setup):
 
     The margins asserted (GIoU 0.03, DFL 0.05) are 40% / 34% of the smallest gap seen.
 
-    What this does and does not guard (checked by hand, ``python tests/test_ld_helps.py
+    What this does and does not guard (checked by hand, ``python tests/distill/test_ld_helps.py
     zero|shuffle``): with every LD weight 0 the student equals the baseline bit for bit and
     the test fails.  With the cached rows shuffled across each sample's anchors it still
     PASSES (LD GIoU 0.620/0.630/0.658, DFL 1.759/1.772/1.913): the gain is not specific to
@@ -218,7 +219,7 @@ def test_ld_terms_lower_the_held_out_localization_loss(oracle_setup):
     one torch thread): the same setup with the student's own box losses off
     (``models.student.loss.dfl_weight=0`` and ``box_weight=0``, so that LD is the only
     localization signal), seeds 0/1/2, val GIoU / DFL.  The run was a scratch script doing
-    what ``python tests/test_ld_helps.py boxoff`` now does; that command has not been rerun.
+    what ``python tests/distill/test_ld_helps.py boxoff`` now does; that command has not been rerun.
 
         no LD          0.910 / 2.829   0.912 / 2.834   0.911 / 2.841
         oracle rows    0.627 / 1.786   0.634 / 1.821   0.629 / 1.814
@@ -228,7 +229,7 @@ def test_ld_terms_lower_the_held_out_localization_loss(oracle_setup):
     student learns the prior of the edge distances, not image-specific edges, so no variant of
     this budget can tell right rows from wrong.  This test therefore catches the LD terms
     being switched off or made harmful, not wrong rows; row-to-anchor alignment is guarded by
-    the cached == online tests (tests/test_distill.py: the same losses per step from the
+    the cached == online tests (tests/distill/test_distill.py: the same losses per step from the
     cache as from the teacher itself, and each step reading its own batch).
     """
     check_ld_helps(oracle_setup, oracle_setup["cache"])
@@ -247,7 +248,7 @@ def box_off_study(setup: dict, shuffled: str) -> None:
         print(f"seed {seed}: " + ", ".join(f"{k} {v['giou']:.3f} / {v['dfl']:.3f}" for k, v in got.items()))
 
 
-if __name__ == "__main__":  # the negative checks: python tests/test_ld_helps.py zero|shuffle|boxoff
+if __name__ == "__main__":  # the negative checks: python tests/distill/test_ld_helps.py zero|shuffle|boxoff
     import sys
     import tempfile
     from pathlib import Path
@@ -268,7 +269,7 @@ if __name__ == "__main__":  # the negative checks: python tests/test_ld_helps.py
             cache = str(Path(tmp) / "shuffled.zarr")
             dump_oracle(ld_pipe(setup["root"], *SCHEDULE), setup["ckpt"], cache, shuffle=True)
         elif broken:
-            sys.exit("usage: python tests/test_ld_helps.py [zero|shuffle|boxoff]")
+            sys.exit("usage: python tests/distill/test_ld_helps.py [zero|shuffle|boxoff]")
         try:
             seen = check_ld_helps(setup, cache, *extra)
             print(f"{broken or 'intact'}: the test PASSES", seen)
