@@ -1,25 +1,17 @@
-"""Shared session fixtures: a tiny synthetic data set, a CPU-sized pipeline, a random teacher."""
+"""Shared session fixtures: a tiny synthetic data set, a CPU-sized pipeline, a random teacher.\n\nPlain helpers (paths, tiny models, the CLI runner, the KL of LD): ``tests/helpers.py``."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_PIPELINE = str(REPO / "pipelines" / "demo.toml")
-
 # a teacher small enough to run in well under a second per batch on two CPU cores
-TINY_TEACHER = ("models.teacher.depth=18", "models.teacher.base_channels=8",
-                "models.teacher.channels=16", "models.teacher.stacked_convs=1")
+from helpers import DEMO_PIPELINE, TINY_TEACHER
 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> str:
     """12 train / 4 val images of the embedded synthetic set."""
-    from ldpipe.data import synthesize
-    root = tmp_path_factory.mktemp("synth")
-    synthesize(str(root), n_train=12, n_val=4, seed=0)
-    return str(root)
+    from helpers import synth_set
+    return synth_set(tmp_path_factory.mktemp("synth"), n_train=12, n_val=4, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """mmdetection 2.x's GFL checkpoint layouts, written out by hand from its module definitions
 (mmdet/models/backbones/{resnet,resnext,res2net}.py with ResLayer / Res2Layer, mmcv's
 DeformConv2dPack / ModulatedDeformConv2dPack, FPN and GFLHead) - independent of ldpipe's
-modules, for the strict-load tests."""
+modules, for the strict-load tests; and a whole GFL (ResNet + FPN + GFLHead) state dict with
+random values in an mmdetection checkpoint's wrapping."""
 from __future__ import annotations
 
 import math
@@ -133,3 +134,75 @@ MMDET_TEACHERS = {
     "R2-50-DCNv2": (dict(type="Res2Net", depth=50, dcn="DCNv2", stage_with_dcn=[False, False, True, True]),
                     dict(kind="Res2Net", depth=50, base_width=26, dcn="DCNv2", stages=(False, False, True, True))),
 }
+
+
+# ------------------------------------------------ a whole GFL state dict, random values
+def _bn(sd: dict, prefix: str, c: int) -> None:
+    sd[f"{prefix}.weight"] = torch.rand(c) + 0.5
+    sd[f"{prefix}.bias"] = torch.randn(c)
+    sd[f"{prefix}.running_mean"] = torch.randn(c)
+    sd[f"{prefix}.running_var"] = torch.rand(c) + 0.5
+    sd[f"{prefix}.num_batches_tracked"] = torch.tensor(12345, dtype=torch.long)
+
+
+def mmdet_gfl_state_dict(depth: int = 50, width: int = 64, channels: int = 256,
+                         stacked: int = 4, num_classes: int = 3, reg_max: int = 16,
+                         num_outs: int = 5) -> dict[str, torch.Tensor]:
+    """An mmdetection GFL (ResNet + FPN + GFLHead) state_dict, names and shapes by hand."""
+    g = torch.Generator().manual_seed(depth + num_classes)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    sd: dict[str, torch.Tensor] = {}
+    bottleneck = depth >= 50
+    expansion = 4 if bottleneck else 1
+    blocks = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    sd["backbone.conv1.weight"] = rnd(width, 3, 7, 7)
+    _bn(sd, "backbone.bn1", width)
+    inplanes = width
+    stage_out = []
+    for i, n in enumerate(blocks):
+        planes = width * 2 ** i
+        for j in range(n):
+            p = f"backbone.layer{i + 1}.{j}"
+            if bottleneck:
+                convs = [(planes, inplanes, 1), (planes, planes, 3), (planes * 4, planes, 1)]
+            else:
+                convs = [(planes, inplanes, 3), (planes, planes, 3)]
+            for c, (o, cin, k) in enumerate(convs, 1):
+                sd[f"{p}.conv{c}.weight"] = rnd(o, cin, k, k)
+                _bn(sd, f"{p}.bn{c}", o)
+            if j == 0 and (i > 0 or inplanes != planes * expansion):
+                sd[f"{p}.downsample.0.weight"] = rnd(planes * expansion, inplanes, 1, 1)
+                _bn(sd, f"{p}.downsample.1", planes * expansion)
+            inplanes = planes * expansion
+        stage_out.append(inplanes)
+    for i, cin in enumerate(stage_out[1:]):  # start_level = 1
+        sd[f"neck.lateral_convs.{i}.conv.weight"] = rnd(channels, cin, 1, 1)
+        sd[f"neck.lateral_convs.{i}.conv.bias"] = rnd(channels)
+    for i in range(num_outs):
+        sd[f"neck.fpn_convs.{i}.conv.weight"] = rnd(channels, channels, 3, 3)
+        sd[f"neck.fpn_convs.{i}.conv.bias"] = rnd(channels)
+    for tower in ("cls_convs", "reg_convs"):
+        for i in range(stacked):
+            sd[f"bbox_head.{tower}.{i}.conv.weight"] = rnd(channels, channels, 3, 3)
+            sd[f"bbox_head.{tower}.{i}.gn.weight"] = rnd(channels)
+            sd[f"bbox_head.{tower}.{i}.gn.bias"] = rnd(channels)
+    sd["bbox_head.gfl_cls.weight"] = rnd(num_classes, channels, 3, 3)
+    sd["bbox_head.gfl_cls.bias"] = rnd(num_classes)
+    sd["bbox_head.gfl_reg.weight"] = rnd(4 * (reg_max + 1), channels, 3, 3)
+    sd["bbox_head.gfl_reg.bias"] = rnd(4 * (reg_max + 1))
+    for i in range(num_outs):
+        sd[f"bbox_head.scales.{i}.scale"] = torch.tensor(1.0 + 0.1 * i)
+    sd["bbox_head.integral.project"] = torch.linspace(0, reg_max, reg_max + 1)
+    return sd
+
+
+def mmdet_checkpoint(sd: dict) -> dict:
+    return {
+        "meta": {"CLASSES": ("RBC", "WBC", "Platelets"), "epoch": 12, "iter": 3000,
+                 "mmcv_version": "1.7.0", "mmdet_version": "2.28.2",
+                 "config": "model = dict(type='GFL', ...)"},
+        "state_dict": sd,
+        "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(4)}},
+                      "param_groups": [{"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+                                        "params": [0]}]},
+    }

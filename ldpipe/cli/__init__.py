@@ -20,7 +20,7 @@ def data() -> None:
 
 
 # = ldpipe.data.synth.DEMO_ARGS, written out so the CLI imports nothing heavy
-# (tests/test_synth.py checks that they agree)
+# (tests/data/test_synth.py checks that they agree)
 _SYNTH = dict(n_train=400, n_val=200, seed=0, size=192, min_size=12.0, max_size=96.0,
               max_objects=8)
 

@@ -17,7 +17,7 @@ from ..errors import LdpipeError
 # The vocabularies of the pipeline file, defined once as the Literal types of the fields that
 # take them (``_coerce`` refuses any other word, naming file, key, value and the choices); the
 # tuples are derived from them.  The modules that implement them import these (ldpipe.cache.region,
-# ldpipe.cache.codec, ldpipe.cache.store, ldpipe.models.*); tests/test_config_resolved.py ties each
+# ldpipe.cache.codec, ldpipe.cache.store, ldpipe.models.*); tests/config/test_config_resolved.py ties each
 # to its dispatch table, so a word without an implementation (or the reverse) fails there.
 DataFormat = Literal["coco", "voc"]
 RegionPolicy = Literal["main", "ld", "overlap", "dense"]

@@ -1,0 +1,182 @@
+"""ldpipe chain: all stages run, a rerun skips them, edits rerun what depends on them, kills resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import synth_set, tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO = os.path.join(ROOT, "pipelines", "demo.toml")  # teacher -> student (no TA)
+TA_SECTION = "\n[models.ta]\ndepth = 18\nbase_channels = 24\nchannels = 48\nstacked_convs = 2\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_with_ta(tmp_path_factory):
+    """The demo pipeline plus a TA model, so the chain runs teacher -> TA -> student."""
+    global DEMO
+    path = tmp_path_factory.mktemp("pipe") / "demo_ta.toml"
+    path.write_text(open(os.path.join(ROOT, "pipelines", "demo.toml")).read() + TA_SECTION)
+    DEMO = str(path)
+    yield
+    DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
+
+
+def _args(data: str, *extra: str) -> list[str]:
+    kv = [f"data.root={data}", "train.workers=0", "data.train_scales=[[128, 128]]",
+          "data.test_scale=[128, 128]", "train.epochs=2", "train.max_iters_per_epoch=2",
+          "train.batch_size=4", "models.teacher.train={}", "cache.samples_per_shard=8"]
+    for m in ("teacher", "ta", "student"):
+        kv += tiny(m)
+    return [a for x in [*kv, *extra] for a in ("-o", x)]
+
+
+def _chain(wd, data, *extra, **kw):
+    cmd = [sys.executable, "-m", "ldpipe", "chain", DEMO, "--work-dir", str(wd), *_args(data, *extra)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def _ran(out: str) -> list[str]:
+    """The stages the chain ran in its own process, in order."""
+    return [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("[chain] run ")]
+
+
+def _started(out: str) -> list[str]:
+    """The stages the chain ran in a second process (``chain.jobs = 2``)."""
+    return [line.split()[2] for line in out.splitlines() if line.startswith("[chain] start ")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth_set(tmp_path_factory.mktemp("chain") / "synth", n_train=8, n_val=4, seed=2)
+
+
+def test_chain_runs_skips_and_reruns_only_what_changed(data, tmp_path):
+    wd = tmp_path / "w"
+    first = _chain(wd, data)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    # the demo's chain.jobs = 2: the baseline student trains in a second process from the start
+    lines = first.stdout.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("[chain] start train-student-baseline"))) \
+        < lines.index(next(x for x in lines if x.startswith("[chain] run train-teacher")))
+    assert _started(first.stdout) == ["train-student-baseline"]
+    assert _ran(first.stdout) == ["train-teacher", "eval-teacher", "dump-teacher", "train-ta", "eval-ta",
+                                  "dump-ta", "eval-student-baseline", "train-student-ld", "eval-student-ld"]
+    assert "[chain] done train-student-baseline" in first.stdout
+    assert (wd / ".chain" / "train-student-baseline.log").stat().st_size > 0
+    summary = json.load(open(wd / "summary.json"))
+    assert [r["role"] for r in summary["rows"]] == ["teacher", "TA", "baseline student", "LD student"]
+    assert (wd / "summary.md").read_text().count("|") > 20 and (wd / "summary.png").stat().st_size > 1000
+    assert sorted(summary["loss_curves"]) == sorted([
+        "teacher: teacher", "TA: ta", "baseline student: student-baseline", "LD student: student-ld"])
+    assert all(c["points"] > 0 for c in summary["loss_curves"].values())
+    runs = [line for line in first.stdout.splitlines()
+            if line.startswith(("[chain] run train-", "[chain] start train-"))]
+    assert len(runs) == 4 and all(line.endswith(" --overwrite") for line in runs)  # fresh starts
+    assert "| LD student |" in first.stdout
+    rows = {r["role"]: r for r in summary["rows"]}
+    gain = (rows["LD student"]["AP"] - rows["baseline student"]["AP"]) * 100
+    assert f"LD student - baseline student: {gain:+.1f} AP" in first.stdout
+
+    t0 = time.time()
+    again = _chain(wd, data)
+    assert again.returncode == 0 and _ran(again.stdout) == []
+    assert "skipped 10" in again.stdout and time.time() - t0 < 60
+
+    edited = _chain(wd, data, "models.student.stacked_convs=2")
+    assert edited.returncode == 0, edited.stderr[-2000:]
+    assert _started(edited.stdout) == ["train-student-baseline"]
+    assert _ran(edited.stdout) == ["eval-student-baseline", "train-student-ld", "eval-student-ld"]
+
+    # the TA cache's lineage names the teacher's cache
+    info = subprocess.run([sys.executable, "-m", "ldpipe", "cache", "info", str(wd / "caches" / "ta.zarr")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert "trained from cache" in info.stdout
+
+
+def test_parallel_baseline_is_the_sequential_one(data, tmp_path):
+    """chain.jobs = 2 only moves the baseline's training into a second process: its weights
+    equal those of the same training run in sequence (chain.jobs = 1) in this process's way."""
+    import torch
+    par = _chain(tmp_path / "par", data, "chain.tas=[]")
+    seq = _chain(tmp_path / "seq", data, "chain.tas=[]", "chain.jobs=1")
+    assert par.returncode == 0 and seq.returncode == 0, par.stderr[-2000:] + seq.stderr[-2000:]
+    assert _started(par.stdout) == ["train-student-baseline"] and _started(seq.stdout) == []
+    assert "train-student-baseline" in _ran(seq.stdout)
+    a = torch.load(tmp_path / "par" / "student-baseline" / "latest.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "seq" / "student-baseline" / "latest.pth", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = _chain(tmp_path / "bad", data, "chain.tas=[]", "chain.jobs=0")
+    assert bad.returncode == 1 and "chain.jobs must be an integer >= 1" in bad.stdout + bad.stderr
+
+
+def test_killed_chain_resumes_without_redoing_the_teacher(data, tmp_path):
+    wd = tmp_path / "w"
+    cmd = [sys.executable, "-m", "ldpipe", "chain", DEMO, "--work-dir", str(wd),
+           *_args(data, "models.ta.train={epochs = 12, max_iters_per_epoch = 2}")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt = wd / "ta" / "epoch_1.pth"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "chain ended before the TA's first epoch"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (wd / ".chain" / "train-ta.done.json").exists()
+    rerun = _chain(wd, data, "models.ta.train={epochs = 12, max_iters_per_epoch = 2}")
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    ran = _ran(rerun.stdout)
+    assert ran[0] == "train-ta" and "train-teacher" not in ran and "dump-teacher" not in ran
+    assert [line for line in rerun.stdout.splitlines()
+            if line.startswith("[chain] run train-ta:")][0].endswith(" --resume")
+    metrics = [json.loads(x) for x in open(wd / "ta" / "metrics.jsonl") if '"type": "epoch"' in x]
+    epochs = [m["epoch"] for m in metrics]
+    assert sorted(set(epochs)) == list(range(1, 13)) and len(epochs) <= 13  # resumed, not restarted
+
+
+def test_given_teacher_checkpoint_is_used_not_trained(data, tmp_path):
+    """models.teacher.checkpoint (ldpipe or mmdetection format) replaces the teacher's training."""
+    import torch
+
+    from ldpipe.config import load_pipeline
+    from ldpipe.models import build_model
+    pipe = load_pipeline(DEMO, [_args(data)[i + 1] for i in range(0, len(_args(data)), 2)])
+    model = build_model(pipe.model("teacher"), 4)
+    ckpt = tmp_path / "given.pth"
+    torch.save({"meta": {"CLASSES": ("a", "b", "c", "d")}, "state_dict": model.state_dict()}, ckpt)
+    out = _chain(tmp_path / "w", data, f"models.teacher.checkpoint={ckpt}", "chain.tas=[]",
+                 "chain.baseline=false")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert _ran(out.stdout) == ["eval-teacher", "dump-teacher", "train-student-ld", "eval-student-ld"]
+    assert f"given checkpoint {ckpt}" in out.stdout
+
+
+def test_cache_id_reads_missing_only_for_a_missing_cache(tmp_path, monkeypatch):
+    """No cache (absent, or a folder that is not one) reads as "missing"; a bug inside the
+    reader propagates instead of silently rerunning every stage after the dump."""
+    from ldpipe import chain as chain_mod
+    from ldpipe.config import load_pipeline
+    pipe = load_pipeline(DEMO, [])
+    ch = chain_mod.Chain(DEMO, (), pipe, str(tmp_path / "wd"), run_argv=lambda argv: None)
+    (tmp_path / "not_a_cache").mkdir()
+    assert ch._cache_id(str(tmp_path / "absent.zarr")) == "missing"
+    assert ch._cache_id(str(tmp_path / "not_a_cache")) == "missing"
+
+    class Broken:
+        def __init__(self, url):
+            pass
+
+        @property
+        def manifest(self):
+            raise TypeError("a programming error")
+
+    monkeypatch.setattr(chain_mod, "CacheReader", Broken)
+    with pytest.raises(TypeError, match="a programming error"):
+        ch._cache_id(str(tmp_path / "absent.zarr"))
