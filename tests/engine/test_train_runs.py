@@ -199,8 +199,10 @@ def test_validation_every_n_epochs_keeps_best(make_tiny_pipe, tmp_path, monkeypa
 def test_train_log_has_the_console_lines(make_tiny_pipe, tmp_path, caplog):
     import logging
     wd = str(tmp_path / "w")
+    pipe = make_tiny_pipe(*SHORT, "train.epochs=2")
+    caplog.clear()  # the pipeline's override warning came before the run (and its log file)
     with caplog.at_level(logging.INFO, logger="ldpipe"):
-        train(make_tiny_pipe(*SHORT, "train.epochs=2"), "teacher", wd, device="cpu", progress=False)
+        train(pipe, "teacher", wd, device="cpu", progress=False)
     with open(os.path.join(wd, "train.log")) as fh:
         lines = [line.rstrip("\n") for line in fh]
     console = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.name.startswith("ldpipe")]
