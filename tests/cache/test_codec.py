@@ -87,3 +87,54 @@ def test_int8_known_values():
     assert float(enc.scale[0]) == s
     assert enc.values[0].tolist() == [0, round(0.004 / s), round(0.006 / s), round(1.0049 / s), 255]
     assert enc.values[0].tolist()[:3] == [0, 0, 1]
+
+
+# ---------------------------------------------------------------------- stored-row paths, directly
+def _rows(k: int = 17, n: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(n, 4, k, generator=g) * 3, dim=-1)
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8"])
+def test_stored_rows_pack_unpack_and_decode_packed_agree(name):
+    """pack -> unpack equals decode of the encoded values; decode_packed (torch, on the
+    tensor's device) equals unpack bit for bit; the stored row has K values + the trailer."""
+    codec = C.codec_for(name)
+    lp = _rows()
+    enc = codec.encode(lp, min_step=0.125 if name == "int8" else 0.0)
+    raw = codec.pack(enc)
+    assert raw.dtype == codec.dtype and raw.shape == (6, 4, 17 + codec.trailer)
+    direct = codec.decode(enc.values, enc.scale)
+    assert torch.equal(codec.unpack(raw), direct)
+    assert torch.equal(codec.decode_packed(torch.from_numpy(raw)), direct)
+    assert torch.equal(C.decode_packed(torch.from_numpy(raw), name), direct)
+    assert (direct - lp).abs().max() <= {"fp32": 0.0, "fp16": 2e-2, "int8": 0.0626}[name]
+    scale = codec.stored_scale(raw)
+    if name == "int8":
+        assert scale.dtype == np.float16 and np.array_equal(scale, enc.scale)
+        assert float(scale.min()) >= 0.125  # the common 1/8-nat grid where the range allows
+        assert float((torch.from_numpy(raw[..., :17].astype(np.float32)) * -torch.from_numpy(
+            scale.astype(np.float32))[..., None] - direct).abs().max()) == 0.0
+    else:
+        assert scale is None
+
+
+def test_int8_decode_packed_refuses_rows_that_are_not_stored_int8():
+    codec = C.codec_for("int8")
+    with pytest.raises(ValueError, match="uint8 with two trailing scale bytes"):
+        codec.decode_packed(torch.zeros(3, 19, dtype=torch.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        codec.decode_packed(torch.zeros(3, 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="need their scales"):
+        codec.decode(np.zeros((2, 17), np.uint8), None)
+
+
+def test_int8_scale_is_the_row_range_over_255_and_rows_clip():
+    codec = C.codec_for("int8")
+    lp = torch.tensor([[0.0, -1.0, -25.5], [0.0, -1000.0, -2.0]])
+    enc = codec.encode(lp)
+    assert enc.scale[0] == np.float16(25.5 / 255) and enc.values[0, 2] == 255 and enc.values[0, 0] == 0
+    assert float(codec.decode(enc.values, enc.scale)[1].min()) == pytest.approx(-codec.clip, rel=2e-3)
+    fp16 = C.codec_for("fp16")
+    assert float(fp16.encode(torch.tensor([[0.0, -1e6]])).values.min()) == -fp16.clip  # not -inf
+    assert float(fp16.encode(lp).values.min()) == -1000.0

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from helpers import vlr_reference
+from helpers import DEMO_PIPELINE, vlr_reference
+from ldpipe.config import AssignerConfig, load_pipeline
 from ldpipe.models.anchors import grid_tensors, make_grid
 from ldpipe.models.assigner import atss_assign
 
@@ -56,3 +57,38 @@ def test_region_index_policies_by_brute_force():
     assert region_index("main", torch.zeros(0, 4), None, pad, strides, 8.0, specs).numel() == 0
     with pytest.raises(ValueError, match="policy"):
         region_index("everything", gt, None, pad, strides, 8.0, specs)
+
+
+# ---------------------------------------------------------------------- reader settings, directly
+def _pipe(*o):
+    return load_pipeline(DEMO_PIPELINE, list(o))
+
+
+def test_reader_settings_group_models_by_assigner_and_round_trip_the_manifest():
+    from ldpipe.cache import region as R
+    pipe = _pipe("models.student.assigner.vlr_region=diou", "models.student.assigner.topk=7")
+    settings = R.reader_settings(pipe, "teacher")
+    assert settings == {AssignerConfig(7, -1.0, "diou"): ["student"]}
+    entries = R.manifest_entries(settings)
+    assert entries == [{"topk": 7, "ignore_iof_thr": -1.0, "vlr_region": "diou", "models": ["student"]}]
+    assert [R.entry_setting(e) for e in entries] == [AssignerConfig(7, -1.0, "diou")]
+    assert R.reader_assigners(pipe, "teacher") == entries
+    # an entry written before vlr_region was a setting reads as the definition it computed
+    assert R.entry_setting({"topk": 9, "ignore_iof_thr": -1.0}).vlr_region == R.LEGACY_VLR_REGION
+    # Self-LD: the teacher reads its own cache
+    solo = load_pipeline(DEMO_PIPELINE, ["models.student.depth=18"])
+    assert R.reader_settings(solo, "teacher") == {AssignerConfig(): ["student"]}
+    readers = _pipe("cache.readers=['teacher', 'student']")
+    assert R.reader_settings(readers, "teacher") == {AssignerConfig(): ["teacher", "student"]}
+
+
+def test_own_assigner_note_names_the_readers_setting_only_when_it_differs():
+    from ldpipe.cache import region as R
+    pipe = _pipe("models.teacher.assigner.vlr_region=diou")
+    note = R.own_assigner_note(pipe, "teacher", R.reader_settings(pipe, "teacher"))
+    assert note and "models.teacher.assigner (vlr_region=diou, topk=9, ignore_iof_thr=-1.0)" in note
+    assert "student: vlr_region=reference, topk=9, ignore_iof_thr=-1.0" in note and "'ld' region" in note
+    same = _pipe()
+    assert R.own_assigner_note(same, "teacher", R.reader_settings(same, "teacher")) is None
+    dense = _pipe("models.teacher.assigner.vlr_region=diou", "cache.region=dense")
+    assert R.own_assigner_note(dense, "teacher", R.reader_settings(dense, "teacher")) is None
