@@ -17,7 +17,7 @@ class Bench:
             torch.set_num_threads(setup["threads"])
         from ldpipe.config import load_pipeline
         from ldpipe.data import DetectionDataset, VariantSampler, load_split
-        from ldpipe.engine.runtime import seed_everything
+        from ldpipe.engine.runtime import seed_everything, train_amp
         from ldpipe.distill import TargetSource
         from ldpipe.engine.train import TrainCollate, TrainStep
         from ldpipe.models import build_model
@@ -52,12 +52,13 @@ class Bench:
         seed_everything(setup["seed"])
         self.model = build_model(cfg, len(split.classes)).to(device)
         self.model.train()
-        self.train_step = TrainStep(self.model, sched, device, sched.amp and device.type == "cuda")
+        self.train_step = TrainStep(self.model, sched, device, train_amp(sched.amp, device))
         self.hook_s = 0.0
 
     def _source(self, mode: str, split):
         """The teacher target source of ``mode`` (None: plain GFL training), checked."""
         from ldpipe.distill import CachedTeacher, OnlineTeacher
+        from ldpipe.engine.runtime import train_amp
         if mode == "plain":
             return None
         if mode == "cached":
@@ -65,7 +66,7 @@ class Bench:
         elif mode == "online":
             sched = self.pipe.train_for("student")
             source = OnlineTeacher(self.pipe, "teacher", self.setup["teacher_ckpt"], self.device,
-                                   sched.amp and self.device.type == "cuda")
+                                   train_amp(sched.amp, self.device))
         else:
             raise SystemExit(f"unknown mode {mode!r}")
         source.check(self.pipe, "student", split)

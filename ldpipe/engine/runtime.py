@@ -58,6 +58,12 @@ def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.devi
     return torch.device(f"cuda:{ordinal}")
 
 
+def train_amp(amp: bool, device: torch.device) -> bool:
+    """Whether a training run (its step, and an online teacher's forward) uses fp16 autocast:
+    ``train.amp``, on CUDA only."""
+    return amp and device.type == "cuda"
+
+
 def init(device: str | None = None) -> DistInfo:
     """Start the process group when launched by torchrun (``WORLD_SIZE`` > 1).
 

@@ -35,7 +35,7 @@ def train_student(pipe: Pipeline, model_name: str, work_dir: str, cache: str | N
         raise ValueError("give exactly one of a cache or an online teacher checkpoint")
     check_work_dir(work_dir, resume, overwrite)  # before the cache or teacher is opened
     dev = runtime.init(device).device
-    use_amp = pipe.train_for(model_name).amp and dev.type == "cuda"
+    use_amp = runtime.train_amp(pipe.train_for(model_name).amp, dev)  # the step's own rule
     teacher = (CachedTeacher(pipe, cache) if cache is not None
                else OnlineTeacher(pipe, teacher_model, online_teacher, dev, use_amp))
     return train(pipe, model_name, work_dir, resume=resume, job=distill_job(pipe, model_name, teacher, dev),

@@ -159,7 +159,7 @@ class _Loop:
             load_weights(self.model, init_from)
         ddp = DistributedDataParallel(self.model, device_ids=[info.device.index] if info.device.type == "cuda"
                                       else None) if info.enabled else self.model
-        use_amp = self.sched.amp and info.device.type == "cuda"
+        use_amp = runtime.train_amp(self.sched.amp, info.device)
         self.step = TrainStep(self.model, self.sched, info.device, use_amp, info.world_size, ddp,
                               job.criterion)
         self.iters_per_epoch = len(self.loader)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -265,8 +266,16 @@ def test_resume_continues_only_the_same_run(tiny_overrides, tmp_path):
     assert "model: recorded 'teacher', now 'student'" in res.output and "--resume-anyway" in res.output
     res = runner.invoke(cli, [*base, "--model", "teacher", "--resume", "-o", "train.epochs=2"])
     assert res.exit_code == 0, res.output  # the same run: continues
-    res = runner.invoke(cli, [*base, "--model", "student", "--resume", "--resume-anyway"])
-    assert res.exit_code != 1 or "--resume:" not in res.output
+    # another pipeline file (a copy): refused naming both paths, continued with --resume-anyway
+    other = tmp_path / "copy.toml"
+    shutil.copyfile(DEMO, other)
+    moved = ["train", str(other), "--work-dir", str(wd), "--device", "cpu", "--model", "teacher",
+             *_args(tiny_overrides, "train.epochs=3")]
+    res = runner.invoke(cli, [*moved, "--resume"])
+    assert res.exit_code == 1 and "pipeline: recorded" in res.output and str(other) in res.output
+    res = runner.invoke(cli, [*moved, "--resume", "--resume-anyway"])
+    assert res.exit_code == 0, res.output
+    assert [r["epoch"] for r in _records(str(wd), "epoch")] == [1, 2, 3]  # it continued the run
 
 
 def test_run_identity_names_kind_and_teacher(tmp_path):
