@@ -19,6 +19,8 @@ self_ld        Self-LD: the teacher is the seed-``--seeds[0]`` baseline student 
 ta             from a teacher assistant's cache (TA trained from the teacher's cache)
 ensemble       from ``ldpipe cache merge`` of the teacher's and a second teacher's
                (``train.seed + 1``) caches
+bckd           BCKD (``bckd_cls`` + ``bckd_box``, LD / VLR / class KD off) from the teacher's
+               ``dense`` / ``logits`` / fp16 cache
 =============  ======================================================================
 
 Every job is an ordinary ``ldpipe`` command line (printed and logged under
@@ -49,7 +51,11 @@ ROWS = {
     "self_ld": "Self-LD (LD v2 terms)",
     "ta": "LD v2 via a TA",
     "ensemble": "LD v2 from 2 teachers' merged cache",
+    "bckd": "BCKD (authors' recipe)",
 }
+BCKD_CACHE = ["-o", "cache.region=dense", "-o", "cache.cls_values=logits", "-o", "cache.codec=fp16"]
+BCKD_TERMS = ["-o", "distill.ld=false", "-o", "distill.vlr=false", "-o", "distill.kd=false",
+              "-o", "distill.bckd_cls=true", "-o", "distill.bckd_box=true"]
 DIOU = ["-o", "models.student.assigner.vlr_region=diou", "-o", "models.teacher.assigner.vlr_region=diou",
         "-o", "models.ta.assigner.vlr_region=diou"]
 
@@ -67,6 +73,7 @@ class Study:
                  overrides: list[str], teacher_ckpt: str = "") -> None:
         self.pipeline, self.wd, self.seeds, self.rows = pipeline, work_dir, seeds, rows
         self.teacher_ckpt = teacher_ckpt
+        self.wait_teacher = False
         self.common = [x for o in overrides for x in ("-o", o)]
         self.jobs: dict[str, Job] = {}
         self.evals: dict[tuple[str, int], str] = {}  # (row, seed) -> metrics.json
@@ -119,6 +126,8 @@ class Study:
             caches["ld_v2_diou"] = self.dump("teacher_diou", "teacher", t, DIOU)
         if "ld_v2_fp32" in want:
             caches["ld_v2_fp32"] = self.dump("teacher_fp32", "teacher", t, ["-o", "cache.codec=fp32"])
+        if "bckd" in want:
+            caches["bckd"] = self.dump("teacher_dense", "teacher", t, BCKD_CACHE)
         if "ta" in want:
             ta = self.train("train-ta", "ta", self.path("ta"), cache=cache, deps=["dump-teacher"])
             self.evaluate("eval-ta", "ta", ta)
@@ -138,6 +147,8 @@ class Study:
                 seed = ["-o", f"train.seed={s}"]
                 wd = self.path("students", row, f"seed{s}")
                 extra = DIOU if row == "ld_v2_diou" else []
+                if row == "bckd":
+                    extra = BCKD_TERMS
                 if row == "ld_v1":
                     extra = ["-o", "distill.vlr=false", "-o", "distill.kd=false"]
                 if row == "baseline":
@@ -176,7 +187,7 @@ class Study:
         done = {n for n, j in self.jobs.items() if os.path.exists(j.output)
                 and (not j.argv or os.path.exists(self._stamp(n)))}
         missing = [n for n, j in self.jobs.items() if not j.argv and n not in done]
-        if missing:
+        if missing and not self.wait_teacher:
             raise SystemExit(f"[study] given teacher checkpoint not found: {self.teacher_ckpt}")
         for n in sorted(done):
             print(f"[study] skip {n} (done)", flush=True)
@@ -200,6 +211,11 @@ class Study:
         return self.path("logs", f"{name}.done.json")
 
     def _run_one(self, job: Job) -> None:
+        if not job.argv:  # --wait-teacher: a given teacher another process is still training
+            print(f"[study] waiting for {job.output}", flush=True)
+            while not os.path.exists(job.output):
+                time.sleep(20)
+            return
         log = self.path("logs", f"{job.name}.log")
         print(f"[study] run {job.name}: ldpipe {' '.join(job.argv)}", flush=True)
         t0 = time.time()
@@ -296,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--teacher-checkpoint", default="",
                     help="A trained teacher of the pipeline's teacher model (instead of training one).")
+    ap.add_argument("--wait-teacher", action="store_true",
+                    help="A --teacher-checkpoint not there yet is being trained elsewhere: run the "
+                         "jobs that do not need it and wait for the file (it holds a job slot).")
     ap.add_argument("-o", "--override", action="append", default=[], dest="overrides")
     ap.add_argument("--dry-run", action="store_true", help="Print the jobs and exit.")
     args = ap.parse_args(argv)
@@ -307,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("give PIPELINE and --work-dir (or --replot)")
     study = Study(args.pipeline, args.work_dir, args.seeds, args.rows, args.overrides,
                   args.teacher_checkpoint)
+    study.wait_teacher = args.wait_teacher
     study.plan()
     if args.dry_run:
         for j in study.jobs.values():
