@@ -138,7 +138,7 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
     for key, size in objects.items():
         parts = key.split("/")
         part = parts[2] if parts[0] == "units" and len(parts) > 3 else (
-            "index" if parts[0] == "index" else "metadata")
+            parts[0] if parts[0] in ("index", "head_part") else "metadata")
         by_part[part] = by_part.get(part, 0) + int(size)
 
     reg_bins = geo.reg_bins
@@ -223,6 +223,7 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
         "created": m.created,
         "versions": m.versions,
         "lineage": m.lineage_chain(),
+        "head_part": m.head_part,
     }
 
 
@@ -278,5 +279,9 @@ def format_info(d: dict) -> str:
     if d["teacher_entropy_nats"] is not None:
         lines.append(f"entropy       {d['teacher_entropy_nats']:.3f} nats per edge distribution "
                      f"(max {d['max_entropy_nats']:.3f}; over {d['stats_samples']} samples)")
+    hp = d.get("head_part")
+    if hp:
+        lines.append(f"CrossKD       teacher head part after conv {hp.get('idx')} "
+                     f"({len(hp.get('sha256') or {})} parameters) and per-sample feature statistics")
     lines.append("lineage       " + "\n              ".join(d["lineage"]))
     return "\n".join(lines)
