@@ -230,7 +230,11 @@ def write_unit(root: zarr.Group, u: int, data: UnitData, compressor: str, chunk_
     if data.cls is not None:
         arrays["cls"] = data.cls
     if data.featstats is not None:
-        arrays[FEATSTATS] = np.ascontiguousarray(data.featstats, dtype=np.float64)
+        stats = np.ascontiguousarray(data.featstats, dtype=np.float64)
+        if stats.ndim != 5 or stats.shape[0] != data.samples.shape[0] or stats.shape[2:4] != (2, 2):
+            raise ValueError(f"featstats of shape {stats.shape} for {data.samples.shape[0]} samples "
+                             "(expected [n, L, 2, 2, C])")
+        arrays[FEATSTATS] = stats
     shas, bindings = {}, {}
     for name, arr in arrays.items():
         rows = arr.shape[0]

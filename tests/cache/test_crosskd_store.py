@@ -314,3 +314,10 @@ def test_info_names_the_head_part(cache):
     line = next(x for x in format_info(d).splitlines() if x.startswith("CrossKD"))
     assert line == ("CrossKD       teacher head part after conv 1 (4 parameters) and per-sample "
                     "feature statistics")
+
+
+def test_write_unit_refuses_featstats_of_another_shape(tmp_path):
+    data = assemble_unit(items(0, True), "fp32", 1)
+    data.featstats = data.featstats[:, :, 0]
+    with pytest.raises(ValueError, match=r"expected \[n, L, 2, 2, C\]"):
+        write_unit(open_root(str(tmp_path / "c"), "w"), 0, data, "zstd", 8)
