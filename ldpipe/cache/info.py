@@ -131,6 +131,8 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
     complete = index_complete(root) and all(u in committed for u in range(num_units))
 
     objects, exact, units_sized = sized_objects(root, table, unit_of, num_units, size_units)
+    if not exact and m.has_head_stats:  # (a listing of the sampled units only: add head_part/)
+        objects.update(stored_objects(root, "head_part"))
     if exact:  # every object listed anyway: check each unit against the listing (no extra reads)
         _check_units(root, url, m, committed, unit_of, objects)
     total_bytes = int(sum(objects.values()))

@@ -321,3 +321,10 @@ def test_write_unit_refuses_featstats_of_another_shape(tmp_path):
     data.featstats = data.featstats[:, :, 0]
     with pytest.raises(ValueError, match=r"expected \[n, L, 2, 2, C\]"):
         write_unit(open_root(str(tmp_path / "c"), "w"), 0, data, "zstd", 8)
+
+
+def test_info_sizes_the_head_part_on_a_store_it_does_not_list(tmp_path):
+    url = build("memory://crosskd-info")  # fsspec's memory store: sized from a sample of units
+    d = info(url, size_units=1)
+    assert not d["stored_bytes_exact"] and d["stored_bytes_by_part"]["head_part"] > 0
+    assert verify(url)["ok"] and torch.equal(CacheReader(url).read(5, 0)["featstats"], featstats(5))
