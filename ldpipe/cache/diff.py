@@ -2,7 +2,8 @@
 
 Samples are matched by image id and variant key; for each common sample the anchor
 sets are compared and, over the common anchors, the box / class log-probabilities
-(max abs difference) and the edge distributions' KL at temperature ``T``.
+(max abs difference) and the edge distributions' KL at temperature ``T``.  CrossKD feature
+statistics (``featstats``) and head parts are not compared.
 """
 from __future__ import annotations
 

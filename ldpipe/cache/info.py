@@ -131,6 +131,8 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
     complete = index_complete(root) and all(u in committed for u in range(num_units))
 
     objects, exact, units_sized = sized_objects(root, table, unit_of, num_units, size_units)
+    if not exact and m.has_head_stats:  # (a listing of the sampled units only: add head_part/)
+        objects.update(stored_objects(root, "head_part"))
     if exact:  # every object listed anyway: check each unit against the listing (no extra reads)
         _check_units(root, url, m, committed, unit_of, objects)
     total_bytes = int(sum(objects.values()))
@@ -138,7 +140,7 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
     for key, size in objects.items():
         parts = key.split("/")
         part = parts[2] if parts[0] == "units" and len(parts) > 3 else (
-            "index" if parts[0] == "index" else "metadata")
+            parts[0] if parts[0] in ("index", "head_part") else "metadata")
         by_part[part] = by_part.get(part, 0) + int(size)
 
     reg_bins = geo.reg_bins
@@ -223,6 +225,7 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
         "created": m.created,
         "versions": m.versions,
         "lineage": m.lineage_chain(),
+        "head_part": m.head_part,
     }
 
 
@@ -278,5 +281,9 @@ def format_info(d: dict) -> str:
     if d["teacher_entropy_nats"] is not None:
         lines.append(f"entropy       {d['teacher_entropy_nats']:.3f} nats per edge distribution "
                      f"(max {d['max_entropy_nats']:.3f}; over {d['stats_samples']} samples)")
+    hp = d.get("head_part")
+    if hp:
+        lines.append(f"CrossKD       teacher head part after conv {hp.get('idx')} "
+                     f"({len(hp.get('sha256') or {})} parameters) and per-sample feature statistics")
     lines.append("lineage       " + "\n              ".join(d["lineage"]))
     return "\n".join(lines)

@@ -25,7 +25,9 @@ from ..errors import first_line
 from .codec import codec_for
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 from .shards import ShardBinding, binding_difference, shard_rows
-from .store import ROWS_LAST, content_sha, unit_name
+from .headpart import featstats_shape
+from .headspec import FEATSTATS
+from .store import PER_SAMPLE, ROWS_LAST, content_sha, unit_name
 
 def _hint(url: str) -> str:
     return f"run `ldpipe cache verify {url}`"
@@ -113,7 +115,7 @@ def check_unit(g: zarr.Group, url: str, u: int, m: Manifest | None = None,
         except Exception:
             raise CacheError(f"{url}: {where}/{name} is missing (deleted?); {_hint(url)}") from None
         length = arr.shape[-1] if name in ("box", "cls") else arr.shape[0]
-        want = commit.get("samples") if name in ("samples", "scale") else rows
+        want = commit.get("samples") if name in PER_SAMPLE else rows
         if length != want:
             raise CacheError(f"{url}: {where}/{name} has {length} rows, its commit says {want} "
                              f"(damaged array metadata); {_hint(url)}")
@@ -121,6 +123,9 @@ def check_unit(g: zarr.Group, url: str, u: int, m: Manifest | None = None,
         if lead is not None and tuple(arr.shape[:-1]) != lead:
             raise CacheError(f"{url}: {where}/{name} has shape {tuple(arr.shape)}, the manifest "
                              f"implies {(*lead, 'rows')}; {_hint(url)}")
+        if name == FEATSTATS and m is not None and tuple(arr.shape) != featstats_shape(m, length):
+            raise CacheError(f"{url}: {where}/{name} has shape {tuple(arr.shape)}, the manifest "
+                             f"implies {featstats_shape(m, length) or 'none (no head_part)'}; {_hint(url)}")
         sub = None if sizes is None else {k[len(name) + 1:]: v for k, v in sizes.items()
                                           if k.startswith(f"{name}/")}
         lost = missing_objects(arr, sub)

@@ -14,7 +14,6 @@ import json
 import math
 import sys
 import typing
-from typing import NoReturn
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,17 +24,16 @@ from ..config import MAX_INT8_BOX_STEP, AssignerConfig, ModelConfig, Pipeline
 from ..models.anchors import Grid, make_grid
 from ..models.detector import HEADS, backbone_label
 from .codec import CODEC_TABLE, codec_for
+from .headspec import head_part_problem
 from .region import entry_setting
 
 FORMAT = "ldpipe-teacher-cache"
 FORMAT_VERSION = 2
 IDENTITY = ("teacher", "geometry", "data", "region", "codec", "compressor", "store_cls",
             "samples_per_shard", "chunk_rows")
-# identity fields added later, absent from the manifests of caches made before them (so their
-# identity, and id, is unchanged)
-LATER_IDENTITY = ("codec_clip", "codec_step", "cls_values")
-# bounds of a sane manifest: a damaged or hostile one must not make a reader divide by zero
-# or allocate terabytes (check_numbers)
+# identity fields added later, absent from the manifests of caches made before them (their identity, id unchanged)
+LATER_IDENTITY = ("codec_clip", "codec_step", "cls_values", "head_part")
+# bounds of a sane manifest (check_numbers): a damaged or hostile one must not divide by zero or allocate terabytes
 MAX_REG_MAX = 1024
 MAX_CLASSES = 100_000
 MAX_SAMPLES = 1 << 40
@@ -159,6 +157,9 @@ class Manifest:
     # what the stored ``cls`` rows hold (cache.cls_values): absent/None = their log-softmax over
     # the classes (every cache before BCKD); "logits" = the raw logits (BCKD reads their sigmoid)
     cls_values: str | None = None
+    # CrossKD: {"idx", "channels", "levels", "stacked_convs", "sha256": {parameter: sha256}} of the
+    # head_part/ arrays, whose units hold featstats (docs/cache-format.md, section 10); None = neither
+    head_part: dict | None = None
 
     # ------------------------------------------------------------ (de)serialising
     @classmethod
@@ -175,10 +176,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("codec_clip", "codec_step"):
-            if d[key] is None:
-                del d[key]
-        for key in ("cls_logits", "cls_values"):
+        for key in ("codec_clip", "codec_step", "cls_logits", "cls_values", "head_part"):
             if d[key] is None:
                 del d[key]
         return d
@@ -198,6 +196,11 @@ class Manifest:
     def cls_meaning(self) -> str:
         """``"joint"`` or ``"class"``: what the ``cls`` rows are (see ``cls_logits``)."""
         return self.cls_logits or "joint"
+
+    @property
+    def has_head_stats(self) -> bool:
+        """Whether the cache holds the teacher head part and per-sample feature statistics."""
+        return self.head_part is not None
 
     @property
     def teacher_head(self) -> str:
@@ -297,7 +300,7 @@ def check_numbers(m: "Manifest", url: str) -> None:
     """Refuse a manifest whose numbers no writer produces (zero strides, huge sizes, ...)."""
     geo = m.geometry
 
-    def bad(what: str, value) -> NoReturn:
+    def bad(what: str, value) -> typing.NoReturn:
         raise CacheError(f"{url}: the manifest's {what} is {value!r}, which no dump writes "
                          "(damaged or edited manifest)")
 
@@ -327,12 +330,13 @@ def check_numbers(m: "Manifest", url: str) -> None:
         bad("codec_step", step)
     if m.cls_values not in (None, "logits"):
         bad("cls_values", m.cls_values)
+    if (problem := head_part_problem(m.head_part)) is not None:
+        bad(*problem)
 
 
 # ---------------------------------------------------------------------- building
 def architecture(cfg: ModelConfig) -> dict:
-    # "ResNet-50" for a plain ResNet (as format version 2 always wrote), else e.g.
-    # "ResNeXt-101-32x4d-DCN(c4-c5)"
+    # "ResNet-50" for a plain ResNet (as format version 2 always wrote), else e.g. "ResNeXt-101-32x4d-DCN(c4-c5)"
     # "base_width": the stem width under the name every version-2 manifest has (identity, cache id)
     arch = {"type": "GFL", "backbone": backbone_label(cfg.backbone), "depth": cfg.depth,
             "base_width": cfg.base_channels, "channels": cfg.channels,

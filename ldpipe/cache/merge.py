@@ -14,7 +14,8 @@ The sources must be complete caches made the same way except for the teacher: ev
 field of the manifest but ``teacher`` (data set and its image ids, geometry and variants,
 region policy and its assigners, codec and its clip, compressor, class storage, unit and chunk
 sizes) and, per sample, the same geometry and the same stored anchors.  Anything else is
-refused with the first difference named.  The result is an ordinary format-version-2 cache
+refused with the first difference named, and so is a CrossKD cache (a teacher head part and
+feature statistics are one teacher's: there is no ensemble of them).  The result is an ordinary format-version-2 cache
 (written unit by unit through :mod:`.store`'s commit protocol, so a killed merge resumes),
 whose ``teacher`` describes the ensemble and whose ``lineage.ensemble`` lists each source
 cache's lineage entry.
@@ -185,6 +186,10 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
         if m.store_cls and m.cls_values == "logits":
             raise CacheError(f"cannot merge {url}: its class rows are raw logits "
                              "(cache.cls_values='logits'); merge caches of log-probabilities")
+        if m.has_head_stats:  # CrossKD: one teacher's head weights and feature statistics
+            raise CacheError(f"cannot merge {url}: it holds a CrossKD teacher head part and feature "
+                             "statistics, which are one teacher's (merging would mix teachers); "
+                             "merge caches dumped without them")
     for (url, _, m), name in zip(sources[1:], names[1:]):
         diff = shared_differences(base, m, names[0], name)
         if diff:

@@ -19,9 +19,11 @@ from ..errors import first_line
 from .codec import codec_for
 from .integrity import (check_index, check_unit, check_unit_arrays, check_unit_entries,
                         commit_bindings, missing_objects)
+from .headpart import read_head_part  # noqa: F401 (re-exported)
+from .headspec import FEATSTATS
 from .manifest import F, CacheError, Manifest
 from .shards import ShardBinding, ShardRows, shard_rows
-from .store import (ROWS_LAST, from_disk, index_complete, load_index, open_cache,
+from .store import (ROWS_LAST, content_sha, from_disk, index_complete, load_index, open_cache,
                     unit_name)
 
 VALUE_ARRAYS = ("anchor", "box", "cls")
@@ -42,6 +44,8 @@ class UnitArrays:
     committed with shard bindings has every shard index and chunk read checked against them
     (``ldpipe.cache.shards``); given ``entries`` (unit -> its samples' rows of the cache's
     table and scale factors), the table's entries are checked against the commit's sha256.
+    A unit whose commit lists ``featstats`` (CrossKD) also has it opened, with its own table
+    ``samples`` read whole and checked against the commit (to find a sample's statistics).
     """
 
     def __init__(self, root: zarr.Group, url: str, decoded: bool, keep: int | None = 64,
@@ -71,6 +75,15 @@ class UnitArrays:
                 if name in commit["sha256"]:
                     arrays[name] = self._open_array(g[name], name, f"{self.url}: {where}/{name}",
                                                     bindings.get(name))
+            if FEATSTATS in commit["sha256"]:
+                name = FEATSTATS
+                arrays[name] = self._open_array(g[name], name, f"{self.url}: {where}/{name}",
+                                                bindings.get(name))
+                name = "samples"
+                arrays[name] = np.asarray(g[name][...])
+                if content_sha(arrays[name]) != commit["sha256"].get(name):
+                    raise CacheError(f"{self.url}: {where}/{name} does not match its commit checksum "
+                                     f"(damaged or edited shard); run `ldpipe cache verify {self.url}`")
         except CacheError:
             raise
         except Exception as exc:
@@ -100,13 +113,25 @@ def _take(arr, name: str, sl: slice) -> np.ndarray:
     return arr[sl] if name not in ROWS_LAST else arr[..., sl]
 
 
+def _featstats(arrays: dict, s: int, where: str) -> torch.Tensor:
+    """The feature statistics of sample ``s`` (its position from the unit's own table)."""
+    numbers = arrays["samples"][:, F["sample"]]
+    i = int(np.searchsorted(numbers, s))
+    if i >= numbers.shape[0] or int(numbers[i]) != s:
+        raise CacheError(f"{where}/samples does not list sample {s}, which the index puts in it")
+    raw = _take(arrays[FEATSTATS], FEATSTATS, slice(i, i + 1))
+    return torch.from_numpy(np.array(raw[0], dtype=np.float64, order="C"))  # own, writable copy
+
+
 def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True,
                 url: str = "", unit: int | None = None, decode: bool = True) -> dict:
     """Decoded rows of the sample ``rec`` (an index row) from its unit's arrays.
 
     ``decode=False``: ``box`` / ``cls`` as stored (rows first, contiguous; ``int8`` rows keep
     their scale bytes), with ``codec`` naming how to decode them
-    (:func:`ldpipe.cache.codec.decode_packed`)."""
+    (:func:`ldpipe.cache.codec.decode_packed`).  Either way a unit with feature statistics
+    (CrossKD) adds ``featstats``: float64 ``[L, 2, 2, C]`` (level, tower 0 cls / 1 reg, moment
+    0 sum / 1 sum of squares, channel); for a unit without them the key is absent."""
     start, count = int(rec[F["row_start"]]), int(rec[F["row_count"]])
     sl = slice(start, start + count)
     where = f"{url}: units/{unit_name(unit)}" if unit is not None else f"{url}: a unit"
@@ -126,6 +151,9 @@ def sample_rows(arrays: dict, rec: np.ndarray, codec: str, with_cls: bool = True
             out[name] = coder.unpack(raw) if decode else torch.from_numpy(np.array(raw, order="C"))  # own, writable copy
         if not decode:
             out["codec"] = codec
+        if FEATSTATS in arrays:
+            name = FEATSTATS
+            out[name] = _featstats(arrays, int(rec[F["sample"]]), where)
     except CacheError as exc:
         raise CacheError(f"{exc}; run `ldpipe cache verify {url}`") from None
     except Exception as exc:

@@ -9,9 +9,11 @@ Layout (``docs/cache-format.md`` is the full, versioned spec)::
         anchor    int32  [rows]      own-grid flat anchor index, sorted per sample (delta filter)
         box       [4, B', rows]      edge log-probabilities, rows last (B' = reg_max+1, +2 for int8)
         cls       [C', rows]         class log-probabilities, rows last (C' = C, +2 for int8)
+        featstats float64[n, L, 2, 2, C]  CrossKD caches only: per-sample head feature statistics
         attrs["commit"]              written last: counts and content sha256 per array (and,
                                      written with ``bind``, each array's shard binding)
     CACHE/index/               consolidated table of every sample (written when complete)
+    CACHE/head_part/           CrossKD caches only: the teacher head part, float32 (.headpart)
 
 Every array of a unit is one shard (zarr's sharding codec) of inner chunks of
 ``chunk_rows`` rows, each chunk compressed (Zstd or Blosc) and checksummed
@@ -42,6 +44,8 @@ from ..config import COMPRESSORS
 from ..config.sample import SampleGeometry, sample_pair
 from ..errors import first_line
 from . import codec as C
+from .headpart import head_part_shas, read_head_part, write_head_part  # noqa: F401 (re-exported)
+from .headspec import FEATSTATS
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 from .places import check_cache_out, creation_path
 from .shards import shard_rows
@@ -51,6 +55,7 @@ from .shards import shard_rows
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
 ROWS_LAST = ("box", "cls")  # stored with the row axis last (columnar); see to_disk
+PER_SAMPLE = ("samples", "scale", FEATSTATS)  # one entry per sample (the others: per row)
 
 
 def _storage_options(url: str) -> dict | None:
@@ -142,6 +147,9 @@ class SampleRows:
     anchor: torch.Tensor  # int [n] sorted own-grid anchor indices
     box: torch.Tensor  # float32 [n, 4, reg_max + 1] edge log-probabilities
     cls: torch.Tensor | None  # float32 [n, C] class log-probabilities
+    # CrossKD: float64 [L, 2, 2, C] per FPN level, tower (0 cls, 1 reg), moment (0 sum, 1 sum of
+    # squares over the level's positions) and channel of the teacher's head features
+    featstats: torch.Tensor | None = None
 
 
 @dataclass
@@ -153,6 +161,7 @@ class UnitData:
     anchor: np.ndarray  # int32 [rows]
     box: np.ndarray  # [rows, 4, B']
     cls: np.ndarray | None  # [rows, C'] or None
+    featstats: np.ndarray | None = None  # float64 [n, L, 2, 2, C] (CrossKD) or None
 
 
 def stored_identity(meta) -> tuple[int, int, SampleGeometry]:
@@ -176,6 +185,10 @@ def assemble_unit(items: list[SampleRows], codec: str, num_variants: int,
     anchors, boxes, classes = [], [], []
     start = 0
     has_cls = bool(items) and items[0].cls is not None
+    stats = [it.featstats for it in items if it.featstats is not None]
+    if stats and len(stats) != len(items):
+        raise ValueError(f"{len(stats)} of the unit's {len(items)} samples have feature statistics: "
+                         "all or none must")
     for i, it in enumerate(items):
         n = int(it.anchor.shape[0])
         index, image_id, geo = stored_identity(it.meta)
@@ -194,7 +207,8 @@ def assemble_unit(items: list[SampleRows], codec: str, num_variants: int,
     coder = C.codec_for(codec)
     box = coder.pack(coder.encode(torch.cat(boxes), box_step)) if boxes else None
     cls = coder.pack(coder.encode(torch.cat(classes))) if has_cls else None
-    return UnitData(table, scale, anchor, box, cls)
+    featstats = np.stack([t.detach().cpu().numpy().astype(np.float64) for t in stats]) if stats else None
+    return UnitData(table, scale, anchor, box, cls, featstats)
 
 
 def write_unit(root: zarr.Group, u: int, data: UnitData, compressor: str, chunk_rows: int,
@@ -205,7 +219,8 @@ def write_unit(root: zarr.Group, u: int, data: UnitData, compressor: str, chunk_
     index and every chunk's crc32c, read back from the store once written), which binds what
     the direct reader reads to this commit; the dump and ``cache merge`` write it.  Without
     it the commit is the one format version 2 first specified, byte for byte
-    (``tests/test_format_golden.py``)."""
+    (``tests/test_format_golden.py``).  ``data.featstats`` (CrossKD) adds the array
+    ``featstats``, samples first and one chunk per sample; without it nothing changes."""
     path = f"units/{unit_name(u)}"
     if path in root:
         del root[path]
@@ -214,10 +229,17 @@ def write_unit(root: zarr.Group, u: int, data: UnitData, compressor: str, chunk_
     arrays = {"samples": data.samples, "scale": data.scale, "anchor": data.anchor, "box": data.box}
     if data.cls is not None:
         arrays["cls"] = data.cls
+    if data.featstats is not None:
+        stats = np.ascontiguousarray(data.featstats, dtype=np.float64)
+        if stats.ndim != 5 or stats.shape[0] != data.samples.shape[0] or stats.shape[2:4] != (2, 2):
+            raise ValueError(f"featstats of shape {stats.shape} for {data.samples.shape[0]} samples "
+                             "(expected [n, L, 2, 2, C])")
+        arrays[FEATSTATS] = stats
     shas, bindings = {}, {}
     for name, arr in arrays.items():
         rows = arr.shape[0]
-        inner = max(1, min(chunk_rows, rows))
+        # featstats: one chunk per sample (a sample's read decodes only its own statistics)
+        inner = max(1, min(chunk_rows if name != FEATSTATS else 1, rows))
         shard_len = max(inner, -(-rows // inner) * inner)
         arr = to_disk(name, arr)
         if name in ROWS_LAST:

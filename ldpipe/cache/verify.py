@@ -4,7 +4,9 @@ Decodes every array shard by shard (a shard that is missing or fails its crc32c 
 its store path), compares content with the commit's sha256 (and the shards with its shard
 bindings, where it has them), checks the per-sample table (numbering, row ranges, image ids,
 geometry), the anchor indices, that box/class rows are finite normalised log-probabilities,
-and the consolidated index.  Never raises for a damaged cache: problems go to ``errors``.
+the consolidated index and, in a CrossKD cache, each unit's ``featstats`` (like any unit array,
+plus its shape and values) and the ``head_part/`` arrays against the manifest's
+``head_part.sha256`` (:mod:`.headpart`).  Never raises for a damaged cache: problems go to ``errors``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from zarr.core.sync import sync
 
 from ..config.sample import sample_pair
 from ..errors import first_line
-from . import geometry_check, value_check
+from . import geometry_check, headpart, value_check
 from .codec import CODEC_TABLE, codec_for
 from .info import is_listable, stored_objects
 from .integrity import binding_problems
@@ -132,6 +134,8 @@ class _Verifier:
                 if res is not None:
                     tables[u] = res
         complete = self._index(tables, missing)
+        for problem in headpart.head_part_problems(self.root, m, url):
+            self.error(problem)
         # only a local store writes temporary files (object stores replace objects whole);
         # on an object store this would list every object
         partial = (sorted(k for k in stored_objects(self.root) if k.endswith(".partial"))
@@ -201,7 +205,8 @@ class _Verifier:
     # ------------------------------------------------------------ one unit
     def _unit(self, u: int, g: zarr.Group, commit: dict):
         m, un = self.m, f"units/{unit_name(u)}"
-        expected = ["samples", "scale", "anchor", "box"] + (["cls"] if m.store_cls else [])
+        expected = ["samples", "scale", "anchor", "box"] + (["cls"] if m.store_cls else []) + (
+            ["featstats"] if m.has_head_stats else [])
         self.checked["units"] += 1
         shas = commit.get("sha256") if isinstance(commit.get("sha256"), dict) else {}
         if sorted(shas) != sorted(expected):
@@ -250,6 +255,10 @@ class _Verifier:
                                  ("cls", (m.geometry.num_classes + extra, rows))):
             if data.get(name) is not None:
                 self._values(u, name, data[name], want_shape, table, rows, rows_ok)
+        if data.get("featstats") is not None:
+            problem = headpart.featstats_problem(m, f"{un}/featstats", data["featstats"], n)
+            if problem:
+                self.error(problem)
         return table, (scale if scale is not None else np.ones((n, 2)))
 
     def _sample_numbers(self, u: int, table: np.ndarray) -> None:
