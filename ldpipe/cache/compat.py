@@ -18,16 +18,23 @@ log = logging.getLogger("ldpipe.cache")
 # hold the valuable localization region that VLR reads; BCKD reads every valid anchor, which
 # only ``dense`` stores
 BCKD_TERMS = {"bckd_cls", "bckd_box"}
+# CrossKD reads every valid anchor too, and the cache's head part and feature statistics
+CROSSKD_TERMS = {"crosskd_cls", "crosskd_reg"}
+DENSE_TERMS = BCKD_TERMS | CROSSKD_TERMS
 SERVES = {policy: ({"ld", "kd"} if policy == "main" else
-                   set(DISTILL_TERMS) if policy == "dense" else set(DISTILL_TERMS) - BCKD_TERMS)
+                   set(DISTILL_TERMS) if policy == "dense" else set(DISTILL_TERMS) - DENSE_TERMS)
           for policy in REGION_POLICIES}
-# the terms that read the teacher's class rows (BCKD's box term weights anchors by them)
-CLS_TERMS = {"kd"} | BCKD_TERMS
-# the dump-teacher settings a BCKD cache needs
+# the terms that read the teacher's class rows (BCKD's box term and CrossKD's KL weight anchors
+# by them)
+CLS_TERMS = {"kd"} | DENSE_TERMS
+# the terms that read raw class logits (their sigmoid)
+LOGIT_TERMS = DENSE_TERMS
+# the dump-teacher settings a BCKD cache needs (CrossKD: also cache.reused_head_idx)
 BCKD_DUMP = "-o cache.region=dense -o cache.cls_values=logits -o cache.codec=fp32 (or fp16)"
 
 # the distillation methods by their [distill] terms (what `cache info` lists)
-METHODS = {"LD": ("ld", "vlr", "kd"), "BCKD": ("bckd_cls", "bckd_box")}
+METHODS = {"LD": ("ld", "vlr", "kd"), "BCKD": ("bckd_cls", "bckd_box"),
+           "CrossKD": ("crosskd_cls", "crosskd_reg")}
 
 
 def served_terms(m: Manifest) -> list[str]:
@@ -37,7 +44,9 @@ def served_terms(m: Manifest) -> list[str]:
     if not m.store_cls:
         out -= CLS_TERMS
     elif m.cls_values != "logits":
-        out -= BCKD_TERMS
+        out -= LOGIT_TERMS
+    if not m.head_part:
+        out -= CROSSKD_TERMS
     return [t for t in DISTILL_TERMS if t in out]
 
 
@@ -80,7 +89,7 @@ def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
     policy = m.region.policy
     missing = terms - SERVES[policy]
     if missing:
-        need = "'dense' (every anchor)" if missing & BCKD_TERMS else "'ld'"
+        need = "'dense' (every anchor)" if missing & DENSE_TERMS else "'ld'"
         problems.append(f"region policy {policy!r} cannot serve {sorted(missing)}; dump with "
                         f"cache.region={need} or switch those terms off (distill.<term>=false)")
     if "kd" in terms and not m.store_cls:
@@ -91,6 +100,20 @@ def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
         held = "no class rows" if not m.store_cls else "class log-probabilities, whose sigmoid is lost"
         problems.append(f"BCKD ({', '.join(bckd)}) needs the teacher's raw class logits at every "
                         f"valid anchor, but the cache has {held}; dump again with {BCKD_DUMP}")
+    crosskd = sorted(terms & CROSSKD_TERMS)
+    if crosskd and not (m.store_cls and m.cls_values == "logits"):
+        problems.append(f"CrossKD ({', '.join(crosskd)}) needs the teacher's raw class logits at "
+                        f"every valid anchor; dump again with {BCKD_DUMP} -o cache.reused_head_idx=K")
+    if crosskd and not m.head_part:
+        problems.append(f"CrossKD ({', '.join(crosskd)}) needs the teacher's head part and feature "
+                        f"statistics, which this cache lacks; dump again with "
+                        f"-o cache.reused_head_idx=K (K = the teacher's stacked_convs - 1 as the "
+                        f"CrossKD recipe)")
+    elif crosskd:
+        p = m.head_part
+        problem = _held_problem(cfg, model_name, p["idx"], p["channels"], "the cache's teacher")
+        if problem:
+            problems.append(problem)
     if terms & CLS_TERMS and m.store_cls:
         problem = class_kd_problem(m.cls_meaning(), m.teacher_head, cfg, model_name)
         if problem:
@@ -113,6 +136,36 @@ def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
                                 f"again with it, use a cache.region that covers both ('overlap' or "
                                 f"'dense'), or set models.{model_name}.assigner.vlr_region")
     return problems
+
+
+def _held_problem(cfg, model_name: str, idx: int, channels: int, teacher: str) -> str | None:
+    """Why student ``cfg`` cannot feed its held features to a head part from conv ``idx`` of
+    ``channels`` channels, or None."""
+    if cfg.head.type != "GFLHead":
+        return (f"CrossKD is implemented for GFLHead students; model {model_name!r} has "
+                f"{cfg.head.type}")
+    if idx >= cfg.stacked_convs:
+        return (f"CrossKD: {teacher} reuses its head from conv {idx}, model {model_name!r} has "
+                f"{cfg.stacked_convs} stacked convs (it must have conv {idx} to hold its input)")
+    held = cfg.head.align_channels or cfg.channels
+    if held != channels:
+        return (f"CrossKD: {teacher}'s head part takes {channels} channels, model {model_name!r} "
+                f"holds {held} (its channels); set models.{model_name}.head.align_channels={channels} "
+                f"(1x1 maps trained with the student)")
+    return None
+
+
+def crosskd_pair_problem(teacher_cfg, student_cfg, model_name: str, idx: int,
+                         teacher_name: str) -> str | None:
+    """An online teacher ``teacher_cfg``'s head part from conv ``idx`` and the student: why
+    they cannot pair, or None."""
+    if idx < 0:
+        return ("CrossKD needs the reused head conv: set cache.reused_head_idx (the CrossKD "
+                "recipe: the teacher's stacked_convs - 1)")
+    if teacher_cfg.head.type != "GFLHead" or idx >= teacher_cfg.stacked_convs:
+        return (f"CrossKD: teacher {teacher_name!r} ({teacher_cfg.head.type}, "
+                f"{teacher_cfg.stacked_convs} stacked convs) has no GFLHead conv {idx} to reuse")
+    return _held_problem(student_cfg, model_name, idx, teacher_cfg.channels, f"teacher {teacher_name!r}")
 
 
 def class_kd_problem(teacher_logits: str, teacher_head: str, cfg, model_name: str) -> str | None:

@@ -341,8 +341,8 @@ def architecture(cfg: ModelConfig) -> dict:
     arch = {"type": "GFL", "backbone": backbone_label(cfg.backbone), "depth": cfg.depth,
             "base_width": cfg.base_channels, "channels": cfg.channels,
             "stacked_convs": cfg.stacked_convs, "reg_max": cfg.reg_max}
-    if cfg.head.type != "GFLHead":  # absent = GFLHead, so a GFL teacher's manifest is as before
-        arch["head"] = dataclasses.asdict(cfg.head)
+    if cfg.head.type != "GFLHead" or cfg.head.align_channels:  # absent: a GFLHead, as before
+        arch["head"] = {k: v for k, v in dataclasses.asdict(cfg.head).items() if k != "align_channels" or v}
     return arch
 
 

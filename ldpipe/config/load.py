@@ -165,6 +165,13 @@ def validate(pipe: Pipeline) -> None:
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step <= MAX_INT8_BOX_STEP:
         raise ConfigError(f"{src}: cache.int8_box_step must be a number of nats in [0, {MAX_INT8_BOX_STEP:g}] "
                           f"(0 = each row over its own range), got {step!r}")
+    if pipe.cache.reused_head_idx < -1:
+        raise ConfigError(f"{src}: cache.reused_head_idx must be -1 (off) or a head conv index "
+                          f">= 0, got {pipe.cache.reused_head_idx}")
+    for name, m in pipe.models.items():
+        if m.head.align_channels < 0:
+            raise ConfigError(f"{src}: models.{name}.head.align_channels must be >= 0 (0 = off), "
+                              f"got {m.head.align_channels}")
     if pipe.cache.cls_values == "logits" and pipe.cache.codec == "int8":
         raise ConfigError(f"{src}: cache.cls_values='logits' needs cache.codec 'fp32' or 'fp16' "
                           "(int8 stores values <= 0: log-probabilities)")

@@ -45,9 +45,9 @@ COMPRESSORS = typing.get_args(Compressor)
 # cache.int8_box_step: default and largest value, in nats (ldpipe.cache.codec)
 INT8_BOX_STEP = 0.125
 MAX_INT8_BOX_STEP = 1.0  # half of it moves a value by 0.05 at T = 10
-# the [distill] switches (ldpipe.config.enabled_terms reads them by name): LD's three terms and
-# BCKD's two (ldpipe.distill.bckd)
-DISTILL_TERMS = ("ld", "vlr", "kd", "bckd_cls", "bckd_box")
+# the [distill] switches (ldpipe.config.enabled_terms reads them by name): LD's three terms,
+# BCKD's two (ldpipe.distill.bckd) and CrossKD's two (ldpipe.distill.crosskd)
+DISTILL_TERMS = ("ld", "vlr", "kd", "bckd_cls", "bckd_box", "crosskd_cls", "crosskd_reg")
 BOX_LOSSES = typing.get_args(BoxLoss)
 BOX_NORMS = typing.get_args(BoxNorm)
 VLR_REGIONS = typing.get_args(VlrRegion)
@@ -202,6 +202,12 @@ class HeadConfig:
     reg_topk: int = 4  # GFocalHead only
     reg_channels: int = 64  # GFocalHead only
     add_mean: bool = True  # GFocalHead only
+    # CrossKD with a teacher whose head is wider than this model's: > 0 adds two 1x1 convs
+    # (``align_cls`` / ``align_reg``, trained with the student, unused at test time) that map
+    # the student's held head features to this many channels (the teacher's) before they enter
+    # the teacher's head part.  0 (default): the features enter as they are (equal widths, as
+    # in the CrossKD reference, whose heads are all 256 wide)
+    align_channels: int = 0
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,24 @@ class DistillConfig:
     bckd_beta: float = 1.0
     bckd_box: bool = False
     bckd_box_weight: float = 4.0
+    # CrossKD (Wang et al., CVPR 2024; jbwang1997/CrossKD, its GFL recipe
+    # crosskd_r50_gflv1_r101-2x-ms_fpn_1x_coco.py), off by default: the student's head features
+    # after conv ``cache.reused_head_idx`` (pre-activation), rescaled per channel to the
+    # teacher's batch mean/std there, run through the teacher's remaining head convs and
+    # prediction layers (frozen; from the cache), and those predictions distilled against the
+    # teacher's own at every valid anchor (a cache dumped with cache.reused_head_idx >= 0,
+    # cache.region = "dense", cache.cls_values = "logits"):
+    # crosskd_cls - KD quality focal loss (BCE against the teacher's sigmoid, times
+    #   |sigma_reused - sigma_t| ^ crosskd_beta), / the GFL positives normaliser (weight 1.0);
+    # crosskd_reg - KL at T = crosskd_T on every edge distribution, weighted by the teacher's
+    #   max class sigmoid, / 4 / the sum of those weights (weight 4.0 in the reference config;
+    #   its paper's Table lists no box IoU term for GFL, and its config has none)
+    crosskd_cls: bool = False
+    crosskd_cls_weight: float = 1.0
+    crosskd_beta: float = 1.0
+    crosskd_reg: bool = False
+    crosskd_reg_weight: float = 4.0
+    crosskd_T: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -280,6 +304,12 @@ class CacheConfig:
     chunk_rows: int = 1024
     batch_size: int = 4
     readers: list[str] = field(default_factory=list)  # models whose assigner sets the regions
+    # CrossKD: >= 0 also stores the teacher's head part after conv ``reused_head_idx`` (convs
+    # idx.. and the prediction layers, with its scales) and, per sample, the per-channel sums
+    # and squared sums of its pre-activation head features after conv idx (per level and
+    # tower), from which any batch's mean/std is combined exactly; -1 (default): neither.
+    # The reference's reused_teacher_head_idx (3 of 4 convs: idx = stacked_convs - 1)
+    reused_head_idx: int = -1
     writer_threads: int = 2  # dump: threads that encode, compress, checksum and commit units
 
 

@@ -12,10 +12,13 @@ import torch
 
 from ..cache import CacheError, CacheReader
 from ..cache.codec import decode_packed
-from ..cache.compat import CLS_TERMS, check_compatible
+from ..cache.compat import CLS_TERMS, CROSSKD_TERMS, check_compatible
+from ..cache.store import open_root, read_head_part
 from ..config import Pipeline, enabled_terms
 from ..data import Variant
-from ..models import BatchTargets
+from ..models import BatchTargets, HeadPart
+from ..models.anchors import level_sizes
+from .crosskd import combine_moments
 from .loader import CacheTargets
 from .sources import TargetSource, TeacherBatch, TeacherRows
 
@@ -28,6 +31,19 @@ class CachedTeacher(TargetSource):
         self.terms = enabled_terms(pipe)
         self.reader = CacheReader(cache_url)
         self.manifest = self.reader.manifest
+        part = self.manifest.head_part
+        self.reuse_idx = part["idx"] if part and self.terms & CROSSKD_TERMS else None
+        self._part: HeadPart | None = None
+
+    def head_part(self, device: torch.device) -> HeadPart:
+        """The teacher's head part stored in the cache (checked against the manifest's sha256)."""
+        if self._part is None:
+            m, e = self.manifest, self.manifest.head_part
+            part = HeadPart(m.geometry.num_classes, e["channels"], e["stacked_convs"], e["idx"],
+                            m.geometry.reg_max, e["levels"], e["norm_groups"])
+            part.load_state_dict(read_head_part(open_root(self.url), self.url, e["sha256"]))
+            self._part = part.to(device).frozen()
+        return self._part
 
     def sample_extra(self, device: torch.device) -> CacheTargets:
         # a GPU step gets the rows as stored (8 bits a value for int8: a quarter of the bytes
@@ -61,7 +77,23 @@ class CachedTeacher(TargetSource):
             offset += n
         box = torch.cat(boxes) if boxes else torch.zeros(0, 4, 1, device=device)
         cls = torch.cat(classes) if classes else None
-        return CachedBatch(rows, box, cls, self.url, self.manifest.region.policy, batch["metas"])
+        out = CachedBatch(rows, box, cls, self.url, self.manifest.region.policy, batch["metas"])
+        if self.reuse_idx is not None:
+            out.head_stats = self._batch_stats(batch, device)
+        return out
+
+    def _batch_stats(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """``[L, 2, 2, C]`` the teacher's mean / std over this batch, from the samples' moments."""
+        moments = [t.get("featstats") for t in batch["teacher"]]
+        if any(m is None for m in moments):
+            meta = batch["metas"][[m is None for m in moments].index(True)]
+            raise CacheError(f"{self.url}: sample {meta.label()} has no CrossKD feature statistics")
+        mom = torch.stack(moments).to(device)  # [B, L, 2, 2, C]
+        strides = self.manifest.geometry.strides
+        counts = torch.tensor([[h * w for h, w in level_sizes(tuple(m.geometry.pad_shape), list(strides))]
+                               for m in batch["metas"]], dtype=torch.float64, device=device)  # [B, L]
+        return torch.stack([torch.stack([combine_moments(mom[:, lv, br], counts[:, lv]) for br in (0, 1)])
+                            for lv in range(mom.shape[1])])
 
 
 @dataclass

@@ -17,6 +17,7 @@ from ..config import DistillConfig, LossConfig
 from ..models import GFL, BatchTargets, DenseOutput, PositiveSet
 from ..models.device_ops import mean_over_ranks
 from .bckd import bckd_anchors, bckd_box_loss, bckd_cls_loss, expected_distances
+from .crosskd import cross_head, crosskd_reg_loss
 from .losses import cls_kd_loss, ld_loss, vlr_loss
 from .sources import TargetSource
 
@@ -38,6 +39,8 @@ class Criterion:
 
     # whether the loader must compute the per-image VLR weights (``bt.vlr``)
     with_vlr: bool = False
+    # CrossKD: the head conv whose input the model's forward must hold (``DenseOutput.held``)
+    hold: int | None = None
 
     def __call__(self, model: GFL, batch: dict, out: DenseOutput, bt: BatchTargets) -> Losses:
         raise NotImplementedError
@@ -66,6 +69,9 @@ class DistillCriterion(GFLCriterion):
     * ``loss_ld_vlr`` - LD on the valuable localization region, weighted by its IoU;
     * ``loss_bckd_cls`` / ``loss_bckd_box`` - BCKD's binary classification and IoU-based box
       distillation on every valid anchor (:mod:`ldpipe.distill.bckd`), / the positives;
+    * ``loss_crosskd_cls`` / ``loss_crosskd_reg`` - CrossKD: the teacher head part's
+      predictions on the student's held features against the teacher's own, every valid
+      anchor (:mod:`ldpipe.distill.crosskd`);
 
     LD and VLR summed over the batch (the reference's ``distill.ld_norm = "sum"``) or per image
     (``"image"``: divided by the batch's images, so a term does not grow with images per GPU).
@@ -78,15 +84,18 @@ class DistillCriterion(GFLCriterion):
         super().__init__(loss)
         self.cfg, self.terms, self.teacher = cfg, set(terms), teacher
         self.with_vlr = "vlr" in self.terms
+        if self.terms & {"crosskd_cls", "crosskd_reg"}:
+            self.hold = teacher.reuse_idx
 
     def __call__(self, model: GFL, batch: dict, out: DenseOutput, bt: BatchTargets) -> Losses:
         losses, pos = self.gfl(model, out, bt)
-        losses.update(self.distill_terms(batch, out, bt, pos))
+        losses.update(self.distill_terms(batch, out, bt, pos, model))
         return losses
 
     def distill_terms(self, batch: dict, out: DenseOutput, bt: BatchTargets,
-                      pos: PositiveSet) -> Losses:
-        """The LD / class-KD / VLR terms alone (``pos``: the GFL losses' positives)."""
+                      pos: PositiveSet, model: GFL | None = None) -> Losses:
+        """The distillation terms alone (``pos``: the GFL losses' positives; ``model``: the
+        student, whose head's 1x1 align maps CrossKD uses when it has them)."""
         cfg, terms = self.cfg, {}
         cls_flat, reg_flat, rb = out.flat_cls(), out.flat_reg(), out.reg_bins
         teacher = self.teacher.prepare(batch, bt, reg_flat.device)
@@ -106,7 +115,32 @@ class DistillCriterion(GFLCriterion):
                 reg_flat[vidx].reshape(-1, rb), t.box.reshape(-1, rb), bt.vlr[vidx], cfg.vlr_T)
         if "bckd_cls" in self.terms or "bckd_box" in self.terms:
             terms.update(self.bckd_terms(cls_flat, reg_flat, bt, pos, teacher))
+        if "crosskd_cls" in self.terms or "crosskd_reg" in self.terms:
+            terms.update(self.crosskd_terms(model, out, bt, teacher))
         return LD_NORM[cfg.ld_norm](terms, out.cls.shape[0])
+
+    @staticmethod
+    def _num_total(bt: BatchTargets, device) -> float:
+        """The GFL classification normaliser: mean over ranks of sum_img max(n_pos, 1), >= 1."""
+        return max(float(mean_over_ranks(torch.tensor(float(bt.num_pos_images), device=device))), 1.0)
+
+    def crosskd_terms(self, model: GFL, out: DenseOutput, bt: BatchTargets, teacher) -> Losses:
+        """CrossKD's terms: the teacher's head part on the student's held features."""
+        cfg, terms = self.cfg, {}
+        device = out.cls.device
+        head = model.bbox_head if model is not None else None
+        align = (head.align_cls, head.align_reg) if hasattr(head, "align_cls") else None
+        cls, reg = cross_head(self.teacher.head_part(device), out.held, teacher.head_stats, align)
+        idx = torch.nonzero(bt.label_weights > 0).squeeze(1)
+        t = teacher.at(idx)
+        w = bt.label_weights[idx]
+        if "crosskd_cls" in self.terms:  # KD quality focal loss: BCKD's classification formula
+            terms["loss_crosskd_cls"] = cfg.crosskd_cls_weight * bckd_cls_loss(
+                cls.reshape(-1, cls.shape[-1])[idx], t.cls, w, self._num_total(bt, device), cfg.crosskd_beta)
+        if "crosskd_reg" in self.terms:
+            terms["loss_crosskd_reg"] = cfg.crosskd_reg_weight * crosskd_reg_loss(
+                reg.reshape(-1, 4, reg.shape[-1])[idx], t.box, t.cls, w, cfg.crosskd_T)
+        return terms
 
     def bckd_terms(self, cls_flat: torch.Tensor, reg_flat: torch.Tensor, bt: BatchTargets,
                    pos: PositiveSet, teacher) -> Losses:

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import CacheError
-from ..cache.compat import CLS_TERMS, class_kd_problem
+from ..cache.compat import CLS_TERMS, CROSSKD_TERMS, class_kd_problem, crosskd_pair_problem
 from ..config import Pipeline, enabled_terms
-from ..models import GFL, BatchTargets, load_detector
+from ..models import GFL, BatchTargets, HeadPart, load_detector
 from ..models.checkpoint import file_sha256
 from ..models.detector import HEADS
 from ..models.device_ops import amp_context
+from .crosskd import batch_stats
 from .sources import TargetSource, TeacherBatch, TeacherRows
 
 
@@ -26,6 +27,14 @@ class OnlineTeacher(TargetSource):
         self.model_name, self.checkpoint = teacher_model, checkpoint
         self.device, self.use_amp = device, use_amp
         self.net: GFL | None = None
+        # CrossKD: the pipeline's cache.reused_head_idx names the reused conv here too
+        self.reuse_idx = pipe.cache.reused_head_idx if self.terms & CROSSKD_TERMS else None
+        self._part: HeadPart | None = None
+
+    def head_part(self, device: torch.device) -> HeadPart:
+        if self._part is None:
+            self._part = HeadPart.of_head(self.net.bbox_head, self.reuse_idx).to(device)
+        return self._part
 
     def check(self, pipe: Pipeline, model_name: str, split) -> None:
         """Check the pairing, then build the teacher (on ``self.device``, frozen)."""
@@ -37,6 +46,10 @@ class OnlineTeacher(TargetSource):
             HEADS[teacher.head.type].cls_logits, teacher.head.type, student, model_name))
         if problem:
             raise CacheError(problem)
+        if self.reuse_idx is not None:
+            problem = crosskd_pair_problem(teacher, student, model_name, self.reuse_idx, self.model_name)
+            if problem:
+                raise CacheError(problem)
         # built under a forked RNG: the student (built after this) gets the same initial
         # weights for a given seed as with a cache, so online and cached runs compare
         with torch.random.fork_rng(devices=[]):
@@ -52,8 +65,13 @@ class OnlineTeacher(TargetSource):
     def prepare(self, batch: dict, bt: BatchTargets, device: torch.device) -> "OnlineBatch":
         """Run the teacher on the student's batch."""
         with amp_context(device, self.use_amp):
-            out = self.net(batch["img"].to(device))
-        return OnlineBatch(out.flat_reg(), out.flat_cls())
+            img = batch["img"].to(device)
+            out = self.net(img) if self.reuse_idx is None else self.net(img, hold=self.reuse_idx)
+        got = OnlineBatch(out.flat_reg(), out.flat_cls())
+        if self.reuse_idx is not None:  # the reference's: the teacher's own features on this batch
+            got.head_stats = torch.stack([torch.stack([batch_stats(c), batch_stats(r)])
+                                          for c, r in zip(*out.held)])
+        return got
 
 
 @dataclass

@@ -35,6 +35,10 @@ class TeacherRows:
 class TeacherBatch:
     """The teacher's side of one batch, prepared once per step."""
 
+    # CrossKD: the teacher's (mean, unbiased std) per level, tower (cls, reg) and channel of
+    # its towers' input to the reused conv over this batch, ``[L, 2, 2, C]``; None otherwise
+    head_stats: torch.Tensor | None = None
+
     def at(self, flat: torch.Tensor, need_cls: bool = True) -> TeacherRows:
         """The teacher at batch-flat anchor rows ``flat`` ``[k]`` (int64)."""
         raise NotImplementedError
@@ -42,6 +46,14 @@ class TeacherBatch:
 
 class TargetSource:
     """A teacher as the training run sees it (no-op defaults where a source needs nothing)."""
+
+    # CrossKD: the head conv whose input the student holds and feeds through
+    # :meth:`head_part` (None: the source serves no CrossKD term)
+    reuse_idx: int | None = None
+
+    def head_part(self, device: torch.device):
+        """CrossKD: the teacher's frozen :class:`~ldpipe.models.HeadPart` on ``device``."""
+        raise NotImplementedError("this teacher source serves no CrossKD head part")
 
     def variants(self, pipe: Pipeline) -> list[Variant]:
         """The (scale, flip) variants the student's loader serves."""

@@ -30,7 +30,8 @@ from ..cache.manifest import CacheError
 from ..cache.places import Input, check_cache_out
 from ..cache.region import manifest_entries, own_assigner_note, reader_settings, region_index
 from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
-                           index_complete, open_root, write_index, write_unit)
+                           head_part_shas, index_complete, open_root, write_head_part, write_index,
+                           write_unit)
 from ..config import AssignerConfig, ConfigError, DataConfig, Pipeline
 from ..config.checks import check_run_args
 from ..data import (DetectionDataset, collate, load_split, padded_shape, sample_number, sample_pair,
@@ -38,6 +39,8 @@ from ..data import (DetectionDataset, collate, load_split, padded_shape, sample_
 from ..models import GFL, load_detector
 from ..models.anchors import grid_to_batch_index, make_grid
 from ..models.checkpoint import file_sha256
+from ..models.head_part import HeadPart
+from ..distill.crosskd import image_moments
 from . import runtime
 from .dumplock import DumpLock
 
@@ -85,12 +88,19 @@ def unit_batches(data: DataConfig, split, variants, units: list[int], per_unit: 
 
 
 def teacher_rows(model: GFL, batch: dict, device: torch.device, use_amp: bool, store_cls: bool,
-                 num_variants: int, cls_values: str = "log_probs") -> list[SampleRows]:
+                 num_variants: int, cls_values: str = "log_probs", reuse_idx: int = -1) -> list[SampleRows]:
     """Run the teacher on a batch and gather each sample's region rows (log-probabilities, CPU;
-    class rows: the raw logits with ``cls_values="logits"``)."""
+    class rows: the raw logits with ``cls_values="logits"``); ``reuse_idx >= 0``: also each
+    sample's CrossKD feature moments (``SampleRows.featstats``, ``[L, 2, 2, C]`` float64: per
+    level, tower and channel the sum and squared sum of the towers' input to that conv over
+    the sample's positions; a dump batch holds one padded shape, so they are the image's own)."""
     img = batch["img"].to(device, non_blocking=True)
     with runtime.amp_context(device, use_amp):
-        out = model(img)
+        out = model(img) if reuse_idx < 0 else model(img, hold=reuse_idx)
+    moments = None
+    if reuse_idx >= 0:  # [B, L, 2 (cls, reg), 2 (sum, squares), C]
+        moments = torch.stack([torch.stack([image_moments(c), image_moments(r)], dim=1)
+                               for c, r in zip(*out.held)], dim=1).cpu()
     cfg = model.cfg
     rows = []
     for b, (meta, idx) in enumerate(zip(batch["metas"], batch["region"])):
@@ -101,8 +111,26 @@ def teacher_rows(model: GFL, batch: dict, device: torch.device, use_amp: bool, s
         if store_cls:
             cls = (out.cls[b, sel].float() if cls_values == "logits" else C.log_probs(out.cls[b, sel])).cpu()
         rows.append(SampleRows(sample_number(meta.index, meta.variant_index, num_variants), meta,
-                               idx.to(torch.int32), box, cls))
+                               idx.to(torch.int32), box, cls,
+                               featstats=moments[b] if moments is not None else None))
     return rows
+
+
+def head_part_entry(model: GFL, idx: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """CrossKD (``cache.reused_head_idx``): the manifest's ``head_part`` entry and the tensors
+    of the teacher's head part from conv ``idx`` on (:class:`~ldpipe.models.HeadPart`)."""
+    cfg = model.cfg
+    if cfg.head.type != "GFLHead":
+        raise ConfigError(f"cache.reused_head_idx: CrossKD's head part is implemented for GFLHead "
+                          f"teachers, this teacher has {cfg.head.type}")
+    if not 0 <= idx < cfg.stacked_convs:
+        raise ConfigError(f"cache.reused_head_idx must be in 0..{cfg.stacked_convs - 1} (the "
+                          f"teacher's head has {cfg.stacked_convs} stacked convs), got {idx}")
+    tensors = HeadPart.of_head(model.bbox_head, idx).tensors()
+    entry = {"idx": idx, "channels": cfg.channels, "levels": len(cfg.strides),
+             "stacked_convs": cfg.stacked_convs, "norm_groups": cfg.norm_groups,
+             "sha256": head_part_shas(tensors)}
+    return entry, tensors
 
 
 class UnitWriter:
@@ -203,6 +231,11 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     model, ckpt_meta = load_detector(cfg, len(split.classes), checkpoint, info.device)
     manifest = M.build(pipe, model_name, checkpoint, file_sha256(checkpoint), ckpt_meta, split,
                        split_name, variants, manifest_entries(readers), num_units)
+    reuse_idx = cache_cfg.reused_head_idx
+    head_tensors = None
+    if reuse_idx >= 0:
+        manifest.head_part, head_tensors = head_part_entry(model, reuse_idx)
+        manifest.cache_id = manifest.compute_id()
 
     # one dump per --out at a time (rank 0 holds the lock for its whole torchrun job)
     lock = DumpLock(out) if info.is_main else None
@@ -213,6 +246,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
             create_or_resume(out, manifest, overwrite)
         runtime.barrier()
         root = open_root(out, "a")
+        if head_tensors is not None and info.is_main:
+            write_head_part(root, head_tensors)
         done = committed_units(root)
         mine = [u for u in range(num_units) if u % info.world_size == info.rank and u not in done]
         if info.is_main:
@@ -241,7 +276,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
             with torch.no_grad():
                 for batch in loader:
                     for rows in teacher_rows(model, batch, info.device, use_amp, cache_cfg.store_cls, nv,
-                                             cache_cfg.cls_values):
+                                             cache_cfg.cls_values, reuse_idx):
                         u = rows.sample // per_unit
                         pending.setdefault(u, []).append(rows)
                         if len(pending[u]) == min((u + 1) * per_unit, total) - u * per_unit:

@@ -80,7 +80,7 @@ def step_losses(ddp, model: GFL, batch: dict, device: torch.device, use_amp: boo
     loss term of ``criterion``."""
     img = batch["img"].to(device, non_blocking=True)
     with runtime.amp_context(device, use_amp):
-        out = ddp(img)
+        out = ddp(img) if criterion.hold is None else ddp(img, hold=criterion.hold)
     cfg = model.cfg
     bt = batch_targets(batch["targets"], out.level_sizes, cfg.strides, cfg.anchor_scale,
                        model.num_classes, device)

@@ -40,6 +40,9 @@ class DenseOutput:
     # is sigmoid(cls) x quality (what QFL, the LD weights and the test path read).  The dump
     # and class KD read ``cls`` in both cases (docs/cache-format.md, section 3).
     quality: torch.Tensor | None = None
+    # CrossKD: per level, the cls and reg towers' inputs to the held conv ([B, C, h, w] each);
+    # None unless the forward was asked to hold them (GFL.forward(img, hold=idx))
+    held: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
     # the flat views, made once: the GFL losses and the distillation terms index the same
     # tensor, so their gradients meet in one place (in one order) as before the redesign
     _flat: dict = field(default_factory=dict, repr=False, compare=False)
@@ -111,9 +114,18 @@ class GFL(nn.Module):
         """Bins of one edge distribution (``reg_max + 1``)."""
         return self.bbox_head.reg_bins
 
-    def forward(self, img: torch.Tensor) -> DenseOutput:
-        """Class and edge-distribution logits of every anchor, batch-flat."""
-        maps = self.bbox_head(self.neck(self.backbone(img)[1:]))
+    def forward(self, img: torch.Tensor, hold: int | None = None) -> DenseOutput:
+        """Class and edge-distribution logits of every anchor, batch-flat; ``hold``: also the
+        head towers' inputs to conv ``hold`` per level (``DenseOutput.held``, CrossKD)."""
+        feats = self.neck(self.backbone(img)[1:])
+        if hold is not None:
+            cls_maps, reg_maps, held_cls, held_reg = self.bbox_head.forward_held(feats, hold)
+            out = self._dense(img, [cls_maps, reg_maps])
+            out.held = (held_cls, held_reg)
+            return out
+        return self._dense(img, self.bbox_head(feats))
+
+    def _dense(self, img: torch.Tensor, maps) -> DenseOutput:
         cls_maps, reg_maps = maps[0], maps[1]
         b = img.shape[0]
         quality = flatten_levels(maps[2]).float() if len(maps) > 2 else None  # GFocalHead
@@ -143,6 +155,8 @@ def build_head(cfg: ModelConfig, num_classes: int) -> GFLHead:
     if cfg.head.type == "GFocalHead":
         h = cfg.head
         return GFocalHead(*args, reg_topk=h.reg_topk, reg_channels=h.reg_channels, add_mean=h.add_mean)
+    if cfg.head.align_channels:
+        return HEADS[cfg.head.type](*args, align_channels=cfg.head.align_channels)
     return HEADS[cfg.head.type](*args)
 
 

@@ -80,7 +80,7 @@ class GFLHead(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int = 256, feat_channels: int = 256,
                  stacked_convs: int = 4, reg_max: int = 16, num_levels: int = 5,
-                 norm_groups: int = 32, prior_prob: float = 0.01) -> None:
+                 norm_groups: int = 32, prior_prob: float = 0.01, align_channels: int = 0) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.reg_max = reg_max
@@ -96,6 +96,9 @@ class GFLHead(nn.Module):
         self.gfl_reg = nn.Conv2d(last, 4 * (reg_max + 1), 3, padding=1)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
         self.integral = Integral(reg_max)
+        if align_channels:  # CrossKD with a wider teacher (head.align_channels): 1x1 maps
+            self.align_cls = nn.Conv2d(feat_channels, align_channels, 1)
+            self.align_reg = nn.Conv2d(feat_channels, align_channels, 1)
         for m in list(self.cls_convs.modules()) + list(self.reg_convs.modules()):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
@@ -115,6 +118,28 @@ class GFLHead(nn.Module):
             cls_scores.append(self.gfl_cls(c))
             bbox_preds.append(scale(self.gfl_reg(r)).float())
         return cls_scores, bbox_preds
+
+    def forward_held(self, feats: list[torch.Tensor], idx: int):
+        """:meth:`forward` that also returns, per level, the towers' input to conv ``idx``
+        (``[B, feat_channels, h, w]``; idx 0: the FPN feature) - CrossKD's held features.
+
+        CrossKD's reference keeps "the output of conv idx - 1 before its activation", but
+        mmcv's ConvModule applies its ReLU in place, so the tensor it keeps is the activated
+        one: this input, which is what its published numbers used."""
+        cls_scores, bbox_preds, held_cls, held_reg = [], [], [], []
+        for x, scale in zip(feats, self.scales):
+            c, r = x, x
+            for i, conv in enumerate(self.cls_convs):
+                if i == idx:
+                    held_cls.append(c)
+                c = conv(c)
+            for i, conv in enumerate(self.reg_convs):
+                if i == idx:
+                    held_reg.append(r)
+                r = conv(r)
+            cls_scores.append(self.gfl_cls(c))
+            bbox_preds.append(scale(self.gfl_reg(r)).float())
+        return cls_scores, bbox_preds, held_cls, held_reg
 
     @property
     def reg_bins(self) -> int:

@@ -48,6 +48,9 @@ class GFocalHead(GFLHead):
     # it times the DGQP quality (GFLHead: the logits' sigmoid is the joint score itself)
     cls_logits = "class"
 
+    def forward_held(self, feats, idx):
+        raise NotImplementedError("CrossKD's held features are implemented for GFLHead only")
+
     def __init__(self, num_classes: int, in_channels: int = 256, feat_channels: int = 256,
                  stacked_convs: int = 4, reg_max: int = 16, num_levels: int = 5,
                  norm_groups: int = 32, prior_prob: float = 0.01, reg_topk: int = 4,

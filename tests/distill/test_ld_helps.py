@@ -66,7 +66,8 @@ def oracle_rows(shuffle: bool = False):
     """A ``teacher_rows`` that ignores the network and answers with the ground truth of the
     batch; ``shuffle`` permutes each sample's rows across its anchors (wrong targets)."""
 
-    def rows_of(model, batch, device, use_amp, store_cls, num_variants, cls_values="log_probs"):
+    def rows_of(model, batch, device, use_amp, store_cls, num_variants, cls_values="log_probs",
+                reuse_idx=-1):
         cfg = model.cfg
         bins = torch.arange(cfg.reg_max + 1, dtype=torch.float32)
         out = []

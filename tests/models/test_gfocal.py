@@ -308,9 +308,9 @@ def test_ld_into_a_gfocal_student_reads_the_joint_score_and_class_logits(gfocal_
     seen = {}
 
     class Spy(DistillCriterion):
-        def distill_terms(self, batch, out, bt, pos):
+        def distill_terms(self, batch, out, bt, pos, model=None):
             seen.update(out=out, pos=pos)
-            return super().distill_terms(batch, out, bt, pos)
+            return super().distill_terms(batch, out, bt, pos, model)
 
     spy = Spy(pipe2.distill, enabled_terms(pipe2), hook)
     losses = step_losses(model, model, batch, torch.device("cpu"), False, spy)
