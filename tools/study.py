@@ -21,6 +21,12 @@ ensemble       from ``ldpipe cache merge`` of the teacher's and a second teacher
                (``train.seed + 1``) caches
 bckd           BCKD (``bckd_cls`` + ``bckd_box``, LD / VLR / class KD off) from the teacher's
                ``dense`` / ``logits`` / fp16 cache
+crosskd        CrossKD (``crosskd_cls`` + ``crosskd_reg``, LD / VLR / class KD off) from a dense
+               cache with the teacher's head part from its last head conv
+               (``cache.reused_head_idx = stacked_convs - 1``); a student narrower than the
+               teacher gets ``head.align_channels`` = the teacher's channels
+bckd_online,   as bckd / crosskd with the teacher run every step (``--online-teacher``)
+crosskd_online
 =============  ======================================================================
 
 Every job is an ordinary ``ldpipe`` command line (printed and logged under
@@ -52,10 +58,15 @@ ROWS = {
     "ta": "LD v2 via a TA",
     "ensemble": "LD v2 from 2 teachers' merged cache",
     "bckd": "BCKD (authors' recipe)",
+    "crosskd": "CrossKD (authors' recipe)",
+    "bckd_online": "BCKD, online teacher",
+    "crosskd_online": "CrossKD, online teacher",
 }
 BCKD_CACHE = ["-o", "cache.region=dense", "-o", "cache.cls_values=logits", "-o", "cache.codec=fp16"]
 BCKD_TERMS = ["-o", "distill.ld=false", "-o", "distill.vlr=false", "-o", "distill.kd=false",
               "-o", "distill.bckd_cls=true", "-o", "distill.bckd_box=true"]
+CROSSKD_TERMS = ["-o", "distill.ld=false", "-o", "distill.vlr=false", "-o", "distill.kd=false",
+                 "-o", "distill.crosskd_cls=true", "-o", "distill.crosskd_reg=true"]
 DIOU = ["-o", "models.student.assigner.vlr_region=diou", "-o", "models.teacher.assigner.vlr_region=diou",
         "-o", "models.ta.assigner.vlr_region=diou"]
 
@@ -128,6 +139,9 @@ class Study:
             caches["ld_v2_fp32"] = self.dump("teacher_fp32", "teacher", t, ["-o", "cache.codec=fp32"])
         if "bckd" in want:
             caches["bckd"] = self.dump("teacher_dense", "teacher", t, BCKD_CACHE)
+        if "crosskd" in want:
+            caches["crosskd"] = self.dump("teacher_crosskd", "teacher", t,
+                                          [*BCKD_CACHE, *self._crosskd()[0]])
         if "ta" in want:
             ta = self.train("train-ta", "ta", self.path("ta"), cache=cache, deps=["dump-teacher"])
             self.evaluate("eval-ta", "ta", ta)
@@ -147,16 +161,20 @@ class Study:
                 seed = ["-o", f"train.seed={s}"]
                 wd = self.path("students", row, f"seed{s}")
                 extra = DIOU if row == "ld_v2_diou" else []
-                if row == "bckd":
+                if row in ("bckd", "bckd_online"):
                     extra = BCKD_TERMS
+                if row in ("crosskd", "crosskd_online"):
+                    extra = [*CROSSKD_TERMS, *self._crosskd()[1]]
                 if row == "ld_v1":
                     extra = ["-o", "distill.vlr=false", "-o", "distill.kd=false"]
                 if row == "baseline":
                     job = self.train(f"{row}-s{s}", "student", wd, seed)
-                elif row == "online":
+                elif row in ("online", "bckd_online", "crosskd_online"):
+                    if row == "crosskd_online":
+                        extra = [*extra, *self._crosskd()[0]]
                     job = self.add(f"{row}-s{s}", ["train-student", "--model", "student", "--online-teacher",
                                                    self.jobs[t].output, "--teacher-model", "teacher",
-                                                   "--work-dir", wd, "--resume", *seed],
+                                                   "--work-dir", wd, "--resume", *seed, *extra],
                                    os.path.join(wd, "latest.pth"), [t])
                 elif row == "self_ld":
                     if "dump-self" not in self.jobs:
@@ -170,6 +188,17 @@ class Study:
                     dep = next(n for n, j in self.jobs.items() if j.output == caches[row])
                     job = self.train(f"{row}-s{s}", "student", wd, [*seed, *extra], caches[row], [dep])
                 self.evals[(row, s)] = self.evaluate(f"eval-{row}-s{s}", "student", job)
+
+    def _crosskd(self) -> tuple[list[str], list[str]]:
+        """CrossKD's dump overrides (the reused conv: the teacher's last) and the student's
+        (1x1 align maps to the teacher's width when the student's head is narrower)."""
+        from ldpipe.config import load_pipeline
+        pipe = load_pipeline(self.pipeline, [o for o in self.common if o != "-o"])
+        teacher, student = pipe.model("teacher"), pipe.model("student")
+        dump = ["-o", f"cache.reused_head_idx={teacher.stacked_convs - 1}"]
+        align = ([] if student.channels == teacher.channels else
+                 ["-o", f"models.student.head.align_channels={teacher.channels}"])
+        return dump, align
 
     def _teacher_seed(self) -> int:
         for i, o in enumerate(self.common):
