@@ -33,20 +33,21 @@ def param_name(array: str) -> str:
 
 def head_part_problem(hp) -> tuple[str, object] | None:
     """``(field, value)`` of the first malformed field of a manifest's ``head_part`` entry, or
-    ``None`` (also for an absent entry).  ``idx``, ``channels`` and ``levels`` are required
-    ints, ``stacked_convs`` an optional one, ``sha256`` maps parameter names to 64 lowercase hex
-    digits; readers ignore other keys."""
+    ``None`` (also for an absent entry).  ``idx``, ``channels``, ``levels``, ``stacked_convs``
+    (> ``idx``) and ``norm_groups`` (>= 1) are required ints, ``sha256`` maps parameter names to
+    64 lowercase hex digits; readers ignore other keys."""
     if hp is None:
         return None
     if not isinstance(hp, dict):
         return "head_part", hp
-    for key, high in (("idx", MAX_CONVS), ("channels", MAX_CHANNELS), ("levels", MAX_LEVELS),
-                      ("stacked_convs", MAX_CONVS)):
-        if key == "stacked_convs" and key not in hp:
-            continue
+    for key, low, high in (("idx", 0, MAX_CONVS), ("channels", 0, MAX_CHANNELS),
+                           ("levels", 0, MAX_LEVELS), ("stacked_convs", 1, MAX_CONVS),
+                           ("norm_groups", 1, MAX_CHANNELS)):
         v = hp.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= high:
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
             return f"head_part.{key}", v
+    if hp["idx"] >= hp["stacked_convs"]:
+        return "head_part.idx", hp["idx"]
     shas = hp.get("sha256")
     if not isinstance(shas, dict):
         return "head_part.sha256", shas

@@ -43,7 +43,7 @@ def head_tensors() -> dict[str, torch.Tensor]:
 
 
 def head_entry(tensors=None, **changes) -> dict:
-    entry = {"idx": 1, "channels": CHANNELS, "levels": LEVELS, "stacked_convs": 2,
+    entry = {"idx": 1, "channels": CHANNELS, "levels": LEVELS, "stacked_convs": 3, "norm_groups": 32,
              "sha256": head_part_shas(tensors or head_tensors())}
     return {**entry, **changes}
 
@@ -284,6 +284,7 @@ def test_manifest_head_part_round_trip_and_identity():
     ({"idx": -1}, "head_part.idx"), ({"idx": "1"}, "head_part.idx"),
     ({"channels": True}, "head_part.channels"), ({"levels": 1000}, "head_part.levels"),
     ({"stacked_convs": 1.5}, "head_part.stacked_convs"), ({"sha256": ["x"]}, "head_part.sha256"),
+    ({"norm_groups": 0}, "head_part.norm_groups"), ({"idx": 3}, "head_part.idx"),
     ({"sha256": {"w": "A" * 64}}, "head_part.sha256['w']"),
     ({"sha256": {"a/b": "0" * 64}}, "head_part.sha256 parameter name"),
     (None, "head_part"),
