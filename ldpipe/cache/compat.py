@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ..config import DISTILL_TERMS, REGION_POLICIES, Pipeline
+from ..config import DISTILL_TERMS, REGION_POLICIES, DataConfig, ModelConfig
 from ..models.detector import HEADS
 from .manifest import CacheError, Geometry, Manifest, plain_value
 
@@ -70,12 +70,12 @@ GEOMETRY_FIXES = {
 }
 
 
-def compatibility_problems(m: Manifest, pipe: Pipeline, model_name: str, split,
-                           terms: set[str]) -> list[str]:
-    """Every reason the cache of manifest ``m`` cannot train ``model_name`` on ``split``
-    (``classes``, ``fingerprint``, ``records``) with the LD ``terms``."""
-    cfg = pipe.model(model_name)
-    ours = Geometry.of_pipeline(cfg, pipe, split.classes, [])
+def compatibility_problems(m: Manifest, cfg: ModelConfig, data: DataConfig, model_name: str,
+                           split, terms: set[str]) -> list[str]:
+    """Every reason the cache of manifest ``m`` cannot train student ``model_name`` (its
+    config ``cfg``, on the ``data`` section) on ``split`` (``classes``, ``fingerprint``,
+    ``records``) with the LD ``terms``."""
+    ours = Geometry.of_model(cfg, data, split.classes, [])
     problems = []
     for field, cached, mine in m.geometry.differences(ours, list(GEOMETRY_FIXES)):
         label, fix = GEOMETRY_FIXES[field]
@@ -187,10 +187,11 @@ def class_kd_problem(teacher_logits: str, teacher_head: str, cfg, model_name: st
             f"the student's head type")
 
 
-def check_compatible(m: Manifest, url: str, stored_samples: int, pipe: Pipeline, model_name: str,
-                     split, terms: set[str]) -> None:
-    """Refuse, with every problem listed, a cache that cannot serve this student's losses."""
-    problems = compatibility_problems(m, pipe, model_name, split, terms)
+def check_compatible(m: Manifest, url: str, stored_samples: int, cfg: ModelConfig,
+                     data: DataConfig, model_name: str, split, terms: set[str]) -> None:
+    """Refuse, with every problem listed, a cache that cannot serve the losses of student
+    ``model_name`` (config ``cfg``, data section ``data``)."""
+    problems = compatibility_problems(m, cfg, data, model_name, split, terms)
     if problems:
         raise CacheError(f"cache {url} cannot train model {model_name!r}:\n  - " + "\n  - ".join(problems))
     if stored_samples != m.num_samples:

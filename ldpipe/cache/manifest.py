@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import LdpipeError
 from ..provenance import versions
-from ..config import MAX_INT8_BOX_STEP, AssignerConfig, ModelConfig, Pipeline
+from ..config import MAX_INT8_BOX_STEP, AssignerConfig, DataConfig, ModelConfig, Pipeline
 from ..models.anchors import Grid, make_grid
 from ..models.detector import HEADS, backbone_label
 from .codec import CODEC_TABLE, codec_for
@@ -70,13 +70,13 @@ class Geometry:
     variants: list[dict]  # {"key", "scale_idx", "flip"} per variant, in variant order
 
     @classmethod
-    def of_pipeline(cls, cfg: ModelConfig, pipe: Pipeline, classes, variants) -> "Geometry":
-        """The geometry a model ``cfg`` of ``pipe`` sees over ``classes`` with the data set's
+    def of_model(cls, cfg: ModelConfig, data: DataConfig, classes, variants) -> "Geometry":
+        """The geometry a model ``cfg`` sees on ``data`` over ``classes`` with the data set's
         ``variants`` (what a dump records and what a student is compared with)."""
         return cls(strides=list(cfg.strides), anchor_scale=cfg.anchor_scale, reg_max=cfg.reg_max,
                    num_classes=len(classes), classes=list(classes),
-                   input_scales=[list(s) for s in pipe.data.train_scales],
-                   pad_divisor=pipe.data.pad_divisor,
+                   input_scales=[list(s) for s in data.train_scales],
+                   pad_divisor=data.pad_divisor,
                    variants=[{"key": v.key, "scale_idx": v.scale_idx, "flip": v.flip} for v in variants])
 
     def differences(self, other: "Geometry", fields=None) -> list[tuple[str, object, object]]:
@@ -359,7 +359,7 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
         format=FORMAT,
         format_version=FORMAT_VERSION,
         teacher=TeacherInfo(model_name, architecture(cfg), checkpoint_sha),
-        geometry=Geometry.of_pipeline(cfg, pipe, split.classes, variants),
+        geometry=Geometry.of_model(cfg, pipe.data, split.classes, variants),
         data=DataInfo(pipe.data.format, split_name, split.fingerprint, len(split.records),
                       [int(i) for i in split.image_ids]),
         region=RegionInfo(cache.region, assigners),

@@ -234,8 +234,9 @@ def benchmark_cmd(pipeline, model_name, checkpoint, images, warmup, fp16, split_
     """Images/s of inference as mmdetection's tools/benchmark.py (data loading apart); JSON."""
     from ..engine.bench import benchmark
     pipe = _pipe(pipeline, overrides)
-    click.echo(json.dumps(benchmark(pipe, model_name, checkpoint, images=images, warmup=warmup,
-                                    fp16=fp16, device=device, split_name=split_name)))
+    click.echo(json.dumps(benchmark(pipe.model(model_name), pipe.data, model_name, checkpoint,
+                                    images=images, warmup=warmup, fp16=fp16, device=device,
+                                    split_name=split_name)))
 
 
 from . import cache_commands  # noqa: E402,F401  (registers ``ldpipe cache ...`` and ``ldpipe config ...``)

@@ -56,8 +56,8 @@ class CachedTeacher(TargetSource):
         return [Variant(v["scale_idx"], v["flip"]) for v in self.manifest.geometry.variants]
 
     def check(self, pipe: Pipeline, model_name: str, split) -> None:
-        check_compatible(self.manifest, self.url, self.reader.table.shape[0], pipe, model_name,
-                         split, self.terms)
+        check_compatible(self.manifest, self.url, self.reader.table.shape[0], pipe.model(model_name),
+                         pipe.data, model_name, split, self.terms)
 
     def lineage(self) -> dict:
         return self.manifest.lineage_entry(self.url)

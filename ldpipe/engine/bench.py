@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..cache.manifest import architecture
-from ..config import ConfigError, Pipeline
+from ..config import ConfigError, DataConfig, ModelConfig
 from ..data import TEST_VARIANT, DetectionDataset, boxes_to_original, collate, load_split
 from ..models import load_detector
 from .runtime import amp_context, resolve_device
@@ -40,19 +40,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def benchmark(pipe: Pipeline, model_name: str, checkpoint: str | None, images: int = 200,
-              warmup: int = 5, fp16: bool = False, device: str | None = None,
+def benchmark(cfg: ModelConfig, data: DataConfig, model_name: str, checkpoint: str | None,
+              images: int = 200, warmup: int = 5, fp16: bool = False, device: str | None = None,
               split_name: str = "val") -> dict:
-    """Inference rate of ``model_name`` (weights from ``checkpoint``; None: random init)."""
+    """Inference rate of model ``model_name`` (config ``cfg``; weights from ``checkpoint``,
+    None: random init) on split ``split_name`` of the ``data`` section."""
     if images < 1 or warmup < 0:
         raise ConfigError(f"benchmark: --images must be >= 1 and --warmup >= 0, got {images}, {warmup}")
     dev = resolve_device(device)
     if fp16 and dev.type != "cuda":
         raise ConfigError(f"benchmark: --fp16 needs a CUDA device (got {dev.type})")
-    cfg = pipe.model(model_name)
-    split = load_split(pipe.data, split_name)
+    split = load_split(data, split_name)
     model, _ = load_detector(cfg, len(split.classes), checkpoint, dev)
-    dataset = DetectionDataset(split, pipe.data, [TEST_VARIANT])
+    dataset = DetectionDataset(split, data, [TEST_VARIANT])
     infer_s = load_s = 0.0
     with torch.no_grad():
         for i in range(warmup + images):
@@ -72,7 +72,7 @@ def benchmark(pipe: Pipeline, model_name: str, checkpoint: str | None, images: i
             "device": str(dev), "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                                                 else cpu_name()),
             "torch_threads": torch.get_num_threads(), "fp16": fp16, "batch_size": 1,
-            "test_scale": list(pipe.data.test_scale), "nms": cfg.test.nms,
+            "test_scale": list(data.test_scale), "nms": cfg.test.nms,
             "warmup": warmup, "images": images, "split_images": len(dataset),
             "images_per_s": images / infer_s, "ms_per_image": 1000 * infer_s / images,
             "load_ms_per_image": 1000 * load_s / images}

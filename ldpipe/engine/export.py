@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Pipeline, to_dict
+from ..config import DataConfig, Pipeline, to_dict
 from ..files import blocking_file, location_relation
 from ..models import GFL
 from ..models.checkpoint import SAFETENSORS_META, CheckpointError, file_sha256
@@ -125,11 +125,11 @@ def _need(modules: list[str], extra: str, what: str) -> None:
         raise ExportError(f"{what} needs {', '.join(absent)} (pip install 'ldpipe[{extra}]')")
 
 
-def check_inputs(pipe: Pipeline, seed: int = 0) -> list[torch.Tensor]:
-    """Two inputs of different batch and padded size: the test scale's padded square and a
-    larger landscape one (normalised-image-like values)."""
-    d = pipe.data.pad_divisor
-    side = int(math.ceil(min(pipe.data.test_scale) / d) * d)
+def check_inputs(data: DataConfig, seed: int = 0) -> list[torch.Tensor]:
+    """Two inputs of different batch and padded size: ``data``'s test scale's padded square
+    and a larger landscape one (normalised-image-like values)."""
+    d = data.pad_divisor
+    side = int(math.ceil(min(data.test_scale) / d) * d)
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(1, 3, side, side, generator=gen),
             torch.randn(2, 3, side + d, side + 2 * d, generator=gen)]
@@ -164,13 +164,12 @@ def verify_onnx(maps: DenseTensors, path: str, inputs: list[torch.Tensor], atol:
     return worst
 
 
-def _onnx_metadata(path: str, out: str, model: GFL, classes: list[str], pipe: Pipeline,
+def _onnx_metadata(path: str, out: str, model: GFL, classes: list[str], d: DataConfig,
                    meta: dict) -> None:
     """Write the graph at ``path`` (with any external data) as one file ``out`` with ldpipe's
-    metadata."""
+    metadata (the input normalisation and padding from the data section ``d``)."""
     import onnx
     proto = onnx.load(path)  # loads external data too
-    d = pipe.data
     props = {"ldpipe_classes": classes, "ldpipe_head": model.cfg.head.type,
              "ldpipe_outputs": list(ONNX_OUTPUTS[model.cfg.head.type]),
              "ldpipe_strides": list(model.strides),
@@ -240,10 +239,10 @@ def export_checkpoint(pipe: Pipeline, model_name: str, checkpoint: str, out: str
                       metadata={SAFETENSORS_META: json.dumps(meta, default=str)})
         else:
             maps = DenseTensors(model).eval()
-            inputs = check_inputs(pipe)
+            inputs = check_inputs(pipe.data)
             raw = os.path.join(work, "raw.onnx")
             _export_onnx(maps, raw, inputs[0], dynamo)
-            _onnx_metadata(raw, tmp, model, classes, pipe, meta)
+            _onnx_metadata(raw, tmp, model, classes, pipe.data, meta)
             summary["onnx_max_abs_diff"] = verify_onnx(maps, tmp, inputs, atol)
             summary["onnx_checked_inputs"] = [list(x.shape) for x in inputs]
             summary["onnx_outputs"] = maps.output_names()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ..config import Pipeline
+from ..config import DataConfig
 from ..data import load_split
 from ..models.checkpoint import save_checkpoint
 from . import workdir
@@ -126,13 +126,14 @@ class RunLog:
 
 # ---------------------------------------------------------------------- validation
 class Validator:
-    """Every ``interval`` epochs: evaluate on ``data.val``, record it, keep ``best.pth``."""
+    """Every ``interval`` epochs: evaluate on the ``data`` section's ``val`` split, record it,
+    keep ``best.pth``."""
 
-    def __init__(self, pipe: Pipeline, model_name: str, work_dir: str, interval: int,
+    def __init__(self, data: DataConfig, model_name: str, work_dir: str, interval: int,
                  best: float | None = None) -> None:
-        self.pipe, self.model_name, self.work_dir, self.interval = pipe, model_name, work_dir, interval
+        self.data, self.model_name, self.work_dir, self.interval = data, model_name, work_dir, interval
         self.best = best
-        self.split = load_split(pipe.data, "val") if interval > 0 else None
+        self.split = load_split(data, "val") if interval > 0 else None
 
     def due(self, epoch: int) -> bool:
         """Whether validation follows epoch ``epoch`` (1-based)."""
@@ -153,7 +154,7 @@ class Validator:
         """Evaluate ``model`` after epoch ``epoch``; writes ``best.pth`` when it is the best."""
         from .infer import evaluate_model
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            metrics, _ = evaluate_model(model, self.pipe.data, self.split, device, progress=False)
+            metrics, _ = evaluate_model(model, self.data, self.split, device, progress=False)
         model.train()
         ap = float(metrics["bbox_mAP"])
         record = {"type": "val", "model": self.model_name, "epoch": epoch,

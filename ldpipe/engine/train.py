@@ -152,7 +152,7 @@ class _Loop:
             num_workers=workers, pin_memory=info.device.type == "cuda",
             persistent_workers=workers > 0, worker_init_fn=runtime.worker_init,
             collate_fn=TrainCollate(cfg, len(split.classes), job.criterion.with_vlr))
-        self.validator = longrun.Validator(pipe, model_name, work_dir,
+        self.validator = longrun.Validator(pipe.data, model_name, work_dir,
                                            self.sched.val_interval if info.is_main else 0)
         self.model = build_model(cfg, len(split.classes)).to(info.device)
         if init_from:

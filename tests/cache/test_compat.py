@@ -35,14 +35,15 @@ def _stored(cache) -> int:
 def _refusal(cache, manifest, pipe, terms=ALL) -> str:
     split = load_split(pipe.data, "train")
     with pytest.raises(CacheError) as err:
-        check_compatible(manifest, cache, _stored(cache), pipe, "student", split, terms)
+        check_compatible(manifest, cache, _stored(cache), pipe.model("student"), pipe.data, "student",
+                         split, terms)
     return str(err.value)
 
 
 def test_compatible_cache_passes(cache, manifest, make_tiny_pipe):
     pipe = make_tiny_pipe(*STUDENT)
-    check_compatible(manifest, cache, _stored(cache), pipe, "student", load_split(pipe.data, "train"),
-                     ALL)
+    check_compatible(manifest, cache, _stored(cache), pipe.model("student"), pipe.data, "student",
+                     load_split(pipe.data, "train"), ALL)
 
 
 @pytest.mark.parametrize("override,what,cache_value,ours", [
@@ -83,8 +84,8 @@ def test_kd_needs_stored_class_logits(cache, manifest, make_tiny_pipe):
     msg = _refusal(cache, no_cls, pipe, ALL)
     assert "store_cls=false" in msg and "distill.kd=false" in msg, msg
     # the same cache serves LD and VLR
-    check_compatible(no_cls, cache, _stored(cache), pipe, "student", load_split(pipe.data, "train"),
-                     {"ld", "vlr"})
+    check_compatible(no_cls, cache, _stored(cache), pipe.model("student"), pipe.data, "student",
+                     load_split(pipe.data, "train"), {"ld", "vlr"})
 
 
 def test_incomplete_cache_refused(cache, manifest, make_tiny_pipe):
