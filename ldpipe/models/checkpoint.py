@@ -96,16 +96,23 @@ def load_state_dict_file(path: str, obj: dict | None = None) -> dict[str, torch.
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+# weights that only training uses: CrossKD's 1x1 align maps (models.NAME.head.align_channels);
+# a model built without them (eval, predict, export, a teacher) loads a checkpoint that has them
+TRAINING_ONLY = ("bbox_head.align_cls.", "bbox_head.align_reg.")
+
+
 def load_weights(model: nn.Module, path: str, obj: dict | None = None) -> dict:
     """Load a checkpoint's weights strictly; returns its ``meta`` dict.  The file is read
     once (``obj``: its :func:`load_file` dict when the caller has read it already).
 
     Differences in names or shapes are reported with the first few offending
-    keys so that a wrong depth, width, reg_max or class count is obvious.
+    keys so that a wrong depth, width, reg_max or class count is obvious.  Training-only
+    weights (:data:`TRAINING_ONLY`) the model does not have are left out.
     """
     obj = load_file(path) if obj is None else obj
     state = load_state_dict_file(path, obj)
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(TRAINING_ONLY)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

@@ -146,6 +146,10 @@ def _outputs(pipe, path: str, x: torch.Tensor):
 def test_export_slim_checkpoint_reloads_to_the_same_outputs(fmt, make_tiny_pipe, tiny_overrides,
                                                            full_checkpoint, tmp_path):
     pipe = make_tiny_pipe()
+    # the CLI below applies the pipeline's train.threads = 1 to this process; the reference
+    # outputs must be computed with the same thread count to be bit-identical (the summation
+    # order depends on it), also when this test runs first in its process
+    torch.set_num_threads(pipe.train.threads)
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     ref = _outputs(pipe, full_checkpoint, x)
     out = str(tmp_path / f"slim.{fmt}")

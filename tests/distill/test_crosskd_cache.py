@@ -173,3 +173,9 @@ def test_train_student_crosskd_from_a_cache_without_the_teacher(tiny_overrides, 
         rows = [json.loads(line) for line in fh]
     logged = [r for r in rows if "loss_crosskd_reg" in r]
     assert logged and all(r["loss_crosskd_reg"] > 0 and r["loss_crosskd_cls"] > 0 for r in logged)
+    # the 1x1 align maps are training-only: eval builds the plain student and loads the rest
+    plain = [a for kv in (*tiny_overrides, *SHAPES[:3]) for a in ("-o", kv)]
+    res = runner.invoke(cli, ["eval", DEMO, "--model", "student", "--checkpoint", str(sw / "latest.pth"),
+                              "--out", str(tmp_path / "m.json"), "--device", "cpu", *plain])
+    assert res.exit_code == 0, res.output
+    assert "bbox_mAP" in json.load(open(tmp_path / "m.json"))
