@@ -84,10 +84,11 @@ def test_chain_runs_skips_and_reruns_only_what_changed(data, tmp_path):
     gain = (rows["LD student"]["AP"] - rows["baseline student"]["AP"]) * 100
     assert f"LD student - baseline student: {gain:+.1f} AP" in first.stdout
 
-    t0 = time.time()
+    # (no wall-time bound: on a loaded 2-core machine even a no-op rerun of the process took
+    # 76 s; that nothing ran is what the skip lines and _ran show)
     again = _chain(wd, data)
     assert again.returncode == 0 and _ran(again.stdout) == []
-    assert "skipped 10" in again.stdout and time.time() - t0 < 60
+    assert "skipped 10" in again.stdout
 
     edited = _chain(wd, data, "models.student.stacked_convs=2")
     assert edited.returncode == 0, edited.stderr[-2000:]
