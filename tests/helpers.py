@@ -177,6 +177,21 @@ def same_shape_batch(pipe, split, extra):
     return (with_gt + group)[:2]
 
 
+def scored_teacher(pipe, path: str) -> str:
+    """Save a seed-0 random teacher of ``pipe`` (4 classes) whose edge distributions and class
+    scores are far from GFL's flat initialisation (scores not the prior's 0.01) at ``path``."""
+    from ldpipe.models import build_model
+    from ldpipe.models.checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    model = build_model(pipe.model("teacher"), 4)
+    with torch.no_grad():
+        model.bbox_head.gfl_reg.weight.normal_(0, 0.3)
+        model.bbox_head.gfl_cls.weight.normal_(0, 0.3)
+        model.bbox_head.gfl_cls.bias.fill_(-1.0)
+    save_checkpoint(path, model, {"ldpipe": {"model": "teacher"}})
+    return path
+
+
 def distill_criterion(pipe, teacher):
     from ldpipe.config import enabled_terms
     from ldpipe.distill import DistillCriterion

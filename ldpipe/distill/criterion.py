@@ -147,7 +147,7 @@ class DistillCriterion(GFLCriterion):
         """BCKD's terms on every valid anchor of the levels holding a positive."""
         cfg, terms = self.cfg, {}
         device = cls_flat.device
-        num_total = max(float(mean_over_ranks(torch.tensor(float(bt.num_pos_images), device=device))), 1.0)
+        num_total = self._num_total(bt, device)
         idx = bckd_anchors(bt.label_weights, bt.strides, pos.index)
         t = teacher.at(idx)
         w = bt.label_weights[idx]

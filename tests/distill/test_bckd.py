@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import scored_teacher
 from ldpipe.cache import CacheError
 from ldpipe.cli import main as cli
 from ldpipe.config import ConfigError, enabled_terms
@@ -23,7 +24,6 @@ from ldpipe.engine.dump import dump_teacher
 from ldpipe.engine.runtime import seed_everything
 from ldpipe.engine.step import TrainCollate, step_losses
 from ldpipe.models import batch_targets, build_model
-from ldpipe.models.checkpoint import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
@@ -190,16 +190,7 @@ def test_terms_read_only_valid_anchors_of_levels_with_a_positive():
 @pytest.fixture(scope="module")
 def bckd_teacher(make_tiny_pipe, tmp_path_factory) -> str:
     """The tiny teacher with non-trivial distributions and scores (not the prior's 0.01)."""
-    pipe = make_tiny_pipe()
-    torch.manual_seed(0)
-    model = build_model(pipe.model("teacher"), 4)
-    with torch.no_grad():
-        model.bbox_head.gfl_reg.weight.normal_(0, 0.3)
-        model.bbox_head.gfl_cls.weight.normal_(0, 0.3)
-        model.bbox_head.gfl_cls.bias.fill_(-1.0)
-    path = str(tmp_path_factory.mktemp("bckd-teacher") / "teacher.pth")
-    save_checkpoint(path, model, {"ldpipe": {"model": "teacher"}})
-    return path
+    return scored_teacher(make_tiny_pipe(), str(tmp_path_factory.mktemp("bckd-teacher") / "teacher.pth"))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import scored_teacher
 from ldpipe.cache import CacheError
 from ldpipe.cli import main as cli
 from ldpipe.config import ConfigError, enabled_terms
@@ -22,7 +23,6 @@ from ldpipe.engine.dump import dump_teacher
 from ldpipe.engine.runtime import seed_everything
 from ldpipe.engine.step import TrainCollate, step_losses
 from ldpipe.models import HeadPart, build_model, load_detector
-from ldpipe.models.checkpoint import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "pipelines", "demo.toml")
@@ -37,16 +37,7 @@ TERMS = ("loss_crosskd_cls", "loss_crosskd_reg")
 
 @pytest.fixture(scope="module")
 def teacher(make_tiny_pipe, tmp_path_factory) -> str:
-    pipe = make_tiny_pipe(*SHAPES)
-    torch.manual_seed(0)
-    model = build_model(pipe.model("teacher"), 4)
-    with torch.no_grad():
-        model.bbox_head.gfl_reg.weight.normal_(0, 0.3)
-        model.bbox_head.gfl_cls.weight.normal_(0, 0.3)
-        model.bbox_head.gfl_cls.bias.fill_(-1.0)
-    path = str(tmp_path_factory.mktemp("crosskd-teacher") / "teacher.pth")
-    save_checkpoint(path, model, {"ldpipe": {"model": "teacher"}})
-    return path
+    return scored_teacher(make_tiny_pipe(*SHAPES), str(tmp_path_factory.mktemp("crosskd-teacher") / "teacher.pth"))
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +135,7 @@ def test_caches_and_students_that_cannot_pair_are_refused(make_tiny_pipe, teache
     with pytest.raises(ConfigError, match=r"reused_head_idx must be in 0\.\.1"):
         dump_teacher(make_tiny_pipe(*SHAPES, *DENSE[:3], "cache.reused_head_idx=2"), "teacher",
                      teacher, str(tmp_path / "bad.zarr"), progress=False)
+    assert not os.path.exists(tmp_path / "bad.zarr")  # refused before anything is written
     with pytest.raises(ConfigError, match="reused_head_idx must be -1"):
         make_tiny_pipe("cache.reused_head_idx=-2")
 
