@@ -31,7 +31,10 @@ def demo_with_ta(tmp_path_factory):
 def _args(data: str, *extra: str) -> list[str]:
     kv = [f"data.root={data}", "train.workers=0", "data.train_scales=[[128, 128]]",
           "data.test_scale=[128, 128]", "train.epochs=2", "train.max_iters_per_epoch=2",
-          "train.batch_size=4", "models.teacher.train={}", "cache.samples_per_shard=8"]
+          "train.batch_size=4", "models.teacher.train={}", "cache.samples_per_shard=8",
+          # the demo's shipped teacher and its three student seeds: off (a tiny teacher is
+          # trained here, one student per row)
+          'models.teacher.checkpoint=""', "chain.seeds=[]"]
     for m in ("teacher", "ta", "student"):
         kv += tiny(m)
     return [a for x in [*kv, *extra] for a in ("-o", x)]
@@ -40,6 +43,9 @@ def _args(data: str, *extra: str) -> list[str]:
 def _chain(wd, data, *extra, **kw):
     cmd = [sys.executable, "-m", "ldpipe", "chain", DEMO, "--work-dir", str(wd), *_args(data, *extra)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+STUDENT_STAGES = ["train-student-baseline", "eval-student-baseline", "train-student-ld", "eval-student-ld"]
 
 
 def _ran(out: str) -> list[str]:
@@ -61,13 +67,16 @@ def test_chain_runs_skips_and_reruns_only_what_changed(data, tmp_path):
     wd = tmp_path / "w"
     first = _chain(wd, data)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    # the demo's chain.jobs = 2: the baseline student trains in a second process from the start
+    # the demo's chain.jobs = 2: the baseline student trains in a second process from the start,
+    # the students' other stages in child processes too once the last cache is dumped
     lines = first.stdout.splitlines()
     assert lines.index(next(x for x in lines if x.startswith("[chain] start train-student-baseline"))) \
         < lines.index(next(x for x in lines if x.startswith("[chain] run train-teacher")))
-    assert _started(first.stdout) == ["train-student-baseline"]
+    assert lines.index(next(x for x in lines if x.startswith("[chain] run dump-ta"))) \
+        < lines.index(next(x for x in lines if x.startswith("[chain] start train-student-ld")))
+    assert sorted(_started(first.stdout)) == sorted(STUDENT_STAGES)
     assert _ran(first.stdout) == ["train-teacher", "eval-teacher", "dump-teacher", "train-ta", "eval-ta",
-                                  "dump-ta", "eval-student-baseline", "train-student-ld", "eval-student-ld"]
+                                  "dump-ta"]
     assert "[chain] done train-student-baseline" in first.stdout
     assert (wd / ".chain" / "train-student-baseline.log").stat().st_size > 0
     summary = json.load(open(wd / "summary.json"))
@@ -92,8 +101,7 @@ def test_chain_runs_skips_and_reruns_only_what_changed(data, tmp_path):
 
     edited = _chain(wd, data, "models.student.stacked_convs=2")
     assert edited.returncode == 0, edited.stderr[-2000:]
-    assert _started(edited.stdout) == ["train-student-baseline"]
-    assert _ran(edited.stdout) == ["eval-student-baseline", "train-student-ld", "eval-student-ld"]
+    assert sorted(_started(edited.stdout)) == sorted(STUDENT_STAGES) and _ran(edited.stdout) == []
 
     # the TA cache's lineage names the teacher's cache
     info = subprocess.run([sys.executable, "-m", "ldpipe", "cache", "info", str(wd / "caches" / "ta.zarr")],
@@ -102,17 +110,18 @@ def test_chain_runs_skips_and_reruns_only_what_changed(data, tmp_path):
 
 
 def test_parallel_baseline_is_the_sequential_one(data, tmp_path):
-    """chain.jobs = 2 only moves the baseline's training into a second process: its weights
-    equal those of the same training run in sequence (chain.jobs = 1) in this process's way."""
+    """chain.jobs = 2 only moves the students' stages into child processes: their weights
+    equal those of the same trainings run in sequence (chain.jobs = 1) in this process."""
     import torch
     par = _chain(tmp_path / "par", data, "chain.tas=[]")
     seq = _chain(tmp_path / "seq", data, "chain.tas=[]", "chain.jobs=1")
     assert par.returncode == 0 and seq.returncode == 0, par.stderr[-2000:] + seq.stderr[-2000:]
-    assert _started(par.stdout) == ["train-student-baseline"] and _started(seq.stdout) == []
-    assert "train-student-baseline" in _ran(seq.stdout)
-    a = torch.load(tmp_path / "par" / "student-baseline" / "latest.pth", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "seq" / "student-baseline" / "latest.pth", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(_started(par.stdout)) == sorted(STUDENT_STAGES) and _started(seq.stdout) == []
+    assert _ran(seq.stdout)[-4:] == STUDENT_STAGES
+    for tag in ("student-baseline", "student-ld"):
+        a = torch.load(tmp_path / "par" / tag / "latest.pth", weights_only=True)["state_dict"]
+        b = torch.load(tmp_path / "seq" / tag / "latest.pth", weights_only=True)["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), tag
     bad = _chain(tmp_path / "bad", data, "chain.tas=[]", "chain.jobs=0")
     assert bad.returncode == 1 and "chain.jobs must be an integer >= 1" in bad.stdout + bad.stderr
 
@@ -155,14 +164,15 @@ def test_given_teacher_checkpoint_is_used_not_trained(data, tmp_path):
     out = _chain(tmp_path / "w", data, f"models.teacher.checkpoint={ckpt}", "chain.tas=[]",
                  "chain.baseline=false")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert _ran(out.stdout) == ["eval-teacher", "dump-teacher", "train-student-ld", "eval-student-ld"]
+    assert _ran(out.stdout) == ["eval-teacher", "dump-teacher"]
+    assert _started(out.stdout) == ["train-student-ld", "eval-student-ld"]
     assert f"given checkpoint {ckpt}" in out.stdout
 
 
 def test_cache_id_reads_missing_only_for_a_missing_cache(tmp_path, monkeypatch):
     """No cache (absent, or a folder that is not one) reads as "missing"; a bug inside the
     reader propagates instead of silently rerunning every stage after the dump."""
-    from ldpipe import chain as chain_mod
+    from ldpipe.chain import runner as chain_mod
     from ldpipe.config import load_pipeline
     pipe = load_pipeline(DEMO, [])
     ch = chain_mod.Chain(DEMO, (), pipe, str(tmp_path / "wd"), run_argv=lambda argv: None)
@@ -181,3 +191,44 @@ def test_cache_id_reads_missing_only_for_a_missing_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(chain_mod, "CacheReader", Broken)
     with pytest.raises(TypeError, match="a programming error"):
         ch._cache_id(str(tmp_path / "absent.zarr"))
+
+
+def test_seeds_train_each_student_row_once_per_seed(data, tmp_path):
+    """chain.seeds = [3, 5]: a baseline and an LD student per seed, each trained with its
+    train.seed (the same weights as a plain train-student run with that seed), and a summary
+    with every seed, the means and the paired per-seed gain."""
+    import torch
+    wd = tmp_path / "w"
+    out = _chain(wd, data, "chain.tas=[]", "chain.seeds=[3, 5]")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    expected = [f"{k}-student-{r}-s{s}" for k in ("train", "eval") for r in ("baseline", "ld") for s in (3, 5)]
+    assert sorted(_started(out.stdout)) == sorted(expected)
+    starts = [ln for ln in out.stdout.splitlines() if ln.startswith("[chain] start train-student-")]
+    assert len(starts) == 4 and all(f"-o train.seed={ln.split()[2].rsplit('-s', 1)[1]} " in ln for ln in starts)
+    summary = json.load(open(wd / "summary.json"))
+    assert [(r["role"], r["seed"]) for r in summary["rows"]] == [
+        ("teacher", None), ("baseline student", 3), ("baseline student", 5), ("LD student", 3), ("LD student", 5)]
+    ap = {(r["role"], r["seed"]): r["AP"] * 100 for r in summary["rows"]}
+    roles = {s["role"]: s for s in summary["roles"]}
+    ld = [ap[("LD student", s)] for s in (3, 5)]
+    base = [ap[("baseline student", s)] for s in (3, 5)]
+    assert roles["LD student"]["AP"] == pytest.approx(sum(ld) / 2)
+    assert roles["LD student"]["AP_std"] == pytest.approx(abs(ld[0] - ld[1]) / 2 ** 0.5)
+    check = summary["gain_check"]
+    assert check["per_seed"] == {"3": round(ld[0] - base[0], 2), "5": round(ld[1] - base[1], 2)}
+    assert check["above_every_baseline_seed"] == (sum(ld) / 2 > max(base))
+    assert "| LD student | student |" in out.stdout and "per seed (3, 5)" in out.stdout
+    # the seed reaches the training: the seed-5 LD student is a plain train-student with seed 5
+    alone = subprocess.run([sys.executable, "-m", "ldpipe", "train-student", DEMO, "--model", "student",
+                            "--cache", str(wd / "caches" / "teacher.zarr"), "--work-dir", str(tmp_path / "alone"),
+                            *_args(data, "chain.tas=[]", "train.seed=5")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    a = torch.load(wd / "student-ld-s5" / "latest.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "alone" / "latest.pth", weights_only=True)["state_dict"]
+    c = torch.load(wd / "student-ld-s3" / "latest.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    again = _chain(wd, data, "chain.tas=[]", "chain.seeds=[3, 5]")
+    assert again.returncode == 0 and _started(again.stdout) == [] and _ran(again.stdout) == []
+    bad = _chain(tmp_path / "bad", data, "chain.tas=[]", "chain.seeds=[1, 1]")
+    assert bad.returncode == 1 and "chain.seeds must be a list of distinct integers" in bad.stdout + bad.stderr

@@ -7,7 +7,9 @@ import os
 
 import matplotlib.image
 
-from ldpipe.chain import Chain, Stage, loss_curve, write_summary
+import pytest
+
+from ldpipe.chain import Chain, Row, Stage, loss_curve, write_summary
 from ldpipe.config import load_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,3 +61,80 @@ def test_chain_restarts_a_training_with_overwrite_and_continues_it_with_resume(t
     chain.run_stage(Stage(stage.name, stage.argv, {"a": 2}, stage.outputs, work_dir=str(wd),
                           extra={"resume_flag": True}))  # inputs changed: start over
     assert ran[-1][-1] == "--overwrite"
+
+
+def test_seeded_summary_gives_mean_std_every_seed_and_the_gain_check(tmp_path):
+    import statistics
+    pipe = load_pipeline(DEMO)
+
+    def row(role, tag, seed, ap):
+        d = tmp_path / tag
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"bbox_mAP": ap, "bbox_mAP_50": ap + 0.2,
+                                                    "bbox_mAP_75": ap - 0.05}))
+        return Row(role, "student", str(d / "metrics.json"), seed)
+
+    base = {0: 0.30, 1: 0.34, 2: 0.29}
+    ld = {0: 0.355, 1: 0.36, 2: 0.33}
+    rows = [row("baseline student", f"b{s}", s, v) for s, v in base.items()] + \
+           [row("LD student", f"l{s}", s, v) for s, v in ld.items()]
+    out = write_summary(str(tmp_path), rows, pipe)
+    stats = {s["role"]: s for s in out["roles"]}
+    assert stats["LD student"]["AP"] == pytest.approx(statistics.fmean(v * 100 for v in ld.values()))
+    assert stats["baseline student"]["AP_std"] == pytest.approx(statistics.stdev(v * 100 for v in base.values()))
+    check = out["gain_check"]
+    assert check["gain"]["AP"] == pytest.approx(statistics.fmean(ld.values()) * 100 - statistics.fmean(base.values()) * 100)
+    assert check["per_seed"] == {"0": 5.5, "1": 2.0, "2": 4.0}
+    assert check["above_margin"] and check["above_every_baseline_seed"]  # 34.8 > 34.0
+    assert "| LD student | student |" in out["table"] and "35.5 / 36.0 / 33.0" in out["table"]
+    assert "above every baseline seed (best 34.0): yes" in out["table"]
+    # a lucky baseline seed above the distilled mean: the check says so
+    rows[1] = row("baseline student", "b1x", 1, 0.36)
+    out = write_summary(str(tmp_path), rows, pipe)
+    assert out["gain_check"]["above_margin"] and not out["gain_check"]["above_every_baseline_seed"]
+    assert "above every baseline seed (best 36.0): NO" in out["table"]
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_pool_runs_jobs_in_order_a_few_at_a_time_and_stops_on_a_failure(tmp_path):
+    """StagePool: each job's stages in order, at most `slots` child processes at once; a failed
+    stage is raised by join() and the other running children are killed."""
+    import subprocess
+    import sys
+    import time
+
+    from ldpipe.chain.pool import StagePool
+    from ldpipe.chain.runner import _Background
+    pipe = load_pipeline(DEMO)
+    log = tmp_path / "log.txt"
+
+    class Fake(Chain):
+        def start_stage(self, stage):
+            code = stage.argv[0]
+            proc = subprocess.Popen([sys.executable, "-c", code])
+            fh = open(tmp_path / f"{stage.name}.log", "w")
+            return _Background(stage, proc, fh, str(tmp_path / f"{stage.name}.log"), time.perf_counter())
+
+    chain = Fake(DEMO, (), pipe, str(tmp_path), run_argv=None, echo=lambda *_: None)
+
+    def step(name, code):
+        return lambda: Stage(name, [code], {}, [])
+
+    def mark(text, sleep=0.3):
+        return f"import time; open({str(log)!r}, 'a').write({text!r} + ' start\\n'); time.sleep({sleep}); " \
+               f"open({str(log)!r}, 'a').write({text!r} + ' end\\n')"
+
+    pool = StagePool(chain, 1, poll_s=0.02)
+    pool.submit([step("a1", mark("a1")), step("a2", mark("a2"))])
+    pool.submit([step("b1", mark("b1"))])
+    pool.join()
+    assert log.read_text().split("\n")[:-1] == ["a1 start", "a1 end", "a2 start", "a2 end", "b1 start", "b1 end"]
+    assert chain.ran == ["a1", "a2", "b1"]
+
+    pool = StagePool(chain, 2, poll_s=0.02)
+    pool.submit([step("slow", "import time; time.sleep(60)")])
+    pool.submit([step("bad", "import sys; sys.exit(3)"), step("never", "pass")])
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match="stage bad failed \\(exit code 3\\)"):
+        pool.join()
+    assert time.perf_counter() - t0 < 30 and "never" not in chain.ran  # the slow child was killed

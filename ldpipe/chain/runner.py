@@ -1,27 +1,5 @@
-"""``ldpipe chain``: teacher -> (TA ...) -> student from one pipeline file.
-
-The stages are ordinary ``ldpipe`` invocations (``train``, ``dump-teacher``,
-``train-student``, ``eval``), run in this process through the same command
-line parser and printed, so any one can be rerun by hand.  Each stage has a
-stamp under ``WORK_DIR/.chain/`` holding the hash of its inputs: the pipeline
-sections it reads, the sha256 of the checkpoint and the id of the cache it
-consumes.  A stage whose stamp matches and whose outputs exist is skipped;
-a changed input reruns that stage and, through the new checkpoint hash or
-cache id, everything downstream.  A stage that was interrupted resumes
-(training continues from its last epoch; a dump finishes its missing units)
-as long as its inputs are unchanged, and starts clean otherwise.
-
-``[chain]`` keys (all optional)::
-
-    teacher = "teacher"     # root teacher model; trained unless models.<name>.checkpoint is set
-    tas = ["ta"]            # teacher assistants, in order (each trained from the previous cache)
-    student = "student"
-    baseline = true         # also train the student without distillation
-    eval_split = "val"
-    jobs = 1                # 2: train the baseline student in a second process while the
-                            # teacher (and TAs) train - it needs nothing from them; its output
-                            # goes to WORK_DIR/.chain/train-<student>-baseline.log
-"""
+"""The chain's stages: stamps, skips, restarts and resumes, and the run of a whole chain
+(the package docstring, ``ldpipe/chain/__init__.py``, says what a chain does)."""
 from __future__ import annotations
 
 import hashlib
@@ -35,16 +13,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .cache import CacheError, CacheReader
-from .cache.region import reader_assigners
-from .config import CacheConfig, ConfigError, DistillConfig, Pipeline, legacy_dict, to_dict
-from .files import atomic_write
-from .models.checkpoint import file_sha256
-from .models.detector import backbone_label
+from ..cache import CacheError, CacheReader
+from ..cache.region import reader_assigners
+from ..config import CacheConfig, ConfigError, DistillConfig, Pipeline, legacy_dict, to_dict
+from ..files import atomic_write
+from ..models.checkpoint import file_sha256
+from .plan import ChainError, plan_of
+from .pool import StagePool
+from .summary import Row, write_summary
 
 log = logging.getLogger("ldpipe.chain")
 
-CHAIN_KEYS = {"teacher", "tas", "student", "baseline", "eval_split", "jobs"}
 # [distill] settings added after chains first stamped their stages (left out at their defaults)
 LATER_DISTILL = ("ld_norm", "bckd_cls", "bckd_cls_weight", "bckd_beta", "bckd_box", "bckd_box_weight")
 LATER_CACHE = ("cls_values",)  # [cache] settings added later, likewise
@@ -53,36 +32,6 @@ LATER_CACHE = ("cls_values",)  # [cache] settings added later, likewise
 def without_later(section: dict, default: dict, later: tuple[str, ...]) -> dict:
     """``section`` without the ``later`` settings that are at their ``default`` value."""
     return {k: v for k, v in section.items() if not (k in later and v == default.get(k))}
-
-
-@dataclass
-class ChainPlan:
-    teacher: str
-    tas: list[str]
-    student: str
-    baseline: bool
-    eval_split: str
-    jobs: int = 1
-
-
-def plan_of(pipe: Pipeline) -> ChainPlan:
-    c = dict(pipe.chain)
-    unknown = set(c) - CHAIN_KEYS
-    if unknown:
-        raise ConfigError(f"{pipe.source}: unknown key(s) in [chain]: {sorted(unknown)}")
-    tas = c.get("tas", ["ta"] if "ta" in pipe.models else [])
-    jobs = c.get("jobs", 1)
-    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise ConfigError(f"{pipe.source}: chain.jobs must be an integer >= 1, got {jobs!r}")
-    plan = ChainPlan(c.get("teacher", "teacher"), list(tas), c.get("student", "student"),
-                     bool(c.get("baseline", True)), c.get("eval_split", "val"), jobs)
-    for name in [plan.teacher, *plan.tas, plan.student]:
-        pipe.model(name)  # names a missing model clearly
-    return plan
-
-
-class ChainError(ConfigError):
-    """A stage run in a child process failed (one line per cause; exit code 1)."""
 
 
 @dataclass
@@ -137,10 +86,12 @@ class Chain:
             out["train"] = to_dict(p.train_for(model))
         return out
 
-    def _common(self) -> list[str]:
+    def _common(self, seed: int | None = None) -> list[str]:
         args = [self.path]
         for o in self.overrides:
             args += ["-o", o]
+        if seed is not None:  # one of chain.seeds: after the user's overrides, so it wins
+            args += ["-o", f"train.seed={seed}"]
         if self.device:
             args += ["--device", self.device]
         return args
@@ -238,30 +189,37 @@ class Chain:
         self.run_stage(stage)
         return stage.outputs[0]
 
-    def _train_stage(self, model: str, cache: str | None, tag: str) -> Stage:
+    def _train_stage(self, model: str, cache: str | None, tag: str, seed: int | None = None) -> Stage:
         wd = os.path.join(self.work_dir, tag)
         inputs = self._sections(model)
+        if seed is not None:
+            inputs["train"]["seed"] = seed
+        common = self._common(seed)
         if cache is None:
-            argv = ["train", *self._common(), "--model", model, "--work-dir", wd]
+            argv = ["train", *common, "--model", model, "--work-dir", wd]
         else:
             # settings added later: at their defaults the stamp is an older chain's, which
             # then skips
             inputs["distill"] = without_later(to_dict(self.pipe.distill), to_dict(DistillConfig()),
                                               LATER_DISTILL)
             inputs["cache_id"] = self._cache_id(cache)
-            argv = ["train-student", *self._common(), "--model", model, "--cache", cache,
+            argv = ["train-student", *common, "--model", model, "--cache", cache,
                     "--work-dir", wd]
         return Stage(f"train-{tag}", argv, inputs, [os.path.join(wd, "latest.pth")], work_dir=wd,
                      extra={"resume_flag": True})
 
     def eval_stage(self, model: str, ckpt: str, tag: str) -> str:
+        stage = self._eval_stage(model, ckpt, tag)
+        self.run_stage(stage)
+        return stage.outputs[0]
+
+    def _eval_stage(self, model: str, ckpt: str, tag: str) -> Stage:
         out = os.path.join(self.work_dir, tag, "metrics.json")
         inputs = {"checkpoint": self._ckpt_sha(ckpt), "test": to_dict(self.pipe.model(model).test),
                   "data": to_dict(self.pipe.data), "split": self.plan.eval_split}
         argv = ["eval", *self._common(), "--model", model, "--checkpoint", ckpt,
                 "--split", self.plan.eval_split, "--out", out]
-        self.run_stage(Stage(f"eval-{tag}", argv, inputs, [out]))
-        return out
+        return Stage(f"eval-{tag}", argv, inputs, [out])
 
     def dump_stage(self, model: str, ckpt: str, tag: str) -> str:
         out = os.path.join(self.work_dir, "caches", f"{tag}.zarr")
@@ -273,123 +231,64 @@ class Chain:
         self.run_stage(Stage(f"dump-{tag}", argv, inputs, [out], extra={"overwrite_flag": True}))
         return out
 
+    def _student_tag(self, distilled: bool, seed: int | None) -> str:
+        tag = f"{self.plan.student}-{'ld' if distilled else 'baseline'}"
+        return tag if seed is None else f"{tag}-s{seed}"
+
+    def _student_job(self, cache: str | None, seed: int | None) -> list:
+        """A student's training then its evaluation (a job of the pool, or run here)."""
+        tag = self._student_tag(cache is not None, seed)
+        train = self._train_stage(self.plan.student, cache, tag, seed)
+        return [lambda: train, lambda: self._eval_stage(self.plan.student, train.outputs[0], tag)]
+
+    def _student_rows(self, distilled: bool) -> list[Row]:
+        role = "LD student" if distilled else "baseline student"
+        return [Row(role, self.plan.student,
+                    os.path.join(self.work_dir, self._student_tag(distilled, s), "metrics.json"), s)
+                for s in self.plan.student_runs()]
+
     def run(self) -> dict:
+        """Teacher (trained or given), its evaluation and cache, each TA, then the students:
+        a baseline and a distilled one per seed.  With ``chain.jobs = N >= 2`` the student jobs
+        run in up to N child processes - N - 1 of them (the baselines, which need nothing from
+        the teacher) while this process trains and dumps the teacher - and the result is the
+        one a sequential chain gives: the same commands."""
         p = self.plan
-        rows = []
-        base_tag = f"{p.student}-baseline"
+        rows: list[Row] = []
         given = self.pipe.model(p.teacher).checkpoint
         if given and not os.path.exists(given):
             raise ConfigError(f"models.{p.teacher}.checkpoint: file not found: {given}")
-        # the baseline student needs nothing from the teacher: with jobs >= 2 it trains in a
-        # second process meanwhile (same command, so the same result as running it after)
-        parallel = base_stage = None
-        if p.baseline and p.jobs >= 2:
-            base_stage = self._train_stage(p.student, None, base_tag)
-            parallel = self.start_stage(base_stage)
+        seeds = p.student_runs()
+        pool = StagePool(self, p.jobs - 1) if p.jobs >= 2 else None
         try:
+            if pool and p.baseline:
+                for seed in seeds:
+                    pool.submit(self._student_job(None, seed))
             if given:
                 teacher_ckpt = given
                 self.echo(f"[chain] teacher: given checkpoint {given}")
             else:
                 teacher_ckpt = self.train_stage(p.teacher, None, p.teacher)
-            rows.append(("teacher", p.teacher, self.eval_stage(p.teacher, teacher_ckpt, p.teacher)))
+            rows.append(Row("teacher", p.teacher, self.eval_stage(p.teacher, teacher_ckpt, p.teacher)))
             cache = self.dump_stage(p.teacher, teacher_ckpt, p.teacher)
             for ta in p.tas:
                 ckpt = self.train_stage(ta, cache, ta)
-                rows.append(("TA", ta, self.eval_stage(ta, ckpt, ta)))
+                rows.append(Row("TA", ta, self.eval_stage(ta, ckpt, ta)))
                 cache = self.dump_stage(ta, ckpt, ta)
-            self.wait_stage(parallel)
+            if pool:
+                pool.set_slots(p.jobs)
+                for seed in seeds:
+                    pool.submit(self._student_job(cache, seed))
+                pool.join()
+            else:
+                for job in [self._student_job(None, s) for s in seeds if p.baseline] + \
+                        [self._student_job(cache, s) for s in seeds]:
+                    for factory in job:
+                        self.run_stage(factory())
         finally:
-            if parallel is not None and parallel.proc.poll() is None:  # this process failed
-                parallel.proc.kill()
-                parallel.proc.wait()
+            if pool is not None:
+                pool.kill()  # no-op once joined; stops the children when this process failed
         if p.baseline:
-            ckpt = base_stage.outputs[0] if base_stage else self.train_stage(p.student, None, base_tag)
-            rows.append(("baseline student", p.student, self.eval_stage(p.student, ckpt, base_tag)))
-        tag = f"{p.student}-ld"
-        ckpt = self.train_stage(p.student, cache, tag)
-        rows.append(("LD student", p.student, self.eval_stage(p.student, ckpt, tag)))
+            rows += self._student_rows(False)
+        rows += self._student_rows(True)
         return write_summary(self.work_dir, rows, self.pipe)
-
-
-def write_summary(work_dir: str, rows: list[tuple[str, str, str]], pipe: Pipeline) -> dict:
-    """Table of AP / AP50 / AP75 per model: printed, and as markdown, JSON and a PNG chart."""
-    entries = []
-    for role, model, metrics_path in rows:
-        with open(metrics_path) as fh:
-            m = json.load(fh)
-        cfg = pipe.model(model)
-        width = "" if cfg.base_channels == 64 else f" w{cfg.base_channels}"
-        entries.append({"role": role, "model": model,
-                        "backbone": f"{backbone_label(cfg.backbone)}{width}, {cfg.channels} ch",
-                        "AP": m["bbox_mAP"], "AP50": m["bbox_mAP_50"], "AP75": m["bbox_mAP_75"]})
-    lines = ["| role | model | backbone | AP | AP50 | AP75 |", "|---|---|---|---|---|---|"]
-    for e in entries:
-        lines.append(f"| {e['role']} | {e['model']} | {e['backbone']} | {e['AP'] * 100:.1f} | "
-                     f"{e['AP50'] * 100:.1f} | {e['AP75'] * 100:.1f} |")
-    by_role = {e["role"]: e for e in entries}
-    if "baseline student" in by_role and "LD student" in by_role:
-        ld, base = by_role["LD student"], by_role["baseline student"]
-        gain = " / ".join(f"{(ld[m] - base[m]) * 100:+.1f} {m}" for m in ("AP", "AP50", "AP75"))
-        lines += ["", f"LD student - baseline student: {gain} (one training each, train.seed = "
-                      f"{pipe.train.seed}; single runs move by a few AP with the seed)"]
-    table = "\n".join(lines)
-    with open(os.path.join(work_dir, "summary.md"), "w") as fh:
-        fh.write(f"# {pipe.name}: chain summary\n\n{table}\n")
-    curves = {f"{role}: {os.path.basename(os.path.dirname(path))}": loss_curve(os.path.dirname(path))
-              for role, _, path in rows}
-    curves = {k: v for k, v in curves.items() if v[0]}  # a given checkpoint has no training
-    with open(os.path.join(work_dir, "summary.json"), "w") as fh:
-        json.dump({"pipeline": pipe.name, "rows": entries,
-                   "loss_curves": {k: {"points": len(v[0]), "first_iter": v[0][0], "last_iter": v[0][-1],
-                                       "last_loss": v[1][-1]} for k, v in curves.items()}},
-                  fh, indent=2)
-    _chart(os.path.join(work_dir, "summary.png"), entries, pipe.name, curves)
-    return {"table": table, "rows": entries}
-
-
-def loss_curve(stage_dir: str) -> tuple[list[int], list[float]]:
-    """(iterations, total loss) of a training stage's ``metrics.jsonl`` (its ``train``
-    records; its ``epoch`` records when it logged none); empty without the file."""
-    path = os.path.join(stage_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return [], []
-    with open(path) as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
-    picked = [r for r in records if r.get("type") == "train"] or \
-             [r for r in records if r.get("type") == "epoch"]
-    picked = [r for r in picked if "loss" in r]
-    return [int(r["iter"]) for r in picked], [float(r["loss"]) for r in picked]
-
-
-def _chart(path: str, entries: list[dict], title: str,
-           curves: dict[str, tuple[list[int], list[float]]] | None = None) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = ("AP", "AP50", "AP75")
-    if curves:
-        fig, (ax, lax) = plt.subplots(1, 2, figsize=(12, 3.8), dpi=110)
-        for label, (iters, losses) in curves.items():
-            lax.plot(iters, losses, label=label, linewidth=1)
-        lax.set_xlabel("iteration")
-        lax.set_ylabel("training loss (all terms)")
-        lax.set_title("loss curves (metrics.jsonl of each stage)")
-        lax.legend(fontsize=7, loc="upper right")
-    else:
-        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    width = 0.8 / max(len(entries), 1)
-    top = max([e[m] * 100 for e in entries for m in metrics] or [1.0])
-    ax.set_ylim(0, top * 1.4)  # headroom: the legend sits above the tallest bar's label
-    for i, e in enumerate(entries):
-        xs = [j + i * width for j in range(len(metrics))]
-        bars = ax.bar(xs, [e[m] * 100 for m in metrics], width, label=f"{e['role']} ({e['backbone']})")
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks([j + width * (len(entries) - 1) / 2 for j in range(len(metrics))], metrics)
-    ax.set_ylabel("COCO-style AP (%)")
-    ax.set_title(f"{title}: teacher -> student localization distillation")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
