@@ -23,11 +23,14 @@ from ldpipe.config import ConfigError
 from ldpipe.data import DetectionDataset, load_split, train_variants
 from ldpipe.data.decode import load_checked
 from ldpipe.data.upscale import teacher_input
-from ldpipe.distill import DistillCriterion
+from ldpipe.distill import CachedTeacher, DistillCriterion
+from ldpipe.distill.criterion import served
+from ldpipe.distill.loader import CacheTargets
 from ldpipe.distill.online import OnlineTeacher
 from ldpipe.distill.sources import TargetSource, TeacherBatch, TeacherRows
 from ldpipe.engine.dump import dump_teacher
 from ldpipe.engine.student import train_student
+from ldpipe.engine.train import TrainCollate
 from ldpipe.models import PositiveSet, batch_targets, build_model, image_targets
 from ldpipe.models.anchors import make_grid
 from ldpipe.models.checkpoint import load_weights
@@ -49,49 +52,87 @@ def setup(tmp_path_factory):
     return pipe, ckpt, cache
 
 
+def _teacher(pipe, split, ckpt):
+    teacher = build_model(pipe.model("teacher"), len(split.classes))
+    load_weights(teacher, ckpt)
+    return teacher.eval()
+
+
+def _teacher_level_above(teacher, pipe, split, meta, anchors: torch.Tensor):
+    """The teacher's (box, cls) log-probabilities at (level l+1, y, x) of its output on the 2x
+    input, for the student's own-grid anchors ``anchors`` (level l, y, x), found from the
+    per-level maps; and each anchor's student level."""
+    cfg = pipe.model("student")
+    rec = split.records[meta.index]
+    img = teacher_input(load_checked(rec.file_name, rec.width, rec.height), meta, 2, pipe.data)
+    with torch.no_grad():
+        out = teacher(img[None])
+    student = make_grid(meta.pad_shape, cfg.strides, cfg.anchor_scale)
+    bounds = torch.tensor(student.num_level_anchors).cumsum(0)
+    level = torch.searchsorted(bounds, anchors, right=True)
+    assert (level < len(cfg.strides) - 1).all(), "no rows on the student's top level"
+    pos = anchors - (bounds - torch.tensor(student.num_level_anchors))[level]
+    width = torch.tensor([w for _, w in student.sizes])[level]
+    y, x = pos // width, pos % width
+    starts = torch.tensor([sl.start for sl in out.level_slices()])
+    t_width = torch.tensor([w for _, w in out.level_sizes])
+    for lv in level.unique().tolist():
+        assert tuple(out.level_sizes[lv + 1]) == student.sizes[lv]
+    row = starts[level + 1] + y * t_width[level + 1] + x
+    same = starts[level] + y * t_width[level] + x  # what a dump without the shift would read
+    lp = lambda t: torch.log_softmax(t.float(), dim=-1)  # noqa: E731
+    return lp(out.reg[0, row]), lp(out.cls[0, row]), level, lp(out.reg[0, same])
+
+
 def test_stored_rows_are_the_teachers_level_above(setup):
     """Kills: rows read at the student's own level (no shift), a wrong (y, x) offset, a teacher
     run on the student-sized input, rows stored for the student's top level."""
     pipe, ckpt, cache = setup
     split = load_split(pipe.data, "train")
-    teacher = build_model(pipe.model("teacher"), len(split.classes))
-    load_weights(teacher, ckpt)
-    teacher.eval()
-    cfg = pipe.model("student")
+    teacher = _teacher(pipe, split, ckpt)
     reader = CacheReader(cache)
     ds = DetectionDataset(split, pipe.data, train_variants(pipe.data))
-    shifted = same_level = 0
+    shifted = distinct = 0
     for i in range(len(split.records)):
         for v in range(len(ds.variants)):
-            meta = ds[(i, v)]["meta"]
-            rec = split.records[i]
-            img = teacher_input(load_checked(rec.file_name, rec.width, rec.height), meta, 2, pipe.data)
-            with torch.no_grad():
-                out = teacher(img[None])
-            student = make_grid(meta.pad_shape, cfg.strides, cfg.anchor_scale)
             got = reader.read(i, v)
-            anchors = got["anchor"].long()
-            bounds = torch.tensor(student.num_level_anchors).cumsum(0)
-            level = torch.searchsorted(bounds, anchors, right=True)
-            assert (level < len(cfg.strides) - 1).all(), "no rows on the student's top level"
-            starts = bounds - torch.tensor(student.num_level_anchors)
-            pos = anchors - starts[level]
-            width = torch.tensor([w for _, w in student.sizes])[level]
-            y, x = pos // width, pos % width
-            slices = out.level_slices()
-            for lv in level.unique().tolist():
-                assert tuple(out.level_sizes[lv + 1]) == student.sizes[lv]
-                m = level == lv
-                row = slices[lv + 1].start + y[m] * out.level_sizes[lv + 1][1] + x[m]
-                want = torch.log_softmax(out.reg[0, row].float(), dim=-1)
-                assert torch.allclose(got["box"][m], want, atol=1e-5)
-                want_cls = torch.log_softmax(out.cls[0, row].float(), dim=-1)
-                assert torch.allclose(got["cls"][m], want_cls, atol=1e-5)
-                wrong = slices[lv].start + y[m] * out.level_sizes[lv][1] + x[m]
-                same_level += int(not torch.allclose(
-                    got["box"][m], torch.log_softmax(out.reg[0, wrong].float(), dim=-1), atol=1e-3))
-                shifted += int(lv > 0)
-    assert shifted > 0 and same_level > 0, "set-up: rows above level 0 and distinguishable levels"
+            box, cls, level, unshifted = _teacher_level_above(teacher, pipe, split, ds[(i, v)]["meta"],
+                                                              got["anchor"].long())
+            assert torch.allclose(got["box"], box, atol=1e-5)
+            assert torch.allclose(got["cls"], cls, atol=1e-5)
+            shifted += int((level > 0).sum())
+            distinct += int(not torch.allclose(got["box"], unshifted, atol=1e-3))
+    assert shifted > 0 and distinct > 0, "set-up: rows above level 0, levels distinguishable"
+
+
+def test_student_step_reads_the_teachers_level_above(setup):
+    """Kills: a training step that reads a cached row other than the teacher's P(l+1) output
+    for its anchor at P(l) (in a batch of two images, with their own-grid -> batch mapping)."""
+    pipe, ckpt, cache = setup
+    split = load_split(pipe.data, "train")
+    teacher = _teacher(pipe, split, ckpt)
+    cfg, n_cls = pipe.model("student"), len(split.classes)
+    ds = DetectionDataset(split, pipe.data, train_variants(pipe.data), extra=CacheTargets(cache))
+    samples = [ds[(0, 0)], ds[(1, 1)]]
+    batch = TrainCollate(cfg, n_cls, with_vlr=True)(samples)
+    bh, bw = batch["img"].shape[-2:]
+    sizes = [(-(-bh // s), -(-bw // s)) for s in cfg.strides]
+    bt = batch_targets(batch["targets"], sizes, cfg.strides, cfg.anchor_scale, n_cls, torch.device("cpu"))
+    hook = CachedTeacher(pipe, cache)
+    hook.check(pipe, "student", split)
+    src = hook.prepare(batch, bt, torch.device("cpu"))
+    assert src.strides == (8, 16, 32, 64)
+    flat = torch.nonzero((bt.labels < n_cls) | (bt.vlr > 0)).squeeze(1)
+    flat = flat[served(src, bt, flat)]
+    per_image = bt.labels.shape[0] // 2
+    for b, sample in enumerate(samples):
+        mine = flat[flat // per_image == b]
+        assert mine.numel() > 0
+        inverse = torch.full((bt.labels.shape[0],), -1, dtype=torch.long)
+        inverse[bt.own_to_batch[b]] = torch.arange(bt.own_to_batch[b].numel())
+        box, cls, _, _ = _teacher_level_above(teacher, pipe, split, sample["meta"], inverse[mine])
+        got = src.at(mine)
+        assert torch.allclose(got.box, box, atol=1e-5) and torch.allclose(got.cls, cls, atol=1e-5)
 
 
 def test_manifest_info_and_verify(setup):
@@ -217,3 +258,20 @@ def test_criterion_leaves_the_top_levels_out():
     want = dcfg.bckd_cls_weight * bckd_cls_loss(out.flat_cls()[bidx], rows.cls, bt.label_weights[bidx],
                                                 float(bt.num_pos_images), dcfg.bckd_beta)
     assert torch.allclose(got["loss_bckd_cls"], want)
+
+
+def test_cli_names_a_teacher_without_the_levels(setup, tmp_path):
+    """Kills: a traceback (or a half-written cache) instead of one ``Error:`` line."""
+    from helpers import DEMO_PIPELINE, TINY_KVS, cli_args, error_line, invoke
+    pipe, ckpt, _ = setup
+    over = [f"data.root={pipe.data.root}", *UP, *(f"models.teacher.{kv}" for kv in TINY_KVS),
+            "models.teacher.channels=24", "cache.teacher_upscale=256"]
+    out = tmp_path / "c"
+    res = invoke("dump-teacher", DEMO_PIPELINE, "--checkpoint", ckpt, "--out", out, "--device", "cpu",
+                 *cli_args(*over))
+    error_line(res, "cache.teacher_upscale must be a power of two", "256")
+    over[-1] = "cache.teacher_upscale=32"
+    res = invoke("dump-teacher", DEMO_PIPELINE, "--checkpoint", ckpt, "--out", out, "--device", "cpu",
+                 *cli_args(*over))
+    error_line(res, "cache.teacher_upscale=32", "has no level of stride 32 x any")
+    assert not out.exists()
