@@ -18,6 +18,7 @@ import torch
 from helpers import distill_pipe, scored_teacher, synth_set
 from ldpipe.cache import CacheError, CacheReader
 from ldpipe.cache.info import format_info, info
+from ldpipe.cache.manifest import Manifest
 from ldpipe.cache.verify import verify
 from ldpipe.config import ConfigError
 from ldpipe.data import DetectionDataset, load_split, train_variants
@@ -146,6 +147,12 @@ def test_manifest_info_and_verify(setup):
     text = format_info(info(cache))
     assert "teacher run at 2x the student's input" in text and "no teacher rows at stride 128" in text
     assert verify(cache)["ok"]
+    # a damaged entry is refused when the manifest is read, naming the field
+    raw = m.to_dict()
+    raw["teacher_upscale"] = {**raw["teacher_upscale"], "levels": [0, 1, 2, 3, None]}
+    with pytest.raises(CacheError, match="teacher_upscale.levels"):
+        Manifest.parse(raw, cache)
+    assert Manifest.parse(m.to_dict(), cache).teacher_upscale == m.teacher_upscale
 
 
 def test_student_trains_from_the_cache(setup, tmp_path):
