@@ -294,7 +294,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
             with torch.no_grad():
                 for batch in loader:
                     for rows in teacher_rows(model, batch, info.device, use_amp, cache_cfg.store_cls, nv,
-                                             cache_cfg.cls_values, reuse_idx, upscale):
+                                             cache_cfg.cls_values, reuse_idx, upscale=upscale):
                         u = rows.sample // per_unit
                         pending.setdefault(u, []).append(rows)
                         if len(pending[u]) == min((u + 1) * per_unit, total) - u * per_unit:
