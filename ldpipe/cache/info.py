@@ -20,6 +20,7 @@ from .manifest import CacheError, F
 from .reader import UnitArrays, read_checked_index, sample_rows
 from .region import entry_setting
 from .store import committed_units, index_complete, open_cache, unit_name
+from .upscale import upscale_line
 
 
 def stored_objects(root: zarr.Group, under: str = "") -> dict[str, int]:
@@ -226,6 +227,7 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
         "versions": m.versions,
         "lineage": m.lineage_chain(),
         "head_part": m.head_part,
+        "teacher_upscale": m.teacher_upscale,
     }
 
 
@@ -285,5 +287,8 @@ def format_info(d: dict) -> str:
     if hp:
         lines.append(f"CrossKD       teacher head part after conv {hp.get('idx')} "
                      f"({len(hp.get('sha256') or {})} parameters) and per-sample feature statistics")
+    up = d.get("teacher_upscale")
+    if up:
+        lines.append(upscale_line(up, d["strides"]))
     lines.append("lineage       " + "\n              ".join(d["lineage"]))
     return "\n".join(lines)

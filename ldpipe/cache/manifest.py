@@ -26,13 +26,14 @@ from ..models.detector import HEADS, backbone_label
 from .codec import CODEC_TABLE, codec_for
 from .headspec import head_part_problem
 from .region import entry_setting
+from .upscale import entry_problem as upscale_problem
 
 FORMAT = "ldpipe-teacher-cache"
 FORMAT_VERSION = 2
 IDENTITY = ("teacher", "geometry", "data", "region", "codec", "compressor", "store_cls",
             "samples_per_shard", "chunk_rows")
 # identity fields added later, absent from the manifests of caches made before them (their identity, id unchanged)
-LATER_IDENTITY = ("codec_clip", "codec_step", "cls_values", "head_part")
+LATER_IDENTITY = ("codec_clip", "codec_step", "cls_values", "head_part", "teacher_upscale")
 # bounds of a sane manifest (check_numbers): a damaged or hostile one must not divide by zero or allocate terabytes
 MAX_REG_MAX = 1024
 MAX_CLASSES = 100_000
@@ -145,21 +146,20 @@ class Manifest:
     # the encoder's clip in nats (Codec.clip); None for fp32, and absent from caches written
     # before it was recorded (then the codec's ``legacy_clip`` applies: int8 clipped at 40)
     codec_clip: float | None = None
-    # int8: the box rows' smallest quantisation step in nats (cache.int8_box_step); None for
-    # other codecs and for step 0 (every row over its own range), which is what caches written
-    # before the setting existed did
+    # int8: the box rows' smallest quantisation step in nats (cache.int8_box_step); None for other
+    # codecs and for step 0 (every row over its own range, as caches before the setting did)
     codec_step: float | None = None
-    # what the stored ``cls`` rows are the log-softmax of (docs/cache-format.md, section 3):
-    # absent/None = "joint" (GFL teachers, and every cache from before GFocalV2): logits whose
-    # sigmoid is the joint class-IoU score; "class" (GFocalV2 teachers): the ``gfl_cls`` logits
-    # whose sigmoid is the class score only (the DGQP quality, not stored, multiplies it)
+    # what the stored ``cls`` rows are the log-softmax of (docs/cache-format.md, section 3): absent/
+    # None = "joint" (GFL teachers, every cache before GFocalV2): logits whose sigmoid is the joint
+    # class-IoU score; "class" (GFocalV2): the class score only (the DGQP quality multiplies it)
     cls_logits: str | None = None
-    # what the stored ``cls`` rows hold (cache.cls_values): absent/None = their log-softmax over
-    # the classes (every cache before BCKD); "logits" = the raw logits (BCKD reads their sigmoid)
+    # the stored ``cls`` rows (cache.cls_values): None = log-softmax over the classes (every cache
+    # before BCKD); "logits" = the raw logits (BCKD reads their sigmoid)
     cls_values: str | None = None
     # CrossKD: {"idx", "channels", "levels", "stacked_convs", "sha256": {parameter: sha256}} of the
     # head_part/ arrays, whose units hold featstats (docs/cache-format.md, section 10); None = neither
     head_part: dict | None = None
+    teacher_upscale: dict | None = None  # a teacher at 2^k x the student's input (cache.upscale)
 
     # ------------------------------------------------------------ (de)serialising
     @classmethod
@@ -176,7 +176,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("codec_clip", "codec_step", "cls_logits", "cls_values", "head_part"):
+        for key in ("codec_clip", "codec_step", "cls_logits", "cls_values", "head_part", "teacher_upscale"):
             if d[key] is None:
                 del d[key]
         return d
@@ -330,7 +330,7 @@ def check_numbers(m: "Manifest", url: str) -> None:
         bad("codec_step", step)
     if m.cls_values not in (None, "logits"):
         bad("cls_values", m.cls_values)
-    if (problem := head_part_problem(m.head_part)) is not None:
+    if (problem := head_part_problem(m.head_part) or upscale_problem(m.teacher_upscale, strides)):
         bad(*problem)
 
 

@@ -13,7 +13,8 @@ softened *average* ``p_avg^(1/T) / Z`` - not the average of the teachers' soften
 The sources must be complete caches made the same way except for the teacher: every identity
 field of the manifest but ``teacher`` (data set and its image ids, geometry and variants,
 region policy and its assigners, codec and its clip, compressor, class storage, unit and chunk
-sizes) and, per sample, the same geometry and the same stored anchors.  Anything else is
+sizes, the teacher's input factor ``teacher_upscale``) and, per sample, the same geometry and
+the same stored anchors.  Anything else is
 refused with the first difference named, and so is a CrossKD cache (a teacher head part and
 feature statistics are one teacher's: there is no ensemble of them).  The result is an ordinary format-version-2 cache
 (written unit by unit through :mod:`.store`'s commit protocol, so a killed merge resumes),
@@ -48,7 +49,7 @@ from .store import (UnitData, committed_units, create_or_resume, from_disk, inde
 
 # identity fields the sources must share (everything but the teacher)
 SHARED = ("geometry", "data", "region", "codec", "codec_clip", "codec_step", "compressor", "store_cls",
-          "samples_per_shard", "chunk_rows")
+          "samples_per_shard", "chunk_rows", "teacher_upscale")
 
 
 # per-sample table columns two sources must share besides the geometry (reader.geometry_of)

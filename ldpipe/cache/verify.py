@@ -27,6 +27,7 @@ from .integrity import binding_problems
 from .manifest import F, SAMPLE_FIELDS, CacheError, Manifest
 from .store import (committed_units, content_sha, index_complete,
                     open_cache, unit_name)
+from .upscale import Upscale
 
 MAX_ERRORS = 200
 
@@ -314,9 +315,12 @@ class _Verifier:
         if not rows_ok:
             return
         starts, counts = table[:, F["row_start"]], table[:, F["row_count"]]
+        up = m.teacher_upscale and Upscale.of_entry(m.teacher_upscale, m.geometry.strides, m.geometry.anchor_scale)
         for i, rec in enumerate(table):
             a = anchor[starts[i]:starts[i] + counts[i]]
             grid_n = geometry_check.num_anchors(m.geometry, int(rec[F["pad_h"]]), int(rec[F["pad_w"]]))
+            if up:  # a teacher at 2^k x: the student's levels without a counterpart hold no rows
+                grid_n = up.served_count((int(rec[F["pad_h"]]), int(rec[F["pad_w"]])))
             if a.size and ((np.diff(a) <= 0).any() or a[0] < 0 or a[-1] >= grid_n):
                 self.error(f"{un}: {m.sample_label(rec)}: anchor indices are not sorted, unique "
                            f"and within the grid of {grid_n} anchors")

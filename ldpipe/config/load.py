@@ -168,6 +168,10 @@ def validate(pipe: Pipeline) -> None:
     if pipe.cache.reused_head_idx < -1:
         raise ConfigError(f"{src}: cache.reused_head_idx must be -1 (off) or a head conv index "
                           f">= 0, got {pipe.cache.reused_head_idx}")
+    up = pipe.cache.teacher_upscale
+    if isinstance(up, bool) or not isinstance(up, int) or not 1 <= up <= 64 or up & (up - 1):
+        raise ConfigError(f"{src}: cache.teacher_upscale must be a power of two (1 = off, 2, 4, "
+                          f"..., 64), got {up!r}")
     for name, m in pipe.models.items():
         if m.head.align_channels < 0:
             raise ConfigError(f"{src}: models.{name}.head.align_channels must be >= 0 (0 = off), "

@@ -311,6 +311,10 @@ class CacheConfig:
     # The reference's reused_teacher_head_idx (3 of 4 convs: idx = stacked_convs - 1)
     reused_head_idx: int = -1
     writer_threads: int = 2  # dump: threads that encode, compress, checksum and commit units
+    # a teacher run at this power-of-two factor (2^k) x the student's input: its level P(l+k)
+    # is stored as the student's P(l) (same grid, anchors and edge-bin units); the student's top
+    # k levels get no teacher rows (docs/cache-format.md, section 11).  1 (default): off
+    teacher_upscale: int = 1
 
 
 @dataclass(frozen=True)

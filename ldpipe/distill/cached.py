@@ -14,6 +14,7 @@ from ..cache import CacheError, CacheReader
 from ..cache.codec import decode_packed
 from ..cache.compat import CLS_TERMS, CROSSKD_TERMS, check_compatible
 from ..cache.store import open_root, read_head_part
+from ..cache.upscale import served_strides
 from ..config import Pipeline, enabled_terms
 from ..data import Variant
 from ..models import BatchTargets, HeadPart
@@ -78,6 +79,8 @@ class CachedTeacher(TargetSource):
         box = torch.cat(boxes) if boxes else torch.zeros(0, 4, 1, device=device)
         cls = torch.cat(classes) if classes else None
         out = CachedBatch(rows, box, cls, self.url, self.manifest.region.policy, batch["metas"])
+        if self.manifest.teacher_upscale:
+            out.strides = served_strides(self.manifest)
         if self.reuse_idx is not None:
             out.head_stats = self._batch_stats(batch, device)
         return out

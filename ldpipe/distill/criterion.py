@@ -34,6 +34,16 @@ def _per_image(terms: Losses, images: int) -> Losses:
 LD_NORM = {"sum": lambda terms, images: terms, "image": _per_image}
 
 
+def served(teacher, bt: BatchTargets, idx: torch.Tensor) -> torch.Tensor:
+    """``[k]`` bool: which batch-flat anchors ``idx`` lie on a level the teacher has targets at
+    (all but the student's top k levels for a teacher at 2^k x its input: the distillation terms
+    leave the others out; their normalisers stay the reference's, docs/cache-format.md section 11)."""
+    if teacher.strides is None:
+        return torch.ones_like(idx, dtype=torch.bool)
+    return torch.isin(bt.strides[idx], torch.tensor(teacher.strides, dtype=bt.strides.dtype,
+                                                     device=idx.device))
+
+
 class Criterion:
     """The contract: ``criterion(model, batch, out, bt) -> {name: scalar tensor}``."""
 
@@ -100,16 +110,18 @@ class DistillCriterion(GFLCriterion):
         cls_flat, reg_flat, rb = out.flat_cls(), out.flat_reg(), out.reg_bins
         teacher = self.teacher.prepare(batch, bt, reg_flat.device)
         if "ld" in self.terms or "kd" in self.terms:
-            t = teacher.at(pos.index)
+            keep = served(teacher, bt, pos.index)
+            index, weight = pos.index[keep], pos.weight[keep]
+            t = teacher.at(index)
             if "ld" in self.terms:
                 terms["loss_ld"] = cfg.ld_weight * ld_loss(
-                    reg_flat[pos.index].reshape(-1, rb), t.box.reshape(-1, rb), pos.weight, cfg.ld_T)
+                    reg_flat[index].reshape(-1, rb), t.box.reshape(-1, rb), weight, cfg.ld_T)
             if "kd" in self.terms:
                 terms["loss_kd"] = cfg.kd_weight * cls_kd_loss(
-                    cls_flat[pos.index], t.cls, bt.label_weights[pos.index], bt.strides[pos.index],
-                    cfg.kd_T)
+                    cls_flat[index], t.cls, bt.label_weights[index], bt.strides[index], cfg.kd_T)
         if "vlr" in self.terms:
             vidx = torch.nonzero(bt.vlr > 0).squeeze(1)
+            vidx = vidx[served(teacher, bt, vidx)]
             t = teacher.at(vidx, need_cls=False)
             terms["loss_ld_vlr"] = cfg.vlr_weight * vlr_loss(
                 reg_flat[vidx].reshape(-1, rb), t.box.reshape(-1, rb), bt.vlr[vidx], cfg.vlr_T)
@@ -149,6 +161,7 @@ class DistillCriterion(GFLCriterion):
         device = cls_flat.device
         num_total = self._num_total(bt, device)
         idx = bckd_anchors(bt.label_weights, bt.strides, pos.index)
+        idx = idx[served(teacher, bt, idx)]  # the normaliser stays every positive's (num_total)
         t = teacher.at(idx)
         w = bt.label_weights[idx]
         if "bckd_cls" in self.terms:

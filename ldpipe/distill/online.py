@@ -39,6 +39,10 @@ class OnlineTeacher(TargetSource):
     def check(self, pipe: Pipeline, model_name: str, split) -> None:
         """Check the pairing, then build the teacher (on ``self.device``, frozen)."""
         student, teacher = pipe.model(model_name), pipe.model(self.model_name)
+        if pipe.cache.teacher_upscale != 1:
+            raise CacheError(f"cache.teacher_upscale={pipe.cache.teacher_upscale}: the online teacher "
+                             "runs on the student's own input; dump the teacher (dump-teacher) to train "
+                             "from a higher-resolution teacher, or set cache.teacher_upscale=1")
         if student.reg_max != teacher.reg_max:
             raise CacheError(f"reg_max: teacher {self.model_name!r} has {teacher.reg_max}, "
                              f"student {model_name!r} has {student.reg_max}")

@@ -38,6 +38,10 @@ class TeacherBatch:
     # CrossKD: the teacher's (mean, unbiased std) per level, tower (cls, reg) and channel of
     # its towers' input to the reused conv over this batch, ``[L, 2, 2, C]``; None otherwise
     head_stats: torch.Tensor | None = None
+    # the student strides whose anchors the teacher has targets at; None: every level.  A teacher
+    # run at 2^k x the student's input (cache.teacher_upscale) has none at the student's top k
+    # levels, whose anchors the criterion leaves out of the distillation terms
+    strides: tuple[int, ...] | None = None
 
     def at(self, flat: torch.Tensor, need_cls: bool = True) -> TeacherRows:
         """The teacher at batch-flat anchor rows ``flat`` ``[k]`` (int64)."""

@@ -32,10 +32,12 @@ from ..cache.region import manifest_entries, own_assigner_note, reader_settings,
 from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
                            head_part_shas, index_complete, open_root, write_head_part, write_index,
                            write_unit)
+from ..cache.upscale import Upscale, upscale_plan
 from ..config import AssignerConfig, ConfigError, DataConfig, Pipeline
 from ..config.checks import check_run_args
 from ..data import (DetectionDataset, collate, load_split, padded_shape, sample_number, sample_pair,
                     train_variants)
+from ..data.upscale import UpscaledDataset
 from ..models import GFL, load_detector
 from ..models.anchors import grid_to_batch_index, make_grid
 from ..models.checkpoint import file_sha256
@@ -50,9 +52,10 @@ log = logging.getLogger("ldpipe.dump")
 class DumpCollate:
     """Collate plus the region (own-grid anchor indices) of each sample."""
 
-    def __init__(self, policy: str, strides, anchor_scale: float, assigners: list[AssignerConfig]):
+    def __init__(self, policy: str, strides, anchor_scale: float, assigners: list[AssignerConfig],
+                 upscale: Upscale | None = None):
         self.policy, self.strides, self.anchor_scale = policy, list(strides), anchor_scale
-        self.assigners = assigners
+        self.assigners, self.upscale = assigners, upscale
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples)
@@ -61,6 +64,10 @@ class DumpCollate:
         batch["region"] = [region_index(self.policy, g, ig, m.pad_shape, self.strides,
                                         self.anchor_scale, self.assigners)
                            for g, ig, m in zip(batch["gt_boxes"], batch["ignore_boxes"], batch["metas"])]
+        if self.upscale is not None:  # the student's grid; its levels without a counterpart dropped
+            batch["teacher_img"] = torch.stack(batch["teacher_img"])  # one padded shape per batch
+            batch["region"] = [idx[idx < self.upscale.served_count(m.pad_shape)]
+                               for idx, m in zip(batch["region"], batch["metas"])]
         return batch
 
 
@@ -88,13 +95,16 @@ def unit_batches(data: DataConfig, split, variants, units: list[int], per_unit: 
 
 
 def teacher_rows(model: GFL, batch: dict, device: torch.device, use_amp: bool, store_cls: bool,
-                 num_variants: int, cls_values: str = "log_probs", reuse_idx: int = -1) -> list[SampleRows]:
+                 num_variants: int, cls_values: str = "log_probs", reuse_idx: int = -1,
+                 upscale: Upscale | None = None) -> list[SampleRows]:
     """Run the teacher on a batch and gather each sample's region rows (log-probabilities, CPU;
     class rows: the raw logits with ``cls_values="logits"``); ``reuse_idx >= 0``: also each
     sample's CrossKD feature moments (``SampleRows.featstats``, ``[L, 2, 2, C]`` float64: per
     level, tower and channel the sum and squared sum of the towers' input to that conv over
-    the sample's positions; a dump batch holds one padded shape, so they are the image's own)."""
-    img = batch["img"].to(device, non_blocking=True)
+    the sample's positions; a dump batch holds one padded shape, so they are the image's own).
+    ``upscale``: the teacher runs on ``batch["teacher_img"]`` and the region's student anchors
+    read their counterparts (:meth:`~ldpipe.cache.upscale.Upscale.teacher_index`)."""
+    img = batch["img" if upscale is None else "teacher_img"].to(device, non_blocking=True)
     with runtime.amp_context(device, use_amp):
         out = model(img) if reuse_idx < 0 else model(img, hold=reuse_idx)
     moments = None
@@ -104,8 +114,10 @@ def teacher_rows(model: GFL, batch: dict, device: torch.device, use_amp: bool, s
     cfg = model.cfg
     rows = []
     for b, (meta, idx) in enumerate(zip(batch["metas"], batch["region"])):
-        own = make_grid(meta.pad_shape, cfg.strides, cfg.anchor_scale)
-        sel = grid_to_batch_index(list(own.sizes), out.level_sizes).to(device)[idx.to(device)]
+        pad = meta.pad_shape if upscale is None else upscale.teacher_pad(meta.pad_shape)
+        own = make_grid(pad, cfg.strides, cfg.anchor_scale)
+        at = idx if upscale is None else upscale.teacher_index(meta.pad_shape)[idx]
+        sel = grid_to_batch_index(list(own.sizes), out.level_sizes).to(device)[at.to(device)]
         box = C.log_probs(out.reg[b, sel]).cpu()
         cls = None
         if store_cls:
@@ -224,6 +236,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     per_unit = cache_cfg.samples_per_shard
     num_units = math.ceil(total / per_unit)
     readers = reader_settings(pipe, model_name)
+    upscale = upscale_plan(pipe, model_name, [n for names in readers.values() for n in names])
     note = own_assigner_note(pipe, model_name, readers)
     if note and info.is_main:
         log.warning(note)
@@ -235,6 +248,9 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     head_tensors = None
     if reuse_idx >= 0:
         manifest.head_part, head_tensors = head_part_entry(model, reuse_idx)
+        manifest.cache_id = manifest.compute_id()
+    if upscale is not None:  # the rows are addressed on the student's grid (geometry.strides)
+        manifest.geometry.strides, manifest.teacher_upscale = list(upscale.strides), upscale.entry()
         manifest.cache_id = manifest.compute_id()
 
     # one dump per --out at a time (rank 0 holds the lock for its whole torchrun job)
@@ -257,9 +273,11 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
         batches = unit_batches(pipe.data, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
         loader = torch.utils.data.DataLoader(
             # a cache holds every sample: an undecodable image stops the dump, naming it
-            DetectionDataset(split, pipe.data, variants, skip_undecodable=False), batch_sampler=batches,
+            DetectionDataset(split, pipe.data, variants, skip_undecodable=False) if upscale is None
+            else UpscaledDataset(split, pipe.data, variants, upscale.factor), batch_sampler=batches,
             num_workers=pipe.train.workers if workers is None else workers,
-            collate_fn=DumpCollate(cache_cfg.region, cfg.strides, cfg.anchor_scale, list(readers)),
+            collate_fn=DumpCollate(cache_cfg.region, upscale.strides if upscale else cfg.strides,
+                                   cfg.anchor_scale, list(readers), upscale),
             pin_memory=info.device.type == "cuda", worker_init_fn=runtime.worker_init)
         use_amp = (info.device.type == "cuda") if amp is None else (amp and info.device.type == "cuda")
 
@@ -276,7 +294,7 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
             with torch.no_grad():
                 for batch in loader:
                     for rows in teacher_rows(model, batch, info.device, use_amp, cache_cfg.store_cls, nv,
-                                             cache_cfg.cls_values, reuse_idx):
+                                             cache_cfg.cls_values, reuse_idx, upscale=upscale):
                         u = rows.sample // per_unit
                         pending.setdefault(u, []).append(rows)
                         if len(pending[u]) == min((u + 1) * per_unit, total) - u * per_unit:

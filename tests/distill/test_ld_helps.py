@@ -67,7 +67,8 @@ def oracle_rows(shuffle: bool = False):
     batch; ``shuffle`` permutes each sample's rows across its anchors (wrong targets)."""
 
     def rows_of(model, batch, device, use_amp, store_cls, num_variants, cls_values="log_probs",
-                reuse_idx=-1):
+                reuse_idx=-1, upscale=None):
+        assert upscale is None  # (the oracle answers on the student's own grid)
         cfg = model.cfg
         bins = torch.arange(cfg.reg_max + 1, dtype=torch.float32)
         out = []
