@@ -54,7 +54,7 @@ def role_stats(entries: list[dict]) -> list[dict]:
     stats = []
     for role, es in groups.items():
         s = {"role": role, "model": es[0]["model"], "backbone": es[0]["backbone"],
-             "seeds": [e["seed"] for e in es], "AP_per_seed": [round(e["AP"] * 100, 2) for e in es]}
+             "seeds": [e["seed"] for e in es], "AP_per_seed": [e["AP"] * 100 for e in es]}
         for k in METRICS:
             vals = [e[k] * 100 for e in es]
             s[k], s[f"{k}_std"] = statistics.fmean(vals), _std(vals)
