@@ -34,8 +34,8 @@ from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or
                            write_unit)
 from ..config import AssignerConfig, ConfigError, DataConfig, Pipeline
 from ..config.checks import check_run_args
-from ..data import (DetectionDataset, collate, load_split, padded_shape, sample_number, sample_pair,
-                    train_variants)
+from ..data import DetectionDataset, collate, load_split, padded_shape, sample_number, sample_pair
+from ..data.schedule import dump_schedule
 from ..models import GFL, load_detector
 from ..models.anchors import grid_to_batch_index, make_grid
 from ..models.checkpoint import file_sha256
@@ -218,9 +218,10 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     cache_cfg = pipe.cache
     split = split if split is not None else load_split(pipe.data, split_name)
     check_cache_out(out, overwrite, read_places(pipe, checkpoint, split))  # before anything is written
-    variants = train_variants(pipe.data)
-    nv = len(variants)
-    total = len(split.records) * nv
+    schedule = dump_schedule(pipe.data, len(split.records))  # what `ldpipe cache plan` counts too
+    variants = list(schedule.variants)
+    nv = schedule.num_variants
+    total = schedule.num_samples
     per_unit = cache_cfg.samples_per_shard
     num_units = math.ceil(total / per_unit)
     readers = reader_settings(pipe, model_name)
