@@ -209,9 +209,11 @@ def read_places(pipe: Pipeline, checkpoint: str, split) -> list[Input]:
 def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, split_name: str = "train",
                  device: str | None = None, batch_size: int | None = None, workers: int | None = None,
                  amp: bool | None = None, overwrite: bool = False, progress: bool = True,
-                 split=None) -> dict:
+                 split=None, batch_times: list | None = None) -> dict:
     """Dump ``model_name`` (weights from ``checkpoint``) over ``split_name`` (or a given
-    ``split``) into the cache at ``out``; resumes a cache made the same way."""
+    ``split``) into the cache at ``out``; resumes a cache made the same way.  ``batch_times``:
+    a list that gets ``(seconds since the loop began, samples done)`` after each batch
+    (``ldpipe cache plan`` times its pilot dump by it)."""
     check_run_args(batch_size, workers)
     info = runtime.init(device)
     cfg = pipe.model(model_name)
@@ -283,6 +285,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
                         if len(pending[u]) == min((u + 1) * per_unit, total) - u * per_unit:
                             writer.put(u, pending.pop(u))
                     n_images += len(batch["metas"])
+                    if batch_times is not None:
+                        batch_times.append((time.perf_counter() - t0, n_images))
                     bar.update(len(batch["metas"]))
                     bar.set_postfix(img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
         finally:

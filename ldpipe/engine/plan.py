@@ -11,10 +11,12 @@
    to the whole schedule.  With ``checkpoint`` the teacher's real outputs are compressed;
    without one a random-init teacher's, whose near-uniform distributions compress
    differently: the estimate is then rougher (the plan says so).
-4. **Time**: the pilot dumps are timed as the dump times itself (its ``seconds``: the loop,
-   loading, teacher and writing, without model loading and the final index); two pilots of
-   different size separate a per-sample rate from the fixed start-up (a third, of one
-   image, warms up first), and the estimate is ``fixed + samples x rate`` on the device named.
+4. **Time**: the pilot dump is timed as the dump times itself (its ``seconds``: the loop -
+   loading, teacher, writing - without model loading and the final index), batch by batch:
+   the batches after the first give a per-sample rate, the rest (the first batch's start-up,
+   the last unit's writing) a fixed part; the estimate is ``fixed + samples x rate`` on the
+   device named.  The pilot's images are those of whole, seeded batches of the real dump
+   (:func:`~ldpipe.engine.dump.unit_batches`), so its batches are as full as the dump's.
 
 Nothing is written outside the temporary folder, which is removed at the end; ``out`` (the
 cache's future place) is only looked at: is it free, does it hold a cache, is there room.
@@ -46,7 +48,7 @@ from ..files import local_path
 from ..models import build_model, load_detector
 from ..models.checkpoint import save_checkpoint
 from .bench import cpu_name
-from .dump import DumpCollate, dump_teacher, read_places
+from .dump import DumpCollate, dump_teacher, read_places, unit_batches
 from .runtime import resolve_device
 
 RANDOM_NOTE = ("no --checkpoint: a random-init teacher was dumped; compression depends on the "
@@ -55,11 +57,14 @@ RANDOM_NOTE = ("no --checkpoint: a random-init teacher was dumped; compression d
 
 @dataclass(frozen=True)
 class PilotRun:
-    """One timed pilot dump."""
+    """The timed pilot dump."""
 
     images: int
     samples: int
+    batches: int
     seconds: float  # the dump's own ``seconds``
+    steady_samples: int  # samples after the first batch
+    steady_seconds: float  # and their seconds
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,8 @@ class CachePlan:
     seconds: float  # estimated dump seconds (as the dump's own ``seconds``)
     seconds_per_sample: float
     fixed_seconds: float
-    pilot_runs: list[PilotRun]
+    pilot: PilotRun
+    dump_batch: float  # mean samples per batch of the real dump (the pilot's: pilot.samples / batches)
     device: str
     device_name: str
     threads: int
@@ -163,7 +169,7 @@ def look_at_out(out: str, pipe: Pipeline, checkpoint: str | None, split) -> OutP
 
 
 def plan_cache(pipe: Pipeline, model_name: str = "teacher", checkpoint: str | None = None,
-               split_name: str = "train", pilot_images: int = 8, count_samples: int = 2000,
+               split_name: str = "train", pilot_images: int = 16, count_samples: int = 2000,
                seed: int = 0, device: str | None = None, batch_size: int | None = None,
                workers: int | None = None, amp: bool | None = None, out: str | None = None) -> CachePlan:
     """The :class:`CachePlan` of dumping ``model_name`` over ``split_name`` (see the module doc)."""
@@ -192,12 +198,13 @@ def plan_cache(pipe: Pipeline, model_name: str = "teacher", checkpoint: str | No
     rows = int(sum(rows_of.values())) if n <= count_samples else int(round(
         sum(rows_of.values()) * n / len(counted)))
 
-    picks = sorted(int(i) for i in rng.choice(schedule.num_images, min(pilot_images, schedule.num_images),
-                                              replace=False))
+    batches = unit_batches(pipe.data, split, list(schedule.variants), list(range(units)), per_unit,
+                           batch_size or pipe.cache.batch_size)
+    picks = pilot_images_of(batches, pilot_images, rng)
     notes = [] if checkpoint is not None else [RANDOM_NOTE]
     if n > count_samples:
         notes.append(f"rows counted on {len(counted)} of {n} samples (seeded), scaled to all")
-    runs, model_bytes, manifest = _pilots(pipe, model_name, checkpoint, split, picks, seed, dict(
+    run, model_bytes, manifest = _pilot(pipe, model_name, checkpoint, split, picks, seed, dict(
         device=device, batch_size=batch_size, workers=workers, amp=amp))
 
     manifest.data = dataclasses.replace(manifest.data, fingerprint=split.fingerprint,
@@ -207,9 +214,9 @@ def plan_cache(pipe: Pipeline, model_name: str = "teacher", checkpoint: str | No
     by_part = model_bytes.estimate(n, rows, units, root_metadata_bytes(manifest))
     total = int(sum(by_part.values()))
 
-    rate, fixed = _rate(runs)
-    if len(runs) < 2:
-        notes.append("one pilot only (a split of one image): no fixed start-up time separated")
+    rate, fixed = _rate(run)
+    if run.steady_samples == 0:
+        notes.append("the pilot was one batch: no start-up time separated (more --pilot-images)")
     return CachePlan(
         pipeline=pipe.source, model=model_name, split=split_name, schedule=schedule.kind,
         schedule_text=schedule.describe(), images=schedule.num_images,
@@ -221,16 +228,28 @@ def plan_cache(pipe: Pipeline, model_name: str = "teacher", checkpoint: str | No
         rows_exact=n <= count_samples, bytes=total, bytes_by_part=by_part,
         bytes_per_sample=total / n, pilot_images=len(picks), pilot_samples=model_bytes.samples,
         pilot_bytes=model_bytes.total, seconds=round(fixed + n * rate, 3),
-        seconds_per_sample=rate, fixed_seconds=round(fixed, 3), pilot_runs=runs,
+        seconds_per_sample=rate, fixed_seconds=round(fixed, 3), pilot=run,
+        dump_batch=n / max(len(batches), 1),
         device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         threads=torch.get_num_threads(), plan_seconds=round(time.perf_counter() - t_start, 3),
         out=place, notes=notes)
 
 
-def _pilots(pipe: Pipeline, model_name: str, checkpoint: str | None, split, picks: list[int],
-            seed: int, dump_args: dict):
-    """Dump one image (warm-up), half of ``picks`` and all of ``picks`` into a temporary folder:
-    the timed runs (half, all), the size model of the largest and its manifest."""
+def pilot_images_of(batches: list[list[tuple[int, int]]], count: int, rng) -> list[int]:
+    """At least ``count`` image indices (all, if fewer): those of whole batches of the real
+    dump drawn in a seeded order, so the pilot's batches are as full as the dump's."""
+    picked: set[int] = set()
+    for b in rng.permutation(len(batches)):
+        if len(picked) >= count:
+            break
+        picked.update(int(i) for i, _ in batches[int(b)])
+    return sorted(picked)
+
+
+def _pilot(pipe: Pipeline, model_name: str, checkpoint: str | None, split, picks: list[int],
+           seed: int, dump_args: dict):
+    """Dump the images ``picks`` (every sample of each) into a temporary folder, removed at
+    the end: the timed run, the :class:`~ldpipe.cache.sizing.SizeModel` and the manifest."""
     quiet = logging.getLogger("ldpipe.dump")
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -242,34 +261,27 @@ def _pilots(pipe: Pipeline, model_name: str, checkpoint: str | None, split, pick
                 torch.manual_seed(seed)
                 model = build_model(pipe.model(model_name), len(split.classes))
             save_checkpoint(checkpoint, model, {})
-        half = picks[::2] if len(picks) > 1 else []
-        sets = [("warmup", picks[:1])] if half else []
-        sets += ([("half", half)] if half else []) + [("all", picks)]
-        runs = []
-        for name, images in sets:
-            sub = dataclasses.replace(split, records=[split.records[i] for i in images],
-                                      image_ids=[split.image_ids[i] for i in images])
-            summary = dump_teacher(pipe, model_name, checkpoint, os.path.join(tmp, name),
-                                   split=sub, progress=False, **dump_args)
-            if name != "warmup":
-                runs.append(PilotRun(len(images), int(summary["samples"]), float(summary["seconds"])))
-        last = os.path.join(tmp, "all")
-        return runs, size_model(last), open_cache(last)[1]
+        sub = dataclasses.replace(split, records=[split.records[i] for i in picks],
+                                  image_ids=[split.image_ids[i] for i in picks])
+        out, times = os.path.join(tmp, "pilot"), []
+        summary = dump_teacher(pipe, model_name, checkpoint, out, split=sub, progress=False,
+                               batch_times=times, **dump_args)
+        first_s, first_n = times[0]
+        run = PilotRun(len(picks), int(summary["samples"]), len(times), float(summary["seconds"]),
+                       times[-1][1] - first_n, times[-1][0] - first_s)
+        return run, size_model(out), open_cache(out)[1]
     finally:
         quiet.setLevel(level)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _rate(runs: list[PilotRun]) -> tuple[float, float]:
-    """``(seconds per sample, fixed seconds)`` from the timed pilots: the difference of the two
-    (the fixed start-up cancels), or the one run's mean when there is one or the difference is
-    not positive (noise on a loaded machine)."""
-    last = runs[-1]
-    if len(runs) >= 2 and runs[-1].samples > runs[0].samples:
-        rate = (runs[-1].seconds - runs[0].seconds) / (runs[-1].samples - runs[0].samples)
-        if rate > 0:
-            return rate, max(0.0, runs[0].seconds - runs[0].samples * rate)
-    return last.seconds / max(last.samples, 1), 0.0
+def _rate(run: PilotRun) -> tuple[float, float]:
+    """``(seconds per sample, fixed seconds)`` of a timed pilot: the rate of the batches after
+    the first, the rest of its seconds fixed; a one-batch pilot's mean, nothing fixed."""
+    if run.steady_samples > 0 and run.steady_seconds > 0:
+        rate = run.steady_seconds / run.steady_samples
+        return rate, max(0.0, run.seconds - run.samples * rate)
+    return run.seconds / max(run.samples, 1), 0.0
 
 
 def _mb(x: float) -> str:
@@ -283,7 +295,7 @@ def _duration(s: float) -> str:
 def format_plan(p: CachePlan) -> str:
     """The human table of a plan."""
     parts = ", ".join(f"{k} {_mb(v)}" for k, v in p.bytes_by_part.items())
-    runs = ", ".join(f"{r.samples} samples {r.seconds:.2f} s" for r in p.pilot_runs)
+    r = p.pilot
     rows_how = "counted on every sample" if p.rows_exact else f"counted on {p.rows_counted} samples"
     lines = [
         f"plan          {p.model} over split {p.split!r} of {p.pipeline}",
@@ -296,7 +308,8 @@ def format_plan(p: CachePlan) -> str:
         f"{_mb(p.pilot_bytes)})",
         f"dump time     {_duration(p.seconds)} on {p.device} ({p.device_name}, {p.threads} torch thread{'s' if p.threads != 1 else ''}): "
         f"{1000 * p.seconds_per_sample:.1f} ms per sample + {p.fixed_seconds:.1f} s start-up",
-        f"              from pilot dumps of {runs}",
+        f"              from the pilot: {r.samples} samples in {r.batches} batches "
+        f"({r.samples / r.batches:.1f} per batch; the dump's {p.dump_batch:.1f}), {r.seconds:.2f} s",
     ]
     if p.out is not None:
         free = "" if p.out.free_bytes is None else f"; {_mb(p.out.free_bytes)} free there" + (
@@ -308,4 +321,5 @@ def format_plan(p: CachePlan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CachePlan", "OutPlace", "PilotRun", "count_rows", "format_plan", "plan_cache"]
+__all__ = ["CachePlan", "OutPlace", "PilotRun", "count_rows", "format_plan", "pilot_images_of",
+           "plan_cache"]

@@ -52,7 +52,9 @@ def test_plan_bytes_within_tolerance_of_the_real_dump(planned):
     assert rel <= BYTES_TOLERANCE, (plan.bytes, real["stored_bytes"], plan.bytes_by_part,
                                     real["stored_bytes_by_part"])
     assert set(plan.bytes_by_part) == set(real["stored_bytes_by_part"])
-    assert plan.seconds > 0 and len(plan.pilot_runs) == 2
+    assert plan.seconds > 0 and plan.pilot.samples == 16 and plan.pilot.batches == 8
+    # the pilot's batches are as full as the dump's (whole batches of the real dump's images)
+    assert plan.pilot.samples / plan.pilot.batches == plan.dump_batch == 2
 
 
 def test_plan_of_the_whole_split_is_the_dumps_bytes(make_tiny_pipe, tiny_teacher_ckpt, tmp_path):
@@ -81,7 +83,7 @@ def test_plan_json_fields_and_nothing_written(synth_root, tiny_overrides, tmp_pa
     d = json.loads(res.output[res.output.index("{"):])
     for key in ("samples", "images", "variants", "units", "rows", "bytes", "bytes_by_part",
                 "bytes_per_sample", "seconds", "seconds_per_sample", "device", "device_name",
-                "pilot_runs", "teacher", "random_init", "notes", "schedule", "out"):
+                "pilot", "dump_batch", "teacher", "random_init", "notes", "schedule", "out"):
         assert key in d, key
     assert d["samples"] == 24 and d["images"] == 12 and d["variants"] == ["s0n", "s0f"]
     assert d["random_init"] and any("rougher" in n for n in d["notes"])
@@ -107,10 +109,25 @@ def test_plan_table_names_the_checkpoint_and_an_existing_cache(make_tiny_pipe, t
 
 def test_rate_separates_the_fixed_start_up():
     from ldpipe.engine.plan import PilotRun, _rate
-    rate, fixed = _rate([PilotRun(2, 8, 1.0 + 8 * 0.25), PilotRun(4, 16, 1.0 + 16 * 0.25)])
-    assert rate == pytest.approx(0.25) and fixed == pytest.approx(1.0)
-    # noise that makes the difference negative: the larger run's mean, no fixed part
-    assert _rate([PilotRun(2, 8, 3.0), PilotRun(4, 16, 2.0)]) == (pytest.approx(2.0 / 16), 0.0)
+    # 4 batches of 8: the first took 1.0 s more than the others (start-up), writing 0.5 s after
+    run = PilotRun(images=16, samples=32, batches=4, seconds=1.0 + 32 * 0.25 + 0.5,
+                   steady_samples=24, steady_seconds=24 * 0.25)
+    rate, fixed = _rate(run)
+    assert rate == pytest.approx(0.25) and fixed == pytest.approx(1.5)
+    # one batch: its mean, nothing fixed
+    assert _rate(PilotRun(2, 8, 1, 2.0, 0, 0.0)) == (pytest.approx(0.25), 0.0)
+
+
+def test_pilot_images_are_whole_batches_of_the_dump():
+    import numpy as np
+
+    from ldpipe.engine.plan import pilot_images_of
+    batches = [[(0, 0), (0, 1), (1, 0), (1, 1)], [(2, 0), (2, 1), (3, 0), (3, 1)],
+               [(4, 0), (4, 1), (5, 0), (5, 1)]]
+    picks = pilot_images_of(batches, 3, np.random.default_rng(0))
+    assert len(picks) == 4 and all(sorted({i for i, _ in b}) in (picks[:2], picks[2:])
+                                   for b in batches if b[0][0] in picks)
+    assert pilot_images_of(batches, 100, np.random.default_rng(0)) == list(range(6))
 
 
 def test_plan_bad_input_is_one_error_line(tiny_overrides, tiny_teacher_ckpt, tmp_path):
