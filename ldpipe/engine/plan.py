@@ -13,8 +13,8 @@
    differently: the estimate is then rougher (the plan says so).
 4. **Time**: the pilot dump is timed as the dump times itself (its ``seconds``: the loop -
    loading, teacher, writing - without model loading and the final index), batch by batch:
-   the batches after the first give a per-sample rate, the rest (the first batch's start-up,
-   the last unit's writing) a fixed part; the estimate is ``fixed + samples x rate`` on the
+   the batches after the loader's head start (the first, and the two each loader worker
+   prefetches) give a per-sample rate, the rest (start-up, the last unit's writing) a fixed part; the estimate is ``fixed + samples x rate`` on the
    device named.  The pilot's images are those of whole, seeded batches of the real dump
    (:func:`~ldpipe.engine.dump.unit_batches`), so its batches are as full as the dump's.
 
@@ -51,8 +51,13 @@ from .bench import cpu_name
 from .dump import DumpCollate, dump_teacher, read_places, unit_batches
 from .runtime import resolve_device
 
+# the pilot holds the images of at least this many of the dump's batches: the rate is timed on
+# the batches after the loader's head start (the first, and the 2 per worker it prefetches)
+MIN_PILOT_BATCHES = 8
 RANDOM_NOTE = ("no --checkpoint: a random-init teacher was dumped; compression depends on the "
-               "teacher's outputs, so the bytes estimate is rougher than with the trained teacher")
+               "teacher's outputs, so the bytes estimate is rougher than with the trained teacher "
+               "(on the demo data a random teacher's cache is less than half a trained one's: "
+               "docs/benchmarks.md, \"Planning a dump\")")
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,10 @@ class PilotRun:
     samples: int
     batches: int
     seconds: float  # the dump's own ``seconds``
-    steady_samples: int  # samples after the first batch
-    steady_seconds: float  # and their seconds
+    # the samples of the batches after the first 1 + 2 x workers (the loader's head start: the
+    # first batch, and the batches its workers prefetch), and their seconds: the rate
+    steady_samples: int
+    steady_seconds: float
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,9 @@ class CachePlan:
     seconds_per_sample: float
     fixed_seconds: float
     pilot: PilotRun
+    # seconds per sample of the loader's work alone (read, resize, region: counting the rows with
+    # ``workers`` loader workers); the dump overlaps it with the teacher where cores are free
+    loader_seconds_per_sample: float
     dump_batch: float  # mean samples per batch of the real dump (the pilot's: pilot.samples / batches)
     device: str
     device_name: str
@@ -194,7 +204,9 @@ def plan_cache(pipe: Pipeline, model_name: str = "teacher", checkpoint: str | No
 
     counted = list(range(n)) if n <= count_samples else sorted(
         int(s) for s in rng.choice(n, count_samples, replace=False))
+    t_rows = time.perf_counter()
     rows_of = count_rows(pipe, model_name, split, schedule, counted, nworkers)
+    load_rate = (time.perf_counter() - t_rows) / len(counted)
     rows = int(sum(rows_of.values())) if n <= count_samples else int(round(
         sum(rows_of.values()) * n / len(counted)))
 
@@ -229,18 +241,21 @@ def plan_cache(pipe: Pipeline, model_name: str = "teacher", checkpoint: str | No
         bytes_per_sample=total / n, pilot_images=len(picks), pilot_samples=model_bytes.samples,
         pilot_bytes=model_bytes.total, seconds=round(fixed + n * rate, 3),
         seconds_per_sample=rate, fixed_seconds=round(fixed, 3), pilot=run,
+        loader_seconds_per_sample=load_rate,
         dump_batch=n / max(len(batches), 1),
         device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         threads=torch.get_num_threads(), plan_seconds=round(time.perf_counter() - t_start, 3),
         out=place, notes=notes)
 
 
-def pilot_images_of(batches: list[list[tuple[int, int]]], count: int, rng) -> list[int]:
-    """At least ``count`` image indices (all, if fewer): those of whole batches of the real
-    dump drawn in a seeded order, so the pilot's batches are as full as the dump's."""
+def pilot_images_of(batches: list[list[tuple[int, int]]], count: int, rng,
+                    min_batches: int = MIN_PILOT_BATCHES) -> list[int]:
+    """At least ``count`` image indices and the images of at least ``min_batches`` batches
+    (all, if fewer): those of whole batches of the real dump drawn in a seeded order, so the
+    pilot's batches are as full as the dump's."""
     picked: set[int] = set()
-    for b in rng.permutation(len(batches)):
-        if len(picked) >= count:
+    for k, b in enumerate(rng.permutation(len(batches))):
+        if len(picked) >= count and k >= min_batches:
             break
         picked.update(int(i) for i, _ in batches[int(b)])
     return sorted(picked)
@@ -266,9 +281,11 @@ def _pilot(pipe: Pipeline, model_name: str, checkpoint: str | None, split, picks
         out, times = os.path.join(tmp, "pilot"), []
         summary = dump_teacher(pipe, model_name, checkpoint, out, split=sub, progress=False,
                                batch_times=times, **dump_args)
-        first_s, first_n = times[0]
+        workers = pipe.train.workers if dump_args.get("workers") is None else dump_args["workers"]
+        head = max(0, min(2 * workers, len(times) - 2))  # the last batch of the loader's head start
+        start_s, start_n = times[head] if head < len(times) - 1 else times[-1]
         run = PilotRun(len(picks), int(summary["samples"]), len(times), float(summary["seconds"]),
-                       times[-1][1] - first_n, times[-1][0] - first_s)
+                       times[-1][1] - start_n, times[-1][0] - start_s)
         return run, size_model(out), open_cache(out)[1]
     finally:
         quiet.setLevel(level)
@@ -309,7 +326,8 @@ def format_plan(p: CachePlan) -> str:
         f"dump time     {_duration(p.seconds)} on {p.device} ({p.device_name}, {p.threads} torch thread{'s' if p.threads != 1 else ''}): "
         f"{1000 * p.seconds_per_sample:.1f} ms per sample + {p.fixed_seconds:.1f} s start-up",
         f"              from the pilot: {r.samples} samples in {r.batches} batches "
-        f"({r.samples / r.batches:.1f} per batch; the dump's {p.dump_batch:.1f}), {r.seconds:.2f} s",
+        f"({r.samples / r.batches:.1f} per batch; the dump's {p.dump_batch:.1f}), {r.seconds:.2f} s; "
+        f"the loader's work alone {1000 * p.loader_seconds_per_sample:.1f} ms per sample",
     ]
     if p.out is not None:
         free = "" if p.out.free_bytes is None else f"; {_mb(p.out.free_bytes)} free there" + (

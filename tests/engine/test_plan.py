@@ -47,12 +47,13 @@ def test_plan_counts_the_dumps_samples_units_and_rows(planned):
 
 def test_plan_bytes_within_tolerance_of_the_real_dump(planned):
     plan, _, real = planned
-    assert plan.pilot_images == 4 and plan.pilot_samples == 16  # extrapolated, not the whole set
+    assert 4 <= plan.pilot_images < 12 and plan.pilot_samples == 4 * plan.pilot_images  # extrapolated
     rel = abs(plan.bytes - real["stored_bytes"]) / real["stored_bytes"]
     assert rel <= BYTES_TOLERANCE, (plan.bytes, real["stored_bytes"], plan.bytes_by_part,
                                     real["stored_bytes_by_part"])
     assert set(plan.bytes_by_part) == set(real["stored_bytes_by_part"])
-    assert plan.seconds > 0 and plan.pilot.samples == 16 and plan.pilot.batches == 8
+    assert plan.seconds > 0 and plan.pilot.samples == plan.pilot_samples
+    assert plan.pilot.batches >= 8 and plan.loader_seconds_per_sample > 0
     # the pilot's batches are as full as the dump's (whole batches of the real dump's images)
     assert plan.pilot.samples / plan.pilot.batches == plan.dump_batch == 2
 
@@ -124,10 +125,12 @@ def test_pilot_images_are_whole_batches_of_the_dump():
     from ldpipe.engine.plan import pilot_images_of
     batches = [[(0, 0), (0, 1), (1, 0), (1, 1)], [(2, 0), (2, 1), (3, 0), (3, 1)],
                [(4, 0), (4, 1), (5, 0), (5, 1)]]
-    picks = pilot_images_of(batches, 3, np.random.default_rng(0))
+    picks = pilot_images_of(batches, 3, np.random.default_rng(0), min_batches=1)
     assert len(picks) == 4 and all(sorted({i for i, _ in b}) in (picks[:2], picks[2:])
                                    for b in batches if b[0][0] in picks)
     assert pilot_images_of(batches, 100, np.random.default_rng(0)) == list(range(6))
+    # at least min_batches whole batches, even when fewer images would do
+    assert pilot_images_of(batches, 1, np.random.default_rng(0), min_batches=3) == list(range(6))
 
 
 def test_plan_bad_input_is_one_error_line(tiny_overrides, tiny_teacher_ckpt, tmp_path):
