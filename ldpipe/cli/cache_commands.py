@@ -110,8 +110,9 @@ def cache_merge_cmd(caches, out, overwrite):
 @click.option("--out", default=None, help="Where the cache will go: looked at (free space, a cache "
               "there already), nothing written.")
 @click.option("--pilot-images", default=16, show_default=True,
-              help="At least this many images (those of whole, seeded batches of the dump) are "
-                   "dumped for real, every sample of each, to measure bytes and time.")
+              help="At least this many images (those of whole, seeded batches of the dump, at "
+                   "least 8 batches) are dumped for real, every sample of each, to measure bytes "
+                   "and time.")
 @click.option("--count-samples", default=2000, show_default=True,
               help="Samples whose stored rows are counted (all when there are no more).")
 @click.option("--seed", default=0, show_default=True, help="Picks the pilot images (and a random teacher).")
