@@ -49,6 +49,7 @@ from ..models import build_model, load_detector
 from ..models.checkpoint import save_checkpoint
 from .bench import cpu_name
 from .dump import DumpCollate, dump_teacher, read_places, unit_batches
+from . import runtime
 from .runtime import resolve_device
 
 # the pilot holds the images of at least this many of the dump's batches: the rate is timed on
@@ -140,7 +141,7 @@ def count_rows(pipe: Pipeline, model_name: str, split, schedule: DumpSchedule, s
     loader = torch.utils.data.DataLoader(
         DetectionDataset(split, pipe.data, list(schedule.variants), skip_undecodable=False),
         batch_sampler=[[schedule.pair(s)] for s in samples], num_workers=workers,
-        collate_fn=_RowCount(collate, schedule.num_variants))
+        collate_fn=_RowCount(collate, schedule.num_variants), worker_init_fn=runtime.worker_init)
     rows: dict[int, int] = {}
     for sample, n in loader:
         rows[sample] = n
@@ -163,7 +164,8 @@ class _RowCount:
 def look_at_out(out: str, pipe: Pipeline, checkpoint: str | None, split) -> OutPlace:
     """Refuse ``out`` as the dump would (:func:`~ldpipe.cache.places.check_cache_out`) and
     say what is there; writes nothing."""
-    check_cache_out(out, False, read_places(pipe, checkpoint or "", split))
+    places = read_places(pipe, checkpoint or "", split)
+    check_cache_out(out, False, places if checkpoint else places[1:])  # [0]: the checkpoint
     try:
         open_cache(out)
         holds = True

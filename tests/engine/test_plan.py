@@ -90,7 +90,8 @@ def test_plan_json_fields_and_nothing_written(synth_root, tiny_overrides, tmp_pa
     assert d["random_init"] and any("rougher" in n for n in d["notes"])
     assert d["out"]["path"] == str(out) and not d["out"]["holds_cache"] and d["out"]["free_bytes"] > 0
     assert not (tmp_path / "work").exists()  # nothing under (or at) the cache's place
-    assert os.listdir(tmp_path / "tmp") == []  # the pilot dumps are removed
+    # the pilot dumps are removed (torch may keep its own caches in the temporary folder)
+    assert [n for n in os.listdir(tmp_path / "tmp") if n.startswith("ldpipe-plan-")] == []
 
 
 def test_plan_table_names_the_checkpoint_and_an_existing_cache(make_tiny_pipe, tiny_teacher_ckpt,
@@ -106,6 +107,17 @@ def test_plan_table_names_the_checkpoint_and_an_existing_cache(make_tiny_pipe, t
     assert "holds a cache already" in res.output and "rougher" not in res.output
     assert "samples       24 = 12 images x 2 variants" in res.output
     assert sorted(p for p, _, _ in os.walk(out)) == before
+
+
+def test_plan_out_relative_to_the_working_folder_without_checkpoint(tiny_overrides, tmp_path,
+                                                                    monkeypatch):
+    """No checkpoint: nothing stands for it among the places --out must keep apart from (an
+    empty path would be the working folder, and refuse every relative --out)."""
+    monkeypatch.chdir(tmp_path)
+    res = invoke("cache", "plan", DEMO_PIPELINE, "--pilot-images", "1", "--device", "cpu",
+                 "--out", "w/teacher.zarr", *cli_args(*tiny_overrides))
+    assert res.exit_code == 0, res.output
+    assert "w/teacher.zarr: no cache there yet" in res.output and not (tmp_path / "w").exists()
 
 
 def test_rate_separates_the_fixed_start_up():
