@@ -1,4 +1,4 @@
-"""``ldpipe cache ...`` (info, verify, diff, show, merge) and ``ldpipe config show``: the
+"""``ldpipe cache ...`` (info, verify, diff, show, merge, plan) and ``ldpipe config show``: the
 commands that inspect caches and pipeline files, registered on :data:`ldpipe.cli.main`."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .common import _pipe, main, override_option, pipeline_arg
+from .common import _pipe, device_option, main, override_option, pipeline_arg
 
 
 # ---------------------------------------------------------------- cache inspection
@@ -98,3 +98,37 @@ def cache_merge_cmd(caches, out, overwrite):
     """Average the teachers of CACHES (same data, geometry, region, codec) into one cache."""
     from ..cache.merge import merge
     click.echo(json.dumps(merge(list(caches), out, overwrite=overwrite)))
+
+
+@cache_group.command("plan")
+@pipeline_arg
+@click.option("--model", "model_name", default="teacher", show_default=True,
+              help="Model to dump (a teacher or a TA).")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
+              help="Its checkpoint (default: a random-init teacher; the bytes estimate is rougher).")
+@click.option("--split", "split_name", default="train", show_default=True)
+@click.option("--out", default=None, help="Where the cache will go: looked at (free space, a cache "
+              "there already), nothing written.")
+@click.option("--pilot-images", default=16, show_default=True,
+              help="At least this many images (those of whole, seeded batches of the dump, at "
+                   "least 8 batches) are dumped for real, every sample of each, to measure bytes "
+                   "and time.")
+@click.option("--count-samples", default=2000, show_default=True,
+              help="Samples whose stored rows are counted (all when there are no more).")
+@click.option("--seed", default=0, show_default=True, help="Picks the pilot images (and a random teacher).")
+@click.option("--batch-size", type=int, default=None, help="Default: cache.batch_size.")
+@click.option("--workers", type=int, default=None, help="Loader workers (default: train.workers).")
+@click.option("--amp/--no-amp", default=None, help="fp16 autocast on CUDA (default on).")
+@device_option
+@json_option
+@override_option
+def cache_plan_cmd(pipeline, model_name, checkpoint, split_name, out, pilot_images, count_samples,
+                   seed, batch_size, workers, amp, device, as_json, overrides):
+    """Before a dump: its samples, the bytes the cache will take and the dump time, from a
+    short real dump of a few images (into a temporary folder, removed)."""
+    from ..engine.plan import format_plan, plan_cache
+    pipe = _pipe(pipeline, overrides)
+    plan = plan_cache(pipe, model_name, checkpoint, split_name, pilot_images=pilot_images,
+                      count_samples=count_samples, seed=seed, device=device,
+                      batch_size=batch_size, workers=workers, amp=amp, out=out)
+    click.echo(json.dumps(plan.to_json(), indent=2) if as_json else format_plan(plan))

@@ -35,8 +35,8 @@ from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or
 from ..cache.upscale import Upscale, upscale_plan
 from ..config import AssignerConfig, ConfigError, DataConfig, Pipeline
 from ..config.checks import check_run_args
-from ..data import (DetectionDataset, collate, load_split, padded_shape, sample_number, sample_pair,
-                    train_variants)
+from ..data import DetectionDataset, collate, load_split, padded_shape, sample_number, sample_pair
+from ..data.schedule import dump_schedule
 from ..data.upscale import UpscaledDataset
 from ..models import GFL, load_detector
 from ..models.anchors import grid_to_batch_index, make_grid
@@ -221,18 +221,21 @@ def read_places(pipe: Pipeline, checkpoint: str, split) -> list[Input]:
 def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, split_name: str = "train",
                  device: str | None = None, batch_size: int | None = None, workers: int | None = None,
                  amp: bool | None = None, overwrite: bool = False, progress: bool = True,
-                 split=None) -> dict:
+                 split=None, batch_times: list | None = None) -> dict:
     """Dump ``model_name`` (weights from ``checkpoint``) over ``split_name`` (or a given
-    ``split``) into the cache at ``out``; resumes a cache made the same way."""
+    ``split``) into the cache at ``out``; resumes a cache made the same way.  ``batch_times``:
+    a list that gets ``(seconds since the loop began, samples done)`` after each batch
+    (``ldpipe cache plan`` times its pilot dump by it)."""
     check_run_args(batch_size, workers)
     info = runtime.init(device)
     cfg = pipe.model(model_name)
     cache_cfg = pipe.cache
     split = split if split is not None else load_split(pipe.data, split_name)
     check_cache_out(out, overwrite, read_places(pipe, checkpoint, split))  # before anything is written
-    variants = train_variants(pipe.data)
-    nv = len(variants)
-    total = len(split.records) * nv
+    schedule = dump_schedule(pipe.data, len(split.records))  # what `ldpipe cache plan` counts too
+    variants = list(schedule.variants)
+    nv = schedule.num_variants
+    total = schedule.num_samples
     per_unit = cache_cfg.samples_per_shard
     num_units = math.ceil(total / per_unit)
     readers = reader_settings(pipe, model_name)
@@ -300,6 +303,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
                         if len(pending[u]) == min((u + 1) * per_unit, total) - u * per_unit:
                             writer.put(u, pending.pop(u))
                     n_images += len(batch["metas"])
+                    if batch_times is not None:
+                        batch_times.append((time.perf_counter() - t0, n_images))
                     bar.update(len(batch["metas"]))
                     bar.set_postfix(img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
         finally:
