@@ -213,6 +213,9 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     """Dump ``model_name`` (weights from ``checkpoint``) over ``split_name`` (or a given
     ``split``) into the cache at ``out``; resumes a cache made the same way."""
     check_run_args(batch_size, workers)
+    if pipe.data.augment:
+        raise ConfigError(f"{pipe.source}: data.augment: dump-teacher does not draw views yet; "
+                          "dump the fixed variants (-o data.augment=[])")
     info = runtime.init(device)
     cfg = pipe.model(model_name)
     cache_cfg = pipe.cache
