@@ -47,7 +47,7 @@ log = logging.getLogger("ldpipe.chain")
 CHAIN_KEYS = {"teacher", "tas", "student", "baseline", "eval_split", "jobs"}
 # [distill] settings added after chains first stamped their stages (left out at their defaults)
 LATER_DISTILL = ("ld_norm", "bckd_cls", "bckd_cls_weight", "bckd_beta", "bckd_box", "bckd_box_weight")
-LATER_CACHE = ("cls_values",)  # [cache] settings added later, likewise
+LATER_CACHE = ("cls_values", "views")  # [cache] settings added later, likewise
 
 
 def without_later(section: dict, default: dict, later: tuple[str, ...]) -> dict:

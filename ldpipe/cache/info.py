@@ -226,6 +226,7 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
         "versions": m.versions,
         "lineage": m.lineage_chain(),
         "head_part": m.head_part,
+        "views": m.views,
     }
 
 
@@ -285,5 +286,10 @@ def format_info(d: dict) -> str:
     if hp:
         lines.append(f"CrossKD       teacher head part after conv {hp.get('idx')} "
                      f"({len(hp.get('sha256') or {})} parameters) and per-sample feature statistics")
+    vw = d.get("views")
+    if vw:  # a cache of views ([[data.augment]], ldpipe.cache.views)
+        lines.append(f"views         {vw.get('schedule')}: {vw.get('count')} "
+                     f"{'epochs of one view per image' if vw.get('schedule') == 'epochs' else 'views per image'}"
+                     f", seed {vw.get('seed')}; augment {', '.join(s.get('type', '?') for s in vw.get('augment') or [])}")
     lines.append("lineage       " + "\n              ".join(d["lineage"]))
     return "\n".join(lines)

@@ -78,6 +78,27 @@ class MixUpStep:
     max_iters: int = 15  # draws of a partner with at least one GT box
 
 
+ViewSchedule = Literal["pool", "epochs"]
+VIEW_SCHEDULES = typing.get_args(ViewSchedule)
+
+
+@dataclass(frozen=True)
+class ViewsConfig:
+    """``[cache.views]``: which views of ``[[data.augment]]`` a dump draws and stores.
+
+    ``"pool"`` (FKD): ``count`` views per image; the student draws one per image and epoch,
+    seeded by its ``train.seed``, so each view serves about ``epochs / count`` epochs.
+    ``"epochs"`` (SRe2L): one view per image per epoch for ``count`` epochs; epoch ``e`` of the
+    student reads view ``e`` (a student asking for more epochs is refused).  Either way the dump
+    costs ``count`` teacher passes and ``count`` samples of rows per image.  ``seed`` seeds the
+    draws (the epoch schedule's views are those ``ldpipe train`` draws with ``train.seed = seed``).
+    """
+
+    schedule: ViewSchedule = "pool"
+    count: int = 8
+    seed: int = 0
+
+
 AugmentStep = Union[ResizeStep, FlipStep, CropStep, MosaicStep, MixUpStep]
 STEP_TYPES = {cls.type: cls for cls in typing.get_args(AugmentStep)}
 
@@ -144,6 +165,6 @@ def augment_problems(steps) -> list[str]:
     return out
 
 
-__all__ = ["AUGMENT_TYPES", "AugmentStep", "AugmentType", "CROP_TYPES", "CropStep", "CropType",
+__all__ = ["VIEW_SCHEDULES", "ViewSchedule", "ViewsConfig", "AUGMENT_TYPES", "AugmentStep", "AugmentType", "CROP_TYPES", "CropStep", "CropType",
            "FLIP_DIRECTIONS", "FlipDirection", "FlipStep", "MixUpStep", "MosaicStep", "ResizeMode",
            "ResizeStep", "STEP_TYPES", "augment_problems", "step_problem"]

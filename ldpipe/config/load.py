@@ -142,6 +142,9 @@ def validate(pipe: Pipeline) -> None:
         raise ConfigError(f"{src}: data.test_scale must be [long, short]")
     for problem in augment_problems(d.augment)[:1]:  # the first bad step, named
         raise ConfigError(f"{src}: {problem}")
+    if pipe.cache.views.count < 1:
+        raise ConfigError(f"{src}: cache.views.count must be >= 1 (views per image, or epochs), "
+                          f"got {pipe.cache.views.count}")
     for name, m in pipe.models.items():
         if m.depth not in RESNET_DEPTHS:
             raise ConfigError(f"{src}: models.{name}.depth must be {_alternatives(RESNET_DEPTHS)}, "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import LdpipeError
-from .augment import AugmentStep
+from .augment import AugmentStep, ViewsConfig
 
 # The vocabularies of the pipeline file, defined once as the Literal types of the fields that
 # take them (``_coerce`` refuses any other word, naming file, key, value and the choices); the
@@ -315,6 +315,8 @@ class CacheConfig:
     # The reference's reused_teacher_head_idx (3 of 4 convs: idx = stacked_convs - 1)
     reused_head_idx: int = -1
     writer_threads: int = 2  # dump: threads that encode, compress, checksum and commit units
+    # with [[data.augment]]: the views a dump draws and stores (ldpipe.config.augment.ViewsConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
 
 
 @dataclass(frozen=True)
