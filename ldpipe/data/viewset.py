@@ -19,7 +19,7 @@ from ldpipe.data.dataset import DetectionDataset
 from ldpipe.data.decode import UndecodableImage
 from ldpipe.data.meta import SampleMeta
 from ldpipe.data.records import Record, Split
-from ldpipe.data.views import View, compose, draw_view, padded_view_shape, view_rng
+from ldpipe.data.views import View, compose, draw_view, view_rng
 
 log = logging.getLogger("ldpipe.data")
 
@@ -94,12 +94,6 @@ class ViewDataset(DetectionDataset):
         if self.extra is not None:
             sample.update(self.extra(sample["meta"]))
         return sample
-
-    def padded_shapes(self) -> list[tuple[int, int]]:
-        """Padded input shape of every sample, image-major (no image decoded)."""
-        recs = self.split.records
-        return [padded_view_shape(self.table.view(recs, i, k), recs, self.data)
-                for i in range(len(recs)) for k in range(self.table.count)]
 
 
 __all__ = ["SCHEDULES", "ViewDataset", "ViewTable", "view_key"]
