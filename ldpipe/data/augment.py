@@ -75,6 +75,12 @@ def _shift(boxes: np.ndarray, dx: float, dy: float) -> np.ndarray:
     return boxes + np.array([dx, dy, dx, dy], dtype=np.float32)
 
 
+def _check_size(c: Canvas, w: int, h: int, step: str) -> None:
+    if min(w, h) < 1:
+        raise DataError(f"{c.name}: a {c.w}x{c.h} image (width x height) resizes to {w}x{h} pixels "
+                        f"in {step}: too thin to detect in; leave it out of the split")
+
+
 # ---------------------------------------------------------------------- Resize
 def resized_size(c: Canvas, scale: tuple[int, int], keep_ratio: bool) -> tuple[int, int]:
     """``(w, h)`` after resizing to ``scale`` (keep-ratio: ``(long, short)`` bounds, mmcv's
@@ -171,6 +177,7 @@ def mosaic(tiles: list[Canvas], center: tuple[int, int], img_scale: tuple[int, i
     for loc, t in enumerate(tiles):
         ratio = min(sh / t.h, sw / t.w)
         tw, th = int(t.w * ratio), int(t.h * ratio)
+        _check_size(t, tw, th, "Mosaic")
         if loc == 0:
             main_ratio = ratio
         (px1, py1, px2, py2), (cx1, cy1, cx2, cy2) = mosaic_combine(loc, center, (tw, th), (big_h, big_w))
@@ -205,6 +212,7 @@ def mixup(c: Canvas, partner: Canvas, img_scale: tuple[int, int], jit: float, fl
     sh, sw = int(img_scale[0]), int(img_scale[1])
     ratio = min(sh / partner.h, sw / partner.w)
     origin_h, origin_w = mixup_size(partner, img_scale, jit)
+    _check_size(partner, int(partner.w * ratio), int(partner.h * ratio), "MixUp")
     x_off, y_off = offset
     img = None
     if c.img is not None:

@@ -196,6 +196,15 @@ def test_mixup_blends_and_adds_clipped_partner_boxes():
     np.testing.assert_array_equal(out.labels, [2, 0, 1])
 
 
+def test_a_tile_too_thin_to_resize_is_an_error_naming_it():
+    from ldpipe.data import DataError
+    thin = _canvas(1, 200, [[0, 0, 10, 1]]).with_(name="thin.jpg")
+    with pytest.raises(DataError, match="thin.jpg: a 200x1 image .* in Mosaic"):
+        A.mosaic([thin] * 4, center=(50, 30), img_scale=(40, 60), pad_val=114)
+    with pytest.raises(DataError, match="thin.jpg.* in MixUp"):
+        A.mixup(_canvas(30, 40, []), thin, (40, 60), jit=1.0, flipped=False, offset=(0, 0), pad_val=114)
+
+
 def test_resize_clips_boxes_to_the_image():
     c = _canvas(100, 200, [[150, 50, 210, 120]])
     out = A.resize(c, (100, 50))  # keep ratio: 200x100 -> 100x50
