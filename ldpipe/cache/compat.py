@@ -11,6 +11,7 @@ import logging
 from ..config import DISTILL_TERMS, REGION_POLICIES, DataConfig, ModelConfig
 from ..models.detector import HEADS
 from .manifest import CacheError, Geometry, Manifest, plain_value
+from .views import views_problems
 
 log = logging.getLogger("ldpipe.cache")
 
@@ -81,6 +82,7 @@ def compatibility_problems(m: Manifest, cfg: ModelConfig, data: DataConfig, mode
         label, fix = GEOMETRY_FIXES[field]
         problems.append(f"{label}: the cache has {plain_value(cached)!r}, model {model_name!r} "
                         f"has {plain_value(mine)!r} ({fix.format(model=model_name)})")
+    problems += views_problems(m, data)
     if m.data.fingerprint != split.fingerprint:
         problems.append(f"data set: the cache was made for data fingerprint {m.data.fingerprint[:16]} "
                         f"({m.data.num_images} images), this pipeline's training split has "

@@ -29,6 +29,10 @@ def diff(a: str, b: str, T: float = 10.0) -> dict:
     bins_a, bins_b = ma.geometry.reg_max, mb.geometry.reg_max
     if bins_a != bins_b:
         raise CacheError(f"cannot compare {a} (reg_max {bins_a}) with {b} (reg_max {bins_b})")
+    views_a, views_b = (ma.views or {}).get("sha256"), (mb.views or {}).get("sha256")
+    if views_a != views_b:  # a view key names another input in each (or a fixed variant in one)
+        raise CacheError(f"cannot compare {a} with {b}: their samples are other views "
+                         f"(views.sha256 {views_a} vs {views_b}; None: fixed variants)")
     same_classes = ma.geometry.num_classes == mb.geometry.num_classes
     ta, sa, ua = read_checked_index(ra, a, ma)
     tb, sb, ub = read_checked_index(rb, b, mb)

@@ -37,7 +37,8 @@ def problems(geo: Geometry, rec: np.ndarray, sc: np.ndarray) -> list[str]:
     if ih > ph or iw > pw or ph % div or pw % div or ph - ih >= div or pw - iw >= div:
         out.append(f"pad {ph}x{pw} is not img {ih}x{iw} padded to a multiple of {div}")
     v = int(rec[F["variant"]])
-    if 0 <= v < len(geo.variants):
+    view = 0 <= v < len(geo.variants) and bool(geo.variants[v].get("view"))  # a crop / mosaic: no map
+    if 0 <= v < len(geo.variants) and not view:
         var = geo.variants[v]
         if bool(rec[F["flip"]]) != bool(var.get("flip")):
             out.append(f"flip {bool(rec[F['flip']])} but variant {var.get('key')} has "
@@ -49,7 +50,7 @@ def problems(geo: Geometry, rec: np.ndarray, sc: np.ndarray) -> list[str]:
                 out.append(f"img {ih}x{iw} exceeds the input scale {target}")
     if not (np.isfinite(sc).all() and (sc > 0).all()):
         out.append(f"bad scale factor {sc.tolist()}")
-    elif oh >= 1 and ow >= 1 and (abs(sc[0] * ow - iw) > 1e-3 or abs(sc[1] * oh - ih) > 1e-3):
+    elif not view and oh >= 1 and ow >= 1 and (abs(sc[0] * ow - iw) > 1e-3 or abs(sc[1] * oh - ih) > 1e-3):
         out.append(f"scale factor {sc.tolist()} does not map ori {oh}x{ow} to img {ih}x{iw}")
     return out
 
@@ -66,8 +67,12 @@ def suspect_rows(geo: Geometry, table: np.ndarray, scale: np.ndarray) -> np.ndar
     bad = (oh < 1) | (ow < 1) | (ih < 1) | (iw < 1)
     bad |= (ih > ph) | (iw > pw) | (ph % div != 0) | (pw % div != 0) | (ph - ih >= div) | (pw - iw >= div)
     v = col["variant"]
+    views = np.zeros(len(table), dtype=bool)
     for k, var in enumerate(geo.variants):
         rows = v == k
+        if var.get("view"):  # a view's shape follows its draws, not a variant's scale and flip
+            views |= rows
+            continue
         bad |= rows & ((col["flip"] != 0) != bool(var.get("flip")))
         si = var.get("scale_idx", -1)
         if 0 <= si < len(geo.input_scales):
@@ -76,5 +81,5 @@ def suspect_rows(geo: Geometry, table: np.ndarray, scale: np.ndarray) -> np.ndar
     finite = np.isfinite(scale).all(axis=1) & (scale > 0).all(axis=1)
     with np.errstate(invalid="ignore", over="ignore"):
         maps = (np.abs(scale[:, 0] * ow - iw) > 1e-3) | (np.abs(scale[:, 1] * oh - ih) > 1e-3)
-    bad |= ~finite | ((oh >= 1) & (ow >= 1) & maps)
+    bad |= ~finite | ((oh >= 1) & (ow >= 1) & maps & ~views)
     return np.nonzero(bad)[0]

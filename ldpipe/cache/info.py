@@ -228,6 +228,7 @@ def info(url: str, max_samples: int = 200, size_units: int = 32) -> dict:
         "lineage": m.lineage_chain(),
         "head_part": m.head_part,
         "teacher_upscale": m.teacher_upscale,
+        "views": m.views,
     }
 
 
@@ -290,5 +291,10 @@ def format_info(d: dict) -> str:
     up = d.get("teacher_upscale")
     if up:
         lines.append(upscale_line(up, d["strides"]))
+    vw = d.get("views")
+    if vw:  # a cache of views ([[data.augment]], ldpipe.cache.views)
+        lines.append(f"views         {vw.get('schedule')}: {vw.get('count')} "
+                     f"{'epochs of one view per image' if vw.get('schedule') == 'epochs' else 'views per image'}"
+                     f", seed {vw.get('seed')}; augment {', '.join(s.get('type', '?') for s in vw.get('augment') or [])}")
     lines.append("lineage       " + "\n              ".join(d["lineage"]))
     return "\n".join(lines)

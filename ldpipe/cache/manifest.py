@@ -25,15 +25,17 @@ from ..models.anchors import Grid, make_grid
 from ..models.detector import HEADS, backbone_label
 from .codec import CODEC_TABLE, codec_for
 from .headspec import head_part_problem
+from .plain import plain_value, short as _short  # noqa: F401 (plain_value: re-exported)
 from .region import entry_setting
 from .upscale import entry_problem as upscale_problem
 
 FORMAT = "ldpipe-teacher-cache"
 FORMAT_VERSION = 2
+VIEWS_FORMAT_VERSION = 3  # a cache of seeded views (its ``views`` entry): version-2 readers refuse it
 IDENTITY = ("teacher", "geometry", "data", "region", "codec", "compressor", "store_cls",
             "samples_per_shard", "chunk_rows")
 # identity fields added later, absent from the manifests of caches made before them (their identity, id unchanged)
-LATER_IDENTITY = ("codec_clip", "codec_step", "cls_values", "head_part", "teacher_upscale")
+LATER_IDENTITY = ("codec_clip", "codec_step", "cls_values", "head_part", "teacher_upscale", "views")
 # bounds of a sane manifest (check_numbers): a damaged or hostile one must not divide by zero or allocate terabytes
 MAX_REG_MAX = 1024
 MAX_CLASSES = 100_000
@@ -160,6 +162,8 @@ class Manifest:
     # head_part/ arrays, whose units hold featstats (docs/cache-format.md, section 10); None = neither
     head_part: dict | None = None
     teacher_upscale: dict | None = None  # a teacher at 2^k x the student's input (cache.upscale)
+    # {"schedule", "count", "seed", "augment", "sha256"} of stored views (ldpipe.cache.views); None: fixed variants
+    views: dict | None = None
 
     # ------------------------------------------------------------ (de)serialising
     @classmethod
@@ -167,16 +171,18 @@ class Manifest:
         """The manifest of the cache at ``url``, or a :class:`CacheError` naming what is wrong."""
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise CacheError(f"{url} is not an ldpipe teacher cache (no {FORMAT!r} manifest)")
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{url}: cache format version {raw.get('format_version')} is not "
-                             f"supported (this ldpipe reads version {FORMAT_VERSION})")
+        version = raw.get("format_version")
+        if version not in (FORMAT_VERSION, VIEWS_FORMAT_VERSION) or (version == VIEWS_FORMAT_VERSION) != isinstance(raw.get("views"), dict):
+            raise CacheError(f"{url}: cache format version {version}{' with views' if raw.get('views') else ''} is not "
+                             f"supported (this ldpipe reads version {FORMAT_VERSION}, and {VIEWS_FORMAT_VERSION} with views)")
         m = _build(cls, raw, "", url)
         check_numbers(m, url)
         return m
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("codec_clip", "codec_step", "cls_logits", "cls_values", "head_part", "teacher_upscale"):
+        for key in ("codec_clip", "codec_step", "cls_logits", "cls_values", "head_part", "teacher_upscale",
+                    "views"):
             if d[key] is None:
                 del d[key]
         return d
@@ -332,6 +338,8 @@ def check_numbers(m: "Manifest", url: str) -> None:
         bad("cls_values", m.cls_values)
     if (problem := head_part_problem(m.head_part) or upscale_problem(m.teacher_upscale, strides)):
         bad(*problem)
+    if m.views is not None and m.views.get("count") != len(m.variants):
+        bad("views.count", m.views.get("count"))
 
 
 # ---------------------------------------------------------------------- building
@@ -389,12 +397,3 @@ def build(pipe: Pipeline, model_name: str, checkpoint: str, checkpoint_sha: str,
     m.cache_id = m.compute_id()
     return m
 
-
-def plain_value(v):
-    """Nested lists for lists and tuples (JSON's view of a value)."""
-    return [plain_value(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-def _short(v) -> str:
-    s = json.dumps(v, sort_keys=True, default=str)
-    return s if len(s) <= 120 else s[:117] + "..."

@@ -191,6 +191,9 @@ def merge(urls: list[str], out: str, overwrite: bool = False) -> dict:
             raise CacheError(f"cannot merge {url}: it holds a CrossKD teacher head part and feature "
                              "statistics, which are one teacher's (merging would mix teachers); "
                              "merge caches dumped without them")
+        if m.views is not None:  # its samples are views whose records live in the cache
+            raise CacheError(f"cannot merge {url}: it is a cache of views ([[data.augment]]); "
+                             "merge caches of the fixed variants")
     for (url, _, m), name in zip(sources[1:], names[1:]):
         diff = shared_differences(base, m, names[0], name)
         if diff:

@@ -21,6 +21,7 @@ from zarr.core.sync import sync
 from ..config.sample import sample_pair
 from ..errors import first_line
 from . import geometry_check, headpart, value_check
+from .views import stored_problems
 from .codec import CODEC_TABLE, codec_for
 from .info import is_listable, stored_objects
 from .integrity import binding_problems
@@ -136,6 +137,8 @@ class _Verifier:
                     tables[u] = res
         complete = self._index(tables, missing)
         for problem in headpart.head_part_problems(self.root, m, url):
+            self.error(problem)
+        for problem in stored_problems(self.root, m, url):  # a view cache's records
             self.error(problem)
         # only a local store writes temporary files (object stores replace objects whole);
         # on an object store this would list every object

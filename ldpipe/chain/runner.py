@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..cache import CacheError, CacheReader
 from ..cache.region import reader_assigners
-from ..config import CacheConfig, ConfigError, DistillConfig, Pipeline, legacy_dict, to_dict
+from ..config import CacheConfig, ConfigError, DistillConfig, Pipeline, data_entry, legacy_dict, to_dict
 from ..files import atomic_write
 from ..models.checkpoint import file_sha256
 from .plan import ChainError, plan_of
@@ -26,7 +26,7 @@ log = logging.getLogger("ldpipe.chain")
 
 # [distill] settings added after chains first stamped their stages (left out at their defaults)
 LATER_DISTILL = ("ld_norm", "bckd_cls", "bckd_cls_weight", "bckd_beta", "bckd_box", "bckd_box_weight")
-LATER_CACHE = ("cls_values",)  # [cache] settings added later, likewise
+LATER_CACHE = ("cls_values", "views")  # [cache] settings added later, likewise
 
 
 def without_later(section: dict, default: dict, later: tuple[str, ...]) -> dict:
@@ -81,7 +81,7 @@ class Chain:
         # the model section under its keys' names before the rename of base_width / giou_weight
         # (config.legacy_dict): a stamp written before it still matches unchanged settings
         p = self.pipe
-        out = {"model": legacy_dict(p.model(model)), "data": to_dict(p.data)}
+        out = {"model": legacy_dict(p.model(model)), "data": data_entry(p.data)}
         if schedule:
             out["train"] = to_dict(p.train_for(model))
         return out
@@ -216,7 +216,7 @@ class Chain:
     def _eval_stage(self, model: str, ckpt: str, tag: str) -> Stage:
         out = os.path.join(self.work_dir, tag, "metrics.json")
         inputs = {"checkpoint": self._ckpt_sha(ckpt), "test": to_dict(self.pipe.model(model).test),
-                  "data": to_dict(self.pipe.data), "split": self.plan.eval_split}
+                  "data": data_entry(self.pipe.data), "split": self.plan.eval_split}
         argv = ["eval", *self._common(), "--model", model, "--checkpoint", ckpt,
                 "--split", self.plan.eval_split, "--out", out]
         return Stage(f"eval-{tag}", argv, inputs, [out])
@@ -225,7 +225,7 @@ class Chain:
         out = os.path.join(self.work_dir, "caches", f"{tag}.zarr")
         cache = without_later(to_dict(self.pipe.cache), to_dict(CacheConfig()), LATER_CACHE)
         inputs = {"checkpoint": self._ckpt_sha(ckpt), "cache": cache,
-                  "data": to_dict(self.pipe.data), "model": legacy_dict(self.pipe.model(model)),
+                  "data": data_entry(self.pipe.data), "model": legacy_dict(self.pipe.model(model)),
                   "readers": reader_assigners(self.pipe, model)}
         argv = ["dump-teacher", *self._common(), "--model", model, "--checkpoint", ckpt, "--out", out]
         self.run_stage(Stage(f"dump-{tag}", argv, inputs, [out], extra={"overwrite_flag": True}))

@@ -74,7 +74,7 @@ def config_show_cmd(pipeline, overrides):
 @click.argument("cache")
 @click.option("--image", "image_id", required=True, type=int,
               help="Image id (COCO id; VOC: position in the split), as data.image_ids of the manifest.")
-@click.option("--variant", default=None, help="Variant key (s0n, s0f, ...) or index; default: the first.")
+@click.option("--variant", default=None, help="Variant key (s0n, s0f, ...; a view cache: v0, v1, ...) or index; default: the first.")
 @click.option("--anchors", default=None,
               help="Comma-separated own-grid anchor indices; default: positives of the largest GT box.")
 @click.option("--num-anchors", default=3, show_default=True, help="How many default anchors.")

@@ -43,6 +43,14 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(inner) == 1:
             return _coerce(inner[0], value, where, source)
+        tagged = _tagged(inner)
+        if tagged:  # a tagged union of tables (data.augment): its "type" word picks the table
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {where} must be a table, got {value!r}")
+            kind = value.get("type")
+            if not isinstance(kind, str) or kind not in tagged:
+                raise ConfigError(f"{source}: {where}.type must be {'|'.join(tagged)}, got {kind!r}")
+            return _build(tagged[kind], value, where, source)
         return value  # several types: the validation checks the value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -61,6 +69,21 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: {where} must be a string, got {value!r}")
         return value
     return value
+
+
+def _tagged(types_: list) -> dict[str, type]:
+    """``{word: dataclass}`` when every type is a dataclass whose ``type`` field is a one-word
+    ``Literal`` (a tagged union), else empty."""
+    out = {}
+    for tp in types_:
+        if not _is_dataclass_type(tp):
+            return {}
+        hint = typing.get_type_hints(tp).get("type")
+        words = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        if len(words) != 1:
+            return {}
+        out[words[0]] = tp
+    return out
 
 
 _LOADER_SET = ("source", "raw", "bases", "overridden", "schedules")  # never read from a file

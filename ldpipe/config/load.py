@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
+from .augment import augment_problems
 from .checks import check_values
 from .extends import resolve_extends
 from .schema import (BACKBONE_DEPTHS, BACKBONE_TYPES, DCN_TYPES, DISTILL_TERMS, MAX_INT8_BOX_STEP,
@@ -139,6 +140,11 @@ def validate(pipe: Pipeline) -> None:
         raise ConfigError(f"{src}: data.train_scales must be a list of [long, short] pairs")
     if len(d.test_scale) != 2:
         raise ConfigError(f"{src}: data.test_scale must be [long, short]")
+    for problem in augment_problems(d.augment)[:1]:  # the first bad step, named
+        raise ConfigError(f"{src}: {problem}")
+    if pipe.cache.views.count < 1:
+        raise ConfigError(f"{src}: cache.views.count must be >= 1 (views per image, or epochs), "
+                          f"got {pipe.cache.views.count}")
     for name, m in pipe.models.items():
         if m.depth not in RESNET_DEPTHS:
             raise ConfigError(f"{src}: models.{name}.depth must be {_alternatives(RESNET_DEPTHS)}, "
@@ -316,6 +322,15 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
+
+
+def data_entry(d) -> dict:
+    """``to_dict`` of a :class:`DataConfig` without an empty ``augment`` list: what the chain's
+    stage stamps hash, so a stamp written before ``data.augment`` existed still matches."""
+    out = to_dict(d)
+    if not out.get("augment"):
+        out.pop("augment", None)
+    return out
 
 
 def legacy_dict(obj: Any) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import LdpipeError
+from .augment import AugmentStep, ViewsConfig
 
 # The vocabularies of the pipeline file, defined once as the Literal types of the fields that
 # take them (``_coerce`` refuses any other word, naming file, key, value and the choices); the
@@ -89,6 +90,9 @@ class DataConfig:
     # boxes that may be dropped (degenerate, or naming no image) before loading it is an error
     skip_undecodable_images: bool = False
     max_dropped_boxes: float = 0.5
+    # random training augmentation, [[data.augment]] tables in mmdetection's vocabulary applied
+    # in order (ldpipe.config.augment); empty (default): the fixed train_scales x flip variants
+    augment: list[AugmentStep] = field(default_factory=list)
 
     def resolve(self, path: str) -> str:
         """A data path relative to ``root`` (absolute paths and URLs kept)."""
@@ -315,6 +319,8 @@ class CacheConfig:
     # is stored as the student's P(l) (same grid, anchors and edge-bin units); the student's top
     # k levels get no teacher rows (docs/cache-format.md, section 11).  1 (default): off
     teacher_upscale: int = 1
+    # with [[data.augment]]: the views a dump draws and stores (ldpipe.config.augment.ViewsConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
 
 
 @dataclass(frozen=True)

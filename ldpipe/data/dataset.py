@@ -68,7 +68,8 @@ class DetectionDataset(Dataset):
 
 
 class VariantSampler(Sampler):
-    """Each epoch: every image once, a variant drawn uniformly, shuffled.
+    """Each epoch: every image once, a variant drawn uniformly (``by_epoch``: variant = the
+    epoch), shuffled.
 
     Fully determined by ``(seed, epoch)`` and independent of the world size;
     rank ``r`` takes items ``r::world_size`` of the list padded (by repeating its
@@ -76,7 +77,7 @@ class VariantSampler(Sampler):
     """
 
     def __init__(self, num_images: int, num_variants: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, by_epoch: bool = False) -> None:
         if num_variants < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler arguments: variants={num_variants} "
                              f"rank={rank} world_size={world_size}")
@@ -86,6 +87,7 @@ class VariantSampler(Sampler):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.by_epoch = by_epoch  # the variant is the epoch (a view schedule of one view per epoch)
         self.epoch = 0
         self.num_samples = math.ceil(num_images / world_size) if num_images else 0
 
@@ -102,6 +104,8 @@ class VariantSampler(Sampler):
             order = list(range(self.num_images))
         # The variant is drawn per image (by image index), not per position.
         drawn = torch.randint(self.num_variants, (self.num_images,), generator=gen).tolist()
+        if self.by_epoch:
+            drawn = [self.epoch] * self.num_images
         return [(i, drawn[i]) for i in order]
 
     def __iter__(self) -> Iterator[Pair]:

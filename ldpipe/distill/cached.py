@@ -15,8 +15,10 @@ from ..cache.codec import decode_packed
 from ..cache.compat import CLS_TERMS, CROSSKD_TERMS, check_compatible
 from ..cache.store import open_root, read_head_part
 from ..cache.upscale import served_strides
+from ..cache.views import epochs_problem, read_views
 from ..config import Pipeline, enabled_terms
 from ..data import Variant
+from ..data.viewset import ViewTable
 from ..models import BatchTargets, HeadPart
 from ..models.anchors import level_sizes
 from .crosskd import combine_moments
@@ -54,11 +56,25 @@ class CachedTeacher(TargetSource):
         return CacheTargets(self.url, with_cls=bool(self.terms & CLS_TERMS), decode=device.type != "cuda")
 
     def variants(self, pipe: Pipeline) -> list[Variant]:
+        if self.manifest.views is not None:  # a view cache: its samples are views (views())
+            return []
         return [Variant(v["scale_idx"], v["flip"]) for v in self.manifest.geometry.variants]
+
+    def views(self, pipe: Pipeline) -> ViewTable | None:
+        """A view cache's stored views (each sample's record), as the loader's table."""
+        m = self.manifest
+        if m.views is None:
+            return None
+        records = read_views(open_root(self.url), self.url, m)
+        return ViewTable(tuple(pipe.data.augment), m.views["schedule"], int(m.views["seed"]),
+                         int(m.views["count"]), stored=tuple(records))
 
     def check(self, pipe: Pipeline, model_name: str, split) -> None:
         check_compatible(self.manifest, self.url, self.reader.table.shape[0], pipe.model(model_name),
                          pipe.data, model_name, split, self.terms)
+        problem = epochs_problem(self.manifest, pipe.train_for(model_name).epochs, model_name)
+        if problem:
+            raise CacheError(f"cache {self.url} cannot train model {model_name!r}: {problem}")
 
     def lineage(self) -> dict:
         return self.manifest.lineage_entry(self.url)

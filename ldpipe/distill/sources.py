@@ -63,6 +63,11 @@ class TargetSource:
         """The (scale, flip) variants the student's loader serves."""
         return train_variants(pipe.data)
 
+    def views(self, pipe: Pipeline):
+        """The stored views the loader serves (a :class:`~ldpipe.data.viewset.ViewTable`), or
+        None: the pipeline's own (fixed variants, or views drawn from its seed)."""
+        return None
+
     def sample_extra(self, device: torch.device) -> Callable | None:
         """A picklable per-sample loader hook (``meta -> dict`` merged into the sample), or None."""
         return None

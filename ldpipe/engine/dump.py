@@ -29,6 +29,7 @@ from ..cache import manifest as M
 from ..cache.manifest import CacheError
 from ..cache.places import Input, check_cache_out
 from ..cache.region import manifest_entries, own_assigner_note, reader_settings, region_index
+from ..cache.views import write_views
 from ..cache.store import (SampleRows, assemble_unit, committed_units, create_or_resume,
                            head_part_shas, index_complete, open_root, write_head_part, write_index,
                            write_unit)
@@ -45,6 +46,7 @@ from ..models.head_part import HeadPart
 from ..distill.crosskd import image_moments
 from . import runtime
 from .dumplock import DumpLock
+from .viewdump import dump_views
 
 log = logging.getLogger("ldpipe.dump")
 
@@ -72,7 +74,7 @@ class DumpCollate:
 
 
 def unit_batches(data: DataConfig, split, variants, units: list[int], per_unit: int,
-                 batch_size: int) -> list[list[tuple[int, int]]]:
+                 batch_size: int, shapes=None) -> list[list[tuple[int, int]]]:
     """The (image, variant) batches of the given units, in order.
 
     A batch holds samples of one padded shape only, so it adds no padding and what the
@@ -81,7 +83,8 @@ def unit_batches(data: DataConfig, split, variants, units: list[int], per_unit: 
     """
     nv = len(variants)
     total = len(split.records) * nv
-    shapes = [padded_shape(r, v, data) for r in split.records for v in variants]
+    if shapes is None:  # (given: a view dump's, ldpipe.engine.viewdump)
+        shapes = [padded_shape(r, v, data) for r in split.records for v in variants]
     batches = []
     for u in units:
         groups: dict[tuple[int, int], list[int]] = {}
@@ -232,14 +235,22 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     cache_cfg = pipe.cache
     split = split if split is not None else load_split(pipe.data, split_name)
     check_cache_out(out, overwrite, read_places(pipe, checkpoint, split))  # before anything is written
-    schedule = dump_schedule(pipe.data, len(split.records))  # what `ldpipe cache plan` counts too
-    variants = list(schedule.variants)
-    nv = schedule.num_variants
-    total = schedule.num_samples
+    views = dump_views(pipe, split)  # [[data.augment]]: seeded views instead of the fixed variants
+    if views is None:
+        schedule = dump_schedule(pipe.data, len(split.records))  # what `ldpipe cache plan` counts too
+        variants, nv, total = list(schedule.variants), schedule.num_variants, schedule.num_samples
+    else:
+        variants = views.slots()
+        nv = len(variants)
+        total = len(split.records) * nv
     per_unit = cache_cfg.samples_per_shard
     num_units = math.ceil(total / per_unit)
     readers = reader_settings(pipe, model_name)
     upscale = upscale_plan(pipe, model_name, [n for names in readers.values() for n in names])
+    if upscale is not None and views is not None:
+        raise ConfigError(f"{pipe.source}: cache.teacher_upscale = {pipe.cache.teacher_upscale} with "
+                          "[[data.augment]] views is not supported (a view is composed at the "
+                          "student's size); use one or the other")
     note = own_assigner_note(pipe, model_name, readers)
     if note and info.is_main:
         log.warning(note)
@@ -247,6 +258,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
     model, ckpt_meta = load_detector(cfg, len(split.classes), checkpoint, info.device)
     manifest = M.build(pipe, model_name, checkpoint, file_sha256(checkpoint), ckpt_meta, split,
                        split_name, variants, manifest_entries(readers), num_units)
+    if views is not None:
+        views.mark(manifest, pipe)
     reuse_idx = cache_cfg.reused_head_idx
     head_tensors = None
     if reuse_idx >= 0:
@@ -265,6 +278,8 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
             create_or_resume(out, manifest, overwrite)
         runtime.barrier()
         root = open_root(out, "a")
+        if views is not None and info.is_main:
+            write_views(root, views.blob)  # before any unit: a reader of the rows finds them
         if head_tensors is not None and info.is_main:
             write_head_part(root, head_tensors)
         done = committed_units(root)
@@ -273,10 +288,12 @@ def dump_teacher(pipe: Pipeline, model_name: str, checkpoint: str, out: str, spl
             log.info("%s: %d samples in %d units, %d already committed, %d to do on %d rank(s)",
                      out, total, num_units, len(done), num_units - len(done), info.world_size)
 
-        batches = unit_batches(pipe.data, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size)
+        batches = unit_batches(pipe.data, split, variants, mine, per_unit, batch_size or cache_cfg.batch_size,
+                               views.shapes(split, pipe.data) if views is not None else None)
         loader = torch.utils.data.DataLoader(
             # a cache holds every sample: an undecodable image stops the dump, naming it
-            DetectionDataset(split, pipe.data, variants, skip_undecodable=False) if upscale is None
+            views.dataset(split, pipe.data) if views is not None
+            else DetectionDataset(split, pipe.data, variants, skip_undecodable=False) if upscale is None
             else UpscaledDataset(split, pipe.data, variants, upscale.factor), batch_sampler=batches,
             num_workers=pipe.train.workers if workers is None else workers,
             collate_fn=DumpCollate(cache_cfg.region, upscale.strides if upscale else cfg.strides,

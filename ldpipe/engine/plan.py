@@ -187,6 +187,9 @@ def plan_cache(pipe: Pipeline, model_name: str = "teacher", checkpoint: str | No
     """The :class:`CachePlan` of dumping ``model_name`` over ``split_name`` (see the module doc)."""
     t_start = time.perf_counter()
     check_run_args(batch_size, workers)
+    if pipe.data.augment:  # the pilot dumps a subset of the images; a view names split positions
+        raise ConfigError(f"{pipe.source}: cache plan does not plan a cache of [[data.augment]] views "
+                          "yet (only the fixed train_scales x flip variants)")
     if pilot_images < 1 or count_samples < 1:
         raise ConfigError(f"cache plan: --pilot-images and --count-samples must be >= 1, got "
                           f"{pilot_images} and {count_samples}")

@@ -1,7 +1,7 @@
 """``ldpipe cache show``: the picture of what LD transfers for one cached sample.
 
-Left: the sample's input as the teacher saw it (the variant's resize and flip, padding
-included), its GT boxes (green), the chosen anchors (dotted squares) and the box the
+Left: the sample's input as the teacher saw it (the variant's resize and flip, or a view
+cache's stored view composed from its record; padding included), its GT boxes (green), the chosen anchors (dotted squares) and the box the
 teacher's distributions decode to at each of them (its expectation over the bins, the
 way GFL decodes).  Right, one row per anchor: the teacher's four edge distributions
 (left, top, right, bottom: ``softmax`` over the ``reg_max + 1`` bins of the cached
@@ -22,8 +22,11 @@ import torch
 
 from ..cache.manifest import CacheError, Manifest
 from ..cache.reader import CacheReader
+from ..cache.store import open_root
+from ..cache.views import read_views
 from ..config import AssignerConfig, DataConfig, Pipeline
 from ..data import Variant, load_image, load_split, make_sample
+from ..data.views import View, compose
 from ..models.anchors import grid_tensors
 from ..models.assigner import atss_assign
 from ..models.boxes import anchor_centers, bbox2distance, box_iou, distance2bbox
@@ -68,10 +71,14 @@ def _sample(data: DataConfig, reader: CacheReader, url: str, image_id: int, v: i
                          f"(ids {ids[:5]}{' ...' if len(ids) > 5 else ''})")
     index = ids.index(image_id)
     rows = reader.read(index, v)
-    g = m.geometry.variants[v]
     record = split.records[index]
-    sample = make_sample(record, load_image(record.file_name), Variant(int(g["scale_idx"]), bool(g["flip"])),
-                         data)
+    if m.views is not None:  # a view cache: the stored view, composed from its record
+        sample = compose(View.from_dict(read_views(open_root(url), url, m)[index * m.num_variants + v]),
+                         split.records, data)
+    else:
+        g = m.geometry.variants[v]
+        sample = make_sample(record, load_image(record.file_name), Variant(int(g["scale_idx"]), bool(g["flip"])),
+                             data)
     differ = sample["meta"].geometry.differences(rows["geometry"], ("img_shape", "pad_shape"))
     if differ:
         key, ours, cached = differ[0]

@@ -21,7 +21,7 @@ def distill_job(pipe: Pipeline, model_name: str, teacher: TargetSource, device) 
     teacher.check(pipe, model_name, split)
     criterion = DistillCriterion(pipe.distill, enabled_terms(pipe), teacher)
     return TrainJob(criterion, teacher.variants(pipe), teacher.sample_extra(device),
-                    teacher.lineage(), split)
+                    teacher.lineage(), split, views=teacher.views(pipe))
 
 
 def train_student(pipe: Pipeline, model_name: str, work_dir: str, cache: str | None = None,

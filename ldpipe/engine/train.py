@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Pipeline, to_dict
 from ..data import DetectionDataset, Variant, VariantSampler, load_split, train_variants
+from ..data.viewset import ViewDataset, ViewTable
 from ..distill.criterion import Criterion, GFLCriterion
 from ..models import build_model
 from ..models.checkpoint import CheckpointError, load_file, load_weights, save_checkpoint
@@ -48,6 +49,9 @@ class TrainJob:
     sample_extra: Callable | None = None  # picklable ``meta -> dict`` run in loader workers
     lineage: dict = field(default_factory=dict)  # recorded in every checkpoint's meta
     split: Any = None  # the training split when the composer read it already
+    # the views the loader serves (ldpipe.data.viewset); None: drawn from the seed when the
+    # pipeline declares [[data.augment]], else the fixed variants
+    views: ViewTable | None = None
 
 
 @dataclass
@@ -71,6 +75,23 @@ class LoopState:
         return cls(int(loop.get("epoch", 0)), int(loop.get("iter", 0)),
                    int(loop.get("epoch_iter", 0)), dict(loop.get("running", {})),
                    loop.get("best"), bool(loop.get("val_pending")))
+
+
+def online_views(pipe: Pipeline, sched) -> ViewTable | None:
+    """``[[data.augment]]`` without a stored schedule: a fresh view per image and epoch, drawn
+    from the run's seed (None: the pipeline declares no augmentation)."""
+    if not pipe.data.augment:
+        return None
+    return ViewTable(tuple(pipe.data.augment), "epochs", sched.seed)
+
+
+def check_epochs(views: ViewTable, epochs: int) -> None:
+    """A schedule of one view per epoch serves at most its ``count`` epochs."""
+    if views.by_epoch and views.count and epochs > views.count:
+        from ..data import DataError
+        raise DataError(f"the view schedule holds {views.count} epochs (one view per image per "
+                        f"epoch), this run asks for train.epochs = {epochs}: dump a schedule of "
+                        f"{epochs} epochs, or train {views.count}")
 
 
 def link_latest(work_dir: str, name: str) -> None:
@@ -142,10 +163,16 @@ class _Loop:
         cfg, self.sched = pipe.model(model_name), pipe.train_for(model_name)
         split = job.split if job.split is not None else load_split(pipe.data, "train")
         variants = job.variants if job.variants is not None else train_variants(pipe.data)
-        dataset = DetectionDataset(split, pipe.data, variants, extra=job.sample_extra)
+        views = job.views if job.views is not None else online_views(pipe, self.sched)
+        if views is not None:
+            check_epochs(views, self.sched.epochs)
+            dataset = ViewDataset(split, pipe.data, views, extra=job.sample_extra)
+        else:
+            dataset = DetectionDataset(split, pipe.data, variants, extra=job.sample_extra)
         self.sampler = longrun.SkipSampler(VariantSampler(
-            len(dataset), len(variants), shuffle=True, seed=self.sched.seed, rank=info.rank,
-            world_size=info.world_size))
+            len(dataset), (views.count or 1) if views is not None else len(variants), shuffle=True,
+            seed=self.sched.seed, rank=info.rank, world_size=info.world_size,
+            by_epoch=views is not None and views.by_epoch))
         workers = self.sched.workers
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.sched.batch_size, sampler=self.sampler, drop_last=False,

@@ -175,3 +175,14 @@ def test_benchmark_pipelines_load():
             assert pipe.bases and pipe.models, path
         else:
             assert load_pipeline(path).data.format == "coco"
+
+
+def test_view_draws_reports_the_views_and_their_size(synth_root):
+    """``benchmarks.studies.view_draws``: K views per image drawn, their inputs against the
+    fixed variants' (a Resize to half the fixed scale: about a quarter of the pixels)."""
+    out = json.loads(bench("benchmarks.studies.view_draws", str(ROOT / "pipelines" / "demo.toml"),
+                           "-o", f"data.root={synth_root}", "-o", "data.train_scales=[[320,320]]",
+                           "-o", 'data.augment=[{type="Resize", img_scale=[[160,160]]}, {type="RandomFlip"}]',
+                           "--count", "3").strip().splitlines()[-1])
+    assert out["augment"] == ["Resize", "RandomFlip"] and out["views"] == 3 * out["images"] == 36
+    assert 0.2 < out["pixels_ratio"] < 0.35 and out["draw_ms_per_view"] > 0

@@ -94,3 +94,12 @@ def test_incomplete_cache_refused(cache, manifest, make_tiny_pipe):
     more.num_samples = stored + 5
     msg = _refusal(cache, more, make_tiny_pipe(*STUDENT))
     assert "incomplete" in msg and f"{stored} of {stored + 5} samples" in msg, msg
+
+
+def test_augmentation_against_a_fixed_variant_cache_is_refused_naming_both(cache, manifest, make_tiny_pipe):
+    """A student whose pipeline declares [[data.augment]] cannot read a cache of the fixed
+    variants: the teacher never saw those inputs."""
+    pipe = make_tiny_pipe(*STUDENT, 'data.augment=[{type="Resize", img_scale=[[160,96],[160,160]]}]')
+    msg = _refusal(cache, manifest, pipe)
+    assert "augmentation: the cache holds the teacher's outputs for the fixed variants ['s0n', 's0f']" in msg
+    assert "data.augment [Resize]" in msg and "[[160, 96], [160, 160]]" in msg and "--online-teacher" in msg
