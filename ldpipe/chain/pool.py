@@ -30,10 +30,11 @@ class StagePool:
         self._thread = threading.Thread(target=self._loop, name="chain-pool", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; it starts at once (in this thread) when a slot is free."""
+    def submit(self, job: Job, first: bool = False) -> None:
+        """Queue ``job`` (``first``: ahead of those waiting); it starts at once (in this thread)
+        when a slot is free."""
         with self._lock:
-            self._queue.append(iter(job))
+            (self._queue.appendleft if first else self._queue.append)(iter(job))
             self._fill()
 
     def set_slots(self, slots: int) -> None:

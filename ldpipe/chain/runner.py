@@ -277,8 +277,10 @@ class Chain:
                 cache = self.dump_stage(ta, ckpt, ta)
             if pool:
                 pool.set_slots(p.jobs)
-                for seed in seeds:
-                    pool.submit(self._student_job(cache, seed))
+                # the distilled students ahead of the baselines still waiting: the longer jobs
+                # first, so that the last ones running are short (and the wall time least)
+                for seed in reversed(seeds):
+                    pool.submit(self._student_job(cache, seed), first=True)
                 pool.join()
             else:
                 for job in [self._student_job(None, s) for s in seeds if p.baseline] + \
