@@ -30,11 +30,14 @@ class StagePool:
         self._thread = threading.Thread(target=self._loop, name="chain-pool", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job, first: bool = False) -> None:
-        """Queue ``job`` (``first``: ahead of those waiting); it starts at once (in this thread)
-        when a slot is free."""
+    def submit(self, *jobs: Job, first: bool = False) -> None:
+        """Queue ``jobs`` in order (``first``: ahead of those waiting); they start at once (in
+        this thread) as far as slots are free."""
         with self._lock:
-            (self._queue.appendleft if first else self._queue.append)(iter(job))
+            if first:
+                self._queue.extendleft(reversed([iter(j) for j in jobs]))
+            else:
+                self._queue.extend(iter(j) for j in jobs)
             self._fill()
 
     def set_slots(self, slots: int) -> None:

@@ -279,8 +279,7 @@ class Chain:
                 pool.set_slots(p.jobs)
                 # the distilled students ahead of the baselines still waiting: the longer jobs
                 # first, so that the last ones running are short (and the wall time least)
-                for seed in reversed(seeds):
-                    pool.submit(self._student_job(cache, seed), first=True)
+                pool.submit(*[self._student_job(cache, seed) for seed in seeds], first=True)
                 pool.join()
             else:
                 for job in [self._student_job(None, s) for s in seeds if p.baseline] + \

@@ -127,9 +127,11 @@ def test_pool_runs_jobs_in_order_a_few_at_a_time_and_stops_on_a_failure(tmp_path
     pool = StagePool(chain, 1, poll_s=0.02)
     pool.submit([step("a1", mark("a1")), step("a2", mark("a2"))])
     pool.submit([step("b1", mark("b1"))])
+    pool.submit([step("c1", mark("c1"))], [step("d1", mark("d1"))], first=True)  # ahead of b, in order
     pool.join()
-    assert log.read_text().split("\n")[:-1] == ["a1 start", "a1 end", "a2 start", "a2 end", "b1 start", "b1 end"]
-    assert chain.ran == ["a1", "a2", "b1"]
+    order = ["a1", "a2", "c1", "d1", "b1"]
+    assert log.read_text().split("\n")[:-1] == [f"{n} {e}" for n in order for e in ("start", "end")]
+    assert chain.ran == order
 
     pool = StagePool(chain, 2, poll_s=0.02)
     pool.submit([step("slow", "import time; time.sleep(60)")])
