@@ -186,3 +186,42 @@ def test_view_draws_reports_the_views_and_their_size(synth_root):
                            "--count", "3").strip().splitlines()[-1])
     assert out["augment"] == ["Resize", "RandomFlip"] and out["views"] == 3 * out["images"] == 36
     assert 0.2 < out["pixels_ratio"] < 0.35 and out["draw_ms_per_view"] > 0
+
+
+@pytest.mark.slow
+def test_method_costs_times_every_method_from_its_own_cache(tmp_path):
+    """benchmarks.timings.method_costs: plain / LD v2 / BCKD / CrossKD steps from an ld cache, a
+    dense raw-logit cache and a CrossKD one; the report's ratios, teacher-side parameters (the
+    head part: CrossKD only) and bytes per sample are consistent."""
+    import torch
+
+    from helpers import synth_set
+    from ldpipe.config import load_pipeline
+    from ldpipe.models import build_model
+    from ldpipe.models.checkpoint import save_checkpoint
+    data = synth_set(tmp_path / "synth", n_train=8, n_val=2, seed=1)
+    over = [f"data.root={data}", *TINY[1::2], "models.teacher.stacked_convs=2",
+            "models.student.stacked_convs=2", "train.batch_size=2", "train.workers=0",
+            "cache.samples_per_shard=4", 'models.teacher.checkpoint=""']
+    args = [a for kv in over for a in ("-o", kv)]
+    pipe = load_pipeline(ROOT / "pipelines" / "demo.toml", over)
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "teacher.pth")
+    save_checkpoint(ckpt, build_model(pipe.model("teacher"), 4), {})
+    dense = ["-o", "cache.region=dense", "-o", "cache.cls_values=logits", "-o", "cache.codec=fp16"]
+    caches = {}
+    for name, extra in (("ld", []), ("bckd", dense), ("crosskd", [*dense, "-o", "cache.reused_head_idx=1"])):
+        caches[name] = str(tmp_path / f"{name}.zarr")
+        bench("ldpipe", "dump-teacher", "pipelines/demo.toml", "--checkpoint", ckpt, "--out", caches[name],
+              *args, *extra)
+    out = tmp_path / "mc.json"
+    bench("benchmarks.timings.method_costs", "pipelines/demo.toml", "--ld", caches["ld"], "--bckd",
+          caches["bckd"], "--crosskd", caches["crosskd"], "--batches", "2", "--rounds", "2",
+          "--json", str(out), *args)
+    m = json.loads(out.read_text())["methods"]
+    assert set(m) == {"plain", "ld_v2", "bckd", "crosskd"}
+    assert m["plain"]["ratio"] == 1.0 and all(v["step_s"] > 0 for v in m.values())
+    assert m["crosskd"]["teacher_params"] > 0 == m["plain"]["teacher_params"] == m["ld_v2"]["teacher_params"] \
+        == m["bckd"]["teacher_params"]
+    by = {k: v["cache_bytes_per_sample"] for k, v in m.items()}
+    assert by["plain"] == 0 < by["ld_v2"] < by["bckd"] <= by["crosskd"]
