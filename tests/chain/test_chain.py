@@ -232,3 +232,23 @@ def test_seeds_train_each_student_row_once_per_seed(data, tmp_path):
     assert again.returncode == 0 and _started(again.stdout) == [] and _ran(again.stdout) == []
     bad = _chain(tmp_path / "bad", data, "chain.tas=[]", "chain.seeds=[1, 1]")
     assert bad.returncode == 1 and "chain.seeds must be a list of distinct integers" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("recipe", ["bckd", "crosskd"])
+def test_chain_runs_the_bckd_and_crosskd_recipes(data, tmp_path, recipe):
+    """`chain` runs any method: with BCKD's or CrossKD's terms and the dense raw-logit cache they
+    read (CrossKD: with the teacher's head part), the student trains from the dumped cache."""
+    off = ["distill.ld=false", "distill.vlr=false", "distill.kd=false", "cache.region=dense",
+           "cache.cls_values=logits", "cache.codec=fp16", "chain.tas=[]", "chain.baseline=false"]
+    terms = {"bckd": ["distill.bckd_cls=true", "distill.bckd_box=true"],
+             "crosskd": ["distill.crosskd_cls=true", "distill.crosskd_reg=true", "cache.reused_head_idx=0"]}
+    out = _chain(tmp_path / "w", data, *off, *terms[recipe])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert _started(out.stdout) == ["train-student-ld", "eval-student-ld"]
+    losses = [json.loads(x) for x in open(tmp_path / "w" / "student-ld" / "metrics.jsonl") if '"epoch"' in x]
+    want = {"bckd": ("loss_bckd_cls", "loss_bckd_box"), "crosskd": ("loss_crosskd_cls", "loss_crosskd_reg")}
+    assert all(k in losses[-1] and losses[-1][k] == losses[-1][k] for k in want[recipe])  # present, not NaN
+    assert "loss_ld" not in losses[-1]
+    info = subprocess.run([sys.executable, "-m", "ldpipe", "cache", "info", str(tmp_path / "w" / "caches" / "teacher.zarr")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert ("CrossKD" in info.stdout) == (recipe == "crosskd")
