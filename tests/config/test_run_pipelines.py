@@ -187,7 +187,9 @@ def test_coco_pipelines_extend_one_base():
                 assert resolved[name][section] == first[section], (name, section)
             # only the multi-scale schedule and (R2 group) batch, lr and KD weight differ from 1x
             assert resolved[name]["data"]["test_scale"] == ref["data"]["test_scale"]
-            assert resolved[name]["cache"] == ref["cache"] or name == "coco_ta_r101_r50_r18"
+            # the 2x groups replay range-mode views: their [cache.views] (tests/config/test_ms2x_views.py)
+            cache = {k: v for k, v in resolved[name]["cache"].items() if k != "views"}
+            assert cache == {k: v for k, v in ref["cache"].items() if k != "views"} or name == "coco_ta_r101_r50_r18"
     ms = resolved["coco_ld_r101dcn_r101"]
     assert ms["data"]["train_scales"] == [[1333, 480], [1333, 640], [1333, 800]]
     assert (ms["train"]["epochs"], ms["train"]["steps"]) == (24, [16, 22])
