@@ -75,7 +75,7 @@ def gain_check(stats: list[dict], entries: list[dict]) -> dict | None:
     per_seed = [ap[(DISTILLED, s)] - ap[(BASELINE, s)] for s in paired]
     best_base = max(base["AP_per_seed"])
     return {"gain": {k: ld[k] - base[k] for k in METRICS},
-            "per_seed": dict(zip([str(s) for s in paired], [round(d, 2) for d in per_seed])),
+            "per_seed": dict(zip([str(s) for s in paired], per_seed)),
             "per_seed_std": _std(per_seed),
             "margin": MARGIN, "above_margin": ld["AP"] >= base["AP"] + MARGIN,
             "baseline_best_seed": best_base, "above_every_baseline_seed": ld["AP"] > best_base}
