@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 from ..cache import CacheError, CacheReader
 from ..cache.region import reader_assigners
-from ..config import CacheConfig, ConfigError, DistillConfig, Pipeline, data_entry, legacy_dict, to_dict
+from ..config import (CacheConfig, ConfigError, DistillConfig, Pipeline, data_entry, enabled_terms,
+                      legacy_dict, to_dict)
 from ..files import atomic_write
 from ..models.checkpoint import file_sha256
 from .plan import ChainError, plan_of
 from .pool import StagePool
-from .summary import Row, write_summary
+from .summary import Row, method_role, write_summary
 
 log = logging.getLogger("ldpipe.chain")
 
@@ -242,7 +243,7 @@ class Chain:
         return [lambda: train, lambda: self._eval_stage(self.plan.student, train.outputs[0], tag)]
 
     def _student_rows(self, distilled: bool) -> list[Row]:
-        role = "LD student" if distilled else "baseline student"
+        role = method_role(enabled_terms(self.pipe)) if distilled else "baseline student"
         return [Row(role, self.plan.student,
                     os.path.join(self.work_dir, self._student_tag(distilled, s), "metrics.json"), s)
                 for s in self.plan.student_runs()]

@@ -13,8 +13,23 @@ from ..models.detector import backbone_label
 
 METRICS = ("AP", "AP50", "AP75")
 KEYS = {"AP": "bbox_mAP", "AP50": "bbox_mAP_50", "AP75": "bbox_mAP_75"}
-DISTILLED = "LD student"
+DISTILLED = "LD student"  # the distilled row of an LD recipe (method_role names the others)
 BASELINE = "baseline student"
+# [distill] terms -> the method a distilled row is named after
+METHOD_OF = {"ld": "LD", "vlr": "LD", "kd": "LD", "bckd_cls": "BCKD", "bckd_box": "BCKD",
+             "crosskd_cls": "CrossKD", "crosskd_reg": "CrossKD"}
+
+
+def method_role(terms: set[str]) -> str:
+    """The distilled student's row name from the enabled ``[distill]`` terms: "LD student",
+    "BCKD student", "CrossKD student", or e.g. "LD + BCKD student" for a combination."""
+    methods = sorted({METHOD_OF[t] for t in terms}, key=["LD", "BCKD", "CrossKD"].index)
+    return f"{' + '.join(methods) or 'distilled'} student"
+
+
+def _distilled(roles: list[str]) -> str | None:
+    """The distilled row among the chain's roles: the student row that is not the baseline."""
+    return next((r for r in roles if r.endswith(" student") and r != BASELINE), None)
 MARGIN = 1.0  # AP: the gain the summary checks a distilled row's mean against
 
 
@@ -67,14 +82,15 @@ def gain_check(stats: list[dict], entries: list[dict]) -> dict | None:
     differences (paired by seed), and whether the distilled mean is >= the baseline mean +
     :data:`MARGIN` and above every baseline seed."""
     by_role = {s["role"]: s for s in stats}
-    if DISTILLED not in by_role or BASELINE not in by_role:
+    distilled = _distilled(list(by_role))
+    if distilled is None or BASELINE not in by_role:
         return None
-    ld, base = by_role[DISTILLED], by_role[BASELINE]
+    ld, base = by_role[distilled], by_role[BASELINE]
     ap = {(e["role"], e["seed"]): e["AP"] * 100 for e in entries}
     paired = [s for s in ld["seeds"] if s in base["seeds"]]
-    per_seed = [ap[(DISTILLED, s)] - ap[(BASELINE, s)] for s in paired]
+    per_seed = [ap[(distilled, s)] - ap[(BASELINE, s)] for s in paired]
     best_base = max(base["AP_per_seed"])
-    return {"gain": {k: ld[k] - base[k] for k in METRICS},
+    return {"role": distilled, "gain": {k: ld[k] - base[k] for k in METRICS},
             "per_seed": dict(zip([str(s) for s in paired], per_seed)),
             "per_seed_std": _std(per_seed),
             "margin": MARGIN, "above_margin": ld["AP"] >= base["AP"] + MARGIN,
@@ -93,7 +109,7 @@ def table(stats: list[dict], check: dict | None, pipe: Pipeline) -> str:
                   + " | ".join(f"{s[k]:.1f}" for k in METRICS) + " |" for s in stats]
         if check:
             gain = " / ".join(f"{check['gain'][k]:+.1f} {k}" for k in METRICS)
-            lines += ["", f"LD student - baseline student: {gain} (one training each, train.seed = "
+            lines += ["", f"{check['role']} - baseline student: {gain} (one training each, train.seed = "
                           f"{pipe.train.seed}; single runs move by a few AP with the seed)"]
         return "\n".join(lines)
     lines = ["| role | model | backbone | seeds | AP | AP50 | AP75 | AP of each seed |",
@@ -108,9 +124,10 @@ def table(stats: list[dict], check: dict | None, pipe: Pipeline) -> str:
         per = " / ".join(f"{v:+.1f}" for v in check["per_seed"].values())
         seeds = ", ".join(check["per_seed"])
         yes = {True: "yes", False: "NO"}
-        lines += ["", f"LD student - baseline student (means, AP +- = sample std over seeds): {gain}; "
+        name = check["role"].removesuffix(" student")
+        lines += ["", f"{check['role']} - baseline student (means, AP +- = sample std over seeds): {gain}; "
                       f"per seed ({seeds}) {per} AP",
-                  f"LD mean >= baseline mean + {check['margin']:.1f} AP: {yes[check['above_margin']]}; "
+                  f"{name} mean >= baseline mean + {check['margin']:.1f} AP: {yes[check['above_margin']]}; "
                   f"above every baseline seed (best {check['baseline_best_seed']:.1f}): "
                   f"{yes[check['above_every_baseline_seed']]}"]
     return "\n".join(lines)

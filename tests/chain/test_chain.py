@@ -249,6 +249,8 @@ def test_chain_runs_the_bckd_and_crosskd_recipes(data, tmp_path, recipe):
     want = {"bckd": ("loss_bckd_cls", "loss_bckd_box"), "crosskd": ("loss_crosskd_cls", "loss_crosskd_reg")}
     assert all(k in losses[-1] and losses[-1][k] == losses[-1][k] for k in want[recipe])  # present, not NaN
     assert "loss_ld" not in losses[-1]
+    summary = json.load(open(tmp_path / "w" / "summary.json"))  # the row is named after its method
+    assert [r["role"] for r in summary["rows"]] == ["teacher", {"bckd": "BCKD", "crosskd": "CrossKD"}[recipe] + " student"]
     info = subprocess.run([sys.executable, "-m", "ldpipe", "cache", "info", str(tmp_path / "w" / "caches" / "teacher.zarr")],
                           cwd=ROOT, capture_output=True, text=True)
     assert ("CrossKD" in info.stdout) == (recipe == "crosskd")

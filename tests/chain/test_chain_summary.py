@@ -140,3 +140,21 @@ def test_pool_runs_jobs_in_order_a_few_at_a_time_and_stops_on_a_failure(tmp_path
     with pytest.raises(Exception, match="stage bad failed \\(exit code 3\\)"):
         pool.join()
     assert time.perf_counter() - t0 < 30 and "never" not in chain.ran  # the slow child was killed
+
+
+def test_the_distilled_row_is_named_after_its_method_and_checked_against_the_baseline(tmp_path):
+    from ldpipe.chain.summary import method_role
+    assert method_role({"ld", "vlr", "kd"}) == "LD student"
+    assert method_role({"bckd_cls", "bckd_box"}) == "BCKD student"
+    assert method_role({"crosskd_cls", "ld"}) == "LD + CrossKD student"
+    pipe = load_pipeline(DEMO)
+    rows = []
+    for role, tag, ap in (("baseline student", "b", 0.30), ("BCKD student", "k", 0.33)):
+        d = tmp_path / tag
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"bbox_mAP": ap, "bbox_mAP_50": ap, "bbox_mAP_75": ap}))
+        rows.append(Row(role, "student", str(d / "metrics.json")))
+    out = write_summary(str(tmp_path), rows, pipe)
+    assert out["gain_check"]["role"] == "BCKD student"
+    assert out["gain_check"]["gain"]["AP"] == pytest.approx(3.0)
+    assert "BCKD student - baseline student: +3.0 AP" in out["table"]
