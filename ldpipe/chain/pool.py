@@ -25,7 +25,8 @@ class StagePool:
         self._queue: deque[Iterator[Callable[[], "Stage"]]] = deque()
         self._active: list[tuple["_Background", Iterator]] = []
         self._lock = threading.RLock()  # held while stages start or finish
-        self._closed = False
+        self._closed = False  # no more jobs come: the thread ends when the queued ones are done
+        self._stopped = False  # kill(): the thread ends now
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="chain-pool", daemon=True)
         self._thread.start()
@@ -55,13 +56,18 @@ class StagePool:
     def kill(self) -> None:
         """Stop: kill the running child processes (the chain failed or was interrupted)."""
         with self._lock:
-            self._closed, self._error = True, self._error or RuntimeError("chain stopped")
+            self._stopped = True
+        self._kill_active()
+        self._thread.join()
+
+    def _kill_active(self) -> None:
+        with self._lock:
             active = list(self._active)
         for bg, _ in active:
             if bg.proc.poll() is None:
                 bg.proc.kill()
                 bg.proc.wait()
-        self._thread.join()
+            bg.log.close()
 
     def _next(self, job: Iterator) -> "_Background | None":
         """Start the job's next stage that is not skipped; None when the job is done."""
@@ -73,7 +79,7 @@ class StagePool:
 
     def _fill(self) -> None:
         """Start queued jobs while slots are free (the caller holds the lock)."""
-        while self._error is None and self._queue and len(self._active) < self.slots:
+        while not self._stopped and self._error is None and self._queue and len(self._active) < self.slots:
             job = self._queue.popleft()
             bg = self._next(job)
             if bg is not None:
@@ -92,7 +98,7 @@ class StagePool:
         try:
             while True:
                 with self._lock:
-                    if self._error is not None:
+                    if self._stopped:
                         return
                     self._reap()
                     self._fill()
@@ -102,8 +108,4 @@ class StagePool:
         except BaseException as exc:  # handed to join(); the other children are killed
             with self._lock:
                 self._error = exc
-                active = list(self._active)
-            for bg, _ in active:
-                if bg.proc.poll() is None:
-                    bg.proc.kill()
-                    bg.proc.wait()
+            self._kill_active()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -22,8 +21,6 @@ from ..models.checkpoint import file_sha256
 from .plan import ChainError, plan_of
 from .pool import StagePool
 from .summary import Row, method_role, write_summary
-
-log = logging.getLogger("ldpipe.chain")
 
 # [distill] settings added after chains first stamped their stages (left out at their defaults)
 LATER_DISTILL = ("ld_norm", "bckd_cls", "bckd_cls_weight", "bckd_beta", "bckd_box", "bckd_box_weight")
